@@ -1,0 +1,30 @@
+# The two commands of the README. Both create the virtual environment when it is missing.
+# VENV=/path/to/venv reuses one (CI does); TORCH_SPEC pins the torch build pip takes.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.slidemil-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/slidemil demo --out demo_run
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_speed.py
+
+clean:
+	rm -rf demo_run .pytest_cache build src/*.egg-info

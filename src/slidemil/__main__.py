@@ -1,0 +1,3 @@
+from slidemil.cli import app
+
+app()

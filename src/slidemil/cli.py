@@ -1,0 +1,200 @@
+"""Command line: one verb per stage (DESIGN.md, "CLI"). Every verb takes --config FILE.yaml; flags win."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from slidemil.errors import SlidemilError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="slidemil: weakly supervised learning on whole-slide images.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _setup_logging(quiet: bool, logfile: Path | None = None) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.addHandler(handler)
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+@contextmanager
+def _errors():
+    """Print a slidemil error as one clear message and exit 1; let real bugs keep their traceback."""
+    try:
+        yield
+    except SlidemilError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _epoch_progress(folds: int, epochs: int, quiet: bool):
+    """A rich progress bar over all epochs of all folds; yields the callback the trainer calls.
+    An early-stopped or already finished fold jumps the bar to the next fold's start."""
+    if quiet:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("training", total=folds * epochs)
+        order: dict[int, int] = {}
+
+        def update(row: dict):
+            start = order.setdefault(row["fold"], len(order)) * epochs
+            if row.get("skipped"):
+                bar.update(task, completed=start + epochs, description=f"fold {row['fold']} (done before)")
+                return
+            bar.update(task, completed=start + row["epoch"], description=f"fold {row['fold']} epoch {row['epoch']} "
+                       f"loss {row['train_loss']:.3f} val {row['val_loss']:.3f}")
+
+        yield update
+
+
+@app.command()
+def train(
+    features: Optional[Path] = typer.Option(None, help="Folder of per-slide feature files (h5 or CLAM pt)."),
+    labels: Optional[Path] = typer.Option(None, help="Label CSV (slide_id, case_id, label)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder to write."),
+    config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
+    model: Optional[str] = typer.Option(None, help="Aggregator name (see `slidemil models`)."),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Model argument KEY=VALUE (YAML value); repeatable."),
+    folds: Optional[int] = typer.Option(None, help="Number of outer folds [5]."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per fold [30]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [2e-4]."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay [1e-4]."),
+    scheduler: Optional[str] = typer.Option(None, help="cosine | plateau | none [cosine]."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs [10]."),
+    monitor: Optional[str] = typer.Option(None, help="val_loss | val_auroc [val_loss]."),
+    seed: Optional[int] = typer.Option(None, help="Seed for splits, initialisation and sampling [0]."),
+    label_col: Optional[str] = typer.Option(None, help="Label column [label]."),
+    slide_col: Optional[str] = typer.Option(None, help="Slide id column [slide_id]."),
+    case_col: Optional[str] = typer.Option(None, help="Patient id column [case_id]."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class order, e.g. negative,positive."),
+    site_col: Optional[str] = typer.Option(None, help="Site column, for --preserve-site."),
+    preserve_site: Optional[bool] = typer.Option(None, "--preserve-site", help="Keep each site within one fold."),
+    splits: Optional[Path] = typer.Option(None, help="Predefined splits.csv (slide_id, fold, role)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Inner validation fraction of each training fold [0.2]."),
+    class_weights: Optional[str] = typer.Option(None, help="none | balanced [none]."),
+    balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling", help="Sample bags class-balanced."),
+    max_instances: Optional[int] = typer.Option(None, help="Random subset of instances per bag, training only."),
+    batch_size: Optional[int] = typer.Option(None, help="Bags per step, padded with masks [1]."),
+    accum_steps: Optional[int] = typer.Option(None, help="Gradient accumulation steps [1]."),
+    bag_unit: Optional[str] = typer.Option(None, help="slide | patient (concatenate a patient's slides) [slide]."),
+    skip_missing: Optional[bool] = typer.Option(None, "--skip-missing", help="Leave out slides without features."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [0]."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar."),
+):
+    """Cross-validate a MIL model on patch features: splits, per-fold models, predictions, metrics, report."""
+    import yaml
+
+    from slidemil.config import TrainConfig, load_config
+    from slidemil.evaluate.report import load_metrics, summary_line
+    from slidemil.train.cv import run_cv
+
+    overrides = {k: v for k, v in locals().items()
+                 if k not in ("config", "model_arg", "resume", "yaml", "TrainConfig", "load_config", "run_cv",
+                              "load_metrics", "summary_line")}
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
+    with _errors():
+        if model_arg:
+            args = {}
+            for item in model_arg:
+                if "=" not in item:
+                    raise typer.BadParameter(f"--model-arg {item!r}: expected KEY=VALUE")
+                key, value = item.split("=", 1)
+                args[key.strip()] = yaml.safe_load(value)
+            overrides["model_args"] = args
+        cfg = load_config(TrainConfig, config, overrides)
+        _setup_logging(cfg.quiet, Path(cfg.out) / "train.log")
+        with _epoch_progress(cfg.folds, cfg.epochs, cfg.quiet) as progress:
+            run = run_cv(cfg, resume=resume, progress=progress)
+        out_console.print(f"{summary_line(load_metrics(run))}\nreport: {run / 'report.html'}")
+
+
+@app.command()
+def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
+             bootstrap: int = typer.Option(1000, help="Bootstrap resamples over patients."),
+             seed: int = typer.Option(0, help="Bootstrap seed.")):
+    """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions."""
+    from slidemil.evaluate.report import evaluate_run, summary_line
+
+    _setup_logging(False)
+    with _errors():
+        metrics = evaluate_run(run, n_boot=bootstrap, seed=seed)
+        out_console.print(f"{summary_line(metrics)}\nreport: {run / 'report.html'}")
+
+
+@app.command()
+def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
+            features: Path = typer.Option(..., help="Folder of feature files of the new cohort."),
+            out: Path = typer.Option(..., help="CSV to write: one row per slide."),
+            slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all files)."),
+            skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out slides without features."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda.")):
+    """Apply a run's fold ensemble to new features; averages the folds' probabilities."""
+    from slidemil.predict import predict as run_predict
+    from slidemil.utils.io import write_csv
+
+    _setup_logging(False)
+    with _errors():
+        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        frame = run_predict(run, features, ids, device, skip_missing)
+        write_csv(out, frame)
+        out_console.print(f"{len(frame)} slide(s) predicted -> {out}")
+
+
+@app.command()
+def models():
+    """List the registered MIL aggregators with their paper, complexity and arguments."""
+    from slidemil.models import available, info
+
+    table = Table(title="slidemil models")
+    for col in ("name", "paper", "complexity", "summary", "arguments"):
+        table.add_column(col, overflow="fold")
+    for name in available():
+        i = info(name)
+        table.add_row(name, i.paper, i.complexity, i.summary,
+                      ", ".join(f"{k}={v!r}" for k, v in i.arguments().items()))
+    out_console.print(table)
+    out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes).")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_run"), help="Folder for the demo cohort and run."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+    """Run the whole job on a built-in synthetic cohort: train (3-fold CV), evaluate, predict."""
+    from slidemil.demo import run_demo
+
+    _setup_logging(quiet)
+    with _errors():
+        run_demo(out, quiet=quiet, progress_factory=_epoch_progress)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,94 @@
+"""Bags for training: a dataset over slides (or patients) and a padding collate with masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from slidemil.data.cohort import Cohort
+from slidemil.features.store import read_features
+
+
+@dataclass
+class Bag:
+    unit_id: str
+    x: torch.Tensor  # [N, D]
+    y: int
+    coords: torch.Tensor | None
+
+
+def bag_units(cohort: Cohort, bag_unit: str = "slide") -> list[tuple[str, list[str], int]]:
+    """(unit id, feature paths, class index) per bag; `patient` concatenates a patient's slides."""
+    table = cohort.table
+    if bag_unit == "slide":
+        return [(s, [p], int(y)) for s, p, y in zip(table["slide_id"], table["feature_path"], table["y"])]
+    if bag_unit != "patient":
+        raise ValueError(f"bag_unit must be 'slide' or 'patient', not {bag_unit!r}")
+    units = []
+    for case, part in table.groupby("case_id", sort=False):
+        labels = part["y"].unique()
+        if len(labels) > 1:
+            raise ValueError(f"patient {case} has slides with different labels; --bag-unit patient needs one")
+        units.append((str(case), list(part["feature_path"]), int(labels[0])))
+    return units
+
+
+class BagDataset(Dataset):
+    """Reads each bag from its feature file(s); keeps them in memory when `cache` is set.
+
+    `max_instances` draws a random subset of a bag's instances on every access (training only: the
+    caller never sets it for validation, test or prediction, so those always see the whole bag).
+    """
+
+    def __init__(self, units, max_instances: int | None = None, cache: bool = True, seed: int = 0):
+        self.units = list(units)
+        self.max_instances = max_instances
+        self.cache = {} if cache else None
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def labels(self) -> np.ndarray:
+        return np.array([u[2] for u in self.units])
+
+    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        bags = [read_features(p) for p in self.units[i][1]]
+        x = torch.from_numpy(np.concatenate([b.features for b in bags]))
+        coords = None
+        if all(b.coords is not None for b in bags):
+            coords = torch.from_numpy(np.concatenate([b.coords for b in bags]))
+        if self.cache is not None:
+            self.cache[i] = (x, coords)
+        return x, coords
+
+    def __getitem__(self, i: int) -> Bag:
+        x, coords = self._load(i)
+        if self.max_instances and len(x) > self.max_instances:
+            keep = np.sort(self.rng.choice(len(x), self.max_instances, replace=False))
+            keep_t = torch.from_numpy(keep)
+            x = x[keep_t]
+            coords = coords[keep_t] if coords is not None else None
+        return Bag(self.units[i][0], x, self.units[i][2], coords)
+
+
+def collate_bags(bags: list[Bag]) -> dict:
+    """Pad bags to the longest one; `mask` is True for real instances."""
+    n = max(len(b.x) for b in bags)
+    d = bags[0].x.shape[1]
+    x = torch.zeros(len(bags), n, d, dtype=bags[0].x.dtype)
+    mask = torch.zeros(len(bags), n, dtype=torch.bool)
+    have_coords = all(b.coords is not None for b in bags)
+    coords = torch.zeros(len(bags), n, 2, dtype=torch.long) if have_coords else None
+    for i, b in enumerate(bags):
+        x[i, : len(b.x)] = b.x
+        mask[i, : len(b.x)] = True
+        if have_coords:
+            coords[i, : len(b.x)] = b.coords
+    return {"ids": [b.unit_id for b in bags], "x": x, "mask": mask, "coords": coords,
+            "y": torch.tensor([b.y for b in bags], dtype=torch.long)}

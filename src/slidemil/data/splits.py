@@ -1,0 +1,135 @@
+"""Patient-grouped splits: outer k-fold for testing, an inner split for validation.
+
+A patient (``case_id``) never sits in two roles of one fold. Splits are a pure function of the cohort
+and the seed; they are saved to ``splits.csv`` (slide_id, case_id, fold, role) and can be read back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from slidemil.data.cohort import Cohort
+from slidemil.errors import InputError
+
+log = logging.getLogger(__name__)
+ROLES = ("train", "val", "test")
+
+
+def _grouped_kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Index arrays of the k test parts, stratified by label and grouped by `groups`."""
+    n_groups = len(np.unique(groups))
+    if n_groups < k:
+        raise InputError(f"{n_groups} groups (patients or sites) cannot fill {k} folds; lower --folds")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def _inner_val(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the validation part of a training fold (grouped, stratified, ~`fraction`)."""
+    if fraction <= 0:
+        return np.zeros(len(y), dtype=bool)
+    k = max(2, int(round(1.0 / fraction)))
+    k = min(k, len(np.unique(groups)))
+    if k < 2:
+        return np.zeros(len(y), dtype=bool)
+    mask = np.zeros(len(y), dtype=bool)
+    mask[_grouped_kfold(y, groups, k, seed)[0]] = True
+    return mask
+
+
+def make_splits(
+    cohort: Cohort,
+    folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    preserve_site: bool = False,
+) -> pd.DataFrame:
+    """Stratified k-fold grouped by patient (or by site with `preserve_site`), with inner validation.
+
+    With a ``split`` column in the cohort, that predefined train/val/test assignment is used as a single
+    fold instead.
+    """
+    table = cohort.table
+    if "split" in table.columns and table["split"].notna().any():
+        return _predefined(table)
+    y = table["y"].to_numpy()
+    groups = table["case_id"].to_numpy()
+    outer_groups = groups
+    if preserve_site:
+        if "site" not in table.columns:
+            raise InputError("--preserve-site needs a site column in the label table (--site-col)")
+        spans = table.groupby("case_id")["site"].nunique()
+        if (spans > 1).any():
+            raise InputError(f"patient(s) {', '.join(spans[spans > 1].index[:10])} have slides from several "
+                             "sites; site-preserving splits need each patient at one site")
+        outer_groups = table["site"].to_numpy()
+    rows = []
+    for fold, test_idx in enumerate(_grouped_kfold(y, outer_groups, folds, seed)):
+        role = np.full(len(table), "train", dtype=object)
+        role[test_idx] = "test"
+        train_idx = np.flatnonzero(role == "train")
+        val = _inner_val(y[train_idx], groups[train_idx], val_fraction, seed + 1000 + fold)
+        role[train_idx[val]] = "val"
+        rows.append(pd.DataFrame({"slide_id": table["slide_id"], "case_id": table["case_id"],
+                                  "fold": fold, "role": role}))
+    splits = pd.concat(rows, ignore_index=True)
+    check_splits(splits)
+    return splits
+
+
+def _predefined(table: pd.DataFrame) -> pd.DataFrame:
+    bad = ~table["split"].isin(ROLES)
+    if bad.any():
+        rows = ", ".join(str(i + 2) for i in table.index[bad][:10])
+        raise InputError(f"column 'split' must be train, val or test; row(s) {rows} hold "
+                         f"{sorted(table.loc[bad, 'split'].astype(str).unique())}")
+    splits = pd.DataFrame({"slide_id": table["slide_id"], "case_id": table["case_id"], "fold": 0,
+                           "role": table["split"]})
+    check_splits(splits)
+    return splits
+
+
+def check_splits(splits: pd.DataFrame) -> None:
+    """Raise when a patient holds two roles in one fold, or a fold has no train or test slide."""
+    for fold, part in splits.groupby("fold"):
+        roles = part.groupby("case_id")["role"].nunique()
+        leaky = roles[roles > 1]
+        if len(leaky):
+            raise InputError(f"fold {fold}: patient(s) {', '.join(map(str, leaky.index[:10]))} appear in more "
+                             "than one of train/val/test; a patient's slides must share one role")
+        for role in ("train", "test"):
+            if not (part["role"] == role).any():
+                raise InputError(f"fold {fold} has no {role} slides")
+
+
+def read_splits(path: str | os.PathLike, cohort: Cohort) -> pd.DataFrame:
+    """Read a ``splits.csv`` (slide_id, fold, role[, case_id]) and check it against the cohort."""
+    path = Path(path)
+    try:
+        splits = pd.read_csv(path, dtype={"slide_id": str, "case_id": str, "role": str})
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
+    for col in ("slide_id", "fold", "role"):
+        if col not in splits.columns:
+            raise InputError(f"{path}: column {col!r} is missing (found: {', '.join(splits.columns)})")
+    known = set(cohort.table["slide_id"])
+    unknown = sorted(set(splits["slide_id"]) - known)
+    if unknown:
+        log.warning("%s: %d slide(s) are not in the cohort and are ignored: %s", path, len(unknown),
+                    ", ".join(unknown[:10]))
+        splits = splits[splits["slide_id"].isin(known)]
+    case_of = dict(zip(cohort.table["slide_id"], cohort.table["case_id"]))
+    splits = splits.assign(case_id=splits["slide_id"].map(case_of), role=splits["role"].str.lower())
+    bad = ~splits["role"].isin(ROLES)
+    if bad.any():
+        raise InputError(f"{path}: column 'role' must be train, val or test (row(s) "
+                         f"{', '.join(str(i + 2) for i in splits.index[bad][:10])})")
+    splits = splits[["slide_id", "case_id", "fold", "role"]].reset_index(drop=True)
+    check_splits(splits)
+    return splits

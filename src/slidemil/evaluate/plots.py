@@ -1,0 +1,71 @@
+"""Evaluation plots (matplotlib, headless): ROC, precision-recall, confusion matrix, calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
+
+from slidemil.utils.io import atomic_path  # noqa: E402
+
+
+def _curves(y, probs, classes):
+    """(name, binary truth, score) per curve: the positive class for binary tasks, else one-vs-rest."""
+    targets = [1] if len(classes) == 2 else range(len(classes))
+    return [(classes[c], (y == c).astype(int), probs[:, c]) for c in targets if 0 < (y == c).sum() < len(y)]
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = _curves(y, probs, classes)
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, truth, score in curves:
+        fpr, tpr, _ = roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (out-of-fold)")
+    ax.legend(loc="lower right")
+    paths["roc"] = _save(fig, folder / "roc.png")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, truth, score in curves:
+        prec, rec, _ = precision_recall_curve(truth, score)
+        ax.plot(rec, prec, label=f"{name} (prevalence {truth.mean():.2f})")
+    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (out-of-fold)", ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    paths["pr"] = _save(fig, folder / "pr.png")
+
+    cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(classes))))
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="Confusion matrix")
+    paths["confusion"] = _save(fig, folder / "confusion.png")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    bins = max(3, min(10, len(y) // 10))
+    for name, truth, score in curves:
+        frac, mean_pred = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
+        ax.plot(mean_pred, frac, "o-", label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    paths["calibration"] = _save(fig, folder / "calibration.png")
+    return paths

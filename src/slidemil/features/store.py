@@ -1,0 +1,136 @@
+"""Feature files: read slidemil/TRIDENT h5 and CLAM `.pt`, write slidemil h5 atomically.
+
+Layouts found under a feature folder, in the order they are tried for a slide id:
+``<dir>/<id>.h5`` (slidemil, TRIDENT ``features_<enc>/``, CLAM ``h5_files`` pointed at directly),
+``<dir>/h5_files/<id>.h5`` and ``<dir>/pt_files/<id>.pt`` (a CLAM ``feat_dir``), ``<dir>/<id>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from slidemil import __version__
+from slidemil.utils.io import atomic_path
+
+_LAYOUTS = ("{id}.h5", "h5_files/{id}.h5", "pt_files/{id}.pt", "{id}.pt")
+
+
+@dataclass
+class FeatureBag:
+    """The features of one slide. `coords` are level-0 (x, y) or None (CLAM `.pt`)."""
+
+    features: np.ndarray
+    coords: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+def find_feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
+    """The feature file of `slide_id` under `feature_dir`, or None when there is none."""
+    root = Path(feature_dir)
+    for pattern in _LAYOUTS:
+        path = root / pattern.format(id=slide_id)
+        if path.is_file():
+            return path
+    return None
+
+
+def _decode(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    """Attributes of a feature file (file-level and `coords`-level merged) without reading features."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return {}
+    with h5py.File(path, "r") as fh:
+        attrs = {k: _decode(v) for k, v in fh.attrs.items()}
+        if "coords" in fh:
+            for k, v in fh["coords"].attrs.items():
+                attrs.setdefault(k, _decode(v))
+        if "features" in fh:
+            attrs.setdefault("embedding_dim", int(fh["features"].shape[-1]))
+    return attrs
+
+
+def read_features(path: str | os.PathLike) -> FeatureBag:
+    """Read one feature file; raises ValueError naming the file when its content is unusable."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        # weights_only: a feature file is data, never code.
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(tensor, dict) and "features" in tensor:
+            tensor = tensor["features"]
+        feats = np.asarray(tensor.float().numpy() if torch.is_tensor(tensor) else tensor, np.float32)
+        return FeatureBag(_check_2d(feats, path))
+    with h5py.File(path, "r") as fh:
+        if "features" not in fh:
+            raise ValueError(f"{path}: no 'features' dataset (found: {', '.join(fh.keys()) or 'nothing'})")
+        feats = np.asarray(fh["features"][()], dtype=np.float32)
+        if feats.ndim == 3 and feats.shape[0] == 1:  # some tools store [1, N, D]
+            feats = feats[0]
+        coords = None
+        if "coords" in fh:
+            coords = np.asarray(fh["coords"][()], dtype=np.int64).reshape(-1, 2)
+    bag = FeatureBag(_check_2d(feats, path), coords, read_attrs(path))
+    if coords is not None and len(coords) != len(bag.features):
+        raise ValueError(f"{path}: {len(coords)} coords but {len(bag.features)} feature rows")
+    return bag
+
+
+def _check_2d(feats: np.ndarray, path: Path) -> np.ndarray:
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise ValueError(f"{path}: features must be a non-empty [N, D] array, got shape {feats.shape}")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"{path}: features contain NaN or infinite values")
+    return feats
+
+
+def write_features(
+    path: str | os.PathLike,
+    features: np.ndarray,
+    coords: np.ndarray | None,
+    attrs: dict | None = None,
+    dtype: str = "float32",
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write a slidemil feature h5 atomically, chunked so that one chunk is about 1 MiB.
+
+    `extra` adds datasets beside `features` and `coords` (e.g. known `instance_labels` of synthetic data).
+    """
+    path = Path(path)
+    features = np.asarray(features, dtype=np.dtype(dtype))
+    n, d = features.shape
+    rows = max(1, min(n, (1 << 20) // max(1, d * features.itemsize)))
+    meta = {"slidemil_version": __version__, "embedding_dim": int(d)}
+    meta.update(attrs or {})
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("features", data=features, chunks=(rows, d))
+            if coords is not None:
+                cds = fh.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+                for k, v in meta.items():
+                    if v is not None:
+                        cds.attrs[k] = v
+            for k, v in meta.items():
+                if v is not None:
+                    fh.attrs[k] = v
+            for k, v in (extra or {}).items():
+                fh.create_dataset(k, data=v)
+    return path

@@ -1,0 +1,37 @@
+"""ABMIL: Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slidemil.models.base import MILModel, MILOutput
+from slidemil.models.registry import register
+from slidemil.nn.attention import AttentionScorer, mlp_embed
+from slidemil.nn.masked import full_mask, masked_softmax
+
+
+@register("abmil", paper="Ilse et al., ICML 2018 (arXiv 1802.04712)",
+          summary="attention pooling (plain or gated) of embedded instances")
+class ABMIL(MILModel):
+    """Card `abmil.md`: h_k = ReLU(W_1 x_k); a_k = softmax_k(w^T(tanh(V h_k) [* sigm(U h_k)]));
+    z = sum_k a_k h_k; logits = W_c z.
+
+    Defaults follow the WSI usage in the card (CLAM sizes: 512-d embedding, 256-d attention, dropout
+    0.25, gated). `instance_scores` are the softmax weights a_k; the raw logits are kept in
+    `extras["attention_logits"]` for regularisers that act before the softmax.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
+                 gated: bool = True, dropout: float = 0.25):
+        super().__init__(in_dim, n_outputs)
+        self.embed = mlp_embed(in_dim, hidden_dim, dropout)
+        self.attention = AttentionScorer(hidden_dim, attn_dim, 1, gated, dropout)
+        self.classifier = nn.Linear(hidden_dim, n_outputs)
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        h = self.embed(x)
+        raw = self.attention(h)[..., 0]                    # [B, N]
+        a = masked_softmax(raw, mask)
+        z = (a.unsqueeze(1) @ h)[:, 0]                     # [B, hidden]
+        return MILOutput(self.classifier(z), a, {"attention_logits": raw})

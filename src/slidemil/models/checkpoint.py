@@ -1,0 +1,34 @@
+"""Save and load a trained fold: `model.safetensors` (weights only, no code) + `model.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slidemil.errors import InputError
+from slidemil.models.base import MILModel
+from slidemil.models.registry import create
+from slidemil.utils.io import atomic_path, write_json
+
+
+def save_model(folder: Path, model: MILModel, meta: dict) -> None:
+    """`meta` must hold model, model_args, in_dim, n_outputs; anything else is kept for `predict`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(folder / "model.json", meta)
+
+
+def load_model(folder: Path, device="cpu") -> tuple[MILModel, dict]:
+    folder = Path(folder)
+    meta_path, weights = folder / "model.json", folder / "model.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
+        raise InputError(f"{folder}: needs model.json and model.safetensors (is this a finished fold?)")
+    meta = json.loads(meta_path.read_text())
+    model = create(meta["model"], meta["in_dim"], meta["n_outputs"], **meta.get("model_args", {}))
+    model.load_state_dict(load_file(str(weights), device=str(torch.device(device))))
+    return model.to(device).eval(), meta

@@ -1,0 +1,69 @@
+"""DSMIL: Li, Li & Eliceiri, "Dual-stream Multiple Instance Learning Network for Whole Slide Image
+Classification with Self-supervised Contrastive Learning", CVPR 2021 (arXiv 2011.08939)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidemil.models.base import MILModel, MILOutput, pick_class
+from slidemil.models.registry import register
+from slidemil.nn.masked import full_mask, masked_max, masked_softmax
+
+
+@register("dsmil", paper="Li et al., CVPR 2021 (arXiv 2011.08939)",
+          summary="max-instance stream + attention to the critical instance, two-stream loss")
+class DSMIL(MILModel):
+    """Card `dsmil.md`. Stream 1: c_i = W_0 h_i, s_max = max_i c_i. Critical instance m = argmax_i c_i.
+    Stream 2: q_i = tanh(W_2 ReLU(W_1 h_i)); U_i = softmax_i(<q_i, q_m> / sqrt(128)); b = sum_i U_i v_i
+    (v_i = h_i, or Dropout-Linear-ReLU with `passing_v`); bag logits = Conv1d(C, C, kernel=D)(b).
+    Loss = 0.5 * L(s_max) + 0.5 * L(s_bag).
+
+    Binary tasks use one stream (the official `--num_classes 1`): logits are [0, s] so the task's
+    cross-entropy equals the official BCE. With C > 2 classes there are C streams and the task's
+    cross-entropy replaces the official one-hot BCE (our classes are mutually exclusive).
+    Weights use the 2024 "stable init" of the official code (orthogonal, zero bias).
+    The official code tunes the decision threshold and the epoch on the fold it reports; slidemil
+    never does (see the trainer). `instance_scores` are the attention U of the reported class.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, q_dim: int = 128, passing_v: bool = False,
+                 dropout_v: float = 0.0, average: bool = False):
+        super().__init__(in_dim, n_outputs)
+        self.binary = n_outputs == 2
+        c = 1 if self.binary else n_outputs
+        self.average = average
+        self.instance_classifier = nn.Linear(in_dim, c)
+        self.q = nn.Sequential(nn.Linear(in_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh())
+        self.v = (nn.Sequential(nn.Dropout(dropout_v), nn.Linear(in_dim, in_dim), nn.ReLU())
+                  if passing_v else nn.Identity())
+        self.fcc = nn.Conv1d(c, c, kernel_size=in_dim)
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv1d)):
+                nn.init.orthogonal_(mod.weight)
+                nn.init.zeros_(mod.bias)
+
+    def _as_logits(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(s), s], 1) if self.binary else s
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        c = self.instance_classifier(x)                               # [B, N, C']
+        s_max, crit = masked_max(c, mask)                              # [B, C']
+        q = self.q(x)                                                  # [B, N, Q]
+        q_crit = q.gather(1, crit[..., None].expand(-1, -1, q.shape[-1]))   # [B, C', Q]
+        att = (q_crit @ q.transpose(1, 2)) / math.sqrt(q.shape[-1])          # [B, C', N]
+        att = masked_softmax(att, mask[:, None])
+        bag = att @ self.v(x)                                          # [B, C', D]
+        s_bag = self.fcc(bag)[..., 0]                                  # [B, C']
+        score = (s_bag + s_max) / 2 if self.average else s_bag
+        logits = self._as_logits(score)
+        return MILOutput(logits, pick_class(att, logits),
+                         {"max_logits": self._as_logits(s_max), "bag_logits": self._as_logits(s_bag),
+                          "instance_logits": c.transpose(1, 2)})
+
+    def loss(self, out, target, task_loss):
+        return 0.5 * task_loss(out.extras["max_logits"], target) + 0.5 * task_loss(out.extras["bag_logits"], target)

@@ -1,0 +1,79 @@
+"""Fixed pooling baselines: mean and max over instance embeddings, and instance-level max (mi-Net)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slidemil.models.base import MILModel, MILOutput, pick_class
+from slidemil.models.registry import register
+from slidemil.nn.attention import mlp_embed
+from slidemil.nn.masked import full_mask, masked_max, masked_mean
+
+
+@register("mean_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, mean pooling)",
+          summary="embed each instance, average over the bag, linear classifier")
+class MeanPool(MILModel):
+    """z = mean_k ReLU(W_1 x_k); logits = W_c z + b.
+
+    Instance scores are W_c h_k for the reported class: the bag logit is exactly their mean plus b.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
+        super().__init__(in_dim, n_outputs)
+        self.embed = mlp_embed(in_dim, hidden_dim, dropout)
+        self.classifier = nn.Linear(hidden_dim, n_outputs)
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        h = self.embed(x)
+        logits = self.classifier(masked_mean(h, mask))
+        per_inst = (h @ self.classifier.weight.T).transpose(1, 2).masked_fill(~mask[:, None], 0.0)
+        return MILOutput(logits, pick_class(per_inst, logits))
+
+
+@register("max_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, max pooling)",
+          summary="embed each instance, element-wise max over the bag, linear classifier")
+class MaxPool(MILModel):
+    """z = max_k ReLU(W_1 x_k) (per dimension); logits = W_c z + b.
+
+    Instance score: the fraction of embedding dimensions whose maximum that instance supplies.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
+        super().__init__(in_dim, n_outputs)
+        self.embed = mlp_embed(in_dim, hidden_dim, dropout)
+        self.classifier = nn.Linear(hidden_dim, n_outputs)
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        h = self.embed(x)
+        z, idx = masked_max(h, mask)
+        share = torch.zeros(mask.shape, dtype=h.dtype, device=h.device)
+        share.scatter_add_(1, idx, torch.full_like(idx, 1.0 / idx.shape[1], dtype=h.dtype))
+        return MILOutput(self.classifier(z), share)
+
+
+@register("instance_max", paper="Wang et al., Pattern Recognition 2018 (mi-Net); Raff & Holt, NeurIPS 2023",
+          summary="instance classifier, then max over instances (respects the standard MIL assumption)")
+class InstanceMax(MILModel):
+    """mi-Net: p_k = f(x_k) per instance, bag score = max_k p_k.
+
+    Binary tasks score one positive logit per instance and return logits [0, max_k s_k], so that
+    softmax gives sigmoid(max_k s_k): only positive evidence can raise the bag, as the standard MIL
+    assumption requires. With C > 2 classes each class logit is its own max over instances.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
+        super().__init__(in_dim, n_outputs)
+        self.binary = n_outputs == 2
+        self.instance_net = nn.Sequential(mlp_embed(in_dim, hidden_dim, dropout),
+                                          nn.Linear(hidden_dim, 1 if self.binary else n_outputs))
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        s = self.instance_net(x)                     # [B, N, C']
+        top, _ = masked_max(s, mask)                 # [B, C']
+        logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
+        per_inst = s.transpose(1, 2).masked_fill(~mask[:, None], 0.0)
+        return MILOutput(logits, pick_class(per_inst, logits), {"instance_logits": per_inst})

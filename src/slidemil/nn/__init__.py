@@ -1,0 +1,1 @@
+"""Building blocks shared by the MIL models: masked reductions, attention pooling, Nyström attention."""

@@ -1,0 +1,205 @@
+"""Cross-validation run: the run folder of DESIGN.md, fold by fold, resumable.
+
+A fold is finished when `fold_<k>/done.json` exists; it is written last, after the weights, history,
+test predictions and attention files, so a run killed mid-fold redoes that fold and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from slidemil import __version__
+from slidemil.config import TrainConfig
+from slidemil.data.bags import BagDataset, bag_units
+from slidemil.data.cohort import Cohort, attach_features, read_label_table
+from slidemil.data.splits import make_splits, read_splits
+from slidemil.errors import InputError
+from slidemil.features.store import read_attrs
+from slidemil.models.checkpoint import save_model
+from slidemil.models.registry import create
+from slidemil.train.trainer import fit, infer, resolve_device
+from slidemil.utils.io import atomic_path, safe_child, write_csv, write_json, write_text
+from slidemil.utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+# Feature-file attributes that describe how features were made; copied into model.json for predict.
+ENCODER_ATTRS = ("encoder", "encoder_weights", "encoder_sha256", "embedding_dim", "patch_size",
+                 "patch_size_level0", "target_mpp", "level0_mpp", "target_magnification", "overlap")
+
+
+def load_cohort(cfg: TrainConfig) -> Cohort:
+    cohort = read_label_table(cfg.labels, label_col=cfg.label_col, slide_col=cfg.slide_col,
+                              case_col=cfg.case_col, classes=cfg.classes, site_col=cfg.site_col)
+    return attach_features(cohort, cfg.features, skip_missing=cfg.skip_missing)
+
+
+def features_fingerprint(paths) -> str:
+    """A cheap identity of the feature files: name, size, and hashes of the first and last 64 KiB."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = os.path.getsize(p)
+        h.update(f"{Path(p).name}:{size}".encode())
+        with open(p, "rb") as fh:
+            h.update(fh.read(1 << 16))
+            fh.seek(max(0, size - (1 << 16)))
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def provenance(cohort: Cohort) -> dict:
+    return {"version": __version__, "git_commit": _git_commit(), "torch": str(torch.__version__),
+            "python": platform.python_version(), "n_slides": len(cohort.table), "n_patients": cohort.n_patients,
+            "classes": cohort.classes,
+            "features_sha256": features_fingerprint(cohort.table["feature_path"])}
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    out = Path(cfg.out)
+    saved = out / "config.yaml"
+    if saved.exists():
+        if not resume:
+            raise InputError(f"{out} already holds a run; pass --resume to finish it, or choose another --out")
+        old = yaml.safe_load(saved.read_text())
+        old.pop("slidemil", None)
+        old_cfg = TrainConfig(**{**old, "out": cfg.out})
+        changed = sorted(k for k, v in cfg.identity().items() if old_cfg.identity().get(k) != v)
+        if changed:
+            raise InputError(f"{out}: --resume with a different configuration ({', '.join(changed)}); "
+                             "use the original settings or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def encoder_meta(cohort: Cohort) -> dict:
+    attrs = read_attrs(cohort.table["feature_path"].iloc[0])
+    return {k: attrs[k] for k in ENCODER_ATTRS if k in attrs}
+
+
+def run_cv(cfg: TrainConfig, resume: bool = False, progress=None) -> Path:
+    """Train every fold (skipping finished ones), then write pooled predictions and the evaluation."""
+    from slidemil.evaluate.report import evaluate_run  # late import: plotting is heavy
+
+    out = _prepare_run_dir(cfg, resume)
+    cohort = load_cohort(cfg)
+    if resume and (out / "splits.csv").exists():
+        splits = read_splits(out / "splits.csv", cohort)
+    elif cfg.splits:
+        splits = read_splits(cfg.splits, cohort)
+    else:
+        splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site)
+    write_csv(out / "splits.csv", splits)
+    config = cfg.model_dump()
+    config["slidemil"] = provenance(cohort)
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    device = resolve_device(cfg.device)
+    enc = encoder_meta(cohort)
+    in_dim = int(enc.get("embedding_dim") or _first_dim(cohort))
+    for fold in sorted(splits["fold"].unique()):
+        fold_dir = out / f"fold_{fold}"
+        if (fold_dir / "done.json").exists():
+            log.info("fold %d already finished: skipped", fold)
+            if progress:
+                progress({"fold": int(fold), "skipped": True})
+            continue
+        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), fold_dir, out, device, in_dim, enc,
+                    progress)
+    pooled = pd.concat([pd.read_csv(out / f"fold_{k}" / "predictions.csv", dtype={"slide_id": str, "case_id": str})
+                        for k in sorted(splits["fold"].unique())], ignore_index=True)
+    write_csv(out / "predictions.csv", pooled)
+    evaluate_run(out, n_boot=cfg.bootstrap, seed=cfg.seed)
+    return out
+
+
+def _first_dim(cohort: Cohort) -> int:
+    from slidemil.features.store import read_features
+
+    return read_features(cohort.table["feature_path"].iloc[0]).dim
+
+
+def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int):
+    role = dict(zip(fold_splits["slide_id"], fold_splits["role"]))
+    parts = {}
+    for r in ("train", "val", "test"):
+        sub = cohort.subset([s for s, v in role.items() if v == r])
+        parts[r] = BagDataset(bag_units(sub, cfg.bag_unit),
+                              max_instances=cfg.max_instances if r == "train" else None,
+                              cache=cfg.cache_features, seed=cfg.seed + fold)
+    return parts
+
+
+def _train_fold(cfg, cohort, fold_splits, fold, fold_dir, out, device, in_dim, enc, progress) -> None:
+    gen = seed_everything(cfg.seed + fold)
+    parts = _datasets(cfg, cohort, fold_splits, fold)
+    model = create(cfg.model, in_dim, len(cohort.classes), **cfg.model_args)
+
+    def report(row):
+        if progress:
+            progress({"fold": fold, **row})
+
+    result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report)
+    res = infer(model, parts["test"], device, keep_scores=True)
+    meta = {"model": cfg.model, "model_args": cfg.model_args, "in_dim": in_dim, "n_outputs": len(cohort.classes),
+            "task": "classification", "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
+            "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__}
+    save_model(fold_dir, model, meta)
+    write_csv(fold_dir / "history.csv", result.history)
+    preds = prediction_table(res.ids, res.probs, cohort, cfg.bag_unit)
+    preds.insert(2, "fold", fold)
+    write_csv(fold_dir / "predictions.csv", preds)
+    if cfg.bag_unit == "slide":
+        write_attention(out / "attention", parts["test"], res, fold)
+    write_json(fold_dir / "done.json", {"fold": fold, "best_epoch": result.best_epoch,
+                                         "epochs_run": len(result.history)})
+
+
+def prediction_table(ids, probs: np.ndarray, cohort: Cohort, bag_unit: str) -> pd.DataFrame:
+    """slide_id (or case_id), case_id, label, prob_<class>..., pred."""
+    table = cohort.table
+    if bag_unit == "patient":
+        first = table.drop_duplicates("case_id").set_index("case_id")
+        frame = pd.DataFrame({"slide_id": ids, "case_id": ids, "label": first.loc[ids, "label"].to_numpy()})
+    else:
+        idx = table.set_index("slide_id").loc[ids]
+        frame = pd.DataFrame({"slide_id": ids, "case_id": idx["case_id"].to_numpy(), "label": idx["label"].to_numpy()})
+    for c, name in enumerate(cohort.classes):
+        frame[f"prob_{name}"] = probs[:, c]
+    frame["pred"] = [cohort.classes[i] for i in probs.argmax(1)]
+    return frame
+
+
+def write_attention(folder: Path, dataset: BagDataset, res, fold: int) -> None:
+    """`attention/<slide_id>.h5`: the fold model's instance scores on its test slides, with coords."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (sid, scores) in enumerate(zip(res.ids, res.instance_scores)):
+        if scores is None:
+            continue
+        bag = dataset[i]
+        with atomic_path(safe_child(folder, sid, ".h5")) as tmp:
+            with h5py.File(tmp, "w") as fh:
+                fh.create_dataset("scores", data=scores.astype(np.float32))
+                if bag.coords is not None:
+                    fh.create_dataset("coords", data=bag.coords.numpy())
+                fh.attrs["fold"] = fold
+                fh.attrs["probs"] = res.probs[i]

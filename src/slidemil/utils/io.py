@@ -1,0 +1,74 @@
+"""Atomic writes and safe output paths.
+
+Every finished output is written to a temporary name in the same folder and renamed into place, so a
+crash never leaves a half-written file behind a name that a resume would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
+
+
+def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
+    """`folder/name+suffix`, refusing ids that would escape `folder` (``..``, ``/``, absolute paths)."""
+    if not name or not _SAFE_ID.match(name) or ".." in name:
+        raise ValueError(
+            f"slide id {name!r} cannot be used as a file name: use letters, digits, '.', '_', '-' "
+            "and spaces only (no path separators or '..')."
+        )
+    path = Path(folder) / f"{name}{suffix}"
+    if path.resolve().parent != Path(folder).resolve():
+        raise ValueError(f"slide id {name!r} would write outside {folder}")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_csv(path: str | os.PathLike, frame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
