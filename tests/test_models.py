@@ -154,3 +154,18 @@ def test_unknown_model_and_argument_errors():
         models.create("nope", 8, 2)
     with pytest.raises(ValueError, match="takes no argument"):
         models.create("abmil", 8, 2, bogus=1)
+
+
+def test_fast_dropout_is_dropout():
+    from slidemil.nn.attention import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.25).train()
+    x = torch.ones(400, 512)
+    y = drop(x)
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    assert abs(y.mean().item() - 1.0) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y), "not reproducible under a seed"
+    assert torch.equal(drop.eval()(x), x)

@@ -16,16 +16,17 @@ class ABMIL(MILModel):
     """Card `abmil.md`: h_k = ReLU(W_1 x_k); a_k = softmax_k(w^T(tanh(V h_k) [* sigm(U h_k)]));
     z = sum_k a_k h_k; logits = W_c z.
 
-    Defaults follow the WSI usage in the card (CLAM sizes: 512-d embedding, 256-d attention, dropout
-    0.25, gated). `instance_scores` are the softmax weights a_k; the raw logits are kept in
+    Defaults: 512-d embedding and dropout 0.25 after W_1 (the card's WSI usage), 128-d attention (the
+    paper's L = 128), gated. Ilse's attention network has no dropout, so `attn_dropout` defaults to 0;
+    set it to 0.25 for CLAM's variant. `instance_scores` are the softmax weights a_k; the raw logits are kept in
     `extras["attention_logits"]` for regularisers that act before the softmax.
     """
 
-    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
-                 gated: bool = True, dropout: float = 0.25):
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 128,
+                 gated: bool = True, dropout: float = 0.25, attn_dropout: float = 0.0):
         super().__init__(in_dim, n_outputs)
         self.embed = mlp_embed(in_dim, hidden_dim, dropout)
-        self.attention = AttentionScorer(hidden_dim, attn_dim, 1, gated, dropout)
+        self.attention = AttentionScorer(hidden_dim, attn_dim, 1, gated, attn_dropout)
         self.classifier = nn.Linear(hidden_dim, n_outputs)
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
