@@ -181,10 +181,105 @@ def models():
     out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes).")
 
 
+@contextmanager
+def _tile_progress(quiet: bool):
+    """Yields `start(slide_id, n_tiles) -> callback(n_done)` driving a tiles/s bar with ETA."""
+    if quiet:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, TextColumn("{task.fields[rate]}"), console=console) as bar:
+        def start(slide_id: str, n: int):
+            task = bar.add_task(f"extract {slide_id}", total=n, rate="")
+
+            def advance(k: int):
+                bar.update(task, advance=k)
+                speed = bar.tasks[task].speed
+                if speed:
+                    bar.update(task, rate=f"{speed:.0f} tiles/s")
+
+            return advance
+
+        yield start
+
+
+def _stage_command(stages: tuple[str, ...], doc: str):
+    def command(
+        slides: Optional[Path] = typer.Option(None, help="Folder of slides (.svs .tif .ndpi .mrxs ... .png)."),
+        out: Optional[Path] = typer.Option(None, help="Output folder (segmentation/, patches/, features_<enc>/)."),
+        config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
+        mpp: Optional[float] = typer.Option(None, help="Level-0 microns per pixel for slides without it."),
+        mpp_csv: Optional[Path] = typer.Option(None, help="CSV of slide_id,mpp overrides."),
+        backend: Optional[str] = typer.Option(None, help="auto | openslide | tifffile | image."),
+        seg_mpp: Optional[float] = typer.Option(None, help="Segmentation resolution, µm/px [8]."),
+        threshold: Optional[str] = typer.Option(None, help="otsu, or a saturation threshold in [0,1]."),
+        min_saturation: Optional[float] = typer.Option(None, help="Lowest Otsu threshold allowed [0.04]."),
+        min_area_um2: Optional[float] = typer.Option(None, help="Drop tissue objects smaller than this [20000]."),
+        max_hole_um2: Optional[float] = typer.Option(None, help="Fill holes smaller than this [10000]."),
+        filter_pen: Optional[bool] = typer.Option(None, "--filter-pen/--no-filter-pen", help="Remove pen ink and dark artefacts."),
+        tissue_geojson: Optional[Path] = typer.Option(None, help="Folder of <slide_id>.geojson contours to use instead."),
+        target_mpp: Optional[float] = typer.Option(None, help="Patch resolution in µm/px [0.5]."),
+        magnification: Optional[float] = typer.Option(None, help="Patch magnification instead of mpp (20 = 0.5 µm/px)."),
+        patch_size: Optional[int] = typer.Option(None, help="Patch side in px at the target resolution [256]."),
+        overlap: Optional[int] = typer.Option(None, help="Overlap in px at the target resolution [0]."),
+        min_tissue: Optional[float] = typer.Option(None, help="Keep patches with at least this tissue fraction [0.25]."),
+        encoder: Optional[str] = typer.Option(None, help="Encoder name (see `slidemil encoders`) [handcrafted]."),
+        weights: Optional[Path] = typer.Option(None, help="Encoder weights file (.safetensors .bin .pth)."),
+        download: Optional[bool] = typer.Option(None, "--download", help="Fetch encoder weights from the hub (network)."),
+        batch_size: Optional[int] = typer.Option(None, help="Tiles per batch [64]."),
+        num_workers: Optional[int] = typer.Option(None, help="Tile-reading worker processes [0]."),
+        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+        float16: Optional[bool] = typer.Option(None, "--float16", help="Store features as float16."),
+        quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar."),
+    ):
+        from slidemil.config import PreprocessConfig, load_config
+        from slidemil.slides.pipeline import Pipeline, slides_in
+
+        overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+                     if k not in ("config", "PreprocessConfig", "load_config", "Pipeline", "slides_in")}
+        with _errors():
+            cfg = load_config(PreprocessConfig, config, overrides)
+            _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")
+            pipe = Pipeline(cfg.options())
+            with _tile_progress(cfg.quiet) as progress:
+                status = pipe.run(slides_in(cfg.slides), stages, progress)
+            counts = status["status"].value_counts().to_dict()
+            out_console.print(f"{len(status)} slide(s): {counts.get('done', 0)} done, {counts.get('skipped', 0)} "
+                              f"already complete, {counts.get('failed', 0)} failed (see {Path(cfg.out) / 'failures.csv'})")
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("segment")(_stage_command(("segment",), "Tissue masks: QC thumbnails and QuPath GeoJSON contours."))
+app.command("patch")(_stage_command(("segment", "patch"), "Patch coordinates at a physical resolution (segments first if needed)."))
+app.command("extract")(_stage_command(("segment", "patch", "extract"), "Patch features with an encoder (runs missing earlier stages)."))
+app.command("preprocess")(_stage_command(("segment", "patch", "extract"), "segment + patch + extract, resumable."))
+
+
+@app.command()
+def encoders():
+    """List the patch encoders: dimension, input size, default mpp, weight source."""
+    from slidemil.features.encoders import available_encoders, get_spec
+    from slidemil.features.encoders.registry import default_weights_path
+
+    table = Table(title="slidemil encoders")
+    for col in ("name", "dim", "input", "mpp", "weights", "reference"):
+        table.add_column(col, overflow="fold")
+    for name in available_encoders():
+        s = get_spec(name)
+        src = ("none needed" if not s.needs_weights else
+               f"hf:{s.hub_id}{' (gated)' if s.gated else ''} -> {default_weights_path(s)}")
+        table.add_row(name, str(s.dim), str(s.input_size), str(s.mpp), src, s.reference)
+    out_console.print(table)
+    out_console.print("Also: timm:<model name> for any timm model (weights via --weights or --download).")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_run"), help="Folder for the demo cohort and run."),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
-    """Run the whole job on a built-in synthetic cohort: train (3-fold CV), evaluate, predict."""
+    """The whole pipeline on a built-in synthetic slide cohort: preprocess, 3-fold CV, evaluate, predict."""
     from slidemil.demo import run_demo
 
     _setup_logging(quiet)

@@ -94,3 +94,59 @@ def load_config(cls: type[BaseModel], path: str | os.PathLike | None, overrides:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
         raise InputError(f"invalid configuration{f' in {path}' if path else ''}: {problems}") from None
+
+
+class PreprocessConfig(BaseModel):
+    """Options of `slidemil segment | patch | extract | preprocess` (YAML keys = field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: str
+    out: str
+    # resolution
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp for slides whose metadata lacks it")
+    mpp_csv: Optional[str] = None
+    backend: Literal["auto", "openslide", "tifffile", "image"] = "auto"
+    # segmentation
+    seg_mpp: float = Field(8.0, gt=0)
+    threshold: str = "otsu"
+    min_saturation: float = 0.04
+    median: int = 7
+    close: int = 4
+    min_area_um2: float = 20000.0
+    max_hole_um2: float = 10000.0
+    filter_pen: bool = True
+    tissue_geojson: Optional[str] = None
+    # patching
+    target_mpp: Optional[float] = Field(0.5, gt=0)
+    magnification: Optional[float] = Field(None, gt=0)
+    patch_size: int = Field(256, ge=8)
+    overlap: int = Field(0, ge=0)
+    min_tissue: float = Field(0.25, ge=0, le=1)
+    # extraction
+    encoder: str = "handcrafted"
+    weights: Optional[str] = None
+    download: bool = False
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: str = "auto"
+    float16: bool = False
+    quiet: bool = False
+
+    def options(self):
+        from pathlib import Path as _Path
+
+        from slidemil.slides.patching import PatchParams
+        from slidemil.slides.pipeline import PipelineOptions
+        from slidemil.slides.tissue import TissueParams
+
+        tissue = TissueParams(seg_mpp=self.seg_mpp, threshold=self.threshold, min_saturation=self.min_saturation,
+                              median=self.median, close=self.close, min_area_um2=self.min_area_um2,
+                              max_hole_um2=self.max_hole_um2, filter_pen=self.filter_pen)
+        patches = PatchParams(target_mpp=self.target_mpp, magnification=self.magnification,
+                              patch_size=self.patch_size, overlap=self.overlap, min_tissue=self.min_tissue)
+        return PipelineOptions(out=_Path(self.out), tissue=tissue, patches=patches, encoder=self.encoder,
+                               weights=self.weights, download=self.download, batch_size=self.batch_size,
+                               num_workers=self.num_workers, device=self.device, float16=self.float16,
+                               backend=self.backend, mpp=self.mpp, mpp_csv=self.mpp_csv,
+                               tissue_geojson=self.tissue_geojson)

@@ -1,0 +1,136 @@
+"""Pathology foundation models and CNNs through timm, with their published architectures.
+
+Each builder makes the architecture with random weights (no download); weights are loaded by the
+registry from a local file or, when asked, from the hub. Architectures and normalisations follow the
+model cards: UNI (Chen et al., Nat. Med. 2024), UNI2-h, Virchow2 (Zimmermann et al. 2024),
+H-optimus-0/1 (Bioptimus), Prov-GigaPath (Xu et al., Nature 2024), Phikon-v2 (Filiot et al. 2024), and
+ResNet-50 truncated after block 3 as in CLAM.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import timm
+import torch
+from torch import nn
+
+from slidemil.features.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
+
+HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+
+
+class ResNet50Trunc(nn.Module):
+    """timm `resnet50.tv_in1k` up to layer3, then global average pooling: 1024-d (CLAM)."""
+
+    def __init__(self, pretrained: bool = False):
+        super().__init__()
+        self.net = timm.create_model("resnet50.tv_in1k", pretrained=pretrained, features_only=True, out_indices=(3,))
+
+    def forward(self, x):
+        return self.net(x)[-1].mean((2, 3))
+
+
+class ClassAndMeanTokens(nn.Module):
+    """Virchow2's embedding: class token concatenated with the mean of the patch tokens (registers skipped)."""
+
+    def __init__(self, vit: nn.Module, n_prefix: int):
+        super().__init__()
+        self.vit, self.n_prefix = vit, n_prefix
+
+    def forward(self, x):
+        tokens = self.vit.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.n_prefix:].mean(1)], 1)
+
+
+def _vit(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+def _swiglu():
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
+
+
+def hf_dinov2_to_timm(state: dict) -> dict:
+    """Map a Hugging Face `Dinov2Model` state dict (Phikon-v2's format) to timm ViT keys."""
+    if not any(k.startswith("encoder.layer.") for k in state):
+        return state
+    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    for i in range(depth):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = p + "attention.attention."
+        for part in ("weight", "bias"):
+            out[q + f"attn.qkv.{part}"] = torch.cat([state[att + f"{n}.{part}"] for n in ("query", "key", "value")])
+            out[q + f"attn.proj.{part}"] = state[p + f"attention.output.dense.{part}"]
+            for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[q + f"{b}.{part}"] = state[p + f"{a}.{part}"]
+        out[q + "ls1.gamma"] = state[p + "layer_scale1.lambda1"]
+        out[q + "ls2.gamma"] = state[p + "layer_scale2.lambda1"]
+    return out
+
+
+def _spec(name, dim, builder, **kw):
+    return register_encoder(EncoderSpec(name=name, dim=dim, builder=builder, **kw))
+
+
+_spec("resnet50_trunc", 1024, ResNet50Trunc, hub_id="timm/resnet50.tv_in1k", weights_file="model.safetensors",
+      input_size=224, mpp=0.5, reference="He et al. 2016; truncated as in CLAM (Lu et al. 2021)",
+      extra={"from_hub": functools.partial(ResNet50Trunc, pretrained=True)})
+_spec("uni_v1", 1024, functools.partial(_vit, "vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5,
+                                        dynamic_img_size=True),
+      hub_id="MahmoodLab/UNI", weights_file="pytorch_model.bin", gated=True, reference="Chen et al., Nat. Med. 2024",
+      extra={"from_hub": functools.partial(_vit, "hf-hub:MahmoodLab/uni", pretrained=True, init_values=1e-5,
+                                           dynamic_img_size=True)})
+_uni2 = dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+             mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, dynamic_img_size=True)
+_spec("uni_v2", 1536, lambda: _vit("vit_giant_patch14_224", **_uni2, **_swiglu()), hub_id="MahmoodLab/UNI2-h",
+      weights_file="pytorch_model.bin", gated=True, reference="Chen et al., Nat. Med. 2024 (UNI2-h)",
+      extra={"from_hub": lambda: _vit("hf-hub:MahmoodLab/UNI2-h", pretrained=True, **_uni2, **_swiglu())})
+_virchow2 = dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True, reg_tokens=4)
+_spec("virchow2", 2560, lambda: ClassAndMeanTokens(_vit("vit_huge_patch14_224", **_virchow2, **_swiglu()), 5),
+      hub_id="paige-ai/Virchow2", weights_file="pytorch_model.bin", gated=True, convert=lambda s: {f"vit.{k}": v for k, v in s.items()},
+      reference="Zimmermann et al. 2024 (Virchow2); embedding = [class token, mean patch token]",
+      extra={"from_hub": lambda: ClassAndMeanTokens(_vit("hf-hub:paige-ai/Virchow2", pretrained=True, **_virchow2,
+                                                         **_swiglu()), 5)})
+for _name, _hub in (("hoptimus0", "bioptimus/H-optimus-0"), ("hoptimus1", "bioptimus/H-optimus-1")):
+    _spec(_name, 1536, functools.partial(_vit, "vit_giant_patch14_reg4_dinov2", img_size=224, init_values=1e-5,
+                                         dynamic_img_size=False),
+          hub_id=_hub, weights_file="pytorch_model.bin", gated=_name == "hoptimus1", mean=HOPTIMUS_MEAN,
+          std=HOPTIMUS_STD, reference="Bioptimus H-optimus (ViT-g/14, 4 registers)",
+          extra={"from_hub": functools.partial(_vit, f"hf-hub:{_hub}", pretrained=True, init_values=1e-5,
+                                               dynamic_img_size=False)})
+_giga = dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
+             mlp_ratio=5.33334)
+_spec("gigapath", 1536, functools.partial(_vit, "vit_giant_patch14_dinov2", **_giga), hub_id="prov-gigapath/prov-gigapath",
+      weights_file="pytorch_model.bin", gated=True, reference="Xu et al., Nature 2024 (Prov-GigaPath tile encoder)",
+      extra={"from_hub": functools.partial(_vit, "hf-hub:prov-gigapath/prov-gigapath", pretrained=True)})
+_spec("phikon_v2", 1024, functools.partial(_vit, "vit_large_patch16_224", img_size=224, init_values=1e-5,
+                                           dynamic_img_size=True),
+      hub_id="owkin/phikon-v2", weights_file="model.safetensors", convert=hf_dinov2_to_timm,
+      reference="Filiot et al. 2024 (Phikon-v2, DINOv2 ViT-L/16); Hugging Face Dinov2 keys are mapped to timm's")
+
+
+def timm_spec(model_name: str) -> EncoderSpec:
+    """`timm:<name>`: any timm model as a pooled feature extractor; weights from --weights or the hub."""
+    def build(pretrained: bool = False):
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+
+    try:
+        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except Exception as exc:
+        from slidemil.errors import InputError
+
+        raise InputError(f"timm has no model {model_name!r} ({exc})") from None
+    cfg = probe.pretrained_cfg or {}
+    size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+    return EncoderSpec(name=f"timm:{model_name}", dim=int(probe.num_features), builder=build, input_size=size,
+                       mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                       hub_id=cfg.get("hf_hub_id"), weights_file="model.safetensors",
+                       reference=f"timm model {model_name}",
+                       extra={"from_hub": functools.partial(build, pretrained=True)})

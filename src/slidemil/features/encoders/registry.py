@@ -1,0 +1,147 @@
+"""Encoder registry: name -> builder, embedding dim, input size, normalisation, default mpp, weights.
+
+Weights come from `--weights PATH` (safetensors, .bin, .pth; loaded with weights_only=True), from the
+default location `$SLIDEMIL_WEIGHTS/<name>/<file>` (`~/.cache/slidemil/weights` when unset), or,
+only when the user asks with `download=True`, from the hub. Offline without weights, the error says
+which file to get, from where, and where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from slidemil.errors import InputError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    dim: int
+    builder: Callable[[], nn.Module]          # architecture with random weights
+    input_size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    mpp: float = 0.5                          # the resolution the encoder was trained at
+    patch_size: int = 256
+    hub_id: str | None = None                 # where the weights live (Hugging Face), for the message
+    weights_file: str | None = None           # the file to download
+    gated: bool = False
+    needs_weights: bool = True
+    convert: Callable[[dict], dict] | None = None   # maps a published state dict to the builder's keys
+    reference: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_ENCODERS: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+    if spec.name in _ENCODERS:
+        raise ValueError(f"encoder {spec.name!r} registered twice")
+    _ENCODERS[spec.name] = spec
+    return spec
+
+
+def available_encoders() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def get_spec(name: str) -> EncoderSpec:
+    if name.startswith("timm:"):
+        from slidemil.features.encoders.foundation import timm_spec
+
+        return timm_spec(name[5:])
+    try:
+        return _ENCODERS[name]
+    except KeyError:
+        raise InputError(f"unknown encoder {name!r}; choose one of {', '.join(available_encoders())} "
+                         "or timm:<any timm model name>") from None
+
+
+def weights_home() -> Path:
+    return Path(os.environ.get("SLIDEMIL_WEIGHTS", Path.home() / ".cache" / "slidemil" / "weights"))
+
+
+def default_weights_path(spec: EncoderSpec) -> Path | None:
+    return weights_home() / spec.name.replace(":", "_").replace("/", "_") / spec.weights_file if spec.weights_file else None
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from safetensors or a pickle checkpoint, never executing code from the file."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"{path}: cannot be loaded as weights ({type(exc).__name__}: {exc}); slidemil loads "
+                             "checkpoints with weights_only=True and never runs code from them") from exc
+    for key in ("state_dict", "model", "teacher", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: holds no state dict")
+    for prefix in ("module.", "backbone.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, spec: EncoderSpec, path: Path) -> None:
+    state = read_state_dict(path)
+    if spec.convert is not None:
+        state = spec.convert(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"{path}: does not fit encoder {spec.name} ({len(missing)} missing keys, e.g. "
+                         f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); is it the right file?")
+
+
+def weights_help(spec: EncoderSpec) -> str:
+    where = default_weights_path(spec)
+    src = f"https://huggingface.co/{spec.hub_id}" if spec.hub_id else "the model's publisher"
+    gated = " (gated: request access on that page first)" if spec.gated else ""
+    return (f"encoder {spec.name} needs its weights: download {spec.weights_file or 'the weights file'} from {src}"
+            f"{gated}, then pass --weights /path/to/{spec.weights_file or 'file'}" +
+            (f" or put it at {where}" if where else "") + ", or pass --download to fetch it from the hub (network).")
+
+
+class Encoder(nn.Module):
+    """A backbone plus what extraction needs to feed it: input size and normalisation."""
+
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module, weights: str | None):
+        super().__init__()
+        self.spec, self.backbone, self.weights = spec, backbone, weights
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float [B, 3, S, S] in [0, 1] at the encoder's input size -> [B, dim]."""
+        return self.backbone((images - self.mean) / self.std)
+
+
+def create_encoder(name: str, weights: str | os.PathLike | None = None, download: bool = False) -> Encoder:
+    spec = get_spec(name)
+    if not spec.needs_weights:
+        return Encoder(spec, spec.builder().eval(), None)
+    path = Path(weights) if weights else default_weights_path(spec)
+    if path is not None and path.exists():
+        backbone = spec.builder()
+        load_weights(backbone, spec, path)
+        return Encoder(spec, backbone.eval(), str(path))
+    if weights:
+        raise InputError(f"weights file {weights} does not exist. {weights_help(spec)}")
+    if download and spec.hub_id:
+        backbone = spec.extra["from_hub"]() if "from_hub" in spec.extra else spec.builder(pretrained=True)
+        return Encoder(spec, backbone.eval(), f"hf-hub:{spec.hub_id}")
+    raise InputError(weights_help(spec))

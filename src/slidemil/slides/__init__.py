@@ -1,0 +1,1 @@
+"""Whole-slide images: readers, tissue segmentation, patching, synthetic slides."""

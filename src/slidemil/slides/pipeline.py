@@ -1,0 +1,230 @@
+"""`slidemil segment | patch | extract | preprocess`: per-slide stages over a folder, resumable.
+
+Outputs under `--out`: `segmentation/<id>.geojson` + `<id>_qc.png`, `patches/<id>.h5`,
+`features_<encoder>/<id>.h5`, and `failures.csv` (slide_id, stage, error). A slide that fails is
+recorded and the batch goes on; a rerun skips every finished, valid output and retries the rest.
+Under torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th slide and writes
+`failures_rank<r>.csv`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from slidemil import __version__
+from slidemil.errors import InputError
+from slidemil.features.encoders import create_encoder
+from slidemil.features.extract import PatchDataset, embed_patches
+from slidemil.features.store import write_features
+from slidemil.slides.patching import PatchParams, make_grid, read_coords, write_coords
+from slidemil.slides.reader import Slide, list_slides, open_slide
+from slidemil.slides.tissue import (TissueParams, load_tissue_geojson, mask_to_geojson, save_segmentation,
+                                    segment_tissue)
+from slidemil.utils.io import safe_child, sha256_file, write_csv
+
+log = logging.getLogger(__name__)
+STAGES = ("segment", "patch", "extract")
+
+
+class NoTissueError(InputError):
+    pass
+
+
+@dataclass
+class PipelineOptions:
+    out: Path
+    tissue: TissueParams
+    patches: PatchParams
+    encoder: str = "handcrafted"
+    weights: str | None = None
+    download: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    float16: bool = False
+    backend: str = "auto"
+    mpp: float | None = None
+    mpp_csv: str | None = None
+    tissue_geojson: str | None = None
+
+
+def read_mpp_csv(path: str | None) -> dict[str, float]:
+    if not path:
+        return {}
+    try:
+        table = pd.read_csv(path, dtype={"slide_id": str})
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
+    for col in ("slide_id", "mpp"):
+        if col not in table.columns:
+            raise InputError(f"{path}: column {col!r} is missing (found: {', '.join(table.columns)})")
+    bad = table["mpp"].isna() | (pd.to_numeric(table["mpp"], errors="coerce") <= 0)
+    if bad.any():
+        raise InputError(f"{path}: column 'mpp' must be a positive number (row(s) "
+                         f"{', '.join(str(i + 2) for i in table.index[bad][:10])})")
+    return dict(zip(table["slide_id"], table["mpp"].astype(float)))
+
+
+def shard(items: list, rank: int | None = None, world: int | None = None) -> list:
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    return items[rank::world] if world > 1 else items
+
+
+class Pipeline:
+    def __init__(self, opts: PipelineOptions):
+        self.o = opts
+        self.out = Path(opts.out)
+        self.mpp_override = read_mpp_csv(opts.mpp_csv)
+        self._encoder = None
+        self.failures: dict[str, tuple[str, str]] = {}
+
+    # ----- paths -------------------------------------------------------------------------------
+    @property
+    def feature_dir(self) -> Path:
+        return self.out / f"features_{self.o.encoder.replace(':', '_').replace('/', '_')}"
+
+    def paths(self, slide_id: str) -> dict[str, Path]:
+        return {"segment": safe_child(self.out / "segmentation", slide_id, ".geojson"),
+                "patch": safe_child(self.out / "patches", slide_id, ".h5"),
+                "extract": safe_child(self.feature_dir, slide_id, ".h5")}
+
+    def open(self, path: Path) -> Slide:
+        return open_slide(path, self.o.backend, self.mpp_override.get(path.stem, self.o.mpp))
+
+    # ----- stages ------------------------------------------------------------------------------
+    def segment(self, slide: Slide) -> None:
+        target = self.paths(slide.slide_id)["segment"]
+        if self.o.tissue_geojson:
+            src = Path(self.o.tissue_geojson) / f"{slide.slide_id}.geojson"
+            if not src.is_file():
+                raise InputError(f"--tissue-geojson: no {src}")
+            tissue = load_tissue_geojson(src, slide, self.o.tissue.seg_mpp)
+        else:
+            tissue = segment_tissue(slide, self.o.tissue)
+        if not tissue.mask.any():
+            raise NoTissueError(f"{slide.path}: no tissue found (segmentation at {self.o.tissue.seg_mpp} µm/px); "
+                                "check the QC thumbnail, lower --min-saturation, or supply --tissue-geojson")
+        save_segmentation(target.parent, slide.slide_id, tissue, mask_to_geojson(tissue), self.o.tissue)
+
+    def patch(self, slide: Slide) -> None:
+        src = self.paths(slide.slide_id)["segment"]
+        tissue = load_tissue_geojson(src, slide, self.o.tissue.seg_mpp)
+        grid = make_grid(slide, tissue, self.o.patches)
+        if len(grid.coords) == 0:
+            raise NoTissueError(f"{slide.path}: no patch has at least {self.o.patches.min_tissue:.0%} tissue; "
+                                "lower --min-tissue or --patch-size")
+        write_coords(self.paths(slide.slide_id)["patch"], grid, {"slide_path": str(slide.path)})
+
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = create_encoder(self.o.encoder, self.o.weights, self.o.download)
+        return self._encoder
+
+    def extract(self, slide: Slide, progress=None) -> None:
+        coords, attrs = read_coords(self.paths(slide.slide_id)["patch"])
+        enc = self.encoder()
+        device = _device(self.o.device)
+        ds = PatchDataset(slide.path, coords, attrs["patch_size_level0"], enc.spec.input_size, self.o.backend,
+                          slide.mpp)
+        feats = embed_patches(enc, ds, device, self.o.batch_size, self.o.num_workers, progress)
+        meta = {k: attrs[k] for k in ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp",
+                                      "target_magnification", "level0_magnification", "overlap", "patch_level",
+                                      "downsample", "level0_width", "level0_height") if k in attrs}
+        meta.update({"encoder": self.o.encoder, "encoder_weights": enc.weights or "none",
+                     "encoder_sha256": _weights_sha(enc.weights), "slide_path": str(slide.path),
+                     "name": slide.slide_id, "slidemil_version": __version__})
+        write_features(self.paths(slide.slide_id)["extract"], feats, coords, meta,
+                       dtype="float16" if self.o.float16 else "float32")
+
+    # ----- resume ------------------------------------------------------------------------------
+    def is_done(self, slide_id: str, stage: str) -> bool:
+        p = self.paths(slide_id)
+        path = p[stage]
+        if not path.is_file():
+            return False
+        if stage == "segment":
+            return True
+        try:
+            with h5py.File(path, "r") as fh:
+                if stage == "patch":
+                    return "coords" in fh
+                n = fh["features"].shape[0]
+                enc = fh.attrs.get("encoder")
+            coords, _ = read_coords(p["patch"])
+            return n == len(coords) and enc == self.o.encoder
+        except Exception:
+            return False
+
+    def run(self, slide_paths: list[Path], stages=STAGES, progress=None) -> pd.DataFrame:
+        """Run `stages` on every slide; returns the status table (also written to failures.csv)."""
+        self._clean_temporaries()
+        rows = []
+        for path in slide_paths:
+            sid = path.stem if not path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.name.split(".ome.")[0]
+            stage = "open"
+            try:
+                safe_child(self.out, sid)
+                todo = [s for s in stages if not self.is_done(sid, s)]
+                if todo:
+                    slide = self.open(path)
+                    try:
+                        for stage in todo:
+                            if stage == "extract" and progress is not None:
+                                n = len(read_coords(self.paths(sid)["patch"])[0])
+                                getattr(self, stage)(slide, progress(sid, n))
+                            else:
+                                getattr(self, stage)(slide)
+                    finally:
+                        slide.close()
+                rows.append({"slide_id": sid, "status": "done" if todo else "skipped", "stage": "", "error": ""})
+                self.failures.pop(sid, None)
+            except Exception as exc:  # one bad slide never stops the batch
+                msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+                log.warning("%s failed at %s: %s", sid, stage, msg)
+                self.failures[sid] = (stage, msg)
+                rows.append({"slide_id": sid, "status": "failed", "stage": stage, "error": msg})
+        self._write_failures()
+        return pd.DataFrame(rows)
+
+    def _write_failures(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        name = f"failures_rank{os.environ.get('RANK', 0)}.csv" if world > 1 else "failures.csv"
+        table = pd.DataFrame([{"slide_id": k, "stage": s, "error": e} for k, (s, e) in sorted(self.failures.items())],
+                             columns=["slide_id", "stage", "error"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_csv(self.out / name, table)
+
+    def _clean_temporaries(self) -> None:
+        """Remove half-written files left by a killed run (they never carry a final name)."""
+        for folder in (self.out / "segmentation", self.out / "patches", self.feature_dir):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp-*"):
+                    tmp.unlink(missing_ok=True)
+
+
+def _device(name: str) -> torch.device:
+    from slidemil.train.trainer import resolve_device
+
+    return resolve_device(name)
+
+
+def _weights_sha(path: str | None) -> str:
+    if path and Path(path).is_file():
+        return sha256_file(path)
+    return "none"
+
+
+def slides_in(folder: str | Path) -> list[Path]:
+    slides = list_slides(folder)
+    if not slides:
+        raise InputError(f"{folder} holds no slide files ({', '.join(sorted({'.svs', '.tif', '.ndpi', '.mrxs'}))}, ...)")
+    return shard(slides)

@@ -1,0 +1,319 @@
+"""One slide-reader interface over OpenSlide, tifffile and plain images, with physical resolution.
+
+`open_slide(path)` tries OpenSlide first (svs, tif, ndpi, mrxs, scn, vms, bif, DICOM), then tifffile
+for (pyramidal or flat) TIFF / OME-TIFF that OpenSlide rejects, then Pillow for PNG/JPEG. Every reader
+exposes level geometry, `mpp` (microns per level-0 pixel, or None) and `read_region` returning RGB.
+`read_at(slide, x, y, size0, out)` reads a level-0 square at the best pyramid level and resizes the
+rest of the way, which is how patches at a target mpp are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from slidemil.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".svslide",
+                  ".ome.tif", ".ome.tiff"} | IMAGE_SUFFIXES
+
+
+class SlideReadError(InputError):
+    """A slide cannot be opened or read; the message names the file."""
+
+
+class Slide:
+    """Common interface. Subclasses set `path`, `level_dimensions`, `level_downsamples`, `mpp`, `backend`."""
+
+    path: Path
+    backend: str
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    mpp: float | None
+
+    @property
+    def slide_id(self) -> str:
+        name = self.path.name
+        for suffix in (".ome.tiff", ".ome.tif"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return self.path.stem
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The highest-resolution level needed: the coarsest level whose downsample <= `downsample`."""
+        ok = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.001]
+        return max(ok, key=lambda i: self.level_downsamples[i]) if ok else 0
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 [height, width, 3]; (x, y) in level-0 pixels, size in `level` pixels."""
+        raise NotImplementedError
+
+    def read_level(self, level: int) -> np.ndarray:
+        w, h = self.level_dimensions[level]
+        return self.read_region(0, 0, level, w, h)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class OpenSlideReader(Slide):
+    backend = "openslide"
+
+    def __init__(self, path: Path):
+        import openslide
+
+        self.path = path
+        self._slide = openslide.OpenSlide(str(path))
+        self.level_dimensions = list(self._slide.level_dimensions)
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        mpp = self._slide.properties.get("openslide.mpp-x")
+        self.mpp = float(mpp) if mpp else None
+        # a slide whose level-0 tiles cannot be decoded is found now, not halfway through extraction
+        self._slide.read_region((0, 0), self.level_count - 1, (1, 1))
+
+    def read_region(self, x, y, level, width, height):
+        region = self._slide.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        rgba = np.asarray(region)
+        # transparent (outside the scanned area) becomes white, as a scanner's background
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255
+        return rgb
+
+    def close(self):
+        self._slide.close()
+
+
+class TiffReader(Slide):
+    """tifffile backend: pyramid from the first series' levels (or a flat image), mpp from OME
+    PhysicalSizeX or the resolution tags."""
+
+    backend = "tifffile"
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        self.path = path
+        self._tif = tifffile.TiffFile(str(path))
+        series = self._tif.series[0]
+        self._levels = list(series.levels)
+        if len(self._levels) == 1:
+            self._levels = self._pyramid_from_pages(series)
+        shapes = [self._yx(lv) for lv in self._levels]
+        self.level_dimensions = [(w, h) for h, w in shapes]
+        self.level_downsamples = [shapes[0][1] / w for _, w in shapes]
+        self.mpp = self._find_mpp()
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _pyramid_from_pages(self, series) -> list:
+        """Files that keep their levels as plain top-level pages (no SubIFDs, no recognised layout):
+        the tiled pages with level 0's aspect ratio, largest first."""
+        h0, w0 = self._yx(series.levels[0])
+        levels = [series.levels[0]]
+        for other in self._tif.series[1:]:
+            page = other.levels[0].pages[0] if other.levels[0].pages else None
+            h, w = self._yx(other.levels[0])
+            if page is not None and getattr(page, "is_tiled", False) and w < w0 and abs(w / h - w0 / h0) < 0.02:
+                levels.append(other.levels[0])
+        return sorted(levels, key=lambda lv: -self._yx(lv)[1])
+
+    @staticmethod
+    def _yx(level) -> tuple[int, int]:
+        axes, shape = level.axes, level.shape
+        return shape[axes.index("Y")], shape[axes.index("X")]
+
+    def _find_mpp(self) -> float | None:
+        tif = self._tif
+        if tif.is_ome and tif.ome_metadata:
+            import re
+
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            if m and (unit is None or unit.group(1) in ("µm", "um", "micron")):
+                return float(m.group(1))
+        page = tif.pages[0]
+        desc = page.description or ""
+        if "MPP = " in desc:
+            return float(desc.split("MPP = ")[1].split("|")[0].split()[0])
+        tags = page.tags
+        if "XResolution" in tags and "ResolutionUnit" in tags:
+            num, den = tags["XResolution"].value
+            unit = int(tags["ResolutionUnit"].value)
+            if num and den and unit in (2, 3):  # inch, centimetre
+                per_unit = num / den
+                microns = 25400.0 if unit == 2 else 10000.0
+                mpp = microns / per_unit
+                if 0.05 < mpp < 100:
+                    return mpp
+        return None
+
+    def _level_array(self, level: int) -> np.ndarray:
+        if level not in self._cache:
+            arr = self._levels[level].asarray()
+            axes = self._levels[level].axes
+            if "S" in axes:
+                arr = np.moveaxis(arr, axes.index("S"), -1)
+            elif arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, -1)
+            self._cache[level] = arr[..., :3]
+        return self._cache[level]
+
+    def read_region(self, x, y, level, width, height):
+        ds = self.level_downsamples[level]
+        lx, ly = int(round(x / ds)), int(round(y / ds))
+        try:
+            store = self._levels[level].pages[0]
+            if store.is_tiled:
+                return _read_tiled(store, self._tif.filehandle, lx, ly, width, height, self.level_dimensions[level])
+        except (AttributeError, IndexError, TypeError):
+            pass
+        arr = self._level_array(level)
+        out = np.full((height, width, 3), 255, np.uint8)
+        h, w = arr.shape[:2]
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + width, w), min(ly + height, h)
+        if x1 > x0 and y1 > y0:
+            out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = arr[y0:y1, x0:x1]
+        return out
+
+    def close(self):
+        self._tif.close()
+
+
+def _read_tiled(page, fh, x, y, width, height, dims) -> np.ndarray:
+    """Decode only the tiles of a tiled TIFF page that a region touches."""
+    th, tw = page.tilelength, page.tilewidth
+    w, h = dims
+    out = np.full((height, width, 3), 255, np.uint8)
+    tiles_across = (w + tw - 1) // tw
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + width, w), min(y + height, h)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    decode = page.decode
+    for ty in range(y0 // th, (y1 - 1) // th + 1):
+        for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+            index = ty * tiles_across + tx
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            fh.seek(offset)
+            tile, _, _ = decode(fh.read(count), index, jpegtables=page.jpegtables)
+            tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+            gx, gy = tx * tw, ty * th
+            sx0, sy0 = max(x0, gx), max(y0, gy)
+            sx1, sy1 = min(x1, gx + tw), min(y1, gy + th)
+            out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - gy:sy1 - gy, sx0 - gx:sx1 - gx]
+    return out
+
+
+class ImageReader(Slide):
+    """PNG/JPEG and other small images: one level, mpp from the file's DPI when it has one."""
+
+    backend = "image"
+
+    def __init__(self, path: Path):
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            self._img = np.asarray(im.convert("RGB"))
+            dpi = im.info.get("dpi")
+        self.path = path
+        h, w = self._img.shape[:2]
+        self.level_dimensions, self.level_downsamples = [(w, h)], [1.0]
+        self.mpp = 25400.0 / float(dpi[0]) if dpi and dpi[0] and 100 < dpi[0] < 500000 and dpi[0] != 72 else None
+
+    def read_region(self, x, y, level, width, height):
+        out = np.full((height, width, 3), 255, np.uint8)
+        h, w = self._img.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, w), min(y + height, h)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._img[y0:y1, x0:x1]
+        return out
+
+
+BACKENDS = {"openslide": OpenSlideReader, "tifffile": TiffReader, "image": ImageReader}
+
+
+def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None = None) -> Slide:
+    """Open a slide; `mpp` overrides (or supplies) the level-0 resolution.
+
+    Raises SlideReadError naming the file when no backend can read it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideReadError(f"{path}: no such slide file")
+    if backend != "auto":
+        order = [backend]
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        order = ["image"]
+    else:
+        order = ["openslide", "tifffile"]
+    errors = []
+    for name in order:
+        try:
+            slide = BACKENDS[name](path)
+            break
+        except Exception as exc:  # each library raises its own types for unreadable files
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    else:
+        raise SlideReadError(f"{path}: cannot be read ({'; '.join(errors)}); the file may be truncated or "
+                             "in a format none of OpenSlide, tifffile and Pillow understands")
+    if mpp is not None:
+        slide.mpp = float(mpp)
+    return slide
+
+
+def read_at(slide: Slide, x: int, y: int, size0: int, out_size: int) -> np.ndarray:
+    """A level-0 square (x, y, size0) as an RGB array of `out_size`^2: read at the best pyramid level,
+    then resized (area-averaging when shrinking) the rest of the way."""
+    downsample = size0 / out_size
+    level = slide.best_level_for_downsample(downsample)
+    ds = slide.level_downsamples[level]
+    side = max(1, int(round(size0 / ds)))
+    region = slide.read_region(x, y, level, side, side)
+    if side != out_size:
+        region = np.asarray(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR, reducing_gap=None
+                                                           if side < out_size else 2.0))
+    return region
+
+
+def require_mpp(slide: Slide) -> float:
+    if slide.mpp is None:
+        raise SlideReadError(f"{slide.path}: the slide's metadata has no physical resolution (mpp); pass --mpp "
+                             "for the whole batch or --mpp-csv with slide_id,mpp rows")
+    return slide.mpp
+
+
+def list_slides(folder: str | os.PathLike) -> list[Path]:
+    """Slide files in a folder (masks and thumbnails written beside synthetic slides are not slides)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"slide folder {folder} does not exist")
+    found = []
+    for p in sorted(folder.iterdir()):
+        name = p.name.lower()
+        if not p.is_file() or name.startswith("."):
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES and ("_tissue" in name or "_tumour" in name or "_mask" in name):
+            continue
+        if p.suffix.lower() in SLIDE_SUFFIXES:
+            found.append(p)
+    return found
