@@ -18,8 +18,8 @@ from slidemil.errors import SlidemilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="slidemil: weakly supervised learning on whole-slide images.")
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 
 
 def _setup_logging(quiet: bool, logfile: Path | None = None) -> None:
@@ -113,10 +113,7 @@ def train(
     from slidemil.evaluate.report import load_metrics, summary_line
     from slidemil.train.cv import run_cv
 
-    overrides = {k: v for k, v in locals().items()
-                 if k not in ("config", "model_arg", "resume", "yaml", "TrainConfig", "load_config", "run_cv",
-                              "load_metrics", "summary_line")}
-    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k in TrainConfig.model_fields}
     with _errors():
         if model_arg:
             args = {}
@@ -237,7 +234,7 @@ def _stage_command(stages: tuple[str, ...], doc: str):
         from slidemil.slides.pipeline import Pipeline, slides_in
 
         overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-                     if k not in ("config", "PreprocessConfig", "load_config", "Pipeline", "slides_in")}
+                     if k in PreprocessConfig.model_fields}
         with _errors():
             cfg = load_config(PreprocessConfig, config, overrides)
             _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")

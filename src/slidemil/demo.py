@@ -29,16 +29,17 @@ def preprocess_folder(slides: Path, out: Path, quiet: bool) -> Path:
     return out / "features_handcrafted"
 
 
-def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: int = 16, seed: int = 0) -> dict:
+def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: int = 16, seed: int = 0,
+             slide_size: tuple[int, int] = (3072, 4096)) -> dict:
     out = Path(out)
     console = Console()
     console.print(f"[bold]slidemil demo[/] -> {out}")
     cohort, external = out / "cohort", out / "external"
     if not (cohort / "labels.csv").exists():
         console.print(f"writing a synthetic cohort of {n_patients} patients ...")
-        make_slide_cohort(cohort, n_patients=n_patients, slides_per_patient=(1, 2), seed=seed)
+        make_slide_cohort(cohort, n_patients=n_patients, slides_per_patient=(1, 2), size=slide_size, seed=seed)
     if not (external / "labels.csv").exists():
-        make_slide_cohort(external, n_patients=4, slides_per_patient=(1, 2), seed=seed + 1)
+        make_slide_cohort(external, n_patients=4, slides_per_patient=(1, 2), size=slide_size, seed=seed + 1)
     console.print("segment + patch + extract (handcrafted encoder) ...")
     features = preprocess_folder(cohort / "slides", cohort / "preprocessed", quiet)
     external_features = preprocess_folder(external / "slides", external / "preprocessed", quiet)

@@ -21,11 +21,20 @@ log = logging.getLogger(__name__)
 ROLES = ("train", "val", "test")
 
 
+def _groups_per_class(y: np.ndarray, groups: np.ndarray) -> dict:
+    return {int(c): len(np.unique(groups[y == c])) for c in np.unique(y)}
+
+
 def _grouped_kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     """Index arrays of the k test parts, stratified by label and grouped by `groups`."""
     n_groups = len(np.unique(groups))
     if n_groups < k:
         raise InputError(f"{n_groups} groups (patients or sites) cannot fill {k} folds; lower --folds")
+    per_class = _groups_per_class(y, groups)
+    if min(per_class.values()) < k:
+        c, n = min(per_class.items(), key=lambda kv: kv[1])
+        raise InputError(f"class index {c} has {n} patient(s) (or sites); {k} folds need at least {k} per class "
+                         "so that every test fold holds each class; lower --folds")
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
 
@@ -35,8 +44,10 @@ def _inner_val(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) ->
     if fraction <= 0:
         return np.zeros(len(y), dtype=bool)
     k = max(2, int(round(1.0 / fraction)))
-    k = min(k, len(np.unique(groups)))
+    k = min(k, min(_groups_per_class(y, groups).values()))
     if k < 2:
+        log.warning("a training fold has a class with fewer than 2 patients: no validation split, the last "
+                    "epoch is kept")
         return np.zeros(len(y), dtype=bool)
     mask = np.zeros(len(y), dtype=bool)
     mask[_grouped_kfold(y, groups, k, seed)[0]] = True

@@ -188,7 +188,7 @@ class Pipeline:
                 rows.append({"slide_id": sid, "status": "done" if todo else "skipped", "stage": "", "error": ""})
                 self.failures.pop(sid, None)
             except Exception as exc:  # one bad slide never stops the batch
-                msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+                msg = str(exc) if isinstance(exc, InputError) else f"{path}: {type(exc).__name__}: {exc}"
                 log.warning("%s failed at %s: %s", sid, stage, msg)
                 self.failures[sid] = (stage, msg)
                 rows.append({"slide_id": sid, "status": "failed", "stage": stage, "error": msg})

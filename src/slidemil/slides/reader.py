@@ -124,6 +124,18 @@ class TiffReader(Slide):
         self.level_downsamples = [shapes[0][1] / w for _, w in shapes]
         self.mpp = self._find_mpp()
         self._cache: dict[int, np.ndarray] = {}
+        self._check_complete(path)
+
+    def _check_complete(self, path: Path) -> None:
+        """A truncated file still parses its first directory; its tile data runs past the end."""
+        size = path.stat().st_size
+        for level in self._levels:
+            for page in level.pages:
+                if page is None:
+                    continue
+                ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+                if len(ends) and (ends.max() > size or (np.asarray(page.databytecounts) == 0).any()):
+                    raise ValueError("image data runs past the end of the file (truncated?)")
 
     def _pyramid_from_pages(self, series) -> list:
         """Files that keep their levels as plain top-level pages (no SubIFDs, no recognised layout):

@@ -34,6 +34,7 @@ class TissueParams:
     min_area_um2: float = 20000.0   # smaller tissue objects are dropped
     max_hole_um2: float = 10000.0   # smaller holes are filled
     filter_pen: bool = True
+    pen_hue: tuple[float, float] = (0.15, 0.67)   # green to blue; H&E stains sit at pink/purple hues
     dark_value: float = 0.12        # HSV value below this is treated as artefact, not tissue
 
 
@@ -69,7 +70,7 @@ def segment_tissue(slide: Slide, params: TissueParams | None = None) -> TissueMa
     artefact = np.zeros(sat.shape, bool)
     if p.filter_pen:
         hue, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-        artefact |= (hue > 0.15) & (hue < 0.62) & (s > 0.15)   # green and blue ink; H&E is pink/purple
+        artefact |= (hue > p.pen_hue[0]) & (hue < p.pen_hue[1]) & (s > 0.2)
         artefact |= v < p.dark_value
         artefact = morphology.dilation(artefact, morphology.disk(2))
     if p.threshold == "otsu":

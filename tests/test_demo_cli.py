@@ -1,0 +1,59 @@
+"""The demo's pipeline end to end, and the slide verbs of the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from slidemil.cli import app
+from slidemil.demo import run_demo
+from slidemil.slides.synthetic import make_slide_cohort
+
+runner = CliRunner()
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    metrics = run_demo(tmp_path / "demo", quiet=True, n_patients=8, slide_size=(2048, 3072))
+    assert metrics["pooled"]["auroc"]["value"] >= 0.9
+    assert (tmp_path / "demo" / "run" / "report.html").exists()
+    preds = pd.read_csv(tmp_path / "demo" / "external_predictions.csv")
+    truth = pd.read_csv(tmp_path / "demo" / "external" / "labels.csv").set_index("slide_id")
+    assert (preds.set_index("slide_id")["pred"] == truth.loc[preds["slide_id"], "label"].to_numpy()).mean() >= 0.75
+
+
+def test_cli_preprocess_then_train(tmp_path):
+    make_slide_cohort(tmp_path / "c", n_patients=4, slides_per_patient=(1, 1), size=(1024, 1536), seed=9)
+    res = runner.invoke(app, ["preprocess", "--slides", str(tmp_path / "c" / "slides"), "--out", str(tmp_path / "o"),
+                              "--patch-size", "128", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "4 slide(s): 4 done" in res.stdout
+    res = runner.invoke(app, ["preprocess", "--slides", str(tmp_path / "c" / "slides"), "--out", str(tmp_path / "o"),
+                              "--patch-size", "128", "--quiet"])
+    assert "4 already complete" in res.stdout
+    assert len(list((tmp_path / "o" / "features_handcrafted").glob("*.h5"))) == 4
+    geo = json.loads((tmp_path / "o" / "segmentation" / "P000_S0.geojson").read_text())
+    assert geo["type"] == "FeatureCollection"
+
+
+def test_cli_segment_alone_and_errors(tmp_path):
+    make_slide_cohort(tmp_path / "c", n_patients=2, slides_per_patient=(1, 1), size=(1024, 1024), seed=1)
+    res = runner.invoke(app, ["segment", "--slides", str(tmp_path / "c" / "slides"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 0 and not (tmp_path / "o" / "patches").exists()
+    assert (tmp_path / "o" / "segmentation" / "P000_S0_qc.png").exists()
+    res = runner.invoke(app, ["extract", "--slides", str(tmp_path / "c" / "slides"), "--out", str(tmp_path / "o"),
+                              "--encoder", "uni_v1", "--quiet"])
+    assert res.exit_code == 0  # the batch survives; the reason is in failures.csv
+    failures = pd.read_csv(tmp_path / "o" / "failures.csv")
+    assert (failures["stage"] == "extract").all() and failures["error"].str.contains("--weights").all()
+    res = runner.invoke(app, ["preprocess", "--slides", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_cli_encoders_lists_registry():
+    res = runner.invoke(app, ["encoders"])
+    assert res.exit_code == 0
+    for name in ("handcrafted", "resnet50_trunc", "uni_v1", "uni_v2", "virchow2", "hoptimus0", "hoptimus1",
+                 "gigapath", "phikon_v2", "timm:"):
+        assert name in res.stdout

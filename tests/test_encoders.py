@@ -1,0 +1,133 @@
+"""Encoder registry: every architecture builds with its published size; weights load safely; offline
+errors say what to fetch."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from slidemil.errors import InputError
+from slidemil.features.encoders import available_encoders, create_encoder, get_spec
+from slidemil.features.encoders.foundation import hf_dinov2_to_timm
+
+# parameters (millions) from the model cards
+EXPECTED = {"resnet50_trunc": (1024, 8.5), "uni_v1": (1024, 303), "uni_v2": (1536, 681), "virchow2": (2560, 631),
+            "hoptimus0": (1536, 1135), "hoptimus1": (1536, 1135), "gigapath": (1536, 1135), "phikon_v2": (1024, 303)}
+
+
+def test_required_encoders_are_registered():
+    assert set(EXPECTED) | {"handcrafted"} <= set(available_encoders())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_architecture_size_and_output_dim(name):
+    spec = get_spec(name)
+    with torch.device("meta"):
+        model = spec.builder()
+        out = model(torch.empty(2, 3, spec.input_size, spec.input_size))
+    dim, millions = EXPECTED[name]
+    assert spec.dim == dim and tuple(out.shape) == (2, dim)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.01)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_random_weights_roundtrip(tmp_path, suffix):
+    torch.manual_seed(0)
+    spec = get_spec("resnet50_trunc")
+    reference = spec.builder().eval()
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    enc = create_encoder("resnet50_trunc", weights=path)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference((x - enc.mean) / enc.std)
+        torch.testing.assert_close(enc(x), expected)
+    assert enc.weights == str(path)
+
+
+def test_uni_v1_full_size_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    spec = get_spec("uni_v1")
+    reference = spec.builder().eval()
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    enc = create_encoder("uni_v1", weights=tmp_path / "pytorch_model.bin")
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), reference((x - enc.mean) / enc.std))
+
+
+def test_hugging_face_dinov2_keys_map_to_timm():
+    """Phikon-v2 ships a transformers Dinov2Model state dict; build one from a small timm ViT by the
+    inverse mapping and check that the converted weights reproduce the model."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, init_values=1e-5).eval()
+    s = vit.state_dict()
+    hf = {"embeddings.cls_token": s["cls_token"], "embeddings.position_embeddings": s["pos_embed"],
+          "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
+          "layernorm.weight": s["norm.weight"], "layernorm.bias": s["norm.bias"]}
+    for i in range(len(vit.blocks)):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            qw, kw, vw = s[q + f"attn.qkv.{part}"].chunk(3)
+            hf.update({p + f"attention.attention.query.{part}": qw, p + f"attention.attention.key.{part}": kw,
+                       p + f"attention.attention.value.{part}": vw,
+                       p + f"attention.output.dense.{part}": s[q + f"attn.proj.{part}"]})
+            for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                hf[p + f"{name}.{part}"] = s[q + f"{name}.{part}"]
+        hf[p + "layer_scale1.lambda1"], hf[p + "layer_scale2.lambda1"] = s[q + "ls1.gamma"], s[q + "ls2.gamma"]
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0, init_values=1e-5).eval()
+    fresh.load_state_dict(hf_dinov2_to_timm(hf))
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), vit(x))
+
+
+def test_offline_without_weights_says_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIDEMIL_WEIGHTS", str(tmp_path))
+    with pytest.raises(InputError) as err:
+        create_encoder("uni_v1")
+    msg = str(err.value)
+    assert "pytorch_model.bin" in msg and "huggingface.co/MahmoodLab/UNI" in msg and "--weights" in msg
+    assert str(tmp_path / "uni_v1" / "pytorch_model.bin") in msg and "gated" in msg
+    with pytest.raises(InputError, match="does not exist"):
+        create_encoder("uni_v1", weights=tmp_path / "nope.bin")
+
+
+def test_weights_in_default_location_are_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIDEMIL_WEIGHTS", str(tmp_path))
+    model = get_spec("resnet50_trunc").builder()
+    (tmp_path / "resnet50_trunc").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "resnet50_trunc" / "model.safetensors"))
+    assert create_encoder("resnet50_trunc").weights.endswith("model.safetensors")
+
+
+def test_checkpoint_with_code_is_refused_and_wrong_file_is_named(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": {"x": Evil()}}, tmp_path / "evil.bin")
+    with pytest.raises(InputError, match="weights_only=True"):
+        create_encoder("resnet50_trunc", weights=tmp_path / "evil.bin")
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(InputError, match="does not fit encoder resnet50_trunc"):
+        create_encoder("resnet50_trunc", weights=tmp_path / "other.pth")
+
+
+def test_any_timm_model_by_name():
+    spec = get_spec("timm:resnet18")
+    assert spec.dim == 512 and spec.input_size == 224
+    with pytest.raises(InputError, match="timm has no model"):
+        get_spec("timm:not_a_model_xyz")
+    with pytest.raises(InputError, match="unknown encoder"):
+        get_spec("nope")
+
+
+def test_handcrafted_needs_no_weights():
+    enc = create_encoder("handcrafted")
+    out = enc(torch.rand(3, 3, 224, 224))
+    assert out.shape == (3, 32) and torch.isfinite(out).all()
