@@ -20,6 +20,16 @@ def feature_cohort(tmp_path_factory):
     return root, table
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo's whole pipeline on 8 patients of smaller slides (trained run, heatmaps, report)."""
+    from slidemil.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072))
+    return out, metrics
+
+
 def planted_bags(n_bags: int, dim: int = 32, n_classes: int = 2, seed: int = 0, witness_rate: float = 0.1,
                  bag_size=(30, 80), signal: float = 2.0):
     """In-memory bags for model-level tests: list of (x [N, D] tensor, label, instance labels)."""

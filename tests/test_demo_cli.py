@@ -8,18 +8,17 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from slidemil.cli import app
-from slidemil.demo import run_demo
 from slidemil.slides.synthetic import make_slide_cohort
 
 runner = CliRunner()
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
-    metrics = run_demo(tmp_path / "demo", quiet=True, n_patients=8, slide_size=(2048, 3072))
+def test_demo_pipeline_end_to_end(demo_run):
+    out, metrics = demo_run
     assert metrics["pooled"]["auroc"]["value"] >= 0.9
-    assert (tmp_path / "demo" / "run" / "report.html").exists()
-    preds = pd.read_csv(tmp_path / "demo" / "external_predictions.csv")
-    truth = pd.read_csv(tmp_path / "demo" / "external" / "labels.csv").set_index("slide_id")
+    assert (out / "run" / "report.html").exists()
+    preds = pd.read_csv(out / "external_predictions.csv")
+    truth = pd.read_csv(out / "external" / "labels.csv").set_index("slide_id")
     assert (preds.set_index("slide_id")["pred"] == truth.loc[preds["slide_id"], "label"].to_numpy()).mean() >= 0.75
 
 

@@ -133,14 +133,52 @@ def train(
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
              bootstrap: int = typer.Option(1000, help="Bootstrap resamples over patients."),
-             seed: int = typer.Option(0, help="Bootstrap seed.")):
+             seed: int = typer.Option(0, help="Bootstrap seed."),
+             heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery [RUN/heatmaps].")):
     """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions."""
     from slidemil.evaluate.report import evaluate_run, summary_line
 
     _setup_logging(False)
     with _errors():
-        metrics = evaluate_run(run, n_boot=bootstrap, seed=seed)
+        metrics = evaluate_run(run, n_boot=bootstrap, seed=seed, heatmaps=heatmaps)
         out_console.print(f"{summary_line(metrics)}\nreport: {run / 'report.html'}")
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
+           heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the gallery [RUN/heatmaps]."),
+           bootstrap: int = typer.Option(1000, help="Bootstrap resamples over patients.")):
+    """(Re)build report.html: metrics with CIs, curves with CI bands, per-fold table, config, heatmap gallery."""
+    evaluate(run, bootstrap, 0, heatmaps)
+
+
+@app.command()
+def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
+            slides: Path = typer.Option(..., help="Folder of the run's slides."),
+            out: Optional[Path] = typer.Option(None, help="Output folder [RUN/heatmaps]."),
+            slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all of the run)."),
+            fold: str = typer.Option("all", help="all (mean of the fold models) or a fold number."),
+            score: str = typer.Option("attention", help="attention | logit | class:<name>."),
+            normalise: str = typer.Option("percentile", help="percentile | minmax (within each slide)."),
+            sigma: float = typer.Option(0.0, help="Gaussian smoothing in heatmap pixels."),
+            cmap: str = typer.Option("jet", help="Matplotlib colour map."),
+            alpha: float = typer.Option(0.5, help="Overlay opacity."),
+            top_k: int = typer.Option(8, help="Top and bottom tiles to show."),
+            mpp: Optional[float] = typer.Option(None, help="Level-0 mpp when the slides lack it.")):
+    """Paint the run's instance scores onto its slides: heatmap PNG, scores h5, top tiles, QuPath GeoJSON."""
+    from slidemil.explain.heatmap import HeatmapOptions, HeatmapRun
+
+    _setup_logging(False)
+    with _errors():
+        opts = HeatmapOptions(fold=fold, score=score, normalise=normalise, sigma=sigma, cmap=cmap, alpha=alpha,
+                              top_k=top_k, mpp=mpp)
+        target = out or run / "heatmaps"
+        hm = HeatmapRun(run, slides, target, opts)
+        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        table = hm.make_all(ids)
+        done = int((table["status"] == "done").sum()) if len(table) else 0
+        out_console.print(f"{done} heatmap(s) in {target}; {len(table) - done} failed"
+                          + (f" (see {target / 'heatmaps.csv'})" if len(table) - done else ""))
 
 
 @app.command()

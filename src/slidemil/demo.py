@@ -2,7 +2,7 @@
 
 about 24 pyramidal TIFF slides from 16 patients (half with tumour regions) -> tissue segmentation ->
 patches at 0.5 µm/px -> handcrafted features -> ABMIL with 3-fold patient-grouped CV -> metrics with
-bootstrap CIs and report.html -> fold-ensemble predictions on 6 new slides.
+bootstrap CIs -> heatmaps of positive slides -> report.html -> fold-ensemble predictions on new slides.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from pathlib import Path
 from rich.console import Console
 
 from slidemil.config import PreprocessConfig, TrainConfig
-from slidemil.evaluate.report import load_metrics, summary_line
+import pandas as pd
+
+from slidemil.evaluate.report import evaluate_run, summary_line
+from slidemil.explain.heatmap import HeatmapRun
 from slidemil.predict import predict
 from slidemil.slides.pipeline import Pipeline, slides_in
 from slidemil.slides.synthetic import make_slide_cohort
@@ -52,7 +55,11 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
             run_cv(cfg, resume=resume, progress=progress)
     else:
         run_cv(cfg, resume=resume)
-    metrics = load_metrics(run_dir)
+    positives = pd.read_csv(run_dir / "predictions.csv", dtype={"slide_id": str})
+    positives = positives[positives["label"] == "tumour"].sort_values("prob_tumour", ascending=False)
+    console.print("heatmaps of positive slides ...")
+    HeatmapRun(run_dir, cohort / "slides", run_dir / "heatmaps").make_all(list(positives["slide_id"][:4]))
+    metrics = evaluate_run(run_dir, n_boot=cfg.bootstrap, seed=cfg.seed)
     preds = predict(run_dir, external_features)
     write_csv(out / "external_predictions.csv", preds)
     console.print(f"cross-validated {summary_line(metrics)}")

@@ -28,12 +28,41 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path) -> dict[str, Path]:
+def curve_bands(truth, score, groups, n_boot: int = 200, seed: int = 0):
+    """95% bands of the ROC (TPR at a fixed FPR grid) and PR (precision at a fixed recall grid) curves,
+    from a bootstrap over patients."""
+    grid = np.linspace(0, 1, 101)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    rocs, prs = [], []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        t, s = truth[idx], score[idx]
+        if t.min() == t.max():
+            continue
+        fpr, tpr, _ = roc_curve(t, s)
+        rocs.append(np.interp(grid, fpr, tpr))
+        prec, rec, _ = precision_recall_curve(t, s)
+        prs.append(np.interp(grid, rec[::-1], prec[::-1]))
+    if not rocs:
+        return None
+    q = lambda a: np.quantile(np.asarray(a), [0.025, 0.975], axis=0)  # noqa: E731
+    return grid, q(rocs), q(prs)
+
+
+def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
+             groups: np.ndarray | None = None) -> dict[str, Path]:
+    """ROC and PR curves (with 95% patient-bootstrap bands for binary tasks when `groups` is given),
+    confusion matrix and calibration plot."""
     folder.mkdir(parents=True, exist_ok=True)
     curves = _curves(y, probs, classes)
+    bands = curve_bands(curves[0][1], curves[0][2], groups) if groups is not None and len(curves) == 1 else None
     paths = {}
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if bands:
+        ax.fill_between(bands[0], bands[1][0], bands[1][1], alpha=0.25, label="95% CI (patient bootstrap)")
     for name, truth, score in curves:
         fpr, tpr, _ = roc_curve(truth, score)
         ax.plot(fpr, tpr, label=name)
@@ -43,6 +72,8 @@ def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path)
     paths["roc"] = _save(fig, folder / "roc.png")
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if bands:
+        ax.fill_between(bands[0], bands[2][0], bands[2][1], alpha=0.25, label="95% CI (patient bootstrap)")
     for name, truth, score in curves:
         prec, rec, _ = precision_recall_curve(truth, score)
         ax.plot(rec, prec, label=f"{name} (prevalence {truth.mean():.2f})")

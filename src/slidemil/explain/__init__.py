@@ -1,0 +1,1 @@
+"""Explanations: instance scores painted back onto slides, top tiles, QuPath GeoJSON."""

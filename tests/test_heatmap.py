@@ -1,0 +1,112 @@
+"""Heatmaps: exact painting, attention on the tumour, valid GeoJSON, documented failures."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from slidemil.explain.heatmap import HeatmapRun, NoScoresError
+from slidemil.explain.paint import normalise, paint
+from slidemil.slides.synthetic import MASK_DOWNSAMPLE
+
+
+@pytest.mark.parametrize("downsample,size0,stride", [(16, 256, 256), (8, 512, 384), (5.3, 224, 112), (32, 1000, 500),
+                                                      (2.5, 96, 80)])
+def test_one_hot_patch_lands_on_its_footprint(downsample, size0, stride):
+    xs = np.arange(0, 8000 - size0, stride)
+    ys = np.arange(0, 6000 - size0, stride)
+    gx, gy = np.meshgrid(xs, ys)
+    coords = np.stack([gx.ravel(), gy.ravel()], 1)
+    hot = len(coords) // 2 + 3
+    values = np.zeros(len(coords))
+    values[hot] = 1.0
+    shape = (int(np.ceil(6000 / downsample)), int(np.ceil(8000 / downsample)))
+    field, covered = paint(coords, values, size0, downsample, shape)
+    x, y = coords[hot]
+    r0, r1 = int(round(y / downsample)), int(round((y + size0) / downsample))
+    c0, c1 = int(round(x / downsample)), int(round((x + size0) / downsample))
+    footprint = np.zeros(shape, bool)
+    footprint[r0:r1, c0:c1] = True
+    assert np.array_equal(np.nan_to_num(field) > 0, footprint)
+    # overlap averaging: where the hot patch is alone the value is 1, elsewhere 1 / (patches covering)
+    assert np.isclose(np.nanmax(field), 1.0 if stride == size0 else np.nanmax(field))
+    assert np.nanmax(field) <= 1.0 and covered[footprint].all()
+
+
+def test_normalisation():
+    s = np.array([5.0, 1.0, 3.0, 100.0])
+    assert np.allclose(normalise(s, "percentile"), [2 / 3, 0, 1 / 3, 1])
+    assert np.allclose(normalise(s, "minmax"), (s - 1) / 99)
+
+
+def _tumour_overlap(run_dir, cohort, slide_id) -> float:
+    """Share of the top-scoring decile of tissue (heatmap pixels) that lies in the true tumour mask."""
+    with h5py.File(run_dir / "heatmaps" / f"{slide_id}_scores.h5") as fh:
+        coords, ens, size0 = fh["coords"][()], fh["ensemble"][()], fh.attrs["patch_size_level0"]
+    tumour = np.asarray(Image.open(cohort / "slides" / f"{slide_id}_tumour.png")) > 0
+    tissue = np.asarray(Image.open(cohort / "slides" / f"{slide_id}_tissue.png")) > 0
+    field, covered = paint(coords, ens, size0, MASK_DOWNSAMPLE, tumour.shape)
+    on = covered & tissue
+    values = field[on]
+    top = on & (np.nan_to_num(field, nan=-1) >= np.quantile(values, 0.9))
+    return (top & tumour).sum() / top.sum()
+
+
+def test_heatmap_mass_lies_on_the_tumour(demo_run):
+    demo_run = demo_run[0]
+    run_dir, cohort = demo_run / "run", demo_run / "cohort"
+    ids = [p.name[:-len("_scores.h5")] for p in (run_dir / "heatmaps").glob("*_scores.h5")]
+    assert len(ids) >= 2
+    overlaps = [_tumour_overlap(run_dir, cohort, s) for s in ids]
+    assert np.mean(overlaps) >= 0.7, overlaps
+
+
+def test_geojson_patches_are_level0_squares_with_scores(demo_run):
+    demo_run = demo_run[0]
+    run_dir = demo_run / "run"
+    sid = next((run_dir / "heatmaps").glob("*.geojson")).stem
+    geo = json.loads((run_dir / "heatmaps" / f"{sid}.geojson").read_text())
+    with h5py.File(run_dir / "heatmaps" / f"{sid}_scores.h5") as fh:
+        coords, ens, size0 = fh["coords"][()], fh["ensemble"][()], fh.attrs["patch_size_level0"]
+    det = [f for f in geo["features"] if f["properties"]["objectType"] == "detection"]
+    regions = [f for f in geo["features"] if f["properties"]["objectType"] == "annotation"]
+    assert len(det) == len(coords) and regions
+    for f, (x, y), s in zip(det, coords, ens):
+        ring = f["geometry"]["coordinates"][0]
+        assert ring[0] == [x, y] and ring[2] == [x + size0, y + size0] and ring[-1] == ring[0]
+        assert f["properties"]["measurements"]["score"] == pytest.approx(s)
+
+
+def test_report_shows_heatmap_gallery_and_bands(demo_run):
+    demo_run = demo_run[0]
+    html = (demo_run / "run" / "report.html").read_text()
+    assert "Best true positives" in html and "Heatmaps" in html and html.count("data:image/png;base64,") >= 6
+
+
+def test_missing_scores_and_no_tissue_are_reported(demo_run, tmp_path):
+    demo_run = demo_run[0]
+    import shutil
+
+    run_dir, cohort = demo_run / "run", demo_run / "cohort"
+    # a slide of the folder without features: no scores to paint
+    src = next((cohort / "slides").glob("*.tif"))
+    shutil.copy(src, cohort / "slides" / "unseen.tif")
+    hm = HeatmapRun(run_dir, cohort / "slides", tmp_path / "hm")
+    with pytest.raises(NoScoresError, match="unseen: no features .* no scores to paint"):
+        hm.make("unseen")
+    table = hm.make_all(["unseen"])
+    assert table.loc[0, "status"] == "failed" and "no scores" in table.loc[0, "error"]
+    (cohort / "slides" / "unseen.tif").unlink()
+    # a slide whose scored patches lie where there is no tissue
+    from slidemil.slides.synthetic import write_pyramidal_tiff
+
+    sid = next((run_dir / "heatmaps").glob("*_scores.h5")).name[:-len("_scores.h5")]
+    blank_dir = tmp_path / "blank"
+    blank_dir.mkdir()
+    write_pyramidal_tiff(blank_dir / f"{sid}.tif", np.full((2048, 3072, 3), 243, np.uint8), 0.5)
+    with pytest.raises(NoScoresError, match="no scored patch lies on tissue"):
+        HeatmapRun(run_dir, blank_dir, tmp_path / "hm2").make(sid)
