@@ -131,3 +131,18 @@ def test_handcrafted_needs_no_weights():
     enc = create_encoder("handcrafted")
     out = enc(torch.rand(3, 3, 224, 224))
     assert out.shape == (3, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["uni_v2", "virchow2", "hoptimus0", "hoptimus1", "gigapath"])
+def test_published_key_layout_loads(name):
+    """The billion-parameter encoders, on the meta device (no memory): a state dict in the publisher's
+    layout (a plain timm ViT's keys) goes through the same conversion and strict key check as a file."""
+    from slidemil.features.encoders.registry import fit_state_dict
+
+    spec = get_spec(name)
+    with torch.device("meta"):
+        model = spec.builder()
+        published = (model.vit if name == "virchow2" else model).state_dict()
+        fit_state_dict(model, spec, published, "published")
+        with pytest.raises(InputError, match="does not fit"):
+            fit_state_dict(model, spec, {k: v for k, v in list(published.items())[:-3]}, "truncated")

@@ -16,6 +16,7 @@ from slidemil.train.trainer import fit, infer
 from conftest import planted_bags
 
 FIRST_SET = ["mean_pool", "max_pool", "instance_max", "abmil", "clam_sb", "clam_mb", "transmil", "dsmil"]
+ALL = models.available()  # every registered model gets the behavioural tests below
 # Learning rates for the 12-epoch budget of these tests. TransMIL uses its paper's 2e-4 (at 1e-3 it is
 # unstable). DSMIL has no embedding layer: its linear instance classifier on raw features moves slowly,
 # and within 12 epochs it solves the task only with a larger step (0.67 AUROC at 2e-3, 0.94 at 5e-3).
@@ -26,7 +27,7 @@ def test_first_set_is_registered():
     assert set(FIRST_SET) <= set(models.available())
 
 
-@pytest.mark.parametrize("name", FIRST_SET)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("n_outputs", [2, 3])
 def test_padding_does_not_change_output(name, n_outputs):
     torch.manual_seed(0)
@@ -45,7 +46,7 @@ def test_padding_does_not_change_output(name, n_outputs):
         assert torch.all(padded.instance_scores[i, k:] == 0)
 
 
-@pytest.mark.parametrize("name", FIRST_SET)
+@pytest.mark.parametrize("name", ALL)
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = models.create(name, in_dim=16, n_outputs=2).train()
@@ -62,7 +63,7 @@ def _dataset(bags):
     return ds
 
 
-@pytest.mark.parametrize("name", FIRST_SET)
+@pytest.mark.parametrize("name", ALL)
 def test_learns_planted_signal(name):
     """A correct MIL model separates bags holding ~10% witness instances from background bags."""
     torch.manual_seed(0)
@@ -80,7 +81,7 @@ def test_learns_planted_signal(name):
     assert auc >= 0.9, f"{name} test AUROC {auc:.3f}"
 
 
-@pytest.mark.parametrize("name", ["abmil", "clam_sb", "instance_max", "dsmil"])
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "instance_max", "dsmil", "evidence_attn"])
 def test_instance_scores_point_at_witnesses(name):
     """After training, the top-scored instances of positive bags are far more often the planted witnesses
     than chance (witnesses are 10% of a bag; a scorer that ignores them lands near 0.1)."""

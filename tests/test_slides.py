@@ -259,3 +259,33 @@ def test_hand_edited_geojson_is_used(processed, tmp_path):
     coords, _ = read_coords(tmp_path / "o" / "patches" / "P000_S0.h5")
     assert len(coords) >= 1
     assert (coords[:, 0] >= x0 - 256).all() and (coords[:, 0] + 256 <= x0 + 600 + 256).all()
+
+
+def test_extract_at_clam_and_trident_coordinates(slide_cohort, tmp_path):
+    """Coordinates written by CLAM (patch_level + patch_size) and TRIDENT (<id>_patches.h5 with
+    patch_size_level0) drive extraction directly, with the same footprint as ours."""
+    sid = "P001_S0"
+    coords = np.array([[256, 256], [512, 512], [768, 256]], np.int64)
+    clam, trident = tmp_path / "clam", tmp_path / "trident"
+    clam.mkdir()
+    trident.mkdir()
+    with h5py.File(clam / f"{sid}.h5", "w") as fh:
+        ds = fh.create_dataset("coords", data=coords)
+        ds.attrs.update({"patch_size": 64, "patch_level": 2, "downsample": [16, 16], "name": sid})
+    with h5py.File(trident / f"{sid}_patches.h5", "w") as fh:
+        ds = fh.create_dataset("coords", data=coords)
+        ds.attrs.update({"patch_size": 256, "patch_size_level0": 1024.0, "target_magnification": 5})
+    single = tmp_path / "one"
+    single.mkdir()
+    shutil.copy(slide_cohort / "slides" / f"{sid}.tif", single)
+    feats = {}
+    for name, folder in (("clam", clam), ("trident", trident)):
+        cfg = PreprocessConfig(slides=str(single), out=str(tmp_path / f"o_{name}"), quiet=True, coords_dir=str(folder))
+        status = Pipeline(cfg.options()).run(slides_in(single))
+        assert status.loc[0, "status"] == "done", status
+        assert not (tmp_path / f"o_{name}" / "patches").exists()
+        with h5py.File(tmp_path / f"o_{name}" / "features_handcrafted" / f"{sid}.h5") as fh:
+            np.testing.assert_array_equal(fh["coords"][()], coords)
+            assert fh.attrs["patch_size_level0"] == 1024
+            feats[name] = fh["features"][()]
+    np.testing.assert_allclose(feats["clam"], feats["trident"], atol=1e-5)

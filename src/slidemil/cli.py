@@ -254,6 +254,7 @@ def _stage_command(stages: tuple[str, ...], doc: str):
         max_hole_um2: Optional[float] = typer.Option(None, help="Fill holes smaller than this [10000]."),
         filter_pen: Optional[bool] = typer.Option(None, "--filter-pen/--no-filter-pen", help="Remove pen ink and dark artefacts."),
         tissue_geojson: Optional[Path] = typer.Option(None, help="Folder of <slide_id>.geojson contours to use instead."),
+        coords_dir: Optional[Path] = typer.Option(None, help="Extract at CLAM/TRIDENT/slidemil coordinates from this folder."),
         target_mpp: Optional[float] = typer.Option(None, help="Patch resolution in µm/px [0.5]."),
         magnification: Optional[float] = typer.Option(None, help="Patch magnification instead of mpp (20 = 0.5 µm/px)."),
         patch_size: Optional[int] = typer.Option(None, help="Patch side in px at the target resolution [256]."),
@@ -320,6 +321,69 @@ def demo(out: Path = typer.Option(Path("demo_run"), help="Folder for the demo co
     _setup_logging(quiet)
     with _errors():
         run_demo(out, quiet=quiet, progress_factory=_epoch_progress)
+
+
+@app.command()
+def certify(models: Optional[str] = typer.Option(None, help="Comma-separated registry names [all]."),
+            tests: Optional[str] = typer.Option(None, help="single_concept,threshold_poison,false_frequency [all]."),
+            seeds: int = typer.Option(2, help="Seeds per model and test."),
+            model_config: Optional[Path] = typer.Option(None, help="YAML: model + model_args (or a list of them)."),
+            n_train: int = typer.Option(1000, help="Training bags per test."),
+            n_test: int = typer.Option(500, help="Test bags per test."),
+            epochs: int = typer.Option(10, help="Training epochs."),
+            min_size: Optional[int] = typer.Option(None, help="Fill bags with background up to this size."),
+            standard: bool = typer.Option(False, "--standard", help="Unpoisoned sanity variants instead."),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
+            quiet: bool = typer.Option(False, "--quiet", help="No progress lines.")):
+    """Algorithmic unit tests (Raff & Holt 2023): does each model respect the standard MIL assumption?"""
+    import json
+
+    import yaml
+
+    from slidemil.certify.run import CertifySettings, certify as run_certify
+    from slidemil.errors import InputError
+    from slidemil.models import available
+
+    _setup_logging(quiet)
+    with _errors():
+        chosen: list[tuple[str, dict]] = []
+        if model_config:
+            spec = yaml.safe_load(model_config.read_text())
+            for entry in spec if isinstance(spec, list) else [spec]:
+                if not isinstance(entry, dict) or "model" not in entry:
+                    raise InputError(f"{model_config}: each entry needs 'model' (and optional 'model_args')")
+                chosen.append((entry["model"], dict(entry.get("model_args") or {})))
+        names = [m.strip() for m in models.split(",")] if models else ([] if chosen else available())
+        bad = [m for m in names if m not in available()] + [m for m, _ in chosen if m not in available()]
+        if bad:
+            raise InputError(f"unknown model(s) {', '.join(bad)}; see `slidemil models`")
+        chosen += [(m, {}) for m in names]
+        settings = CertifySettings(n_train=n_train, n_test=n_test, epochs=epochs, seeds=seeds, min_size=min_size,
+                                   poisoned=not standard)
+        test_list = [t.strip() for t in tests.split(",")] if tests else None
+
+        def say(row):
+            if not quiet:
+                console.print(f"{row['model']:>14} {row['test']:>16} seed {row['seed']}: train {row['train_auroc']:.2f} "
+                              f"test {row['test_auroc']:.2f} {row['verdict']} ({row['seconds']:.0f}s)")
+
+        try:
+            per_seed, summary = run_certify(chosen, test_list, settings, say)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        table = Table(title="slidemil certify (Raff & Holt 2023 algorithmic unit tests)")
+        for col in ("model", "test", "train AUROC", "test AUROC", "verdict"):
+            table.add_column(col)
+        for r in summary.itertuples():
+            table.add_row(r.model, r.test, f"{r.train_auroc:.2f} [{r.train_min:.2f}-{r.train_max:.2f}]",
+                          f"{r.test_auroc:.2f} [{r.test_min:.2f}-{r.test_max:.2f}]", r.verdict)
+        out_console.print(table)
+        if json_out:
+            from slidemil.utils.io import write_json
+
+            write_json(json_out, {"settings": settings.__dict__, "summary": summary.to_dict("records"),
+                                  "per_seed": per_seed.to_dict("records")})
+            out_console.print(f"results -> {json_out}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -117,6 +117,7 @@ class PreprocessConfig(BaseModel):
     max_hole_um2: float = 10000.0
     filter_pen: bool = True
     tissue_geojson: Optional[str] = None
+    coords_dir: Optional[str] = None
     # patching
     target_mpp: Optional[float] = Field(0.5, gt=0)
     magnification: Optional[float] = Field(None, gt=0)
@@ -149,4 +150,4 @@ class PreprocessConfig(BaseModel):
                                weights=self.weights, download=self.download, batch_size=self.batch_size,
                                num_workers=self.num_workers, device=self.device, float16=self.float16,
                                backend=self.backend, mpp=self.mpp, mpp_csv=self.mpp_csv,
-                               tissue_geojson=self.tissue_geojson)
+                               tissue_geojson=self.tissue_geojson, coords_dir=self.coords_dir)

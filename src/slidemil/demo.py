@@ -62,7 +62,7 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
     metrics = evaluate_run(run_dir, n_boot=cfg.bootstrap, seed=cfg.seed)
     preds = predict(run_dir, external_features)
     write_csv(out / "external_predictions.csv", preds)
-    console.print(f"cross-validated {summary_line(metrics)}")
     console.print(f"external cohort: {len(preds)} slides predicted -> {out / 'external_predictions.csv'}")
+    console.print(f"cross-validated {summary_line(metrics)}")
     console.print(f"report: {run_dir / 'report.html'}")
     return metrics

@@ -54,6 +54,7 @@ class PipelineOptions:
     mpp: float | None = None
     mpp_csv: str | None = None
     tissue_geojson: str | None = None
+    coords_dir: str | None = None      # use CLAM / TRIDENT / slidemil coordinates instead of patching
 
 
 def read_mpp_csv(path: str | None) -> dict[str, float]:
@@ -93,8 +94,11 @@ class Pipeline:
         return self.out / f"features_{self.o.encoder.replace(':', '_').replace('/', '_')}"
 
     def paths(self, slide_id: str) -> dict[str, Path]:
-        return {"segment": safe_child(self.out / "segmentation", slide_id, ".geojson"),
-                "patch": safe_child(self.out / "patches", slide_id, ".h5"),
+        patch = safe_child(self.out / "patches", slide_id, ".h5")
+        if self.o.coords_dir:  # slidemil / CLAM `<id>.h5`, TRIDENT `<id>_patches.h5`
+            given = [safe_child(Path(self.o.coords_dir), slide_id, suffix) for suffix in (".h5", "_patches.h5")]
+            patch = next((p for p in given if p.is_file()), given[0])
+        return {"segment": safe_child(self.out / "segmentation", slide_id, ".geojson"), "patch": patch,
                 "extract": safe_child(self.feature_dir, slide_id, ".h5")}
 
     def open(self, path: Path) -> Slide:
@@ -131,6 +135,7 @@ class Pipeline:
 
     def extract(self, slide: Slide, progress=None) -> None:
         coords, attrs = read_coords(self.paths(slide.slide_id)["patch"])
+        attrs = complete_patch_attrs(attrs, slide)
         enc = self.encoder()
         device = _device(self.o.device)
         ds = PatchDataset(slide.path, coords, attrs["patch_size_level0"], enc.spec.input_size, self.o.backend,
@@ -173,7 +178,8 @@ class Pipeline:
             stage = "open"
             try:
                 safe_child(self.out, sid)
-                todo = [s for s in stages if not self.is_done(sid, s)]
+                wanted = ("extract",) if self.o.coords_dir and "extract" in stages else stages
+                todo = [s for s in wanted if not self.is_done(sid, s)]
                 if todo:
                     slide = self.open(path)
                     try:
@@ -209,6 +215,26 @@ class Pipeline:
             if folder.is_dir():
                 for tmp in folder.glob(".*.tmp-*"):
                     tmp.unlink(missing_ok=True)
+
+
+def complete_patch_attrs(attrs: dict, slide: Slide) -> dict:
+    """Patching attributes from any tool's coords file. TRIDENT stores `patch_size_level0` (possibly a
+    float); CLAM stores `patch_size` pixels at `patch_level`, so the level-0 size is patch_size times
+    that level's downsample."""
+    attrs = dict(attrs)
+    if "patch_size_level0" in attrs:
+        size0 = int(round(float(attrs["patch_size_level0"])))
+    elif "patch_level" in attrs and "patch_size" in attrs:
+        size0 = int(round(float(attrs["patch_size"]) * slide.level_downsamples[int(attrs["patch_level"])]))
+    else:
+        raise InputError(f"coords of {slide.slide_id} carry neither patch_size_level0 (TRIDENT, slidemil) nor "
+                         "patch_level + patch_size (CLAM); cannot tell the patch footprint")
+    attrs["patch_size_level0"] = size0
+    attrs.setdefault("patch_size", size0)
+    if slide.mpp:
+        attrs.setdefault("level0_mpp", slide.mpp)
+        attrs.setdefault("target_mpp", slide.mpp * size0 / float(attrs["patch_size"]))
+    return attrs
 
 
 def _device(name: str) -> torch.device:

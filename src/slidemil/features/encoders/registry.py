@@ -98,12 +98,16 @@ def read_state_dict(path: Path) -> dict:
 
 
 def load_weights(model: nn.Module, spec: EncoderSpec, path: Path) -> None:
-    state = read_state_dict(path)
+    fit_state_dict(model, spec, read_state_dict(path), str(path))
+
+
+def fit_state_dict(model: nn.Module, spec: EncoderSpec, state: dict, source: str) -> None:
+    """Load a state dict in the publisher's format (converted by `spec.convert`), all keys or an error."""
     if spec.convert is not None:
         state = spec.convert(state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise InputError(f"{path}: does not fit encoder {spec.name} ({len(missing)} missing keys, e.g. "
+        raise InputError(f"{source}: does not fit encoder {spec.name} ({len(missing)} missing keys, e.g. "
                          f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); is it the right file?")
 
 

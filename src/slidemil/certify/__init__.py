@@ -1,0 +1,1 @@
+"""Algorithmic unit tests for the standard MIL assumption (Raff & Holt, NeurIPS 2023)."""
