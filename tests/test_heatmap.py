@@ -65,6 +65,23 @@ def test_heatmap_mass_lies_on_the_tumour(demo_run):
     assert np.mean(overlaps) >= 0.7, overlaps
 
 
+def test_overlap_grid_uses_the_runs_encoder(demo_run, tmp_path):
+    from slidemil.explain.heatmap import HeatmapOptions
+
+    out, _ = demo_run
+    run_dir, cohort = out / "run", out / "cohort"
+    sid = next((run_dir / "heatmaps").glob("*_scores.h5")).name[:-len("_scores.h5")]
+    HeatmapRun(run_dir, cohort / "slides", tmp_path, HeatmapOptions(overlap=128)).make(sid)
+    with h5py.File(tmp_path / f"{sid}_scores.h5") as fine, h5py.File(run_dir / "heatmaps" / f"{sid}_scores.h5") as base:
+        fc, bc = fine["coords"][()], base["coords"][()]
+        assert len(fc) > 2.5 * len(bc) and (fc % 128 == 0).all() and not (fc % 256 == 0).all()
+        overlap_scores = fine["ensemble"][()]
+    tumour = np.asarray(Image.open(cohort / "slides" / f"{sid}_tumour.png")) > 0
+    field, covered = paint(fc, overlap_scores, 256, MASK_DOWNSAMPLE, tumour.shape)
+    top = covered & (np.nan_to_num(field, nan=-1) >= np.nanquantile(field[covered], 0.9))
+    assert (top & tumour).sum() / top.sum() >= 0.6
+
+
 def test_geojson_patches_are_level0_squares_with_scores(demo_run):
     demo_run = demo_run[0]
     run_dir = demo_run / "run"

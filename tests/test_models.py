@@ -58,9 +58,7 @@ def test_every_parameter_gets_a_gradient(name):
 
 
 def _dataset(bags):
-    ds = BagDataset([(f"b{i}", [], y) for i, (_, y, _) in enumerate(bags)], cache=True)
-    ds.cache = {i: (x, None) for i, (x, _, _) in enumerate(bags)}
-    return ds
+    return BagDataset.from_arrays([b[0] for b in bags], [b[1] for b in bags])
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -170,3 +168,42 @@ def test_fast_dropout_is_dropout():
     torch.manual_seed(0)
     assert torch.equal(drop(x), y), "not reproducible under a seed"
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_acmil_masking_removes_top_instances_from_the_softmax():
+    torch.manual_seed(0)
+    model = models.create("acmil", in_dim=16, n_outputs=2, n_masked_patch=10, mask_drop=0.6).train()
+    x = torch.randn(1, 40, 16)
+    out = model(x)
+    a, raw = out.extras["attention"][0], out.extras["attention_logits"][0]     # [K, N]
+    for k in range(model.n_token):
+        hidden = torch.nonzero(a[k] == 0).flatten()
+        assert len(hidden) == 6, "floor(10 * 0.6) of the top-10 are masked per branch"
+        assert set(hidden.tolist()) <= set(raw[k].topk(10).indices.tolist())
+        torch.testing.assert_close(a[k].sum(), torch.tensor(1.0))
+    assert (model.eval()(x).extras["attention"] > 0).all(), "no masking at evaluation"
+
+
+def test_aem_adds_negative_entropy_and_spreads_attention():
+    from slidemil.train.strategies import apply_strategy
+
+    torch.manual_seed(0)
+    base = models.create("abmil", in_dim=32, n_outputs=2).eval()
+    wrapped = apply_strategy(base, "aem", lamda=0.5)
+    x, y = torch.randn(1, 30, 32), torch.tensor([1])
+    out = wrapped(x)
+    p = out.instance_scores
+    expected = F.cross_entropy(out.logits, y) + 0.5 * (p * p.log()).sum()
+    torch.testing.assert_close(wrapped.loss(out, y, F.cross_entropy), expected)
+    with pytest.raises(ValueError, match="does not pool by attention"):
+        apply_strategy(models.create("mean_pool", 8, 2), "aem")
+
+    def entropy_after_training(lamda):
+        torch.manual_seed(0)
+        m = apply_strategy(models.create("abmil", in_dim=32, n_outputs=2), "aem", lamda=lamda)
+        cfg = TrainConfig(features="-", labels="-", out="-", epochs=6, lr=5e-4, warmup_epochs=0)
+        fit(m, _dataset(planted_bags(60, seed=1)), None, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+        res = infer(m, _dataset(planted_bags(20, seed=5)), torch.device("cpu"), keep_scores=True)
+        return np.mean([-(s * np.log(s + 1e-12)).sum() for s in res.instance_scores])
+
+    assert entropy_after_training(1.0) > entropy_after_training(0.0) + 0.05

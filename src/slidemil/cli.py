@@ -78,6 +78,8 @@ def train(
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
     model: Optional[str] = typer.Option(None, help="Aggregator name (see `slidemil models`)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Model argument KEY=VALUE (YAML value); repeatable."),
+    strategy: Optional[str] = typer.Option(None, help="Training strategy wrapping an attention model (aem)."),
+    strategy_arg: Optional[list[str]] = typer.Option(None, "--strategy-arg", help="Strategy argument KEY=VALUE; repeatable."),
     folds: Optional[int] = typer.Option(None, help="Number of outer folds [5]."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs per fold [30]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [2e-4]."),
@@ -115,14 +117,15 @@ def train(
 
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k in TrainConfig.model_fields}
     with _errors():
-        if model_arg:
-            args = {}
-            for item in model_arg:
-                if "=" not in item:
-                    raise typer.BadParameter(f"--model-arg {item!r}: expected KEY=VALUE")
-                key, value = item.split("=", 1)
-                args[key.strip()] = yaml.safe_load(value)
-            overrides["model_args"] = args
+        for flag, items, key in (("--model-arg", model_arg, "model_args"), ("--strategy-arg", strategy_arg, "strategy_args")):
+            if items:
+                args = {}
+                for item in items:
+                    if "=" not in item:
+                        raise typer.BadParameter(f"{flag} {item!r}: expected KEY=VALUE")
+                    k, value = item.split("=", 1)
+                    args[k.strip()] = yaml.safe_load(value)
+                overrides[key] = args
         cfg = load_config(TrainConfig, config, overrides)
         _setup_logging(cfg.quiet, Path(cfg.out) / "train.log")
         with _epoch_progress(cfg.folds, cfg.epochs, cfg.quiet) as progress:
@@ -164,6 +167,8 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             cmap: str = typer.Option("jet", help="Matplotlib colour map."),
             alpha: float = typer.Option(0.5, help="Overlay opacity."),
             top_k: int = typer.Option(8, help="Top and bottom tiles to show."),
+            overlap: Optional[int] = typer.Option(None, help="Finer grid: overlap in px at the run's resolution; "
+                                                  "features are extracted with the run's encoder."),
             mpp: Optional[float] = typer.Option(None, help="Level-0 mpp when the slides lack it.")):
     """Paint the run's instance scores onto its slides: heatmap PNG, scores h5, top tiles, QuPath GeoJSON."""
     from slidemil.explain.heatmap import HeatmapOptions, HeatmapRun
@@ -171,7 +176,7 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     _setup_logging(False)
     with _errors():
         opts = HeatmapOptions(fold=fold, score=score, normalise=normalise, sigma=sigma, cmap=cmap, alpha=alpha,
-                              top_k=top_k, mpp=mpp)
+                              top_k=top_k, mpp=mpp, overlap=overlap)
         target = out or run / "heatmaps"
         hm = HeatmapRun(run, slides, target, opts)
         ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None

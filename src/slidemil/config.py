@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     # model
     model: str = "abmil"
     model_args: dict = Field(default_factory=dict)
+    strategy: Optional[str] = None
+    strategy_args: dict = Field(default_factory=dict)
     # optimisation
     epochs: int = Field(30, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -60,6 +62,24 @@ class TrainConfig(BaseModel):
     quiet: bool = False
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "quiet", "out")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value):
+        from slidemil.models import available
+
+        if value not in available():
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(available())}")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value):
+        from slidemil.train.strategies import STRATEGIES
+
+        if value is not None and value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        return value
 
     @field_validator("classes", mode="before")
     @classmethod

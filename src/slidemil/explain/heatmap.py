@@ -50,6 +50,7 @@ class HeatmapOptions:
     thumb_size: int = 2048            # long side of the heatmap, pixels
     high_quantile: float = 0.9        # normalised score above which a region is outlined
     mpp: float | None = None
+    overlap: int | None = None        # px at the run's resolution: a finer grid, features made with the run's encoder
 
 
 def select_scores(out, score: str, classes: list[str]) -> np.ndarray:
@@ -97,6 +98,7 @@ class HeatmapRun:
             if not folds:
                 raise InputError(f"--fold {self.o.fold}: {self.run} has no finished fold_{self.o.fold}")
         self.models = [load_model(d) for d in folds]
+        self._encoder = None
         self.classes = self.models[0][1]["classes"]
         pred_path = self.run / "predictions.csv"
         self.preds = (pd.read_csv(pred_path, dtype={"slide_id": str}).set_index("slide_id")
@@ -119,7 +121,10 @@ class HeatmapRun:
         size0 = bag.attrs.get("patch_size_level0")
         if size0 is None:
             raise NoScoresError(f"{path}: no patch_size_level0 attribute; cannot place patches on the slide")
-        x = torch.from_numpy(bag.features)[None]
+        coords, feats = bag.coords, bag.features
+        if self.o.overlap:
+            coords, feats = self._finer_grid(slide_id, bag.attrs)
+        x = torch.from_numpy(feats)[None]
         per_fold, probs = [], []
         for model, _ in self.models:
             out = model(x)
@@ -127,7 +132,30 @@ class HeatmapRun:
             probs.append(torch.softmax(out.logits.float(), 1)[0].numpy())
         per_fold = np.stack(per_fold)
         ensemble = np.mean([normalise(s, self.o.normalise) for s in per_fold], 0)
-        return bag.coords, float(size0), bag.attrs, per_fold, ensemble, np.mean(probs, 0)
+        return coords, float(size0), bag.attrs, per_fold, ensemble, np.mean(probs, 0)
+
+    def _finer_grid(self, slide_id: str, attrs: dict):
+        """Patches at the run's resolution and size with `overlap`, embedded by the run's encoder."""
+        from slidemil.features.encoders import create_encoder
+        from slidemil.features.extract import PatchDataset, embed_patches
+        from slidemil.slides.patching import PatchParams, make_grid
+        from slidemil.train.trainer import resolve_device
+
+        if "encoder" not in attrs or "target_mpp" not in attrs:
+            raise InputError(f"{slide_id}: the run's features do not name their encoder and resolution; "
+                             "--overlap needs both (features written by slidemil have them)")
+        if self._encoder is None:
+            weights = attrs.get("encoder_weights")
+            self._encoder = create_encoder(attrs["encoder"], weights if weights and Path(weights).is_file() else None)
+        slide = open_slide(self.slides[slide_id], mpp=self.o.mpp or attrs.get("level0_mpp"))
+        params = PatchParams(target_mpp=float(attrs["target_mpp"]), patch_size=int(attrs["patch_size"]),
+                             overlap=int(self.o.overlap), min_tissue=0.25)
+        grid = make_grid(slide, segment_tissue(slide), params)
+        ds = PatchDataset(slide.path, grid.coords, grid.attrs["patch_size_level0"], self._encoder.spec.input_size,
+                          mpp=slide.mpp)
+        feats = embed_patches(self._encoder, ds, resolve_device("auto"))
+        slide.close()
+        return grid.coords, feats
 
     # --- one slide ---------------------------------------------------------------------------------
     def make(self, slide_id: str) -> dict:

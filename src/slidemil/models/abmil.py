@@ -22,6 +22,8 @@ class ABMIL(MILModel):
     `extras["attention_logits"]` for regularisers that act before the softmax.
     """
 
+    attention_scores = True
+
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 128,
                  gated: bool = True, dropout: float = 0.25, attn_dropout: float = 0.0):
         super().__init__(in_dim, n_outputs)

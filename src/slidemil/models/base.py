@@ -25,6 +25,8 @@ class MILModel(nn.Module):
     output. Models with auxiliary objectives override `loss`.
     """
 
+    attention_scores = False  # True when instance_scores are an attention distribution over the bag
+
     def __init__(self, in_dim: int, n_outputs: int):
         super().__init__()
         self.in_dim = in_dim

@@ -29,6 +29,9 @@ def load_model(folder: Path, device="cpu") -> tuple[MILModel, dict]:
     if not meta_path.is_file() or not weights.is_file():
         raise InputError(f"{folder}: needs model.json and model.safetensors (is this a finished fold?)")
     meta = json.loads(meta_path.read_text())
+    from slidemil.train.strategies import apply_strategy
+
     model = create(meta["model"], meta["in_dim"], meta["n_outputs"], **meta.get("model_args", {}))
+    model = apply_strategy(model, meta.get("strategy"), **meta.get("strategy_args", {}))
     model.load_state_dict(load_file(str(weights), device=str(torch.device(device))))
     return model.to(device).eval(), meta

@@ -32,6 +32,8 @@ class _CLAM(MILModel):
     crashes on bags smaller than B in the official code) and padded rows are never sampled.
     """
 
+    attention_scores = True
+
     n_branches_of = staticmethod(lambda n_outputs: 1)
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,

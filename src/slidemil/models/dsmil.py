@@ -30,6 +30,8 @@ class DSMIL(MILModel):
     never does (see the trainer). `instance_scores` are the attention U of the reported class.
     """
 
+    attention_scores = True
+
     def __init__(self, in_dim: int, n_outputs: int, q_dim: int = 128, passing_v: bool = False,
                  dropout_v: float = 0.0, average: bool = False):
         super().__init__(in_dim, n_outputs)

@@ -33,6 +33,8 @@ from slidemil.nn.masked import full_mask, masked_softmax
 @register("evidence_attn", paper="slidemil (this library); motivated by Raff & Holt, NeurIPS 2023",
           summary="attention weights from each instance's own positive evidence; bounded negative evidence")
 class EvidenceAttention(MILModel):
+    attention_scores = True
+
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25, beta: float = 1.0):
         super().__init__(in_dim, n_outputs)
         self.binary = n_outputs == 2

@@ -53,6 +53,8 @@ class TransMIL(MILModel):
     instance they copy. The official code's hard-coded `.cuda()` is not repeated.
     """
 
+    attention_scores = True
+
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, heads: int = 8,
                  landmarks: int = 256, dropout: float = 0.1):
         super().__init__(in_dim, n_outputs)
