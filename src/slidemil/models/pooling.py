@@ -11,18 +11,23 @@ from slidemil.nn.attention import mlp_embed
 from slidemil.nn.masked import full_mask, masked_max, masked_mean
 
 
-@register("mean_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, mean pooling)",
-          summary="embed each instance, average over the bag, linear classifier")
-class MeanPool(MILModel):
-    """z = mean_k ReLU(W_1 x_k); logits = W_c z + b.
-
-    Instance scores are W_c h_k for the reported class: the bag logit is exactly their mean plus b.
-    """
+class _EmbeddingPool(MILModel):
+    """Shared body of MI-Net's embedding-level poolings: h_k = Dropout(ReLU(W_1 x_k)), a fixed pooling,
+    then a linear classifier."""
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
         super().__init__(in_dim, n_outputs)
         self.embed = mlp_embed(in_dim, hidden_dim, dropout)
         self.classifier = nn.Linear(hidden_dim, n_outputs)
+
+
+@register("mean_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, mean pooling)",
+          summary="embed each instance, average over the bag, linear classifier")
+class MeanPool(_EmbeddingPool):
+    """z = mean_k ReLU(W_1 x_k); logits = W_c z + b.
+
+    Instance scores are W_c h_k for the reported class: the bag logit is exactly their mean plus b.
+    """
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
@@ -34,16 +39,11 @@ class MeanPool(MILModel):
 
 @register("max_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, max pooling)",
           summary="embed each instance, element-wise max over the bag, linear classifier")
-class MaxPool(MILModel):
+class MaxPool(_EmbeddingPool):
     """z = max_k ReLU(W_1 x_k) (per dimension); logits = W_c z + b.
 
     Instance score: the fraction of embedding dimensions whose maximum that instance supplies.
     """
-
-    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
-        super().__init__(in_dim, n_outputs)
-        self.embed = mlp_embed(in_dim, hidden_dim, dropout)
-        self.classifier = nn.Linear(hidden_dim, n_outputs)
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
