@@ -193,3 +193,13 @@ def test_site_preserving_splits_keep_sites_whole(tmp_path):
     site = dict(zip(cohort.table["slide_id"], cohort.table["site"]))
     tests = splits[splits["role"] == "test"].assign(site=lambda d: d["slide_id"].map(site))
     assert (tests.groupby("site")["fold"].nunique() == 1).all()
+
+
+def test_slide_ids_cannot_escape_the_feature_folder(tmp_path):
+    (tmp_path / "secret.h5").write_bytes(b"x")
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    labels = _csv(tmp_path, "slide_id,label\n../secret,0\nb,1\nc,0\nd,1\n")
+    with pytest.raises(MissingFeaturesError) as err:
+        attach_features(read_label_table(labels), feats)
+    assert "cannot be used as a file name" in err.value.problems["../secret"]

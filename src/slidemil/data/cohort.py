@@ -158,7 +158,12 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
         raise InputError(f"feature folder {feature_dir} does not exist")
     paths, problems, dims = [], {}, {}
     for sid in cohort.table["slide_id"]:
-        path = find_feature_file(feature_dir, sid)
+        try:
+            path = find_feature_file(feature_dir, sid)
+        except ValueError as exc:
+            problems[sid] = str(exc)
+            paths.append(None)
+            continue
         if path is None:
             problems[sid] = f"no {sid}.h5 or {sid}.pt under {feature_dir}"
         else:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from slidemil import __version__
-from slidemil.utils.io import atomic_path
+from slidemil.utils.io import atomic_path, safe_child
 
 _LAYOUTS = ("{id}.h5", "h5_files/{id}.h5", "pt_files/{id}.pt", "{id}.pt")
 
@@ -37,6 +37,7 @@ class FeatureBag:
 def find_feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
     """The feature file of `slide_id` under `feature_dir`, or None when there is none."""
     root = Path(feature_dir)
+    safe_child(root, slide_id)  # refuses ids such as "../x" that would reach outside the folder
     for pattern in _LAYOUTS:
         path = root / pattern.format(id=slide_id)
         if path.is_file():
