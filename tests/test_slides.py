@@ -289,3 +289,18 @@ def test_extract_at_clam_and_trident_coordinates(slide_cohort, tmp_path):
             assert fh.attrs["patch_size_level0"] == 1024
             feats[name] = fh["features"][()]
     np.testing.assert_allclose(feats["clam"], feats["trident"], atol=1e-5)
+
+
+def test_plain_png_and_flat_tiff_are_readable(tmp_path):
+    import tifffile
+
+    img, _, _ = render_slide(np.random.default_rng(6), (512, 768))
+    Image.fromarray(img).save(tmp_path / "small.png")
+    png = open_slide(tmp_path / "small.png", mpp=0.5)
+    assert png.backend == "image" and png.dimensions == (768, 512) and png.mpp == 0.5
+    np.testing.assert_array_equal(png.read_region(100, 50, 0, 64, 32), img[50:82, 100:164])
+    tifffile.imwrite(tmp_path / "flat.tif", img, photometric="rgb", resolution=(20000, 20000),
+                     resolutionunit="CENTIMETER")
+    flat = open_slide(tmp_path / "flat.tif")
+    assert flat.mpp == pytest.approx(0.5) and flat.level_count == 1
+    np.testing.assert_array_equal(flat.read_region(10, 20, 0, 40, 30), img[20:50, 10:50])
