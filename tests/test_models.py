@@ -225,3 +225,17 @@ def test_dtfd_distillation_variants_run(distill):
     model = models.create("dtfd", in_dim=16, n_outputs=3, distill=distill).eval()
     out = model(torch.randn(2, 25, 16))
     assert out.logits.shape == (2, 3) and torch.isfinite(model.loss(out, torch.tensor([0, 2]), F.cross_entropy))
+
+
+def test_abmilx_attention_plus_adds_similarity_weighted_scores():
+    torch.manual_seed(0)
+    model = models.create("abmilx", in_dim=16, n_outputs=2, inner_dim=32, n_heads=4).eval()
+    xh = torch.randn(4, 20, 8)
+    a, a_plus = model.head_scores(xh)
+    q, k = model.qk(model.norm(xh)).chunk(2, dim=-1)
+    sim = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+    v = model.v.weight[0, 0] * a + model.v.bias[0]
+    torch.testing.assert_close(a_plus, a + (sim @ v[..., None])[..., 0], atol=1e-5, rtol=1e-5)
+    plain = models.create("abmilx", in_dim=16, n_outputs=2, inner_dim=32, n_heads=4, attn_plus=False)
+    a2, a2_plus = plain.head_scores(xh)
+    assert torch.equal(a2, a2_plus)

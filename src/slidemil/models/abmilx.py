@@ -1,0 +1,66 @@
+"""ABMILX: Tang et al., "Revisiting End-to-End Learning with Slide-level Supervision in Computational
+Pathology", arXiv 2506.02408 (2025): multi-head attention MIL with "attention plus"."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidemil.models.base import MILModel, MILOutput
+from slidemil.models.registry import register
+from slidemil.nn.masked import full_mask
+
+
+@register("abmilx", paper="Tang et al., arXiv 2506.02408 (2025)",
+          summary="multi-head MLP attention refined by instance-instance similarity (attention plus)",
+          complexity="O(H*N^2) compute, O(N) memory (SDPA)")
+class ABMILX(MILModel):
+    """Card `abmilx_e2e.md` (DAttentionX). x -> Linear(E -> inner) -> GELU -> Dropout(0.25); split into H
+    heads; per-head MLP attention A_h = w2^T GELU(W1 x_h) (weights shared across heads); attention plus
+    A+_h = A_h + softmax(Q K^T / sqrt(d_h)) V with Q, K = LayerNorm(x_h) W_qk and V = v * A_h (the
+    score vector itself, the card's pitfall); a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i;
+    proj + dropout; classifier. The optional FFN block and `mil_norm` of the official code are left out.
+    Each bag's real instances are processed alone (exact masking); attention plus runs through
+    `F.scaled_dot_product_attention` (memory O(N) where a fused kernel applies). `instance_scores`
+    are the head-averaged attention.
+    """
+
+    attention_scores = True
+
+    def __init__(self, in_dim: int, n_outputs: int, inner_dim: int = 512, n_heads: int = 8, dropout: float = 0.25,
+                 attn_plus: bool = True):
+        super().__init__(in_dim, n_outputs)
+        if inner_dim % n_heads:
+            raise ValueError("inner_dim must be divisible by n_heads")
+        self.h, self.d = n_heads, inner_dim // n_heads
+        self.attn_plus = attn_plus
+        self.feature = nn.Sequential(nn.Linear(in_dim, inner_dim), nn.GELU(), nn.Dropout(dropout))
+        self.score = nn.Sequential(nn.Linear(self.d, self.d), nn.GELU(), nn.Linear(self.d, 1))
+        self.norm = nn.LayerNorm(self.d)
+        self.qk = nn.Linear(self.d, 2 * self.d, bias=False)
+        self.v = nn.Linear(1, 1)
+        self.proj = nn.Sequential(nn.Linear(inner_dim, inner_dim), nn.Dropout(dropout))
+        self.classifier = nn.Linear(inner_dim, n_outputs)
+
+    def head_scores(self, xh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, A+) for one bag's head features xh [H, N, d]: both [H, N]."""
+        a = self.score(xh)[..., 0]
+        if not self.attn_plus:
+            return a, a
+        q, k = self.qk(self.norm(xh)).chunk(2, dim=-1)
+        v = self.v(a[..., None])                                   # [H, N, 1]
+        return a, a + F.scaled_dot_product_attention(q, k, v)[..., 0]
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        pooled, scores = [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        for b in range(x.shape[0]):
+            f = self.feature(x[b][mask[b]])                          # [N, inner]
+            xh = f.view(-1, self.h, self.d).transpose(0, 1)          # [H, N, d]
+            _, a_plus = self.head_scores(xh)
+            att = torch.softmax(a_plus, -1)                          # [H, N]
+            pooled.append((att[..., None] * xh).sum(1).reshape(-1))  # heads concatenated
+            scores[b, mask[b]] = att.mean(0).to(x.dtype)
+        logits = self.classifier(self.proj(torch.stack(pooled)))
+        return MILOutput(logits, scores)
