@@ -239,3 +239,31 @@ def test_abmilx_attention_plus_adds_similarity_weighted_scores():
     plain = models.create("abmilx", in_dim=16, n_outputs=2, inner_dim=32, n_heads=4, attn_plus=False)
     a2, a2_plus = plain.head_scores(xh)
     assert torch.equal(a2, a2_plus)
+
+
+def test_abmilx_chunked_similarity_matches_one_call():
+    from slidemil.models.abmilx import similarity_pool
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 300, 8, requires_grad=True), torch.randn(2, 300, 8), torch.randn(2, 300, 1)
+    full = F.scaled_dot_product_attention(q, k, v)
+    chunked = similarity_pool(q, k, v, chunk=64)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    g1, = torch.autograd.grad(full.sum(), q)
+    g2, = torch.autograd.grad(chunked.sum(), q)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_transmil_checkpointing_changes_nothing_but_memory():
+    model = models.create("transmil", in_dim=16, n_outputs=2, checkpoint_above=10).train()
+    x = torch.randn(1, 300, 16)
+    grads = []
+    for threshold in (10, 10**9):
+        model.checkpoint_above = threshold
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        out = model(x)
+        out.logits.sum().backward()
+        grads.append((out.logits.detach(), model.fc1[0].weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

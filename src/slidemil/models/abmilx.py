@@ -12,9 +12,23 @@ from slidemil.models.registry import register
 from slidemil.nn.masked import full_mask
 
 
+def similarity_pool(q, k, v, chunk: int = 2048):
+    """softmax(q k^T / sqrt(d)) v with memory O(chunk * N): one SDPA call for small bags; for large
+    ones, query chunks whose N x chunk score blocks are recomputed in backward (checkpointing), since
+    CPU attention kernels would otherwise keep the whole N x N matrix (9.5 GB per step at N = 10k)."""
+    n = q.shape[-2]
+    if n <= chunk:
+        return F.scaled_dot_product_attention(q, k, v)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(F.scaled_dot_product_attention, q[..., i:i + chunk, :], k, v, use_reentrant=False)
+             for i in range(0, n, chunk)]
+    return torch.cat(parts, -2)
+
+
 @register("abmilx", paper="Tang et al., arXiv 2506.02408 (2025)",
           summary="multi-head MLP attention refined by instance-instance similarity (attention plus)",
-          complexity="O(H*N^2) compute, O(N) memory (SDPA)")
+          complexity="O(H*N^2) compute, O(N*chunk) memory")
 class ABMILX(MILModel):
     """Card `abmilx_e2e.md` (DAttentionX). x -> Linear(E -> inner) -> GELU -> Dropout(0.25); split into H
     heads; per-head MLP attention A_h = w2^T GELU(W1 x_h) (weights shared across heads); attention plus
@@ -22,7 +36,8 @@ class ABMILX(MILModel):
     score vector itself, the card's pitfall); a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i;
     proj + dropout; classifier. The optional FFN block and `mil_norm` of the official code are left out.
     Each bag's real instances are processed alone (exact masking); attention plus runs through
-    `F.scaled_dot_product_attention` (memory O(N) where a fused kernel applies). `instance_scores`
+    `F.scaled_dot_product_attention` in query chunks with recomputation, so memory stays O(N * 2048)
+    on CPU as well (the paper relies on fused GPU kernels for its O(N) memory). `instance_scores`
     are the head-averaged attention.
     """
 
@@ -50,7 +65,7 @@ class ABMILX(MILModel):
             return a, a
         q, k = self.qk(self.norm(xh)).chunk(2, dim=-1)
         v = self.v(a[..., None])                                   # [H, N, 1]
-        return a, a + F.scaled_dot_product_attention(q, k, v)[..., 0]
+        return a, a + similarity_pool(q, k, v)[..., 0]
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)

@@ -58,9 +58,12 @@ class NystromAttention(nn.Module):
         q_l = q.reshape(1, self.heads, m, seg, self.dim_head).sum(-2) / counts.clamp_min(1)[:, None]
         k_l = k.reshape(1, self.heads, m, seg, self.dim_head).sum(-2) / counts.clamp_min(1)[:, None]
         neg = -torch.finfo(x.dtype).max
-        sim1 = (q @ k_l.transpose(-1, -2)).masked_fill(~(valid[:, None] & has[None, :]), neg)
-        sim2 = (q_l @ k_l.transpose(-1, -2)).masked_fill(~(has[:, None] & has[None, :]), neg)
-        sim3 = (q_l @ k.transpose(-1, -2)).masked_fill(~(has[:, None] & valid[None, :]), neg)
+        # in-place fills: the [heads, n, m] score blocks dominate memory at large n, and matmul's
+        # backward does not need them. Rows of padded queries are dropped from the output, so only
+        # empty landmarks (columns) and padded keys need masking.
+        sim1 = (q @ k_l.transpose(-1, -2)).masked_fill_(~has[None, :], neg)
+        sim2 = (q_l @ k_l.transpose(-1, -2)).masked_fill_(~(has[:, None] & has[None, :]), neg)
+        sim3 = (q_l @ k.transpose(-1, -2)).masked_fill_(~(has[:, None] & valid[None, :]), neg)
         attn1, attn2, attn3 = (s.softmax(-1) for s in (sim1, sim2, sim3))
         left = attn1 @ iterative_pinv(attn2, self.pinv_iterations)
         out = left @ (attn3 @ v) + self.res_conv(v)

@@ -1,0 +1,83 @@
+"""Every registered model: parameters, seconds per training step and peak memory at N = 1k, 10k, 50k
+instances (D = 1024), each configuration in a fresh process so memory peaks do not mix.
+
+    python benchmarks/models.py [--sizes 1000 10000 50000] [--models abmil transmil ...]
+
+A step is forward + the model's loss + backward + AdamW update on one bag; time is the median of 3
+steps after a warm-up; memory is the rise of the process's peak RSS over its RSS before the first
+step (inputs and model already allocated). Prints a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(name: str, n: int, dim: int) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from slidemil import models
+
+    torch.manual_seed(0)
+    model = models.create(name, dim, 2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(1, n, dim), torch.tensor([1])
+    with open("/proc/self/status") as fh:
+        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        model.loss(out, y, F.cross_entropy).backward()
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"params": sum(p.numel() for p in model.parameters()), "seconds": statistics.median(times),
+            "peak_mb": peak - rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.dim)))
+        return
+    from slidemil.models import available, info
+
+    names = args.models or available()
+    print("| model | params | complexity | " + " | ".join(f"N={n:,}: s/step, MB" for n in args.sizes) + " |")
+    print("|---|---|---|" + "---|" * len(args.sizes))
+    for name in names:
+        cells, params = [], 0
+        for n in args.sizes:
+            res = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--dim", str(args.dim)],
+                                 capture_output=True, text=True, timeout=1800)
+            if res.returncode != 0:
+                cells.append("failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:60])
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            params = r["params"]
+            cells.append(f"{r['seconds']:.3f} s, {r['peak_mb']:.0f} MB")
+        print(f"| {name} | {params / 1e6:.2f}M | {info(name).complexity} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
