@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 
 from slidemil.config import PreprocessConfig, TrainConfig
-import pandas as pd
-
 from slidemil.evaluate.report import evaluate_run, summary_line
 from slidemil.explain.heatmap import HeatmapRun
 from slidemil.predict import predict

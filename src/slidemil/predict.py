@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
@@ -74,10 +73,8 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
         per_fold.append(res.probs)
         for c, name in enumerate(classes):
             frame[f"fold{m['fold']}_prob_{name}"] = res.probs[:, c]
-        del model
     mean = np.mean(per_fold, axis=0)
     for c, name in enumerate(classes):
         frame.insert(1 + c, f"prob_{name}", mean[:, c])
     frame.insert(1 + len(classes), "pred", [classes[i] for i in mean.argmax(1)])
-    torch.cuda.empty_cache() if dev.type == "cuda" else None
     return frame
