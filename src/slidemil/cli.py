@@ -78,7 +78,9 @@ def train(
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
     model: Optional[str] = typer.Option(None, help="Aggregator name (see `slidemil models`)."),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Model argument KEY=VALUE (YAML value); repeatable."),
-    strategy: Optional[str] = typer.Option(None, help="Training strategy wrapping an attention model (aem)."),
+    reembed: Optional[str] = typer.Option(None, help="Re-embedding module in front of the aggregator (rrt)."),
+    reembed_arg: Optional[list[str]] = typer.Option(None, "--reembed-arg", help="Re-embedding argument KEY=VALUE; repeatable."),
+    strategy: Optional[str] = typer.Option(None, help="Training strategy around the model (aem, mhim, sc, histaug, feature_noise, ...)."),
     strategy_arg: Optional[list[str]] = typer.Option(None, "--strategy-arg", help="Strategy argument KEY=VALUE; repeatable."),
     folds: Optional[int] = typer.Option(None, help="Number of outer folds [5]."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs per fold [30]."),
@@ -117,7 +119,8 @@ def train(
 
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k in TrainConfig.model_fields}
     with _errors():
-        for flag, items, key in (("--model-arg", model_arg, "model_args"), ("--strategy-arg", strategy_arg, "strategy_args")):
+        for flag, items, key in (("--model-arg", model_arg, "model_args"), ("--reembed-arg", reembed_arg, "reembed_args"),
+                                 ("--strategy-arg", strategy_arg, "strategy_args")):
             if items:
                 args = {}
                 for item in items:
@@ -211,7 +214,8 @@ def models():
     from slidemil.models import available, info
 
     table = Table(title="slidemil models")
-    for col in ("name", "paper", "complexity", "summary", "arguments"):
+    table.add_column("name", no_wrap=True)
+    for col in ("paper", "complexity", "summary", "arguments"):
         table.add_column(col, overflow="fold")
     for name in available():
         i = info(name)
@@ -219,6 +223,21 @@ def models():
                       ", ".join(f"{k}={v!r}" for k, v in i.arguments().items()))
     out_console.print(table)
     out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes).")
+    from slidemil.models.reembed import REEMBEDDERS
+    from slidemil.models.registry import constructor_arguments
+    from slidemil.train.strategies import STRATEGIES
+
+    extra = Table(title="training strategies (--strategy) and re-embeddings (--reembed)")
+    extra.add_column("name", no_wrap=True)
+    for col in ("kind", "paper", "summary", "arguments"):
+        extra.add_column(col, overflow="fold")
+    for name, cls in sorted(STRATEGIES.items()):
+        extra.add_row(name, "strategy", cls.paper, cls.summary,
+                      ", ".join(f"{k}={v!r}" for k, v in constructor_arguments(cls, ("self", "model")).items()))
+    for name, cls in sorted(REEMBEDDERS.items()):
+        extra.add_row(name, "re-embedding", cls.paper, cls.summary,
+                      ", ".join(f"{k}={v!r}" for k, v in constructor_arguments(cls, ("self", "in_dim")).items()))
+    out_console.print(extra)
 
 
 @contextmanager
@@ -326,6 +345,41 @@ def demo(out: Path = typer.Option(Path("demo_run"), help="Folder for the demo co
     _setup_logging(quiet)
     with _errors():
         run_demo(out, quiet=quiet, progress_factory=_epoch_progress)
+
+
+histaug_app = typer.Typer(no_args_is_help=True, help="HistAug latent augmentation: fit a generator for an encoder.")
+app.add_typer(histaug_app, name="histaug")
+
+
+@histaug_app.command("fit")
+def histaug_fit(slides: Path = typer.Option(..., help="Folder of slides."),
+                patches: Path = typer.Option(..., help="Folder of patch coordinates (<slide_id>.h5, from `slidemil patch`)."),
+                out: Path = typer.Option(..., help="Folder to write histaug.json + histaug.safetensors."),
+                encoder: str = typer.Option("handcrafted", help="The encoder the MIL features come from."),
+                weights: Optional[str] = typer.Option(None, help="Encoder weights file."),
+                download: bool = typer.Option(False, "--download", help="Fetch the encoder weights from the hub."),
+                patches_per_slide: int = typer.Option(64, help="Patches sampled per slide."),
+                augmentations: int = typer.Option(4, help="Augmented views per patch."),
+                epochs: int = typer.Option(50, help="Generator training epochs."),
+                depth: int = typer.Option(16, help="Cross-attention blocks (the paper: 16)."),
+                heldout: float = typer.Option(0.2, help="Share of slides held out to measure the generator."),
+                device: str = typer.Option("auto", help="auto | cpu | cuda."),
+                seed: int = typer.Option(0, help="Seed for sampling and initialisation.")):
+    """Fit HistAug's generator f(z, t) ~ E(T_t(patch)) on a cohort's patches (then train with
+    `--strategy histaug --strategy-arg generator=OUT`)."""
+    from slidemil.augment.fit import fit_from_slides
+    from slidemil.augment.histaug import FitSettings
+    from slidemil.train.trainer import resolve_device
+
+    with _errors():
+        _setup_logging(False)
+        settings = FitSettings(patches_per_slide=patches_per_slide, augmentations=augmentations, epochs=epochs,
+                               depth=depth, heldout=heldout, seed=seed)
+        report = fit_from_slides(slides, patches, out, encoder, weights, download, settings,
+                                 str(resolve_device(device)))
+        out_console.print(f"held-out cosine similarity (generated vs real augmented embedding): "
+                          f"{report['heldout_cosine']:.3f} (unaugmented embedding: {report['identity_cosine']:.3f}) "
+                          f"on {report['heldout_pairs']} pairs\ngenerator: {out}")
 
 
 @app.command()

@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     # model
     model: str = "abmil"
     model_args: dict = Field(default_factory=dict)
+    reembed: Optional[str] = None
+    reembed_args: dict = Field(default_factory=dict)
     strategy: Optional[str] = None
     strategy_args: dict = Field(default_factory=dict)
     # optimisation
@@ -79,6 +81,15 @@ class TrainConfig(BaseModel):
 
         if value is not None and value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        return value
+
+    @field_validator("reembed")
+    @classmethod
+    def _known_reembed(cls, value):
+        from slidemil.models.reembed import REEMBEDDERS
+
+        if value is not None and value not in REEMBEDDERS:
+            raise ValueError(f"unknown re-embedding {value!r}; choose one of {', '.join(sorted(REEMBEDDERS))}")
         return value
 
     @field_validator("classes", mode="before")

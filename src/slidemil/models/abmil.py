@@ -19,7 +19,8 @@ class ABMIL(MILModel):
     Defaults: 512-d embedding and dropout 0.25 after W_1 (the card's WSI usage), 128-d attention (the
     paper's L = 128), gated. Ilse's attention network has no dropout, so `attn_dropout` defaults to 0;
     set it to 0.25 for CLAM's variant. `instance_scores` are the softmax weights a_k; the raw logits are kept in
-    `extras["attention_logits"]` for regularisers that act before the softmax.
+    `extras["attention_logits"]` for regularisers that act before the softmax; `embedding` (z) and
+    `instances` (h) serve the training strategies (MHIM's consistency and CAM scores, SC's contrast).
     """
 
     attention_scores = True
@@ -37,4 +38,4 @@ class ABMIL(MILModel):
         raw = self.attention(h)[..., 0]                    # [B, N]
         a = masked_softmax(raw, mask)
         z = (a.unsqueeze(1) @ h)[:, 0]                     # [B, hidden]
-        return MILOutput(self.classifier(z), a, {"attention_logits": raw})
+        return MILOutput(self.classifier(z), a, {"attention_logits": raw, "embedding": z, "instances": h})

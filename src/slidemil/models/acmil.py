@@ -65,9 +65,9 @@ class ACMIL(MILModel):
         z = a @ h                                                 # [B, K, hidden]
         branch_logits = torch.stack([clf(z[:, k]) for k, clf in enumerate(self.branch_classifiers)], 1)
         mean_a = a.mean(1)
-        logits = self.slide_classifier((mean_a.unsqueeze(1) @ h)[:, 0])
-        return MILOutput(logits, mean_a, {"branch_logits": branch_logits, "attention": a,
-                                          "attention_logits": raw})
+        z_slide = (mean_a.unsqueeze(1) @ h)[:, 0]
+        return MILOutput(self.slide_classifier(z_slide), mean_a, {"branch_logits": branch_logits, "attention": a,
+                                                                  "attention_logits": raw, "embedding": z_slide})
 
     def loss(self, out, target, task_loss):
         loss = task_loss(out.logits, target)

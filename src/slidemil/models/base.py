@@ -35,6 +35,16 @@ class MILModel(nn.Module):
     def loss(self, out: MILOutput, target: torch.Tensor, task_loss: TaskLoss) -> torch.Tensor:
         return task_loss(out.logits, target)
 
+    # Training hooks, called by the trainer; no-ops unless a model or strategy needs them.
+    def fit_start(self, context) -> None:
+        """Once before the first epoch (`context`: train.trainer.FitContext), e.g. to load a teacher."""
+
+    def epoch_start(self, epoch: int, n_epochs: int) -> None:
+        """Before each epoch (0-based), e.g. for curricula."""
+
+    def step_end(self) -> None:
+        """After each optimizer step, e.g. for EMA teachers."""
+
 
 def pick_class(per_class: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Reduce per-class instance scores [B, C, N] to [B, N]: the positive class for binary tasks,

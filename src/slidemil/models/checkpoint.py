@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 
 from slidemil.errors import InputError
 from slidemil.models.base import MILModel
-from slidemil.models.registry import create
 from slidemil.utils.io import atomic_path, write_json
 
 
@@ -29,9 +28,8 @@ def load_model(folder: Path, device="cpu") -> tuple[MILModel, dict]:
     if not meta_path.is_file() or not weights.is_file():
         raise InputError(f"{folder}: needs model.json and model.safetensors (is this a finished fold?)")
     meta = json.loads(meta_path.read_text())
-    from slidemil.train.strategies import apply_strategy
+    from slidemil.train.build import build_model
 
-    model = create(meta["model"], meta["in_dim"], meta["n_outputs"], **meta.get("model_args", {}))
-    model = apply_strategy(model, meta.get("strategy"), **meta.get("strategy_args", {}))
+    model = build_model(meta, meta["in_dim"], meta["n_outputs"])
     model.load_state_dict(load_file(str(weights), device=str(torch.device(device))))
     return model.to(device).eval(), meta

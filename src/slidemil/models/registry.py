@@ -18,17 +18,23 @@ class ModelInfo:
 
     def arguments(self) -> dict:
         """Constructor arguments beyond in_dim/n_outputs, with their defaults."""
-        args: dict = {}
-        for klass in self.cls.__mro__:  # a subclass passing **kwargs up inherits its parent's arguments
-            if "__init__" not in vars(klass):
-                continue
-            params = inspect.signature(klass.__init__).parameters
-            for k, p in params.items():
-                if k not in ("self", "in_dim", "n_outputs") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                    args.setdefault(k, p.default)
-            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                break
-        return args
+        return constructor_arguments(self.cls, ("self", "in_dim", "n_outputs"))
+
+
+def constructor_arguments(cls: type, skip: tuple[str, ...]) -> dict:
+    """Keyword arguments of `cls.__init__` with defaults (a subclass passing **kwargs up inherits its
+    parent's arguments)."""
+    args: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        for k, p in params.items():
+            if k not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                args.setdefault(k, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return args
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

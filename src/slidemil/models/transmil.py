@@ -84,15 +84,16 @@ class TransMIL(MILModel):
             h, _ = self.layer1(h)
             h = self.ppeg(h, side)
             h, row = self.layer2(h, query_row=0)
-        logits = self.classifier(self.norm(h)[:, 0])
+        z = self.norm(h)[:, 0]
         scores = torch.zeros(n, dtype=row.dtype, device=x.device).index_add_(0, source, row[1:])
-        return logits, scores
+        return self.classifier(z), scores, z
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
-        logits, scores = [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        logits, embeddings, scores = [], [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         for b in range(x.shape[0]):
-            lg, sc = self._one(x[b][mask[b]])
+            lg, sc, z = self._one(x[b][mask[b]])
             logits.append(lg)
+            embeddings.append(z)
             scores[b, mask[b]] = sc.to(x.dtype)
-        return MILOutput(torch.cat(logits), scores)
+        return MILOutput(torch.cat(logits), scores, {"embedding": torch.cat(embeddings)})

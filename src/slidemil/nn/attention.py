@@ -15,12 +15,15 @@ class AttentionScorer(nn.Module):
     V and U are one fused Linear (one matmul instead of two: the same arithmetic, less overhead).
     """
 
-    def __init__(self, in_dim: int, attn_dim: int, n_branches: int = 1, gated: bool = True, dropout: float = 0.0):
+    def __init__(self, in_dim: int, attn_dim: int, n_branches: int = 1, gated: bool = True, dropout: float = 0.0,
+                 w_bias: bool = True):
         super().__init__()
         self.gated = gated
         self.VU = nn.Linear(in_dim, attn_dim * (2 if gated else 1))
         self.drop = Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.w = nn.Linear(attn_dim, n_branches)
+        # w's bias shifts every logit of a branch equally, which a softmax over instances ignores:
+        # models written after ABMIL's checkpoints existed leave it out (it could never learn)
+        self.w = nn.Linear(attn_dim, n_branches, bias=w_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:

@@ -28,3 +28,17 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> tuple[torch
     """(values, indices) of the max over `dim` of x [B, N, ...], padded rows never chosen."""
     m = mask.view(*mask.shape, *([1] * (x.dim() - mask.dim())))
     return x.masked_fill(~m, float("-inf")).max(dim=dim)
+
+
+def per_bag(fn, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Apply `fn` ([n, C] -> [n, C']) to each bag's real rows alone and put zeros at padded rows: for
+    modules whose output depends on the whole sequence (scans, regions, grids), so padding can never
+    enter them. Unpadded batches skip the gather/scatter copies (they matter at N = 50k)."""
+    if bool(mask.all()):
+        outs = [fn(h[b]) for b in range(len(h))]
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+    rows = [fn(h[b][mask[b]]) for b in range(len(h))]
+    out = rows[0].new_zeros(*mask.shape, rows[0].shape[-1])
+    for b, r in enumerate(rows):
+        out[b, mask[b]] = r
+    return out

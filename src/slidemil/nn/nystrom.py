@@ -16,6 +16,19 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+_QUERY_BLOCK = 8192
+
+
+def _landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K~^T) over the landmarks, empty landmarks masked."""
+    return (q @ k_l.transpose(-1, -2)).masked_fill_(~has[None, :], -torch.finfo(q.dtype).max).softmax(-1)
+
+
+def _landmark_attend(q, k_l, has, mixed):
+    return _landmark_softmax(q, k_l, has) @ mixed
 
 
 def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
@@ -58,20 +71,27 @@ class NystromAttention(nn.Module):
         q_l = q.reshape(1, self.heads, m, seg, self.dim_head).sum(-2) / counts.clamp_min(1)[:, None]
         k_l = k.reshape(1, self.heads, m, seg, self.dim_head).sum(-2) / counts.clamp_min(1)[:, None]
         neg = -torch.finfo(x.dtype).max
-        # in-place fills: the [heads, n, m] score blocks dominate memory at large n, and matmul's
-        # backward does not need them. Rows of padded queries are dropped from the output, so only
-        # empty landmarks (columns) and padded keys need masking.
-        sim1 = (q @ k_l.transpose(-1, -2)).masked_fill_(~has[None, :], neg)
+        # in-place fills: matmul's backward does not need the scores. Rows of padded queries are
+        # dropped from the output, so only empty landmarks (columns) and padded keys need masking.
         sim2 = (q_l @ k_l.transpose(-1, -2)).masked_fill_(~(has[:, None] & has[None, :]), neg)
         sim3 = (q_l @ k.transpose(-1, -2)).masked_fill_(~(has[:, None] & valid[None, :]), neg)
-        attn1, attn2, attn3 = (s.softmax(-1) for s in (sim1, sim2, sim3))
-        left = attn1 @ iterative_pinv(attn2, self.pinv_iterations)
-        out = left @ (attn3 @ v) + self.res_conv(v)
+        pinv = iterative_pinv(sim2.softmax(-1), self.pinv_iterations)
+        attn3 = sim3.softmax(-1)
+        # softmax(Q K~^T) (pinv (attn3 V)), associated right to left: the [heads, n, m] product
+        # softmax(Q K~^T) pinv is never formed, and softmax(Q K~^T) is built a block of queries at a
+        # time (recomputed in backward when training), so no [heads, n, m] tensor lives at large n
+        mixed = pinv @ (attn3 @ v)                                            # [1, heads, m, d]
+        blocks = q.split(_QUERY_BLOCK, dim=2)
+        recompute = torch.is_grad_enabled() and len(blocks) > 1
+        parts = [checkpoint(_landmark_attend, b, k_l, has, mixed, use_reentrant=False) if recompute
+                 else _landmark_attend(b, k_l, has, mixed) for b in blocks]
+        out = torch.cat(parts, 2) + self.res_conv(v)
         out = out.transpose(1, 2).reshape(1, n + pad, -1)
         out = self.to_out(out)[:, pad:]
         row = None
         if query_row is not None:
-            row = torch.einsum("hm,hmn->n", left[0, :, pad + query_row], attn3[0])[pad:] / self.heads
+            first = _landmark_softmax(q[:, :, pad + query_row:pad + query_row + 1], k_l, has)  # [1, h, 1, m]
+            row = ((first @ pinv) @ attn3)[0, :, 0, pad:].sum(0) / self.heads
         return out, row
 
     def _exact(self, x: torch.Tensor, query_row: int | None):

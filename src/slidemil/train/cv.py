@@ -27,8 +27,7 @@ from slidemil.data.splits import make_splits, read_splits
 from slidemil.errors import InputError
 from slidemil.features.store import read_attrs
 from slidemil.models.checkpoint import save_model
-from slidemil.models.registry import create
-from slidemil.train.strategies import apply_strategy
+from slidemil.train.build import SPEC_KEYS, build_model
 from slidemil.train.trainer import fit, infer, resolve_device
 from slidemil.utils.io import atomic_path, safe_child, write_csv, write_json, write_text
 from slidemil.utils.seed import seed_everything
@@ -153,17 +152,16 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
 def _train_fold(cfg, cohort, fold_splits, fold, fold_dir, out, device, in_dim, enc, progress) -> None:
     gen = seed_everything(cfg.seed + fold)
     parts = _datasets(cfg, cohort, fold_splits, fold)
-    model = apply_strategy(create(cfg.model, in_dim, len(cohort.classes), **cfg.model_args), cfg.strategy,
-                           **cfg.strategy_args)
+    model = build_model(cfg.model_dump(), in_dim, len(cohort.classes))
 
     def report(row):
         if progress:
             progress({"fold": fold, **row})
 
-    result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report)
+    result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
+                 fold=fold, run_dir=out, encoder=enc.get("encoder"))
     res = infer(model, parts["test"], device, keep_scores=True)
-    meta = {"model": cfg.model, "model_args": cfg.model_args, "strategy": cfg.strategy,
-            "strategy_args": cfg.strategy_args, "in_dim": in_dim, "n_outputs": len(cohort.classes),
+    meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": len(cohort.classes),
             "task": "classification", "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__}
     save_model(fold_dir, model, meta)

@@ -95,6 +95,30 @@ def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
 
 
 @dataclass
+class FitContext:
+    """What `MILModel.fit_start` may need: the training data, the run config, where it runs."""
+
+    train_ds: BagDataset
+    cfg: TrainConfig
+    device: torch.device
+    fold: int = 0
+    run_dir: object = None
+    encoder: str | None = None    # the features' encoder name, when the feature files record it
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: parameters flagged `_no_weight_decay` (SSM A_log, D, dt bias) get none."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+@dataclass
 class FitResult:
     state: dict
     history: pd.DataFrame
@@ -102,10 +126,12 @@ class FitResult:
 
 
 def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: TrainConfig,
-        device: torch.device, generator: torch.Generator, progress=None) -> FitResult:
+        device: torch.device, generator: torch.Generator, progress=None, fold: int = 0,
+        run_dir=None, encoder: str | None = None) -> FitResult:
     """Train; pick the epoch by the validation split (never the test fold). Without a validation
     split the last epoch is kept."""
     model.to(device)
+    model.fit_start(FitContext(train_ds, cfg, device, fold, run_dir, encoder))
     n_classes = model.n_outputs
     labels = train_ds.labels()
     task_loss = make_task_loss(labels, n_classes, cfg.class_weights, device)
@@ -118,7 +144,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=shuffle, sampler=sampler,
                         collate_fn=collate_bags, num_workers=cfg.num_workers, generator=generator,
                         drop_last=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps = math.ceil(len(loader) / cfg.accum_steps)
     sched = _scheduler(opt, cfg, steps)
     sign = 1.0 if cfg.monitor == "val_loss" else -1.0
@@ -126,6 +152,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
+        model.epoch_start(epoch, cfg.epochs)
         total, n_seen = 0.0, 0
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
@@ -143,6 +170,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                model.step_end()
                 if sched is not None and cfg.scheduler == "cosine":
                     sched.step()
         row = {"epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": float("nan"),

@@ -1,0 +1,1 @@
+"""Feature-space augmentation (HistAug)."""

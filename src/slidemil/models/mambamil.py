@@ -1,0 +1,190 @@
+"""MambaMIL with SR-Mamba: Yang, Wang & Chen, "MambaMIL: Enhancing Long Sequence Modeling with Sequence
+Reordering in Computational Pathology", MICCAI 2024 (arXiv 2403.06800); and with LBMamba's locally
+bidirectional scan: Zhang et al., "LBMamba: Locally Bi-directional Mamba", TMLR 2025 (arXiv 2506.15976).
+Card `mambamil_lbmamba.md`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from slidemil.models.base import MILModel, MILOutput
+from slidemil.models.registry import register
+from slidemil.nn.attention import AttentionScorer
+from slidemil.nn.masked import full_mask, masked_softmax, per_bag
+from slidemil.nn.ssm import recompute, selective_scan
+
+
+def _no_decay(p: nn.Parameter) -> nn.Parameter:
+    p._no_weight_decay = True  # A_log, D and the dt bias stay out of weight decay (card pitfall)
+    return p
+
+
+class S6Branch(nn.Module):
+    """One selective-SSM path of a Mamba block (card steps 2-5): causal depth-wise conv1d + SiLU,
+    x_proj -> (dt, B, C), dt_proj with softplus, A = -exp(A_log) (S4D-real init), D skip."""
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1):
+        super().__init__()
+        self.d_state, self.dt_rank = d_state, dt_rank
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)  # causal: history is prepended
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner)
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp_min(1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus: softplus(b) = dt
+        _no_decay(self.dt_proj.bias)
+        self.A_log = _no_decay(nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)))
+        self.D = _no_decay(nn.Parameter(torch.ones(d_inner)))
+
+    def _piece(self, seq, in_proj, context, h, window: int):
+        """One stretch of the block's input: in_proj, then conv (`context` = the d_conv - 1 rows of x
+        before it, the causal conv's history), SSM from state `h`, gating. Returns y, the last state
+        and the next piece's context."""
+        x, z = in_proj(seq).chunk(2, dim=-1)
+        xc = F.silu(self.conv1d(torch.cat([context, x], 1).transpose(1, 2)))   # [B, d_inner, n]
+        dt, b, c = self.x_proj(xc.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
+        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)                  # bias added inside the scan
+        y, h = selective_scan(xc, dt, -torch.exp(self.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), self.D,
+                              z.transpose(1, 2), self.dt_proj.bias, delta_softplus=True, window=window,
+                              chunk=x.shape[1], h0=h, return_state=True)
+        return y.transpose(1, 2).to(x.dtype), h, torch.cat([context, x], 1)[:, -context.shape[1]:]
+
+    def forward(self, seq: torch.Tensor, in_proj: nn.Linear, window: int, chunk: int) -> torch.Tensor:
+        """seq [B, L, d_model] in scan order -> gated y [B, L, d_inner]. The sequence is streamed in
+        pieces of `chunk` rows (conv history and scan state carried over) and, in training, each piece
+        is recomputed in backward, in_proj included: memory is O(chunk * d_inner * d_state) plus the
+        output, at any L."""
+        chunk = max(window, chunk - chunk % max(window, 1))
+        checkpointed = self.training and torch.is_grad_enabled() and seq.shape[1] > chunk
+        d_inner = self.conv1d.in_channels
+        h = seq.new_zeros(seq.shape[0], d_inner, self.d_state, dtype=torch.float32)
+        context = seq.new_zeros(seq.shape[0], self.conv1d.kernel_size[0] - 1, d_inner)
+        ys = []
+        # split, not slicing: a split's backward is one concatenation, while each slice's backward
+        # would write a gradient the size of the whole sequence
+        for piece in seq.split(chunk, 1):
+            args = (piece, in_proj, context, h, window)
+            y, h, context = recompute(self._piece, *args) if checkpointed else self._piece(*args)
+            ys.append(y)
+        return torch.cat(ys, 1)
+
+
+def reorder_index(n: int, rate: int, device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """SR-Mamba's reordering (card step 4): pad n to a multiple of `rate`, view the sequence as an
+    (n' / rate) x rate matrix row-major and read it column-major (0, R, 2R, ..., 1, R+1, ...).
+    Returns (order, its inverse, padded length)."""
+    padded = n + (-n % rate)
+    order = torch.arange(padded, device=device).view(-1, rate).T.reshape(-1)
+    return order, torch.argsort(order), padded
+
+
+class MambaBlock(nn.Module):
+    """Mamba (card: d_state 16, d_conv 4, expand 2, dt_rank ceil(d_model / 16)). `rate` > 0 adds SR-Mamba's
+    second branch (own conv1d, x_proj, dt_proj, A_log, D; shared in_proj/out_proj) on the reordered
+    in_proj output; `window` > 1 makes each scan locally bidirectional (LBMamba)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, rate: int = 0,
+                 window: int = 1, chunk: int = 1024):
+        super().__init__()
+        d_inner, dt_rank = expand * d_model, math.ceil(d_model / 16)
+        self.rate, self.window, self.chunk = rate, window, chunk
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.forward_branch = S6Branch(d_inner, d_state, d_conv, dt_rank)
+        self.reordered_branch = S6Branch(d_inner, d_state, d_conv, dt_rank) if rate > 0 else None
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:                   # [B, L, d_model]
+        y = self.forward_branch(h, self.in_proj, self.window, self.chunk)
+        if self.reordered_branch is not None:
+            # reorder the zero-padded sequence; in_proj has no bias, so padding rows of h give the
+            # zero in_proj output rows that the official code pads with
+            n = h.shape[1]
+            order, inverse, padded = reorder_index(n, self.rate, h.device)
+            seq = F.pad(h, (0, 0, 0, padded - n))[:, order]
+            y = y + self.reordered_branch(seq, self.in_proj, self.window, self.chunk)[:, inverse][:, :n]
+        return self.out_proj(y)
+
+
+class _MambaMILBase(MILModel):
+    """x -> Linear(E, 512), GELU, Dropout -> n_layers x [h + block(LN(h))] -> LN -> attention pooling
+    (Linear 512->128, tanh, Linear 128->1, softmax) -> Linear(512, C). Each bag's real rows are scanned
+    alone (a scan reads every earlier row, so padding must never enter it). Linear weights are
+    Xavier-normal as the official `initialize_weights`, except the SSM's dt_proj: the official call also
+    resets it (zero dt bias, so delta = softplus(0) = 0.69 at init), undoing Mamba's dt initialisation,
+    which we keep."""
+
+    attention_scores = True
+
+    checkpoint_above = 4096
+
+    def __init__(self, in_dim, n_outputs, dim, dropout, n_layers, blocks: list[nn.Module], flips: list[bool]):
+        super().__init__(in_dim, n_outputs)
+        self.embed = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.flips = flips
+        self.norm = nn.LayerNorm(dim)
+        self.attention = AttentionScorer(dim, 128, 1, gated=False, w_bias=False)
+        self.classifier = nn.Linear(dim, n_outputs)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.endswith("dt_proj"):
+                nn.init.xavier_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _layer(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        inner = self.norms[i](h)
+        out = self.blocks[i](inner.flip(1) if self.flips[i] else inner)
+        return h + (out.flip(1) if self.flips[i] else out)
+
+    def _encode(self, h: torch.Tensor) -> torch.Tensor:                   # [n, dim], one bag
+        h = h[None]
+        big = self.training and torch.is_grad_enabled() and h.shape[1] > self.checkpoint_above
+        for i in range(len(self.blocks)):
+            # large bags: keep only each layer's input and recompute the layer in backward (4 GB at 50k)
+            h = checkpoint(self._layer, h, i, use_reentrant=False) if big else self._layer(h, i)
+        return self.norm(h)[0]
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        mask = full_mask(x, mask)
+        enc = per_bag(self._encode, self.embed(x), mask)
+        a = masked_softmax(self.attention(enc)[..., 0], mask)
+        z = (a.unsqueeze(1) @ enc)[:, 0]
+        return MILOutput(self.classifier(z), a, {"embedding": z})
+
+
+@register("mambamil", paper="Yang et al., MICCAI 2024 (arXiv 2403.06800)",
+          summary="2 SR-Mamba layers (forward scan + scan of the rate-R reordered sequence) + attention pooling",
+          complexity="O(N·d·n_state)")
+class MambaMIL(_MambaMILBase):
+    """MambaMIL (card): SR-Mamba layers, rate R = 5 (the paper's scripts; argparse says 10), dropout 0
+    (subtyping scripts). The official non-CUDA SR-Mamba branch is broken (card pitfall); this follows
+    the paper / CUDA path: shared in_proj, reorder x and z together, branch outputs summed before
+    out_proj. The pure-PyTorch scan runs in chunks of `scan_chunk` positions, each recomputed in backward."""
+
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, dropout: float = 0.0, n_layers: int = 2,
+                 rate: int = 5, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_chunk: int = 1024):
+        blocks = [MambaBlock(dim, d_state, d_conv, expand, rate=rate, chunk=scan_chunk) for _ in range(n_layers)]
+        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, [False] * n_layers)
+
+
+@register("lbmamba", paper="Zhang et al., TMLR 2025 (arXiv 2506.15976), in MambaMIL",
+          summary="MambaMIL with locally bidirectional scans (backward state inside windows), direction alternating every 2 layers",
+          complexity="O(N·d·n_state)")
+class LBMambaMIL(_MambaMILBase):
+    """MambaMIL's network with LBMamba blocks: each scan adds a backward state inside aligned windows of
+    `window` positions (8, the authors' validation script); the global scan direction flips every two
+    layers (LBVim), so the cost stays one scan per layer. window = 1 is the plain forward Mamba."""
+
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, dropout: float = 0.0, n_layers: int = 2,
+                 window: int = 8, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_chunk: int = 1024):
+        blocks = [MambaBlock(dim, d_state, d_conv, expand, window=window, chunk=scan_chunk) for _ in range(n_layers)]
+        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, [(i // 2) % 2 == 1 for i in range(n_layers)])

@@ -1,0 +1,120 @@
+"""Selective state-space scan (Mamba's S6) in pure PyTorch, memory-bounded, with LBMamba's local
+backward window; the `mamba-ssm` CUDA kernel is used when installed and the tensors are on a GPU.
+
+Card `mambamil_lbmamba.md`. Layouts follow mamba-ssm: u, delta, z [B, D, L]; A [D, N] (negative);
+B, C [B, N, L]; D [D]. Recurrence per channel d and state n:
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = <h_t, C_t> + D u_t,   y *= SiLU(z).
+LBMamba (window M > 1) adds, inside each aligned window of M positions, a backward state
+    hb_t = exp(delta_t A) hb_{t+1} + delta_t B_t u_t   (reset at the window's right edge)
+and uses h_t + hb_t - delta_t B_t u_t in place of h_t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional CUDA kernel (mamba-ssm); the pure-PyTorch scan below is the reference path
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_scan
+except Exception:  # noqa: BLE001 - any import failure (missing package, ABI mismatch) means "not available"
+    _cuda_scan = None
+
+
+def recompute(fn, *args):
+    """torch.utils.checkpoint for functions that loop over many small steps. The re-entrant variant
+    runs the forward without building a graph; the non-re-entrant one keeps a graph node per step
+    with a placeholder for each saved tensor, which for a 1024-step scan piece held ~20 MB per piece
+    (13 GB at N = 50k with 256-row pieces). Re-entrant needs an input that requires grad to route
+    gradients to the parameters used inside; without one, use the non-re-entrant variant."""
+    reentrant = any(torch.is_tensor(a) and a.requires_grad for a in args)
+    return checkpoint(fn, *args, use_reentrant=reentrant)
+
+
+def _prepare(delta, delta_bias, delta_softplus):
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y, u, D, z):
+    if D is not None:
+        y = y + u.float() * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             window: int = 1) -> torch.Tensor:
+    """The recurrence as written, one position at a time (tests only: L Python steps, [B, D, L, N] memory)."""
+    delta = _prepare(delta, delta_bias, delta_softplus)
+    dA = torch.exp(delta[..., None] * A.float()[:, None])                        # [B, D, L, N]
+    dBu = (delta * u.float())[..., None] * B.float().transpose(1, 2)[:, None]    # [B, D, L, N]
+    L = u.shape[-1]
+    h = torch.zeros_like(dA[:, :, 0])
+    hf = []
+    for t in range(L):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        hf.append(h)
+    hs = torch.stack(hf, 2)
+    if window > 1:
+        hb = [None] * L
+        for t in reversed(range(L)):
+            nxt = hb[t + 1] if (t + 1) % window and t + 1 < L else torch.zeros_like(h)
+            hb[t] = dA[:, :, t] * nxt + dBu[:, :, t]
+        hs = hs + torch.stack(hb, 2) - dBu
+    y = (hs * C.float().transpose(1, 2)[:, None]).sum(-1)
+    return _finish(y, u, D, z)
+
+
+def _segment(delta, u, B, C, A, h0, window: int):
+    """One segment, position-major ([S, Bt, ...]): the recurrence one position at a time on [Bt, D, N]
+    states (cache-sized, so each step is cheap), the windowed backward state vectorised across windows.
+    Steps are taken with `unbind`, whose backward is a single stack (indexing a[t] would allocate a
+    full-size gradient per step). Returns y [S, Bt, D] and the last state."""
+    s = delta.shape[0]
+    a = torch.exp(delta[..., None] * A)                                          # [S, Bt, D, N]
+    bu = (delta * u)[..., None] * B[:, :, None]                                   # [S, Bt, D, N]
+    h, states = h0, []
+    for a_t, bu_t in zip(a.unbind(0), bu.unbind(0)):
+        h = torch.addcmul(bu_t, a_t, h)
+        states.append(h)
+    hs = torch.stack(states)
+    if window > 1:
+        pad = -s % window
+        aw = F.pad(a, (0, 0, 0, 0, 0, 0, 0, pad)).unflatten(0, (-1, window)).transpose(0, 1)   # [M, S/M, ...]
+        bw = F.pad(bu, (0, 0, 0, 0, 0, 0, 0, pad)).unflatten(0, (-1, window)).transpose(0, 1)
+        back = [bw[-1]]
+        for a_t, bu_t in zip(reversed(aw[:-1].unbind(0)), reversed(bw[:-1].unbind(0))):
+            back.append(torch.addcmul(bu_t, a_t, back[-1]))
+        hb = torch.stack(back[::-1]).transpose(0, 1).flatten(0, 1)[:s]
+        hs = hs + hb - bu
+    y = (hs @ C[..., None])[..., 0]                                               # [S, Bt, D]
+    return y, h
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, window: int = 1,
+                   chunk: int = 1024, h0: torch.Tensor | None = None, return_state: bool = False):
+    """y [B, D, L], scanned in chunks of `chunk` positions (rounded to a multiple of `window`, so windows
+    stay aligned) with the state carried between them; in training each chunk is recomputed in backward
+    (checkpointing), so memory is O(chunk * D * N) + O(L * D) at any L. Uses mamba-ssm's kernel for the
+    plain forward scan on CUDA when it is installed. `h0` / `return_state` carry the state [B, D, N]
+    across calls (a caller streaming a long sequence in pieces)."""
+    if _cuda_scan is not None and u.is_cuda and window <= 1 and h0 is None and not return_state:
+        return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    delta = _prepare(delta, delta_bias, delta_softplus)
+    bt, d, L = u.shape
+    chunk = max(window, chunk - chunk % max(window, 1))
+    dl, ul = delta.permute(2, 0, 1), u.float().permute(2, 0, 1)                  # position-major
+    Bl, Cl, Af = B.float().permute(2, 0, 1), C.float().permute(2, 0, 1), A.float()
+    h = torch.zeros(bt, d, A.shape[1], dtype=torch.float32, device=u.device) if h0 is None else h0
+    checkpointed = torch.is_grad_enabled() and L > chunk
+    ys = []
+    for pieces in zip(*(t.split(chunk) for t in (dl, ul, Bl, Cl))):   # split: one-concatenation backward
+        args = pieces + (Af, h, window)
+        y, h = recompute(_segment, *args) if checkpointed else _segment(*args)
+        ys.append(y)
+    y = _finish(torch.cat(ys).permute(1, 2, 0), u, D, z)
+    return (y, h) if return_state else y

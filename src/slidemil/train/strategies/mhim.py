@@ -1,0 +1,242 @@
+"""MHIM-MIL: Tang et al., "Multiple Instance Learning Framework with Masked Hard Instance Mining for
+Whole Slide Image Classification", ICCV 2023 (arXiv 2307.15254) = v1; IJCV 2025 (arXiv 2509.11526) = v2.
+Card `mhim_mil.md`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from slidemil.errors import InputError
+from slidemil.models.base import MILOutput
+from slidemil.nn.masked import full_mask
+from slidemil.train.strategies.base import Strategy, needs, register_strategy
+
+log = logging.getLogger(__name__)
+
+
+def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
+    """The official `cosine_scheduler` value at `step`: start -> end along half a cosine."""
+    progress = min(1.0, step / max(1, total))
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def hard_instance_mask(scores: torch.Tensor, mask: torch.Tensor, ratio_h: float, ratio_hr: float,
+                       ratio_l: float = 0.0, ratio_random: float = 0.0, generator=None) -> torch.Tensor:
+    """Which instances the student keeps (card v1 step 2). Per bag of n real instances: of the top
+    ceil(n * ratio_h) by teacher score, a random share ratio_hr is dropped (the hard-instance mining);
+    the ceil(n * ratio_l) lowest are dropped; then a random share ratio_random of the rest. At least
+    one instance is always kept."""
+    keep = mask.clone()
+    for b in range(len(scores)):
+        real = mask[b].nonzero()[:, 0]
+        n = len(real)
+        order = real[scores[b, real].float().argsort(descending=True)]
+        dropped = []
+        n_top = math.ceil(n * ratio_h) if ratio_h > 0 else 0
+        if n_top:
+            pick = torch.randperm(n_top, generator=generator, device="cpu")[:int(round(n_top * ratio_hr))]
+            dropped.append(order[:n_top][pick.to(order.device)])
+        n_low = math.ceil(n * ratio_l) if ratio_l > 0 else 0
+        if n_low:
+            dropped.append(order[n - n_low:])
+        if dropped:
+            keep[b, torch.cat(dropped)] = False
+        if ratio_random > 0:
+            rest = keep[b].nonzero()[:, 0]
+            k = int(len(rest) * ratio_random)
+            keep[b, rest[torch.randperm(len(rest), generator=generator, device="cpu")[:k].to(rest.device)]] = False
+        if not keep[b].any():
+            keep[b, order[-1]] = True
+    return keep
+
+
+def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp_s: float, temp_t: float) -> torch.Tensor:
+    """-sum softmax(z_T / tau_t) * log_softmax(z_S / tau_s) over the feature axis, mean over bags."""
+    return -(F.softmax(teacher / temp_t, -1) * F.log_softmax(student / temp_s, -1)).sum(-1).mean()
+
+
+class Merge(nn.Module):
+    """v2 random merge: k EMA-updated global queries cross-attend (8 heads, dropout 0.1, LayerNorm) to the
+    tokens left out of the kept share; the k outputs join the student's input. Queries get no gradient."""
+
+    def __init__(self, dim: int, k: int, momentum: float):
+        super().__init__()
+        heads = 8 if dim % 8 == 0 else 1
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=0.1, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.register_buffer("queries", torch.randn(k, dim) * 0.02)
+        self.momentum = momentum
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:             # [n, dim] -> [k, dim]
+        queries = self.queries.clone()[None]  # the EMA below updates the buffer in place
+        merged, _ = self.attn(queries, tokens[None], tokens[None])
+        merged = self.norm(merged[0])
+        with torch.no_grad():
+            self.queries.mul_(self.momentum).add_((1 - self.momentum) * merged.detach())
+        return merged
+
+
+@register_strategy("mhim", paper="Tang et al., ICCV 2023 (arXiv 2307.15254); v2 IJCV 2025",
+                   summary="EMA teacher masks the hard (top-attention) instances; consistency loss")
+class MHIM(Strategy):
+    """MHIM-MIL (card `mhim_mil.md`). A momentum teacher (same architecture, no gradients, updated only by
+    EMA after each optimizer step: T = mm T + (1 - mm) S) scores every instance of the whole bag; the
+    student trains on the bag with the hard (highest-scoring) instances masked out, with
+    L = alpha_cls L_model(S) + cl_alpha SoftCE(z_S / temp_s, z_T / temp_t) on the bag embeddings.
+    Inference is the student on all instances.
+
+    v1 defaults (README, C16/ABMIL): mask_ratio_h 0.01 with cosine decay to 0 (`mrh_sche`), of which
+    mask_ratio_hr 0.5 are masked, cl_alpha 0.1, temp_t 0.1, temp_s 1, mm 0.9999 (cosine to 1 with
+    `mm_sche`). v2 options: `scoring="cam"` (s_i = max_c softmax_c(W_c a_i h_i + b): needs a model that
+    exposes its instance embeddings and `classifier`, e.g. abmil) and random merge (`merge_ratio`,
+    `merge_k`, `merge_mm`; applied here to the input features, since the wrapper does not split the
+    model; off at inference, as the official `merge_test` default).
+
+    Teacher: `teacher_init` = the folder of a finished plain run of the same model with the same splits;
+    each fold's teacher starts from that run's model of the same fold (checked: its test slides must be
+    this fold's, or the teacher would have trained on them). Without it, the student trains plainly for
+    `baseline_epochs` and then becomes the teacher (a random teacher gives meaningless masks, card
+    pitfall). TransMIL's scores are the head-averaged class-token attention (the official code fuses
+    heads by voting).
+    """
+
+    def __init__(self, model, mask_ratio_h: float = 0.01, mask_ratio_hr: float = 0.5, mask_ratio_l: float = 0.0,
+                 mask_ratio: float = 0.0, mrh_sche: bool = True, cl_alpha: float = 0.1, alpha_cls: float = 1.0,
+                 temp_t: float = 0.1, temp_s: float = 1.0, mm: float = 0.9999, mm_sche: bool = False,
+                 teacher_init: str | None = None, baseline_epochs: int = 3, scoring: str = "attention",
+                 merge_ratio: float | None = None, merge_k: int = 1, merge_mm: float = 0.9999):
+        super().__init__(model)
+        if scoring not in ("attention", "cam"):
+            raise ValueError(f"mhim scoring must be 'attention' or 'cam', not {scoring!r}")
+        self.mask_ratio_h, self.mask_ratio_hr, self.mask_ratio_l, self.mask_ratio = (
+            mask_ratio_h, mask_ratio_hr, mask_ratio_l, mask_ratio)
+        self.mrh_sche, self.cl_alpha, self.alpha_cls = mrh_sche, cl_alpha, alpha_cls
+        self.temp_t, self.temp_s, self.mm, self.mm_sche = temp_t, temp_s, mm, mm_sche
+        self.teacher_init, self.baseline_epochs, self.scoring = teacher_init, baseline_epochs, scoring
+        self.merge_ratio = merge_ratio
+        self.merge = Merge(model.in_dim, merge_k, merge_mm) if merge_ratio is not None else None
+        self.step, self.total_steps, self.active = 0, 1, False
+        self.__dict__["teacher"] = None  # outside the module tree: not saved, not optimised, not moved
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def fit_start(self, context) -> None:
+        super().fit_start(context)
+        cfg = context.cfg
+        self.total_steps = max(1, cfg.epochs * math.ceil(math.ceil(len(context.train_ds) / cfg.batch_size) / cfg.accum_steps))
+        self.step = 0
+        if self.teacher_init:
+            self._set_teacher(self._baseline_state(Path(self.teacher_init), context))
+            self.active = True
+
+    def epoch_start(self, epoch: int, n_epochs: int) -> None:
+        super().epoch_start(epoch, n_epochs)
+        if self.teacher is None and epoch >= self.baseline_epochs:
+            log.info("mhim: the student of epoch %d becomes the teacher", epoch)
+            self._set_teacher(self.model.state_dict())
+            self.active = True
+
+    def step_end(self) -> None:
+        super().step_end()
+        self.step += 1
+        if self.teacher is None:
+            return
+        mm = cosine_ramp(self.mm, 1.0, self.step, self.total_steps) if self.mm_sche else self.mm
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.model.parameters()):
+                t.mul_(mm).add_(s.detach(), alpha=1 - mm)
+            for t, s in zip(self.teacher.buffers(), self.model.buffers()):
+                t.copy_(s)
+
+    # -- teacher -------------------------------------------------------------------------------
+    def _set_teacher(self, state: dict) -> None:
+        teacher = copy.deepcopy(self.model)
+        teacher.load_state_dict(state)
+        teacher.requires_grad_(False).eval()
+        self.__dict__["teacher"] = teacher
+
+    def _baseline_state(self, run: Path, context) -> dict:
+        fold_dir = run / f"fold_{context.fold}"
+        meta_path = fold_dir / "model.json"
+        if not meta_path.is_file():
+            raise InputError(f"mhim teacher_init: {meta_path} not found; give the folder of a finished "
+                             f"`slidemil train` run of the same model and splits")
+        meta = json.loads(meta_path.read_text())
+        ours = context.cfg
+        if meta["model"] != ours.model or (meta.get("model_args") or {}) != ours.model_args \
+                or meta.get("reembed") != ours.reembed:
+            raise InputError(f"mhim teacher_init: {fold_dir} holds {meta['model']} {meta.get('model_args')}, "
+                             f"not {ours.model} {ours.model_args}; the teacher must be the same model")
+        if context.run_dir is not None:
+            theirs, mine = run / "splits.csv", Path(context.run_dir) / "splits.csv"
+            if not theirs.is_file() or not mine.is_file() or _test_ids(theirs, context.fold) != _test_ids(mine, context.fold):
+                raise InputError(f"mhim teacher_init: {theirs} does not have this run's test slides in fold "
+                                 f"{context.fold}; its model may have trained on them (leakage). Train the "
+                                 f"baseline with the same --folds, --seed and labels (or --splits)")
+        state = load_file(str(fold_dir / "model.safetensors"), device=str(context.device))
+        strip = "model." if meta.get("strategy") else ""
+        return {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+
+    # -- training forward ------------------------------------------------------------------------
+    def _scores(self, out: MILOutput) -> torch.Tensor:
+        if self.scoring == "attention":
+            return out.instance_scores
+        h = needs(out, "instances", "mhim (scoring='cam')")
+        clf = getattr(self.teacher, "classifier", None)
+        if not isinstance(clf, nn.Linear):
+            raise ValueError("mhim scoring='cam' needs a model with one linear `classifier` (abmil, rrt, mambamil)")
+        weighted = out.instance_scores[..., None] * h
+        return torch.softmax(clf(weighted), -1).amax(-1)
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        if not (self.training and torch.is_grad_enabled() and self.active):
+            return self.model(x, mask, coords)
+        mask = full_mask(x, mask)
+        with torch.no_grad():
+            t_out = self.teacher(x, mask, coords)
+        ratio_h = cosine_ramp(self.mask_ratio_h, 0.0, self.step, self.total_steps) if self.mrh_sche else self.mask_ratio_h
+        keep = hard_instance_mask(self._scores(t_out), mask, ratio_h, self.mask_ratio_hr, self.mask_ratio_l,
+                                  self.mask_ratio)
+        if self.merge is not None:
+            x, keep = self._merge(x, keep)
+        out = self.model(x, keep, coords)
+        out.extras["teacher_embedding"] = t_out.extras.get("embedding")
+        return out
+
+    def _merge(self, x, keep):
+        rows, masks = [], []
+        for b in range(len(x)):
+            idx = keep[b].nonzero()[:, 0]
+            idx = idx[torch.randperm(len(idx), device="cpu").to(idx.device)]
+            n_keep = max(1, int(round(len(idx) * self.merge_ratio)))
+            kept, rest = x[b, idx[:n_keep]], x[b, idx[n_keep:]]
+            merged = self.merge(rest) if len(rest) else x.new_zeros(0, x.shape[-1])
+            rows.append(torch.cat([kept, merged]))
+        n = max(len(r) for r in rows)
+        out = x.new_zeros(len(x), n, x.shape[-1])
+        new_mask = torch.zeros(len(x), n, dtype=torch.bool, device=x.device)
+        for b, r in enumerate(rows):
+            out[b, :len(r)], new_mask[b, :len(r)] = r, True
+        return out, new_mask
+
+    def loss(self, out, target, task_loss):
+        loss = self.alpha_cls * self.model.loss(out, target, task_loss)
+        if self.cl_alpha > 0 and "teacher_embedding" in out.extras:   # only once MHIM is active
+            z_s = needs(out, "embedding", "mhim")
+            z_t = out.extras["teacher_embedding"]
+            loss = loss + self.cl_alpha * soft_cross_entropy(z_s.float(), z_t.float(), self.temp_s, self.temp_t)
+        return loss
+
+
+def _test_ids(splits_csv: Path, fold: int) -> set[str]:
+    df = pd.read_csv(splits_csv, dtype={"slide_id": str})
+    return set(df.loc[(df["fold"] == fold) & (df["role"] == "test"), "slide_id"])

@@ -1,0 +1,114 @@
+"""Issue 4's "done when": every new model trains through `slidemil train --model NAME`, and every strategy
+through `--strategy NAME` with abmil and transmil, on the demo cohort's features; HistAug's generator is
+fit with `slidemil histaug fit` on the demo slides first."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from slidemil.cli import app
+
+runner = CliRunner()
+FAST = ["--folds", "2", "--epochs", "2", "--quiet", "--lr", "5e-4"]
+
+
+def _train(demo_run, out, *extra):
+    root, _ = demo_run
+    res = runner.invoke(app, ["train", "--features", str(root / "cohort" / "preprocessed" / "features_handcrafted"),
+                              "--labels", str(root / "cohort" / "labels.csv"), "--classes", "normal,tumour",
+                              "--out", str(out), *FAST, *extra])
+    assert res.exit_code == 0, res.output
+    assert "AUROC" in res.stdout
+    preds = pd.read_csv(out / "predictions.csv")
+    assert preds["prob_tumour"].between(0, 1).all() and len(preds) == len(pd.read_csv(root / "cohort" / "labels.csv"))
+    return json.loads((out / "fold_0" / "model.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["rrt", "mambamil", "lbmamba", "acmil", "dtfd", "abmilx"])
+def test_cli_trains_each_new_model(demo_run, tmp_path, name):
+    meta = _train(demo_run, tmp_path / name, "--model", name)
+    assert meta["model"] == name
+
+
+def test_cli_reembed_rrt_in_front_of_transmil(demo_run, tmp_path):
+    meta = _train(demo_run, tmp_path / "r", "--model", "transmil", "--reembed", "rrt", "--reembed-arg", "epeg_k=9")
+    assert meta["reembed"] == "rrt" and meta["reembed_args"] == {"epeg_k": 9}
+    # the saved fold reloads with its re-embedding (predict uses it)
+    res = runner.invoke(app, ["predict", str(tmp_path / "r"), "--features",
+                              str(demo_run[0] / "external" / "preprocessed" / "features_handcrafted"),
+                              "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def generator(demo_run, tmp_path_factory):
+    root, _ = demo_run
+    out = tmp_path_factory.mktemp("histaug") / "gen"
+    res = runner.invoke(app, ["histaug", "fit", "--slides", str(root / "cohort" / "slides"),
+                              "--patches", str(root / "cohort" / "preprocessed" / "patches"), "--out", str(out),
+                              "--encoder", "handcrafted", "--patches-per-slide", "24", "--augmentations", "3",
+                              "--epochs", "30", "--depth", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "held-out cosine similarity" in res.stdout
+    return out
+
+
+def test_histaug_generator_beats_the_unaugmented_embedding(generator):
+    """On held-out slides the generator predicts E(T_t(x)) better than E(x) itself does."""
+    report = json.loads((generator / "histaug.json").read_text())
+    assert report["config"]["encoder"] == "handcrafted" and report["heldout_slides"]
+    assert report["heldout_mse"] < 0.8 * report["identity_mse"], report
+
+
+STRATEGY_ARGS = {"aem": [], "mhim": ["--strategy-arg", "baseline_epochs=1"], "sc": [],
+                 "feature_noise": [], "feature_dropout": [], "instance_mixup": []}
+
+
+@pytest.mark.parametrize("model", ["abmil", "transmil"])
+@pytest.mark.parametrize("strategy", [*STRATEGY_ARGS, "histaug"])
+def test_cli_trains_each_strategy(demo_run, tmp_path, request, model, strategy):
+    extra = STRATEGY_ARGS.get(strategy, [])
+    if strategy == "histaug":
+        extra = ["--strategy-arg", f"generator={request.getfixturevalue('generator')}"]
+    meta = _train(demo_run, tmp_path / "run", "--model", model, "--strategy", strategy, *extra)
+    assert meta["strategy"] == strategy
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["strategy"] == strategy
+
+
+def test_cli_mhim_teacher_from_a_baseline_run(demo_run, tmp_path):
+    _train(demo_run, tmp_path / "base", "--model", "abmil")
+    meta = _train(demo_run, tmp_path / "mhim", "--model", "abmil", "--strategy", "mhim",
+                  "--strategy-arg", f"teacher_init={tmp_path / 'base'}")
+    assert meta["strategy_args"]["teacher_init"] == str(tmp_path / "base")
+    # a baseline with other folds is refused, naming the leak
+    _train(demo_run, tmp_path / "other", "--model", "abmil", "--folds", "3")
+    root, _ = demo_run
+    res = runner.invoke(app, ["train", "--features", str(root / "cohort" / "preprocessed" / "features_handcrafted"),
+                              "--labels", str(root / "cohort" / "labels.csv"), "--out", str(tmp_path / "bad"), *FAST,
+                              "--model", "abmil", "--strategy", "mhim", "--strategy-arg",
+                              f"teacher_init={tmp_path / 'other'}"])
+    assert res.exit_code != 0 and "leakage" in res.output
+
+
+def test_cli_histaug_without_generator_says_what_to_do(demo_run, tmp_path):
+    root, _ = demo_run
+    res = runner.invoke(app, ["train", "--features", str(root / "cohort" / "preprocessed" / "features_handcrafted"),
+                              "--labels", str(root / "cohort" / "labels.csv"), "--out", str(tmp_path / "x"), *FAST,
+                              "--strategy", "histaug"])
+    assert res.exit_code != 0 and "histaug fit" in res.output
+
+
+def test_cli_models_lists_strategies_and_reembeddings():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    for name in ("rrt", "mambamil", "lbmamba", "mhim", "sc", "histaug", "instance_mixup", "aem"):
+        assert name in res.stdout
+    flat = re.sub(r"[\s│┃]", "", res.stdout)  # table cells fold long text over lines
+    assert "Yangetal." in flat and "Juyaletal." in flat
