@@ -1,7 +1,7 @@
 """Every registered model: parameters, seconds per training step and peak memory at N = 1k, 10k, 50k
 instances (D = 1024), each configuration in a fresh process so memory peaks do not mix.
 
-    python benchmarks/models.py [--sizes 1000 10000 50000] [--models abmil transmil ...]
+    python benchmarks/models.py [--sizes 1000 10000 50000] [--models abmil transmil ...] [--timeout S]
 
 A step is forward + the model's loss + backward + AdamW update on one bag; time is the median of 3
 steps after a warm-up (one step when the warm-up took over 30 s); memory is the process's peak RSS
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration before it is cut")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -70,8 +71,12 @@ def main() -> None:
     for name in names:
         cells, params = [], 0
         for n in args.sizes:
-            res = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--dim", str(args.dim)],
-                                 capture_output=True, text=True, timeout=1800)
+            try:
+                res = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--dim", str(args.dim)],
+                                     capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                cells.append(f"cut after {args.timeout} s (warm-up + one step)")
+                continue
             if res.returncode != 0:
                 cells.append("failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:60])
                 continue

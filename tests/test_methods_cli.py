@@ -5,7 +5,6 @@ fit with `slidemil histaug fit` on the demo slides first."""
 from __future__ import annotations
 
 import json
-import re
 
 import pandas as pd
 import pytest
@@ -110,5 +109,9 @@ def test_cli_models_lists_strategies_and_reembeddings():
     assert res.exit_code == 0
     for name in ("rrt", "mambamil", "lbmamba", "mhim", "sc", "histaug", "instance_mixup", "aem"):
         assert name in res.stdout
-    flat = re.sub(r"[\s│┃]", "", res.stdout)  # table cells fold long text over lines
-    assert "Yangetal." in flat and "Juyaletal." in flat
+    # the paper column folds in a narrow terminal: check what it prints from
+    from slidemil.models import info
+    from slidemil.train.strategies import STRATEGIES
+
+    assert "2403.06800" in info("mambamil").paper and "2303.13405" in STRATEGIES["sc"].paper
+    assert "Yang" in res.stdout and "Juyal" in res.stdout
