@@ -65,31 +65,20 @@ class TrainConfig(BaseModel):
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "quiet", "out")
 
-    @field_validator("model")
+    @field_validator("model", "strategy", "reembed")
     @classmethod
-    def _known_model(cls, value):
+    def _registered(cls, value, info):
+        """Names must be in their registry (imported lazily: the registries import modules that import this one)."""
+        if value is None:
+            return value
         from slidemil.models import available
-
-        if value not in available():
-            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(available())}")
-        return value
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value):
+        from slidemil.models.reembed import REEMBEDDERS
         from slidemil.train.strategies import STRATEGIES
 
-        if value is not None and value not in STRATEGIES:
-            raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-        return value
-
-    @field_validator("reembed")
-    @classmethod
-    def _known_reembed(cls, value):
-        from slidemil.models.reembed import REEMBEDDERS
-
-        if value is not None and value not in REEMBEDDERS:
-            raise ValueError(f"unknown re-embedding {value!r}; choose one of {', '.join(sorted(REEMBEDDERS))}")
+        kind, names = {"model": ("model", available()), "strategy": ("strategy", sorted(STRATEGIES)),
+                       "reembed": ("re-embedding", sorted(REEMBEDDERS))}[info.field_name]
+        if value not in names:
+            raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(names)}")
         return value
 
     @field_validator("classes", mode="before")
