@@ -213,7 +213,7 @@ class MHIM(Strategy):
         return out
 
     def _merge(self, x, keep):
-        rows, masks = [], []
+        rows = []
         for b in range(len(x)):
             idx = keep[b].nonzero()[:, 0]
             idx = idx[torch.randperm(len(idx), device="cpu").to(idx.device)]
