@@ -24,8 +24,8 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader
 
-from slidemil.features.extract import PatchDataset
 from slidemil.slides.synthetic import render_slide, write_pyramidal_tiff
+from slidemil.slides.tiles import PatchDataset
 
 
 def rate(fn, n: int) -> float:

@@ -1,15 +1,81 @@
-"""Shared fixtures: tiny synthetic cohorts built on the fly (no downloads, no files in the repo)."""
+"""Shared fixtures and helpers: tiny synthetic cohorts built on the fly (no downloads, no files in the repo).
+
+Expensive artefacts (a trained run, the demo pipeline, processed slides, a HistAug generator) are built
+once per session and shared by every test that reads them.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
-from slidemil.synthetic import make_feature_cohort
+from slidemil.data.bags import BagDataset
+from slidemil.data.synthetic import make_bag, make_feature_cohort
+from slidemil.train.config import TrainConfig
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+runner = CliRunner()
+SLIDE_SIZE = (1536, 2048)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def planted_bags(n_bags: int, dim: int = 32, n_classes: int = 2, seed: int = 0, witness_rate: float = 0.1,
+                 bag_size=(30, 80), signal: float = 2.0):
+    """In-memory bags for model-level tests: list of (x [N, D] tensor, label, instance labels)."""
+    rng = np.random.default_rng(seed)
+    directions = np.random.default_rng(1234).normal(size=(n_classes - 1, dim))
+    protos = signal * directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.sqrt(dim) / 4
+    bags = []
+    for i in range(n_bags):
+        label = i % n_classes
+        x, inst = make_bag(rng, label, protos, int(rng.integers(*bag_size)), witness_rate)
+        bags.append((torch.from_numpy(x), label, inst))
+    return bags
+
+
+def bag_dataset(bags) -> BagDataset:
+    return BagDataset.from_arrays([b[0] for b in bags], [b[1] for b in bags])
+
+
+def fit_config(**kw) -> TrainConfig:
+    """Trainer settings for in-memory bags (no run folder)."""
+    return TrainConfig(features="-", labels="-", out="-", warmup_epochs=0, **kw)
+
+
+def run_config(root, out, **kw) -> TrainConfig:
+    """A small but real cross-validation run on the `feature_cohort` (100 bootstrap resamples)."""
+    base = dict(features=str(root / "features"), labels=str(root / "labels.csv"), out=str(out), folds=3,
+                epochs=15, patience=15, lr=1e-3, bootstrap=100, quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def write_text_file(tmp_path, text, name="labels.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def label_csv(tmp_path, n_patients=12, slides=2, classes=("neg", "pos")):
+    """A label table of `n_patients` with `slides` slides each, classes alternating by patient."""
+    rows = ["slide_id,case_id,label"]
+    for p in range(n_patients):
+        for s in range(slides):
+            rows.append(f"p{p}_s{s},p{p},{classes[p % len(classes)]}")
+    return write_text_file(tmp_path, "\n".join(rows) + "\n")
+
+
+def tissue_truth(root, sid, kind):
+    """The synthetic slide's true tissue or tumour mask (kind = "tissue" | "tumour")."""
+    return np.asarray(Image.open(root / "slides" / f"{sid}_{kind}.png")) > 0
+
+
+# --- shared artefacts ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def feature_cohort(tmp_path_factory):
@@ -21,26 +87,59 @@ def feature_cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained(feature_cohort, tmp_path_factory):
+    """One finished 3-fold run on `feature_cohort`, shared by the run, predict and CLI tests."""
+    from slidemil.train.cv import run_cv
+
+    root, _ = feature_cohort
+    out = tmp_path_factory.mktemp("runs") / "exp1"
+    run_cv(run_config(root, out))
+    return root, out
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The demo's whole pipeline on 8 patients of smaller slides (trained run, heatmaps, report)."""
     from slidemil.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072))
+    metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072), bootstrap=100)
     return out, metrics
 
 
-def planted_bags(n_bags: int, dim: int = 32, n_classes: int = 2, seed: int = 0, witness_rate: float = 0.1,
-                 bag_size=(30, 80), signal: float = 2.0):
-    """In-memory bags for model-level tests: list of (x [N, D] tensor, label, instance labels)."""
-    from slidemil.synthetic import make_bag
+@pytest.fixture(scope="session")
+def slide_cohort(tmp_path_factory):
+    """4 synthetic pyramidal slides with known tissue and tumour masks."""
+    from slidemil.slides.synthetic import make_slide_cohort
 
-    rng = np.random.default_rng(seed)
-    directions = np.random.default_rng(1234).normal(size=(n_classes - 1, dim))
-    protos = signal * directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.sqrt(dim) / 4
-    bags = []
-    for i in range(n_bags):
-        label = i % n_classes
-        x, inst = make_bag(rng, label, protos, int(rng.integers(*bag_size)), witness_rate)
-        bags.append((torch.from_numpy(x), label, inst))
-    return bags
+    root = tmp_path_factory.mktemp("slides")
+    make_slide_cohort(root, n_patients=4, slides_per_patient=(1, 1), size=SLIDE_SIZE, seed=5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def processed(slide_cohort, tmp_path_factory):
+    """`slide_cohort` segmented, patched (128 px) and extracted with the handcrafted encoder."""
+    from slidemil.preprocess import Pipeline, PreprocessConfig, slides_in
+
+    out = tmp_path_factory.mktemp("pre")
+    cfg = PreprocessConfig(slides=str(slide_cohort / "slides"), out=str(out), quiet=True, patch_size=128)
+    status = Pipeline(cfg).run(slides_in(cfg.slides))
+    assert (status["status"] == "done").all(), status
+    return slide_cohort, out
+
+
+@pytest.fixture(scope="session")
+def generator(demo_run, tmp_path_factory):
+    """A small HistAug generator fit with `slidemil histaug fit` on the demo slides."""
+    from slidemil.cli import app
+
+    root, _ = demo_run
+    out = tmp_path_factory.mktemp("histaug") / "gen"
+    res = runner.invoke(app, ["histaug", "fit", "--slides", str(root / "cohort" / "slides"),
+                              "--patches", str(root / "cohort" / "preprocessed" / "patches"), "--out", str(out),
+                              "--encoder", "handcrafted", "--patches-per-slide", "24", "--augmentations", "3",
+                              "--epochs", "30", "--depth", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "held-out cosine similarity" in res.stdout
+    return out

@@ -1,4 +1,5 @@
-"""Command line: one verb per stage (DESIGN.md, "CLI"). Every verb takes --config FILE.yaml; flags win."""
+"""Command line: one verb per stage. Every verb takes --config FILE.yaml; flags win. Each flag's help and
+default come from the stage's settings model (`TrainConfig`, `PreprocessConfig`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from slidemil.augment.histaug import FitSettings
+from slidemil.certify.run import CertifySettings
 from slidemil.errors import SlidemilError
+from slidemil.explain.heatmap import HeatmapOptions
+from slidemil.features.extract import ExtractConfig
+from slidemil.preprocess import PreprocessConfig
+from slidemil.train.config import TrainConfig
+from slidemil.utils.config import field_help, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="slidemil: weakly supervised learning on whole-slide images.")
@@ -70,51 +78,58 @@ def _epoch_progress(folds: int, epochs: int, quiet: bool):
         yield update
 
 
+def _opt(cls, name: str, *decls: str):
+    """A flag whose help and default come from the settings field `name` of `cls` (one place per default).
+    The flag's own default is None: an unset flag leaves the YAML value or the field default."""
+    return typer.Option(None, *decls, help=field_help(cls, name), show_default=False)
+
+
 @app.command()
 def train(
-    features: Optional[Path] = typer.Option(None, help="Folder of per-slide feature files (h5 or CLAM pt)."),
-    labels: Optional[Path] = typer.Option(None, help="Label CSV (slide_id, case_id, label)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder to write."),
+    features: Optional[Path] = _opt(TrainConfig, "features"),
+    labels: Optional[Path] = _opt(TrainConfig, "labels"),
+    out: Optional[Path] = _opt(TrainConfig, "out"),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
-    model: Optional[str] = typer.Option(None, help="Aggregator name (see `slidemil models`)."),
-    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Model argument KEY=VALUE (YAML value); repeatable."),
-    reembed: Optional[str] = typer.Option(None, help="Re-embedding module in front of the aggregator (rrt)."),
-    reembed_arg: Optional[list[str]] = typer.Option(None, "--reembed-arg", help="Re-embedding argument KEY=VALUE; repeatable."),
-    strategy: Optional[str] = typer.Option(None, help="Training strategy around the model (aem, mhim, sc, histaug, feature_noise, ...)."),
-    strategy_arg: Optional[list[str]] = typer.Option(None, "--strategy-arg", help="Strategy argument KEY=VALUE; repeatable."),
-    folds: Optional[int] = typer.Option(None, help="Number of outer folds [5]."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per fold [30]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [2e-4]."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay [1e-4]."),
-    scheduler: Optional[str] = typer.Option(None, help="cosine | plateau | none [cosine]."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs [10]."),
-    monitor: Optional[str] = typer.Option(None, help="val_loss | val_auroc [val_loss]."),
-    seed: Optional[int] = typer.Option(None, help="Seed for splits, initialisation and sampling [0]."),
-    label_col: Optional[str] = typer.Option(None, help="Label column [label]."),
-    slide_col: Optional[str] = typer.Option(None, help="Slide id column [slide_id]."),
-    case_col: Optional[str] = typer.Option(None, help="Patient id column [case_id]."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated class order, e.g. negative,positive."),
-    site_col: Optional[str] = typer.Option(None, help="Site column, for --preserve-site."),
-    preserve_site: Optional[bool] = typer.Option(None, "--preserve-site", help="Keep each site within one fold."),
-    splits: Optional[Path] = typer.Option(None, help="Predefined splits.csv (slide_id, fold, role)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Inner validation fraction of each training fold [0.2]."),
-    class_weights: Optional[str] = typer.Option(None, help="none | balanced [none]."),
-    balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling", help="Sample bags class-balanced."),
-    max_instances: Optional[int] = typer.Option(None, help="Random subset of instances per bag, training only."),
-    batch_size: Optional[int] = typer.Option(None, help="Bags per step, padded with masks [1]."),
-    accum_steps: Optional[int] = typer.Option(None, help="Gradient accumulation steps [1]."),
-    bag_unit: Optional[str] = typer.Option(None, help="slide | patient (concatenate a patient's slides) [slide]."),
-    skip_missing: Optional[bool] = typer.Option(None, "--skip-missing", help="Leave out slides without features."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [0]."),
+    model: Optional[str] = _opt(TrainConfig, "model"),
+    model_arg: Optional[list[str]] = _opt(TrainConfig, "model_args", "--model-arg"),
+    reembed: Optional[str] = _opt(TrainConfig, "reembed"),
+    reembed_arg: Optional[list[str]] = _opt(TrainConfig, "reembed_args", "--reembed-arg"),
+    strategy: Optional[str] = _opt(TrainConfig, "strategy"),
+    strategy_arg: Optional[list[str]] = _opt(TrainConfig, "strategy_args", "--strategy-arg"),
+    folds: Optional[int] = _opt(TrainConfig, "folds"),
+    epochs: Optional[int] = _opt(TrainConfig, "epochs"),
+    lr: Optional[float] = _opt(TrainConfig, "lr"),
+    weight_decay: Optional[float] = _opt(TrainConfig, "weight_decay"),
+    scheduler: Optional[str] = _opt(TrainConfig, "scheduler"),
+    patience: Optional[int] = _opt(TrainConfig, "patience"),
+    monitor: Optional[str] = _opt(TrainConfig, "monitor"),
+    seed: Optional[int] = _opt(TrainConfig, "seed"),
+    label_col: Optional[str] = _opt(TrainConfig, "label_col"),
+    slide_col: Optional[str] = _opt(TrainConfig, "slide_col"),
+    case_col: Optional[str] = _opt(TrainConfig, "case_col"),
+    classes: Optional[str] = _opt(TrainConfig, "classes"),
+    site_col: Optional[str] = _opt(TrainConfig, "site_col"),
+    preserve_site: Optional[bool] = _opt(TrainConfig, "preserve_site", "--preserve-site"),
+    splits: Optional[Path] = _opt(TrainConfig, "splits"),
+    val_fraction: Optional[float] = _opt(TrainConfig, "val_fraction"),
+    class_weights: Optional[str] = _opt(TrainConfig, "class_weights"),
+    balanced_sampling: Optional[bool] = _opt(TrainConfig, "balanced_sampling", "--balanced-sampling"),
+    max_instances: Optional[int] = _opt(TrainConfig, "max_instances"),
+    batch_size: Optional[int] = _opt(TrainConfig, "batch_size"),
+    accum_steps: Optional[int] = _opt(TrainConfig, "accum_steps"),
+    bag_unit: Optional[str] = _opt(TrainConfig, "bag_unit"),
+    skip_missing: Optional[bool] = _opt(TrainConfig, "skip_missing", "--skip-missing"),
+    bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
+    device: Optional[str] = _opt(TrainConfig, "device"),
+    num_workers: Optional[int] = _opt(TrainConfig, "num_workers"),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),
-    quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar."),
+    quiet: Optional[bool] = _opt(TrainConfig, "quiet", "--quiet"),
 ):
     """Cross-validate a MIL model on patch features: splits, per-fold models, predictions, metrics, report."""
     import yaml
 
-    from slidemil.config import TrainConfig, load_config
-    from slidemil.evaluate.report import load_metrics, summary_line
+    from slidemil.evaluate.report import summary_line
+    from slidemil.rundir import RunDir
     from slidemil.train.cv import run_cv
 
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k in TrainConfig.model_fields}
@@ -130,30 +145,34 @@ def train(
                     args[k.strip()] = yaml.safe_load(value)
                 overrides[key] = args
         cfg = load_config(TrainConfig, config, overrides)
-        _setup_logging(cfg.quiet, Path(cfg.out) / "train.log")
+        run = RunDir(cfg.out)
+        _setup_logging(cfg.quiet, run.log_path)
         with _epoch_progress(cfg.folds, cfg.epochs, cfg.quiet) as progress:
-            run = run_cv(cfg, resume=resume, progress=progress)
-        out_console.print(f"{summary_line(load_metrics(run))}\nreport: {run / 'report.html'}")
+            run_cv(cfg, resume=resume, progress=progress)
+        out_console.print(f"{summary_line(run.metrics())}\nreport: {run.report_path}")
 
 
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
-             bootstrap: int = typer.Option(1000, help="Bootstrap resamples over patients."),
+             bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
              seed: int = typer.Option(0, help="Bootstrap seed."),
-             heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery [RUN/heatmaps].")):
+             heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery "
+                                                     "(default: RUN/heatmaps).")):
     """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions."""
     from slidemil.evaluate.report import evaluate_run, summary_line
+    from slidemil.rundir import RunDir
 
     _setup_logging(False)
     with _errors():
-        metrics = evaluate_run(run, n_boot=bootstrap, seed=seed, heatmaps=heatmaps)
-        out_console.print(f"{summary_line(metrics)}\nreport: {run / 'report.html'}")
+        n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
+        metrics = evaluate_run(run, n_boot=n_boot, seed=seed, heatmaps=heatmaps)
+        out_console.print(f"{summary_line(metrics)}\nreport: {RunDir(run).report_path}")
 
 
 @app.command()
 def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
-           heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the gallery [RUN/heatmaps]."),
-           bootstrap: int = typer.Option(1000, help="Bootstrap resamples over patients.")):
+           heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the gallery (default: RUN/heatmaps)."),
+           bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap")):
     """(Re)build report.html: metrics with CIs, curves with CI bands, per-fold table, config, heatmap gallery."""
     evaluate(run, bootstrap, 0, heatmaps)
 
@@ -161,26 +180,26 @@ def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil
 @app.command()
 def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
             slides: Path = typer.Option(..., help="Folder of the run's slides."),
-            out: Optional[Path] = typer.Option(None, help="Output folder [RUN/heatmaps]."),
+            out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/heatmaps)."),
             slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all of the run)."),
-            fold: str = typer.Option("all", help="all (mean of the fold models) or a fold number."),
-            score: str = typer.Option("attention", help="attention | logit | class:<name>."),
-            normalise: str = typer.Option("percentile", help="percentile | minmax (within each slide)."),
-            sigma: float = typer.Option(0.0, help="Gaussian smoothing in heatmap pixels."),
-            cmap: str = typer.Option("jet", help="Matplotlib colour map."),
-            alpha: float = typer.Option(0.5, help="Overlay opacity."),
-            top_k: int = typer.Option(8, help="Top and bottom tiles to show."),
-            overlap: Optional[int] = typer.Option(None, help="Finer grid: overlap in px at the run's resolution; "
-                                                  "features are extracted with the run's encoder."),
-            mpp: Optional[float] = typer.Option(None, help="Level-0 mpp when the slides lack it.")):
+            fold: Optional[str] = _opt(HeatmapOptions, "fold"),
+            score: Optional[str] = _opt(HeatmapOptions, "score"),
+            normalise: Optional[str] = _opt(HeatmapOptions, "normalise"),
+            sigma: Optional[float] = _opt(HeatmapOptions, "sigma"),
+            cmap: Optional[str] = _opt(HeatmapOptions, "cmap"),
+            alpha: Optional[float] = _opt(HeatmapOptions, "alpha"),
+            top_k: Optional[int] = _opt(HeatmapOptions, "top_k"),
+            overlap: Optional[int] = _opt(HeatmapOptions, "overlap"),
+            mpp: Optional[float] = _opt(HeatmapOptions, "mpp")):
     """Paint the run's instance scores onto its slides: heatmap PNG, scores h5, top tiles, QuPath GeoJSON."""
-    from slidemil.explain.heatmap import HeatmapOptions, HeatmapRun
+    from slidemil.explain.heatmap import HeatmapRun
+    from slidemil.rundir import RunDir
 
+    given = {k: v for k, v in locals().items() if k in HeatmapOptions.model_fields}
     _setup_logging(False)
     with _errors():
-        opts = HeatmapOptions(fold=fold, score=score, normalise=normalise, sigma=sigma, cmap=cmap, alpha=alpha,
-                              top_k=top_k, mpp=mpp, overlap=overlap)
-        target = out or run / "heatmaps"
+        opts = load_config(HeatmapOptions, None, given)
+        target = out or RunDir(run).heatmaps_dir
         hm = HeatmapRun(run, slides, target, opts)
         ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
         table = hm.make_all(ids)
@@ -210,33 +229,29 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
 
 @app.command()
 def models():
-    """List the registered MIL aggregators with their paper, complexity and arguments."""
-    from slidemil.models import available, info
+    """List the registered MIL aggregators, training strategies and re-embeddings with their arguments."""
+    from slidemil.models.reembed import REEMBEDDINGS
+    from slidemil.models.registry import MODELS
+    from slidemil.train.strategies import STRATEGIES
+
+    def args(entry) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in entry.arguments().items())
 
     table = Table(title="slidemil models")
     table.add_column("name", no_wrap=True)
     for col in ("paper", "complexity", "summary", "arguments"):
         table.add_column(col, overflow="fold")
-    for name in available():
-        i = info(name)
-        table.add_row(name, i.paper, i.complexity, i.summary,
-                      ", ".join(f"{k}={v!r}" for k, v in i.arguments().items()))
+    for e in MODELS:
+        table.add_row(e.name, e.paper, e.complexity, e.summary, args(e))
     out_console.print(table)
     out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes).")
-    from slidemil.models.reembed import REEMBEDDERS
-    from slidemil.models.registry import constructor_arguments
-    from slidemil.train.strategies import STRATEGIES
-
     extra = Table(title="training strategies (--strategy) and re-embeddings (--reembed)")
     extra.add_column("name", no_wrap=True)
     for col in ("kind", "paper", "summary", "arguments"):
         extra.add_column(col, overflow="fold")
-    for name, cls in sorted(STRATEGIES.items()):
-        extra.add_row(name, "strategy", cls.paper, cls.summary,
-                      ", ".join(f"{k}={v!r}" for k, v in constructor_arguments(cls, ("self", "model")).items()))
-    for name, cls in sorted(REEMBEDDERS.items()):
-        extra.add_row(name, "re-embedding", cls.paper, cls.summary,
-                      ", ".join(f"{k}={v!r}" for k, v in constructor_arguments(cls, ("self", "in_dim")).items()))
+    for registry in (STRATEGIES, REEMBEDDINGS):
+        for e in registry:
+            extra.add_row(e.name, registry.kind, e.paper, e.summary, args(e))
     out_console.print(extra)
 
 
@@ -264,44 +279,47 @@ def _tile_progress(quiet: bool):
 
 
 def _stage_command(stages: tuple[str, ...], doc: str):
+    P = PreprocessConfig
+
     def command(
-        slides: Optional[Path] = typer.Option(None, help="Folder of slides (.svs .tif .ndpi .mrxs ... .png)."),
-        out: Optional[Path] = typer.Option(None, help="Output folder (segmentation/, patches/, features_<enc>/)."),
+        slides: Optional[Path] = _opt(P, "slides"),
+        out: Optional[Path] = _opt(P, "out"),
         config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
-        mpp: Optional[float] = typer.Option(None, help="Level-0 microns per pixel for slides without it."),
-        mpp_csv: Optional[Path] = typer.Option(None, help="CSV of slide_id,mpp overrides."),
-        backend: Optional[str] = typer.Option(None, help="auto | openslide | tifffile | image."),
-        seg_mpp: Optional[float] = typer.Option(None, help="Segmentation resolution, µm/px [8]."),
-        threshold: Optional[str] = typer.Option(None, help="otsu, or a saturation threshold in [0,1]."),
-        min_saturation: Optional[float] = typer.Option(None, help="Lowest Otsu threshold allowed [0.04]."),
-        min_area_um2: Optional[float] = typer.Option(None, help="Drop tissue objects smaller than this [20000]."),
-        max_hole_um2: Optional[float] = typer.Option(None, help="Fill holes smaller than this [10000]."),
-        filter_pen: Optional[bool] = typer.Option(None, "--filter-pen/--no-filter-pen", help="Remove pen ink and dark artefacts."),
-        tissue_geojson: Optional[Path] = typer.Option(None, help="Folder of <slide_id>.geojson contours to use instead."),
-        coords_dir: Optional[Path] = typer.Option(None, help="Extract at CLAM/TRIDENT/slidemil coordinates from this folder."),
-        target_mpp: Optional[float] = typer.Option(None, help="Patch resolution in µm/px [0.5]."),
-        magnification: Optional[float] = typer.Option(None, help="Patch magnification instead of mpp (20 = 0.5 µm/px)."),
-        patch_size: Optional[int] = typer.Option(None, help="Patch side in px at the target resolution [256]."),
-        overlap: Optional[int] = typer.Option(None, help="Overlap in px at the target resolution [0]."),
-        min_tissue: Optional[float] = typer.Option(None, help="Keep patches with at least this tissue fraction [0.25]."),
-        encoder: Optional[str] = typer.Option(None, help="Encoder name (see `slidemil encoders`) [handcrafted]."),
-        weights: Optional[Path] = typer.Option(None, help="Encoder weights file (.safetensors .bin .pth)."),
-        download: Optional[bool] = typer.Option(None, "--download", help="Fetch encoder weights from the hub (network)."),
-        batch_size: Optional[int] = typer.Option(None, help="Tiles per batch [64]."),
-        num_workers: Optional[int] = typer.Option(None, help="Tile-reading worker processes [0]."),
-        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-        float16: Optional[bool] = typer.Option(None, "--float16", help="Store features as float16."),
-        quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar."),
+        mpp: Optional[float] = _opt(P, "mpp"),
+        mpp_csv: Optional[Path] = _opt(P, "mpp_csv"),
+        backend: Optional[str] = _opt(P, "backend"),
+        seg_mpp: Optional[float] = _opt(P, "seg_mpp"),
+        threshold: Optional[str] = _opt(P, "threshold"),
+        min_saturation: Optional[float] = _opt(P, "min_saturation"),
+        median: Optional[int] = _opt(P, "median"),
+        close: Optional[int] = _opt(P, "close"),
+        min_area_um2: Optional[float] = _opt(P, "min_area_um2"),
+        max_hole_um2: Optional[float] = _opt(P, "max_hole_um2"),
+        filter_pen: Optional[bool] = _opt(P, "filter_pen", "--filter-pen/--no-filter-pen"),
+        tissue_geojson: Optional[Path] = _opt(P, "tissue_geojson"),
+        coords_dir: Optional[Path] = _opt(P, "coords_dir"),
+        target_mpp: Optional[float] = _opt(P, "target_mpp"),
+        magnification: Optional[float] = _opt(P, "magnification"),
+        patch_size: Optional[int] = _opt(P, "patch_size"),
+        overlap: Optional[int] = _opt(P, "overlap"),
+        min_tissue: Optional[float] = _opt(P, "min_tissue"),
+        encoder: Optional[str] = _opt(P, "encoder"),
+        weights: Optional[Path] = _opt(P, "weights"),
+        download: Optional[bool] = _opt(P, "download", "--download"),
+        batch_size: Optional[int] = _opt(P, "batch_size"),
+        num_workers: Optional[int] = _opt(P, "num_workers"),
+        device: Optional[str] = _opt(P, "device"),
+        float16: Optional[bool] = _opt(P, "float16", "--float16"),
+        quiet: Optional[bool] = _opt(P, "quiet", "--quiet"),
     ):
-        from slidemil.config import PreprocessConfig, load_config
-        from slidemil.slides.pipeline import Pipeline, slides_in
+        from slidemil.preprocess import Pipeline, slides_in
 
         overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
                      if k in PreprocessConfig.model_fields}
         with _errors():
             cfg = load_config(PreprocessConfig, config, overrides)
             _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")
-            pipe = Pipeline(cfg.options())
+            pipe = Pipeline(cfg)
             with _tile_progress(cfg.quiet) as progress:
                 status = pipe.run(slides_in(cfg.slides), stages, progress)
             counts = status["status"].value_counts().to_dict()
@@ -313,8 +331,10 @@ def _stage_command(stages: tuple[str, ...], doc: str):
 
 
 app.command("segment")(_stage_command(("segment",), "Tissue masks: QC thumbnails and QuPath GeoJSON contours."))
-app.command("patch")(_stage_command(("segment", "patch"), "Patch coordinates at a physical resolution (segments first if needed)."))
-app.command("extract")(_stage_command(("segment", "patch", "extract"), "Patch features with an encoder (runs missing earlier stages)."))
+app.command("patch")(_stage_command(("segment", "patch"),
+                                    "Patch coordinates at a physical resolution (segments first if needed)."))
+app.command("extract")(_stage_command(("segment", "patch", "extract"),
+                                      "Patch features with an encoder (runs missing earlier stages)."))
 app.command("preprocess")(_stage_command(("segment", "patch", "extract"), "segment + patch + extract, resumable."))
 
 
@@ -355,54 +375,53 @@ app.add_typer(histaug_app, name="histaug")
 def histaug_fit(slides: Path = typer.Option(..., help="Folder of slides."),
                 patches: Path = typer.Option(..., help="Folder of patch coordinates (<slide_id>.h5, from `slidemil patch`)."),
                 out: Path = typer.Option(..., help="Folder to write histaug.json + histaug.safetensors."),
-                encoder: str = typer.Option("handcrafted", help="The encoder the MIL features come from."),
-                weights: Optional[str] = typer.Option(None, help="Encoder weights file."),
+                encoder: Optional[str] = _opt(ExtractConfig, "encoder"),
+                weights: Optional[str] = _opt(ExtractConfig, "weights"),
                 download: bool = typer.Option(False, "--download", help="Fetch the encoder weights from the hub."),
-                patches_per_slide: int = typer.Option(64, help="Patches sampled per slide."),
-                augmentations: int = typer.Option(4, help="Augmented views per patch."),
-                epochs: int = typer.Option(50, help="Generator training epochs."),
-                depth: int = typer.Option(16, help="Cross-attention blocks (the paper: 16)."),
-                heldout: float = typer.Option(0.2, help="Share of slides held out to measure the generator."),
-                device: str = typer.Option("auto", help="auto | cpu | cuda."),
-                seed: int = typer.Option(0, help="Seed for sampling and initialisation.")):
+                patches_per_slide: Optional[int] = _opt(FitSettings, "patches_per_slide"),
+                augmentations: Optional[int] = _opt(FitSettings, "augmentations"),
+                epochs: Optional[int] = _opt(FitSettings, "epochs"),
+                depth: Optional[int] = _opt(FitSettings, "depth"),
+                heldout: Optional[float] = _opt(FitSettings, "heldout"),
+                device: Optional[str] = _opt(ExtractConfig, "device"),
+                seed: Optional[int] = _opt(FitSettings, "seed")):
     """Fit HistAug's generator f(z, t) ~ E(T_t(patch)) on a cohort's patches (then train with
     `--strategy histaug --strategy-arg generator=OUT`)."""
     from slidemil.augment.fit import fit_from_slides
-    from slidemil.augment.histaug import FitSettings
-    from slidemil.train.trainer import resolve_device
+    from slidemil.utils.device import resolve_device
 
+    given = {k: v for k, v in locals().items() if k in FitSettings.model_fields}
     with _errors():
         _setup_logging(False)
-        settings = FitSettings(patches_per_slide=patches_per_slide, augmentations=augmentations, epochs=epochs,
-                               depth=depth, heldout=heldout, seed=seed)
-        report = fit_from_slides(slides, patches, out, encoder, weights, download, settings,
-                                 str(resolve_device(device)))
+        settings = load_config(FitSettings, None, given)
+        enc = load_config(ExtractConfig, None, {"encoder": encoder, "weights": weights, "device": device})
+        report = fit_from_slides(slides, patches, out, enc.encoder, enc.weights, download, settings,
+                                 str(resolve_device(enc.device)))
         out_console.print(f"held-out cosine similarity (generated vs real augmented embedding): "
                           f"{report['heldout_cosine']:.3f} (unaugmented embedding: {report['identity_cosine']:.3f}) "
                           f"on {report['heldout_pairs']} pairs\ngenerator: {out}")
 
 
 @app.command()
-def certify(models: Optional[str] = typer.Option(None, help="Comma-separated registry names [all]."),
-            tests: Optional[str] = typer.Option(None, help="single_concept,threshold_poison,false_frequency [all]."),
-            seeds: int = typer.Option(2, help="Seeds per model and test."),
+def certify(models: Optional[str] = typer.Option(None, help="Comma-separated registry names (default: all)."),
+            tests: Optional[str] = typer.Option(None, help="single_concept,threshold_poison,false_frequency (default: all)."),
+            seeds: Optional[int] = _opt(CertifySettings, "seeds"),
             model_config: Optional[Path] = typer.Option(None, help="YAML: model + model_args (or a list of them)."),
-            n_train: int = typer.Option(1000, help="Training bags per test."),
-            n_test: int = typer.Option(500, help="Test bags per test."),
-            epochs: int = typer.Option(10, help="Training epochs."),
-            min_size: Optional[int] = typer.Option(None, help="Fill bags with background up to this size."),
+            n_train: Optional[int] = _opt(CertifySettings, "n_train"),
+            n_test: Optional[int] = _opt(CertifySettings, "n_test"),
+            epochs: Optional[int] = _opt(CertifySettings, "epochs"),
+            min_size: Optional[int] = _opt(CertifySettings, "min_size"),
             standard: bool = typer.Option(False, "--standard", help="Unpoisoned sanity variants instead."),
             json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
             quiet: bool = typer.Option(False, "--quiet", help="No progress lines.")):
     """Algorithmic unit tests (Raff & Holt 2023): does each model respect the standard MIL assumption?"""
-    import json
-
     import yaml
 
-    from slidemil.certify.run import CertifySettings, certify as run_certify
+    from slidemil.certify.run import certify as run_certify
     from slidemil.errors import InputError
     from slidemil.models import available
 
+    given = {k: v for k, v in locals().items() if k in CertifySettings.model_fields}
     _setup_logging(quiet)
     with _errors():
         chosen: list[tuple[str, dict]] = []
@@ -417,8 +436,7 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
         if bad:
             raise InputError(f"unknown model(s) {', '.join(bad)}; see `slidemil models`")
         chosen += [(m, {}) for m in names]
-        settings = CertifySettings(n_train=n_train, n_test=n_test, epochs=epochs, seeds=seeds, min_size=min_size,
-                                   poisoned=not standard)
+        settings = load_config(CertifySettings, None, {**given, "poisoned": not standard})
         test_list = [t.strip() for t in tests.split(",")] if tests else None
 
         def say(row):
@@ -440,7 +458,7 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
         if json_out:
             from slidemil.utils.io import write_json
 
-            write_json(json_out, {"settings": settings.__dict__, "summary": summary.to_dict("records"),
+            write_json(json_out, {"settings": settings.model_dump(), "summary": summary.to_dict("records"),
                                   "per_seed": per_seed.to_dict("records")})
             out_console.print(f"results -> {json_out}")
 

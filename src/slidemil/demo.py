@@ -9,22 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 from rich.console import Console
 
-from slidemil.config import PreprocessConfig, TrainConfig
 from slidemil.evaluate.report import evaluate_run, summary_line
 from slidemil.explain.heatmap import HeatmapRun
 from slidemil.predict import predict
-from slidemil.slides.pipeline import Pipeline, slides_in
+from slidemil.preprocess import Pipeline, PreprocessConfig, slides_in
+from slidemil.rundir import RunDir
 from slidemil.slides.synthetic import make_slide_cohort
+from slidemil.train.config import TrainConfig
 from slidemil.train.cv import run_cv
 from slidemil.utils.io import write_csv
 
 
 def preprocess_folder(slides: Path, out: Path, quiet: bool) -> Path:
     cfg = PreprocessConfig(slides=str(slides), out=str(out), encoder="handcrafted", quiet=quiet)
-    status = Pipeline(cfg.options()).run(slides_in(slides))
+    status = Pipeline(cfg).run(slides_in(slides))
     failed = status[status["status"] == "failed"]
     if len(failed):
         Console(stderr=True).print(f"[yellow]{len(failed)} slide(s) failed; see {out / 'failures.csv'}")
@@ -32,7 +32,8 @@ def preprocess_folder(slides: Path, out: Path, quiet: bool) -> Path:
 
 
 def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: int = 16, seed: int = 0,
-             slide_size: tuple[int, int] = (3072, 4096)) -> dict:
+             slide_size: tuple[int, int] = (3072, 4096), bootstrap: int | None = None) -> dict:
+    """The demo in `out`; `bootstrap` (resamples for the CIs) defaults to the training default."""
     out = Path(out)
     console = Console()
     console.print(f"[bold]slidemil demo[/] -> {out}")
@@ -45,23 +46,24 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
     console.print("segment + patch + extract (handcrafted encoder) ...")
     features = preprocess_folder(cohort / "slides", cohort / "preprocessed", quiet)
     external_features = preprocess_folder(external / "slides", external / "preprocessed", quiet)
-    run_dir = out / "run"
-    cfg = TrainConfig(features=str(features), labels=str(cohort / "labels.csv"), out=str(run_dir), model="abmil",
-                      folds=3, epochs=20, patience=8, lr=1e-3, classes=["normal", "tumour"], quiet=quiet)
-    resume = (run_dir / "config.yaml").exists()
+    run = RunDir(out / "run")
+    cfg = TrainConfig(features=str(features), labels=str(cohort / "labels.csv"), out=str(run.path), model="abmil",
+                      folds=3, epochs=20, patience=8, lr=1e-3, classes=["normal", "tumour"], quiet=quiet,
+                      **({} if bootstrap is None else {"bootstrap": bootstrap}))
+    resume = run.has_config()
     if progress_factory is not None:
         with progress_factory(cfg.folds, cfg.epochs, quiet) as progress:
             run_cv(cfg, resume=resume, progress=progress)
     else:
         run_cv(cfg, resume=resume)
-    positives = pd.read_csv(run_dir / "predictions.csv", dtype={"slide_id": str})
+    positives = run.predictions()
     positives = positives[positives["label"] == "tumour"].sort_values("prob_tumour", ascending=False)
     console.print("heatmaps of positive slides ...")
-    HeatmapRun(run_dir, cohort / "slides", run_dir / "heatmaps").make_all(list(positives["slide_id"][:4]))
-    metrics = evaluate_run(run_dir, n_boot=cfg.bootstrap, seed=cfg.seed)
-    preds = predict(run_dir, external_features)
+    HeatmapRun(run.path, cohort / "slides", run.heatmaps_dir).make_all(list(positives["slide_id"][:4]))
+    metrics = evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
+    preds = predict(run.path, external_features)
     write_csv(out / "external_predictions.csv", preds)
     console.print(f"external cohort: {len(preds)} slides predicted -> {out / 'external_predictions.csv'}")
     console.print(f"cross-validated {summary_line(metrics)}")
-    console.print(f"report: {run_dir / 'report.html'}")
+    console.print(f"report: {run.report_path}")
     return metrics

@@ -11,18 +11,11 @@ import pandas as pd
 from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import find_feature_file, read_attrs
-from slidemil.models.checkpoint import load_model
-from slidemil.train.trainer import infer, resolve_device
+from slidemil.rundir import RunDir
+from slidemil.train.trainer import infer
+from slidemil.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def fold_dirs(run: Path) -> list[Path]:
-    folds = sorted((p for p in Path(run).glob("fold_*") if (p / "done.json").exists()),
-                   key=lambda p: int(p.name.split("_")[1]))
-    if not folds:
-        raise InputError(f"{run} has no finished fold (fold_<k>/done.json); train it first")
-    return folds
 
 
 def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
@@ -41,7 +34,7 @@ def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
 def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | None = None, device: str = "auto",
             skip_missing: bool = False) -> pd.DataFrame:
     """One row per slide: slide_id, prob_<class> (fold mean), pred, and fold<k>_prob_<class>."""
-    run, feature_dir = Path(run), Path(feature_dir)
+    run, feature_dir = RunDir(run), Path(feature_dir)
     dev = resolve_device(device)
     if slide_ids is None:
         files = sorted(p for p in feature_dir.iterdir() if p.suffix in (".h5", ".pt"))
@@ -59,9 +52,9 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
             paths[sid] = p
     if missing and not skip_missing:
         raise MissingFeaturesError(missing)
-    models = [load_model(d, dev) for d in fold_dirs(run)]
+    models = run.fold_models(dev)
     meta = models[0][1]
-    for sid, p in paths.items():
+    for p in paths.values():
         check_compatible(meta, read_attrs(p), p)
     classes = meta["classes"]
     units = [(sid, [str(p)], 0) for sid, p in paths.items()]

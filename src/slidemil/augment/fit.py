@@ -12,10 +12,10 @@ import torch
 
 from slidemil.augment.histaug import FitSettings, collect_pairs, fit_generator, save_generator, split_slides
 from slidemil.errors import InputError
-from slidemil.features.encoders.registry import create_encoder
-from slidemil.features.extract import PatchDataset
+from slidemil.features.encoders import create_encoder
 from slidemil.slides.patching import read_coords
 from slidemil.slides.reader import list_slides
+from slidemil.slides.tiles import PatchDataset
 from slidemil.utils.io import write_csv
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ def fit_from_slides(slides: Path, patches: Path, out: Path, encoder: str, weight
     train = collect_pairs(tiles["fit"], enc, settings, dev, gen)
     test = collect_pairs(tiles["test"], enc, settings, dev, gen)
     model, report = fit_generator(train, test, encoder, settings, dev)
-    report.update({"encoder": encoder, "encoder_weights": str(enc.weights), "fit_slides": sorted(set(fit_ids) - {f["slide_id"] for f in failures}),
-                   "heldout_slides": sorted(set(test_ids) - {f["slide_id"] for f in failures})})
+    failed = {f["slide_id"] for f in failures}
+    report.update({"encoder": encoder, "encoder_weights": str(enc.weights), "fit_slides": sorted(set(fit_ids) - failed),
+                   "heldout_slides": sorted(set(test_ids) - failed)})
     save_generator(out, model, report)
     if failures:
         import pandas as pd

@@ -1,5 +1,5 @@
 """HistAug: Boutaj et al., "Controllable Latent Space Augmentation for Digital Pathology", ICCV 2025
-(arXiv 2508.14588). Card `histaug.md`.
+(arXiv 2508.14588).
 
 A generator f(z, t) learns what an encoder E makes of an augmented patch, f(E(x), t) ~ E(T_t(x)), so
 MIL training can augment 10^4-10^5 embeddings per slide without touching pixels. This module holds the
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
@@ -26,7 +27,7 @@ from slidemil.utils.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-# The card's 13 transforms: discrete ones carry a code (0 = not applied), continuous ones a value in
+# The paper's 13 transforms: discrete ones carry a code (0 = not applied), continuous ones a value in
 # [-0.5, 0.5] (0 = not applied). The order of application is sampled too.
 DISCRETE = {"rotation": 4, "crop": 6, "hflip": 2, "vflip": 2, "blur": 2, "erosion": 2, "dilation": 2}
 CONTINUOUS = ("brightness", "contrast", "saturation", "hue", "gamma", "hed")
@@ -201,18 +202,21 @@ def load_generator(path: str | Path, device="cpu") -> HistAugGenerator:
     return model.to(device).eval().requires_grad_(False)
 
 
-@dataclass
-class FitSettings:
-    patches_per_slide: int = 64
-    augmentations: int = 4        # augmented views per patch
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 1e-5
-    depth: int = 16
-    chunk_size: int = 4
-    heldout: float = 0.2          # share of slides kept out to measure the generator
-    seed: int = 0
+class FitSettings(BaseModel):
+    """Settings of `slidemil histaug fit` (flag help and defaults come from here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patches_per_slide: int = Field(64, ge=1, description="Patches sampled per slide.")
+    augmentations: int = Field(4, ge=1, description="Augmented views per patch.")
+    epochs: int = Field(50, ge=1, description="Generator training epochs.")
+    batch_size: int = Field(32, ge=1, description="Patches per optimisation step.")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate (the paper's).")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay (the paper's).")
+    depth: int = Field(16, ge=1, description="Cross-attention blocks (the paper: 16).")
+    chunk_size: int = Field(4, ge=1, description="Embedding chunk size of the generator's tokens.")
+    heldout: float = Field(0.2, gt=0, lt=1, description="Share of slides held out to measure the generator.")
+    seed: int = Field(0, description="Seed for sampling and initialisation.")
 
 
 def collect_pairs(tiles: list[torch.Tensor], encoder, settings: FitSettings, device, generator) -> dict:
@@ -237,9 +241,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fit_generator(train: dict, test: dict, encoder_name: str, settings: FitSettings, device) -> tuple[HistAugGenerator, dict]:
-    """MSE between f(z, t) and E(T_t(x)); AdamW (card: lr 5e-4, wd 1e-5). Reports the held-out mean
-    cosine similarity of generated vs real augmented embeddings (the card's metric) next to the
-    identity baseline cos(z, E(T_t(x))), which a useful generator must beat."""
+    """MSE between f(z, t) and E(T_t(x)); AdamW (the paper's lr 5e-4, weight decay 1e-5). Reports the held-out
+    mean cosine similarity of generated vs real augmented embeddings (the paper's metric) next to the identity
+    baseline cos(z, E(T_t(x))), which a useful generator must beat."""
     torch.manual_seed(settings.seed)
     model = HistAugGenerator(GeneratorConfig(train["z"].shape[1], settings.chunk_size, settings.depth,
                                              encoder=encoder_name)).to(device)

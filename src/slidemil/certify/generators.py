@@ -1,5 +1,5 @@
 """The three generators of Raff & Holt (NeurIPS 2023, arXiv 2310.17867), Algorithms 1-3, as in the
-card `raff_holt_mil_unit_tests.md`: background N(0, 1), poison N(-10, 0.1^2), D = 16 by default.
+the authors' notebook: background N(0, 1), poison N(-10, 0.1^2), D = 16 by default.
 
 Each returns (train_bags, train_y, test_bags, test_y) with equal class counts; bags are float32 arrays
 [n, D]. `poisoned=False` gives the standard variant of each test, which a correct model must solve.
@@ -12,9 +12,13 @@ and Algorithm 3's training negatives hold exactly one concept copy (`randint(1, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+
+from slidemil.utils.registry import Registry
+
+# name -> generator(n_train, n_test, dim, seed, min_size, poisoned) -> MILTask, in the paper's order
+TESTS = Registry("certify test", sort=False)
 
 
 @dataclass
@@ -47,6 +51,7 @@ def _split(rng, make, n: int, train: bool):
     return [bags[i] for i in order], np.asarray(ys)[order]
 
 
+@TESTS.register("single_concept")
 def single_concept(n_train=1000, n_test=500, dim=16, seed=0, min_size=None, poisoned=True) -> MILTask:
     """Algorithm 1. Train: negatives = 1 poison + U{1..9} background; positives = U{1..3} N(0, 3^2)
     + U{1..4} background. Test: the poison moves to the positives; negatives are clean."""
@@ -64,6 +69,7 @@ def single_concept(n_train=1000, n_test=500, dim=16, seed=0, min_size=None, pois
     return _task(make, n_train, n_test, seed)
 
 
+@TESTS.register("threshold_poison")
 def threshold_poison(n_train=1000, n_test=500, dim=16, seed=0, min_size=None, poisoned=True) -> MILTask:
     """Algorithm 2. Positive iff both A ~ N(2, 0.1^2) and B ~ N(3, 0.1^2) occur. Train negatives:
     poison + one of {A, B} + U{1..4} background; positives: U{1..4} A, U{1..4} B, poison with
@@ -83,6 +89,7 @@ def threshold_poison(n_train=1000, n_test=500, dim=16, seed=0, min_size=None, po
     return _task(make, n_train, n_test, seed)
 
 
+@TESTS.register("false_frequency")
 def false_frequency(n_train=1000, n_test=500, dim=16, seed=0, min_size=None, poisoned=True) -> MILTask:
     """Algorithm 3. Positive iff A ~ N(-2, 0.1^2) and B ~ N(2, 0.1^2) co-occur. Train: negatives hold
     one copy of A or B, positives one of each, + U{1..9} background. Test negatives hold 35-39 copies
@@ -104,9 +111,3 @@ def _task(make, n_train, n_test, seed) -> MILTask:
     test_bags, test_y = _split(rng, make, n_test, False)
     return MILTask(train_bags, train_y, test_bags, test_y)
 
-
-TESTS: dict[str, Callable[..., MILTask]] = {
-    "single_concept": single_concept,
-    "threshold_poison": threshold_poison,
-    "false_frequency": false_frequency,
-}

@@ -1,5 +1,5 @@
 """`slidemil certify`: train each model on each algorithmic unit test through the normal trainer and
-give a verdict (card `raff_holt_mil_unit_tests.md`, "Protocol" and "Pass criteria").
+give a verdict (Raff & Holt, NeurIPS 2023, Sec. 4: the protocol of the authors' notebook).
 
 Protocol: instances standardised with statistics of the training instances; AdamW, lr 1e-3, batch 16
 padded bags, 10 epochs, gradient-norm clip 5 (the notebook clamps gradient values to [-5, 5]); no
@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import roc_auc_score
 
 from slidemil.certify.generators import TESTS
-from slidemil.config import TrainConfig
 from slidemil.data.bags import BagDataset
-from slidemil.models.registry import available, create
+from slidemil.models.registry import MODELS
+from slidemil.train.config import TrainConfig
 from slidemil.train.trainer import fit, infer
 from slidemil.utils.seed import seed_everything
 
@@ -30,18 +31,20 @@ log = logging.getLogger(__name__)
 PASS_AT, FAIL_AT = 0.9, 0.5
 
 
-@dataclass
-class CertifySettings:
-    n_train: int = 1000
-    n_test: int = 500
-    dim: int = 16
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 16
-    min_size: int | None = None
-    seeds: int = 2
-    poisoned: bool = True
-    extra: dict = field(default_factory=dict)
+class CertifySettings(BaseModel):
+    """The protocol's settings (`slidemil certify` flags take help and defaults from here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_train: int = Field(1000, ge=2, description="Training bags per test.")
+    n_test: int = Field(500, ge=2, description="Test bags per test.")
+    dim: int = Field(16, ge=1, description="Instance dimension (the paper's 16).")
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(16, ge=1, description="Padded bags per step.")
+    min_size: Optional[int] = Field(None, ge=1, description="Fill bags with background up to this size.")
+    seeds: int = Field(2, ge=1, description="Seeds per model and test.")
+    poisoned: bool = Field(True, description="The poisoned tests (False: the unpoisoned sanity variants).")
 
 
 def seed_verdict(test_auc: float) -> str:
@@ -70,10 +73,10 @@ def standardise(train_bags, test_bags):
 
 
 def run_one(model_name: str, model_args: dict, test: str, seed: int, s: CertifySettings) -> dict:
-    task = TESTS[test](s.n_train, s.n_test, s.dim, seed, s.min_size, s.poisoned)
+    task = TESTS.info(test).obj(s.n_train, s.n_test, s.dim, seed, s.min_size, s.poisoned)
     train_bags, test_bags = standardise(task.train_bags, task.test_bags)
     gen = seed_everything(seed)
-    model = create(model_name, s.dim, 2, **model_args)
+    model = MODELS.create(model_name, in_dim=s.dim, n_outputs=2, **model_args)
     cfg = TrainConfig(features="-", labels="-", out="-", epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
                       scheduler="none", warmup_epochs=0, grad_clip=5.0, seed=seed)
     t0 = time.perf_counter()
@@ -91,11 +94,12 @@ def certify(models: list[tuple[str, dict]] | None = None, tests: list[str] | Non
             settings: CertifySettings | None = None, progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-seed rows, summary table). `models` are (registry name, constructor arguments)."""
     s = settings or CertifySettings()
-    models = models or [(m, {}) for m in available()]
-    tests = tests or list(TESTS)
-    unknown = [t for t in tests if t not in TESTS]
-    if unknown:
-        raise ValueError(f"unknown test(s) {', '.join(unknown)}; choose from {', '.join(TESTS)}")
+    models = models or [(m, {}) for m in MODELS.available()]
+    tests = tests or TESTS.available()
+    for name, args in models:
+        MODELS.check_args(name, args)
+    for t in tests:
+        TESTS.info(t)
     rows = []
     for name, args in models:
         for test in tests:

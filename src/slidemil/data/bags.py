@@ -50,7 +50,7 @@ class BagDataset(Dataset):
         self.rng = np.random.default_rng(seed)
 
     @classmethod
-    def from_arrays(cls, bags, labels, max_instances: int | None = None, seed: int = 0) -> "BagDataset":
+    def from_arrays(cls, bags, labels, max_instances: int | None = None, seed: int = 0) -> BagDataset:
         """An in-memory dataset of [N, D] arrays (synthetic tasks, tests): nothing is read from disk."""
         ds = cls([(f"bag{i}", [], int(y)) for i, y in enumerate(labels)], max_instances, cache=True, seed=seed)
         ds.cache = {i: (torch.as_tensor(np.asarray(b, np.float32)), None) for i, b in enumerate(bags)}

@@ -41,7 +41,7 @@ class Cohort:
     def n_patients(self) -> int:
         return int(self.table["case_id"].nunique())
 
-    def subset(self, slide_ids) -> "Cohort":
+    def subset(self, slide_ids) -> Cohort:
         keep = self.table["slide_id"].isin(set(slide_ids))
         return Cohort(self.table[keep].reset_index(drop=True), self.classes, self.source)
 

@@ -1,18 +1,15 @@
-"""Evaluation plots (matplotlib, headless): ROC, precision-recall, confusion matrix, calibration."""
+"""Evaluation plots (matplotlib `Figure` objects, no pyplot): ROC, precision-recall, confusion matrix,
+calibration."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
-
-from slidemil.utils.io import atomic_path  # noqa: E402
+from slidemil.utils.figures import new_figure, save_figure
 
 
 def _curves(y, probs, classes):
@@ -22,10 +19,7 @@ def _curves(y, probs, classes):
 
 
 def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def curve_bands(truth, score, groups, n_boot: int = 200, seed: int = 0):
@@ -60,7 +54,7 @@ def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
     bands = curve_bands(curves[0][1], curves[0][2], groups) if groups is not None and len(curves) == 1 else None
     paths = {}
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = new_figure((4.5, 4.5))
     if bands:
         ax.fill_between(bands[0], bands[1][0], bands[1][1], alpha=0.25, label="95% CI (patient bootstrap)")
     for name, truth, score in curves:
@@ -71,7 +65,7 @@ def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
     ax.legend(loc="lower right")
     paths["roc"] = _save(fig, folder / "roc.png")
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = new_figure((4.5, 4.5))
     if bands:
         ax.fill_between(bands[0], bands[2][0], bands[2][1], alpha=0.25, label="95% CI (patient bootstrap)")
     for name, truth, score in curves:
@@ -82,7 +76,7 @@ def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
     paths["pr"] = _save(fig, folder / "pr.png")
 
     cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(classes))))
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    fig, ax = new_figure((1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -90,7 +84,7 @@ def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
            xlabel="predicted", ylabel="true", title="Confusion matrix")
     paths["confusion"] = _save(fig, folder / "confusion.png")
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = new_figure((4.5, 4.5))
     bins = max(3, min(10, len(y) // 10))
     for name, truth, score in curves:
         frac, mean_pred = calibration_curve(truth, score, n_bins=bins, strategy="quantile")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
+from importlib import resources
 from pathlib import Path
+from string import Template
 
 import numpy as np
 import pandas as pd
@@ -15,25 +16,29 @@ import yaml
 from slidemil.errors import InputError
 from slidemil.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics
 from slidemil.evaluate.plots import plot_all
+from slidemil.rundir import RunDir
 from slidemil.utils.io import write_json, write_text
 
+# The page, shipped as package data; `$name` fields are filled by `write_report` (values HTML-escaped).
+_TEMPLATE = Template(resources.files("slidemil.evaluate").joinpath("templates/report.html").read_text("utf-8"))
 
-def _load(run: Path):
-    pred_path, cfg_path = run / "predictions.csv", run / "config.yaml"
-    if not pred_path.is_file() or not cfg_path.is_file():
-        raise InputError(f"{run} is not a finished run folder (needs predictions.csv and config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    preds = pd.read_csv(pred_path, dtype={"slide_id": str, "case_id": str, "label": str, "pred": str})
+
+def _load(run: RunDir):
+    if not run.predictions_path.is_file() or not run.config_path.is_file():
+        raise InputError(f"{run.path} is not a finished run folder (needs predictions.csv and config.yaml)")
+    cfg = run.config()
+    preds = run.predictions()
     classes = [str(c) for c in cfg["slidemil"]["classes"]]
     missing = [f"prob_{c}" for c in classes if f"prob_{c}" not in preds.columns]
     if missing:
-        raise InputError(f"{pred_path}: columns {', '.join(missing)} are missing")
+        raise InputError(f"{run.predictions_path}: columns {', '.join(missing)} are missing")
     return cfg, preds, classes
 
 
-def evaluate_run(run: str | Path, n_boot: int = 1000, seed: int = 0, heatmaps: str | Path | None = None) -> dict:
+def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
+                 heatmaps: str | Path | None = None) -> dict:
     """Pooled out-of-fold metrics with patient-bootstrap CIs, per-fold metrics, plots and the report."""
-    run = Path(run)
+    run = run if isinstance(run, RunDir) else RunDir(run)
     cfg, preds, classes = _load(run)
     y = preds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs = preds[[f"prob_{c}" for c in classes]].to_numpy(float)
@@ -53,9 +58,9 @@ def evaluate_run(run: str | Path, n_boot: int = 1000, seed: int = 0, heatmaps: s
         "pooled": bootstrap_ci(y, probs, preds["case_id"].to_numpy(), n_boot=n_boot, seed=seed),
         "folds": per_fold, "fold_summary": fold_summary,
     }
-    write_json(run / "metrics.json", metrics)
-    plots = plot_all(y, probs, classes, run / "plots", groups=preds["case_id"].to_numpy())
-    gallery = heatmap_gallery(preds, classes, Path(heatmaps) if heatmaps else run / "heatmaps")
+    write_json(run.metrics_path, metrics)
+    plots = plot_all(y, probs, classes, run.plots_dir, groups=preds["case_id"].to_numpy())
+    gallery = heatmap_gallery(preds, classes, Path(heatmaps) if heatmaps else run.heatmaps_dir)
     write_report(run, cfg, metrics, plots, gallery)
     return metrics
 
@@ -106,7 +111,7 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def write_report(run: Path, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None) -> Path:
+def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None) -> Path:
     """One HTML file with everything embedded: it opens from disk, e-mail or a browser with no server."""
     rows = "".join(
         f"<tr><td>{m}</td><td><b>{_fmt(v['value'])}</b></td><td>{_fmt(v['ci_low'])} – {_fmt(v['ci_high'])}</td>"
@@ -122,34 +127,19 @@ def write_report(run: Path, cfg: dict, metrics: dict, plots: dict[str, Path], ga
         for title, items in (gallery or []))
     gallery_html = f"<h2>Heatmaps</h2>{sections}" if sections else ""
     config_text = html.escape(yaml.safe_dump({k: v for k, v in cfg.items() if k != "slidemil"}, sort_keys=False))
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>slidemil report: {html.escape(run.name)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}.plots img{{width:260px;margin:4px}}pre{{background:#f5f5f5;padding:1em;overflow:auto}}
-.note{{color:#555;font-size:90%}}figure{{display:inline-block;margin:6px;max-width:650px}}
-figure img{{max-width:640px}}figcaption{{font-size:85%;color:#333}}</style></head><body>
-<h1>slidemil report: {html.escape(run.name)}</h1>
-<p>Model <b>{html.escape(str(cfg.get('model')))}</b>, {metrics['n_slides']} slides from {metrics['n_patients']} patients,
-classes {html.escape(', '.join(metrics['classes']))}. slidemil {html.escape(str(prov.get('version')))}, torch {html.escape(str(prov.get('torch')))}.</p>
-<h2>Metrics (pooled out-of-fold predictions)</h2>
-<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap, {metrics['bootstrap']['resamples']} resamples)</th><th>fold mean ± sd</th></tr>{rows}</table>
-<p class="note">Each test fold was used only to report: epochs and checkpoints were chosen on an inner validation split,
-and predictions are the argmax of the probabilities (no threshold tuned on test data).</p>
-<div class="plots">{''.join(_img(p) for p in plots.values())}</div>
-{gallery_html}
-<h2>Per fold</h2><table><tr><th>fold</th><th>slides</th>{''.join(f'<th>{m}</th>' for m in METRICS)}</tr>{fold_rows}</table>
-<h2>Configuration</h2><pre>{config_text}</pre>
-<p class="note">features fingerprint {html.escape(str(prov.get('features_sha256', ''))[:16])}…, git {html.escape(str(prov.get('git_commit')))}</p>
-</body></html>"""
-    path = run / "report.html"
-    write_text(path, body)
-    return path
+    body = _TEMPLATE.substitute(
+        run_name=html.escape(run.name), model=html.escape(str(cfg.get("model"))), n_slides=metrics["n_slides"],
+        n_patients=metrics["n_patients"], classes=html.escape(", ".join(metrics["classes"])),
+        version=html.escape(str(prov.get("version"))), torch=html.escape(str(prov.get("torch"))),
+        resamples=metrics["bootstrap"]["resamples"], metric_rows=rows, plots="".join(_img(p) for p in plots.values()),
+        gallery=gallery_html, fold_header="".join(f"<th>{m}</th>" for m in METRICS), fold_rows=fold_rows,
+        config=config_text, fingerprint=html.escape(str(prov.get("features_sha256", ""))[:16]),
+        git=html.escape(str(prov.get("git_commit"))))
+    write_text(run.report_path, body)
+    return run.report_path
 
 
 def summary_line(metrics: dict) -> str:
     auc = metrics["pooled"]["auroc"]
     return f"AUROC {_fmt(auc['value'])} (95% CI {_fmt(auc['ci_low'])}-{_fmt(auc['ci_high'])})"
 
-
-def load_metrics(run: Path) -> dict:
-    return json.loads((Path(run) / "metrics.json").read_text())

@@ -1,59 +1,47 @@
-"""Feature extraction: a DataLoader over patch coordinates, batched inference, one h5 per slide.
+"""Feature extraction: batched encoder inference over a dataset of uint8 tiles, bf16 on GPU.
 
-Worker processes read tiles; each opens the slide once (lazily, after the fork) and keeps the handle
-for all its tiles. Tiles are read at the best pyramid level for the patch footprint and resized
-straight to the encoder's input size.
+The tiles come from any `Dataset` of uint8 [3, S, S] images (`slidemil.slides.tiles.PatchDataset` for
+slides); this module knows encoders, not slides.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 
 from slidemil.features.encoders.registry import Encoder
-from slidemil.slides.reader import open_slide, read_at
+from slidemil.utils.device import autocast
 
 
-class PatchDataset(Dataset):
-    def __init__(self, slide_path: str | Path, coords: np.ndarray, size0: int, out_size: int,
-                 backend: str = "auto", mpp: float | None = None):
-        self.slide_path, self.coords = str(slide_path), np.asarray(coords)
-        self.size0, self.out_size, self.backend, self.mpp = int(size0), int(out_size), backend, mpp
-        self._slide = None
+class ExtractConfig(BaseModel):
+    """Settings of the extraction stage (`slidemil extract`; YAML keys = field names)."""
 
-    def __len__(self) -> int:
-        return len(self.coords)
+    model_config = ConfigDict(extra="forbid")
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._slide is None:  # one handle per worker process, opened after the fork
-            self._slide = open_slide(self.slide_path, self.backend, self.mpp)
-        x, y = self.coords[i]
-        tile = read_at(self._slide, int(x), int(y), self.size0, self.out_size)
-        return torch.from_numpy(np.require(tile, np.uint8, ["C", "W"])).permute(2, 0, 1)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_slide"] = None
-        return state
+    encoder: str = Field("handcrafted", description="Encoder name (see `slidemil encoders`).")
+    weights: Optional[str] = Field(None, description="Encoder weights file (.safetensors .bin .pth).")
+    download: bool = Field(False, description="Fetch encoder weights from the hub (network).")
+    batch_size: int = Field(64, ge=1, description="Tiles per batch.")
+    num_workers: int = Field(0, ge=0, description="Tile-reading worker processes.")
+    device: str = Field("auto", description="auto | cpu | cuda.")
+    float16: bool = Field(False, description="Store features as float16.")
 
 
 @torch.no_grad()
-def embed_patches(encoder: Encoder, dataset: PatchDataset, device: torch.device, batch_size: int = 64,
+def embed_patches(encoder: Encoder, dataset: Dataset, device: torch.device, batch_size: int = 64,
                   num_workers: int = 0, on_batch=None) -> np.ndarray:
-    """[N, dim] float32 features of every patch, in the order of `dataset.coords`."""
+    """[N, dim] float32 features of every tile, in the dataset's order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     encoder = encoder.to(device).eval()
     out = []
     for batch in loader:
         images = batch.to(device, non_blocking=True).float().div_(255)
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                feats = encoder(images)
-        else:
+        with autocast(device):
             feats = encoder(images)
         out.append(feats.float().cpu().numpy())
         if on_batch is not None:

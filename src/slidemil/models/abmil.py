@@ -13,14 +13,14 @@ from slidemil.nn.masked import full_mask, masked_softmax
 @register("abmil", paper="Ilse et al., ICML 2018 (arXiv 1802.04712)",
           summary="attention pooling (plain or gated) of embedded instances")
 class ABMIL(MILModel):
-    """Card `abmil.md`: h_k = ReLU(W_1 x_k); a_k = softmax_k(w^T(tanh(V h_k) [* sigm(U h_k)]));
-    z = sum_k a_k h_k; logits = W_c z.
+    """ABMIL (Ilse et al., ICML 2018, Sec. 2.4, attention-based and gated-attention pooling): h_k = ReLU(W_1
+    x_k); a_k = softmax_k(w^T(tanh(V h_k) [* sigm(U h_k)])); z = sum_k a_k h_k; logits = W_c z.
 
-    Defaults: 512-d embedding and dropout 0.25 after W_1 (the card's WSI usage), 128-d attention (the
-    paper's L = 128), gated. Ilse's attention network has no dropout, so `attn_dropout` defaults to 0;
-    set it to 0.25 for CLAM's variant. `instance_scores` are the softmax weights a_k; the raw logits are kept in
-    `extras["attention_logits"]` for regularisers that act before the softmax; `embedding` (z) and
-    `instances` (h) serve the training strategies (MHIM's consistency and CAM scores, SC's contrast).
+    Defaults: 512-d embedding and dropout 0.25 after W_1 (the usual WSI setting, as CLAM), 128-d attention (the
+    paper's L = 128), gated. Ilse's attention network has no dropout, so `attn_dropout` defaults to 0; set it to
+    0.25 for CLAM's variant. `instance_scores` are the softmax weights a_k; the raw logits are kept in
+    `extras["attention_logits"]` for regularisers that act before the softmax; `bag_embedding` (z) and
+    `instance_embeddings` (h) serve the training strategies (MHIM's consistency and CAM scores, SC's contrast).
     """
 
     attention_scores = True
@@ -38,4 +38,4 @@ class ABMIL(MILModel):
         raw = self.attention(h)[..., 0]                    # [B, N]
         a = masked_softmax(raw, mask)
         z = (a.unsqueeze(1) @ h)[:, 0]                     # [B, hidden]
-        return MILOutput(self.classifier(z), a, {"attention_logits": raw, "embedding": z, "instances": h})
+        return MILOutput(self.classifier(z), a, {"attention_logits": raw}, bag_embedding=z, instance_embeddings=h)

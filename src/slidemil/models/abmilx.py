@@ -30,16 +30,15 @@ def similarity_pool(q, k, v, chunk: int = 2048):
           summary="multi-head MLP attention refined by instance-instance similarity (attention plus)",
           complexity="O(H*N^2) compute, O(N*chunk) memory")
 class ABMILX(MILModel):
-    """Card `abmilx_e2e.md` (DAttentionX). x -> Linear(E -> inner) -> GELU -> Dropout(0.25); split into H
-    heads; per-head MLP attention A_h = w2^T GELU(W1 x_h) (weights shared across heads); attention plus
-    A+_h = A_h + softmax(Q K^T / sqrt(d_h)) V with Q, K = LayerNorm(x_h) W_qk and V = v * A_h (the
-    score vector itself, the card's pitfall); a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i;
-    proj + dropout; classifier. The optional FFN block and `mil_norm` of the official code are left out.
-    Each bag's real instances are processed alone (exact masking); attention plus runs through
-    `F.scaled_dot_product_attention` in query chunks with recomputation, so memory stays O(N * 2048)
-    on CPU as well (the paper relies on fused GPU kernels for its O(N) memory). `instance_scores`
-    are the head-averaged attention.
-    """
+    """ABMILX (Tang et al., arXiv 2506.02408, Sec. 3.2, multi-head attention with attention plus; official
+    DAttentionX). x -> Linear(E -> inner) -> GELU -> Dropout(0.25); split into H heads; per-head MLP attention
+    A_h = w2^T GELU(W1 x_h) (weights shared across heads); attention plus A+_h = A_h + softmax(Q K^T /
+    sqrt(d_h)) V with Q, K = LayerNorm(x_h) W_qk and V = v * A_h (the score vector itself, an easy misreading);
+    a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i; proj + dropout; classifier. The optional FFN block
+    and `mil_norm` of the official code are left out. Each bag's real instances are processed alone (exact
+    masking); attention plus runs through `F.scaled_dot_product_attention` in query chunks with recomputation,
+    so memory stays O(N * 2048) on CPU as well (the paper relies on fused GPU kernels for its O(N) memory).
+    `instance_scores` are the head-averaged attention. """
 
     attention_scores = True
 

@@ -15,7 +15,7 @@ from slidemil.nn.masked import full_mask, masked_softmax
 
 def stochastic_topk_mask(raw: torch.Tensor, mask: torch.Tensor, n_masked: int, drop: float) -> torch.Tensor:
     """STKIM: per branch, among the top-`n_masked` instances by raw score, hide a random
-    floor(n_masked * drop) of them (card step 4). Returns the mask with those instances set False."""
+    floor(n_masked * drop) of them (the paper's STKIM, Sec. 3.3). Returns the mask with those instances set False."""
     b, k, n = raw.shape
     top = min(n_masked, n)
     n_drop = int(top * drop)
@@ -35,20 +35,19 @@ def stochastic_topk_mask(raw: torch.Tensor, mask: torch.Tensor, n_masked: int, d
           summary="multi-branch attention + stochastic top-K instance masking + diversity loss",
           complexity="O(K*N)")
 class ACMIL(MILModel):
-    """Card `acmil.md` (ACMIL_GA). h = ReLU(W x) (no bias, D_feat -> D_feat / 2, at least 128); K gated attention branches A (hidden 128);
-    MBA: branch k pools z_k = softmax(A_k) h and predicts g_k(z_k); STKIM (training only) hides a random
-    `mask_drop` share of each branch's top-`n_masked_patch` instances before the softmax; the slide head
-    classifies (mean_k softmax(A_k)) h. Loss = CE(slide) + mean_k CE(g_k) + mean pairwise cosine
-    similarity of the branches' attention (the diversity term); all weights 1.
-    `instance_scores` are the branch-averaged attention.
-    """
+    """ACMIL (Zhang et al., ECCV 2024; official ACMIL_GA). h = ReLU(W x) (no bias, D_feat -> D_feat / 2, at
+    least 128); K gated attention branches A (hidden 128); MBA: branch k pools z_k = softmax(A_k) h and predicts
+    g_k(z_k); STKIM (training only) hides a random `mask_drop` share of each branch's top-`n_masked_patch`
+    instances before the softmax; the slide head classifies (mean_k softmax(A_k)) h. Loss = CE(slide) + mean_k
+    CE(g_k) + mean pairwise cosine similarity of the branches' attention (the diversity term); all weights 1.
+    `instance_scores` are the branch-averaged attention. """
 
     attention_scores = True
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int | None = None, attn_dim: int = 128,
                  n_token: int = 5, n_masked_patch: int = 10, mask_drop: float = 0.6):
         super().__init__(in_dim, n_outputs)
-        hidden = hidden_dim or max(128, in_dim // 2)  # the card's D_feat / 2; floor for low-dim features
+        hidden = hidden_dim or max(128, in_dim // 2)  # the official D_feat / 2; floor for low-dim features
         self.n_token, self.n_masked_patch, self.mask_drop = n_token, n_masked_patch, mask_drop
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.ReLU())
         self.attention = AttentionScorer(hidden, attn_dim, n_token, gated=True)
@@ -66,8 +65,9 @@ class ACMIL(MILModel):
         branch_logits = torch.stack([clf(z[:, k]) for k, clf in enumerate(self.branch_classifiers)], 1)
         mean_a = a.mean(1)
         z_slide = (mean_a.unsqueeze(1) @ h)[:, 0]
-        return MILOutput(self.slide_classifier(z_slide), mean_a, {"branch_logits": branch_logits, "attention": a,
-                                                                  "attention_logits": raw, "embedding": z_slide})
+        return MILOutput(self.slide_classifier(z_slide), mean_a,
+                         {"branch_logits": branch_logits, "attention": a, "attention_logits": raw},
+                         bag_embedding=z_slide, instance_embeddings=h)
 
     def loss(self, out, target, task_loss):
         loss = task_loss(out.logits, target)

@@ -1,9 +1,10 @@
-"""The model interface every aggregator follows (DESIGN.md, "The model interface")."""
+"""The model interface every aggregator follows: `forward(x, mask, coords) -> MILOutput` and
+`loss(out, target, task_loss)`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -13,9 +14,19 @@ TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class MILOutput:
-    logits: torch.Tensor                    # [B, n_outputs]
-    instance_scores: torch.Tensor | None    # [B, N]: attention or instance logits; 0 at padded rows
+    """What every aggregator returns.
+
+    logits: [B, n_outputs]. instance_scores: [B, N] attention weights or instance logits (0 at padded
+    rows), or None. bag_embedding: [B, E], the pooled representation the classifier reads (contrastive
+    and distillation strategies use it), or None. instance_embeddings: [B, N, E'], the per-instance
+    representation that is pooled, or None. extras: whatever the model's own loss needs.
+    """
+
+    logits: torch.Tensor
+    instance_scores: torch.Tensor | None
     extras: dict = field(default_factory=dict)
+    bag_embedding: torch.Tensor | None = None
+    instance_embeddings: torch.Tensor | None = None
 
 
 class MILModel(nn.Module):
@@ -34,6 +45,15 @@ class MILModel(nn.Module):
 
     def loss(self, out: MILOutput, target: torch.Tensor, task_loss: TaskLoss) -> torch.Tensor:
         return task_loss(out.logits, target)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters the optimizer must not decay (as timm's `model.no_weight_decay()`): those a
+        submodule lists in its `no_weight_decay_names`, e.g. a state-space model's A_log and D."""
+        names = set()
+        for prefix, module in self.named_modules():
+            for local in getattr(module, "no_weight_decay_names", ()):
+                names.add(f"{prefix}.{local}" if prefix else local)
+        return names
 
     # Training hooks, called by the trainer; no-ops unless a model or strategy needs them.
     def fit_start(self, context) -> None:

@@ -10,7 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from slidemil.errors import InputError
 from slidemil.models.base import MILModel
+from slidemil.models.build import build_model
 from slidemil.utils.io import atomic_path, write_json
+
+# A training strategy wraps the aggregator as `.model`; its own parameters (teachers, projections) serve
+# training only, and its forward at inference is the aggregator's.
+STRATEGY_PREFIX = "model."
 
 
 def save_model(folder: Path, model: MILModel, meta: dict) -> None:
@@ -22,14 +27,20 @@ def save_model(folder: Path, model: MILModel, meta: dict) -> None:
     write_json(folder / "model.json", meta)
 
 
+def inference_state(state: dict, meta: dict) -> dict:
+    """The aggregator's weights out of a checkpoint (dropping a training strategy's wrapper)."""
+    if not meta.get("strategy"):
+        return state
+    return {k[len(STRATEGY_PREFIX):]: v for k, v in state.items() if k.startswith(STRATEGY_PREFIX)}
+
+
 def load_model(folder: Path, device="cpu") -> tuple[MILModel, dict]:
+    """The fold's model in eval mode on `device`, and its model.json."""
     folder = Path(folder)
     meta_path, weights = folder / "model.json", folder / "model.safetensors"
     if not meta_path.is_file() or not weights.is_file():
         raise InputError(f"{folder}: needs model.json and model.safetensors (is this a finished fold?)")
     meta = json.loads(meta_path.read_text())
-    from slidemil.train.build import build_model
-
     model = build_model(meta, meta["in_dim"], meta["n_outputs"])
-    model.load_state_dict(load_file(str(weights), device=str(torch.device(device))))
+    model.load_state_dict(inference_state(load_file(str(weights), device=str(torch.device(device))), meta))
     return model.to(device).eval(), meta

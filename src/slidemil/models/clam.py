@@ -22,13 +22,13 @@ def smooth_top1_svm(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1
 
 
 class _CLAM(MILModel):
-    """Shared body of CLAM-SB and CLAM-MB (card `clam.md`).
+    """Shared body of CLAM-SB and CLAM-MB (Lu et al., Nat. Biomed. Eng. 2021, Methods: "CLAM").
 
     h = Dropout(ReLU(W_1 x)); gated attention with `n_branches` branches; instance classifiers
-    g_c: Linear(512 -> 2), one per class. Loss (card, "Loss"):
+    g_c: Linear(512 -> 2), one per class. Loss (the paper's slide loss plus instance-level clustering, Methods):
     L = bag_weight * L_bag + (1 - bag_weight) * L_inst, with L_inst over the top-B / bottom-B
     instances by attention of the true class's branch (pseudo-labels 1 / 0) and, with `subtyping`,
-    the top-B of every other class's branch as 0. B is clamped to the bag size (card pitfall: topk
+    the top-B of every other class's branch as 0. B is clamped to the bag size (official pitfall: topk
     crashes on bags smaller than B in the official code) and padded rows are never sampled.
     """
 
@@ -57,7 +57,7 @@ class _CLAM(MILModel):
         a = masked_softmax(raw, mask[:, None])
         logits = self._pool(h, a)
         scores = pick_class(a, logits) if a.shape[1] > 1 else a[:, 0]
-        return MILOutput(logits, scores, {"h": h, "attention": a, "attention_logits": raw, "mask": mask})
+        return MILOutput(logits, scores, {"attention": a, "attention_logits": raw, "mask": mask}, instance_embeddings=h)
 
     def _instance_loss(self, h, a, mask, label: int) -> torch.Tensor:
         n = int(mask.sum())
@@ -83,7 +83,7 @@ class _CLAM(MILModel):
 
     def loss(self, out, target, task_loss):
         ex = out.extras
-        inst = torch.stack([self._instance_loss(ex["h"][b], ex["attention"][b], ex["mask"][b], int(target[b]))
+        inst = torch.stack([self._instance_loss(out.instance_embeddings[b], ex["attention"][b], ex["mask"][b], int(target[b]))
                             for b in range(len(target))]).mean()
         return self.bag_weight * task_loss(out.logits, target) + (1 - self.bag_weight) * inst
 

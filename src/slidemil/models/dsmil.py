@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput, pick_class
@@ -17,10 +16,10 @@ from slidemil.nn.masked import full_mask, masked_max, masked_softmax
 @register("dsmil", paper="Li et al., CVPR 2021 (arXiv 2011.08939)",
           summary="max-instance stream + attention to the critical instance, two-stream loss")
 class DSMIL(MILModel):
-    """Card `dsmil.md`. Stream 1: c_i = W_0 h_i, s_max = max_i c_i. Critical instance m = argmax_i c_i.
-    Stream 2: q_i = tanh(W_2 ReLU(W_1 h_i)); U_i = softmax_i(<q_i, q_m> / sqrt(128)); b = sum_i U_i v_i
-    (v_i = h_i, or Dropout-Linear-ReLU with `passing_v`); bag logits = Conv1d(C, C, kernel=D)(b).
-    Loss = 0.5 * L(s_max) + 0.5 * L(s_bag).
+    """DSMIL (Li et al., CVPR 2021, Sec. 3.1, dual-stream aggregator). Stream 1: c_i = W_0 h_i, s_max = max_i
+    c_i. Critical instance m = argmax_i c_i. Stream 2: q_i = tanh(W_2 ReLU(W_1 h_i)); U_i = softmax_i(<q_i, q_m>
+    / sqrt(128)); b = sum_i U_i v_i (v_i = h_i, or Dropout-Linear-ReLU with `passing_v`); bag logits = Conv1d(C,
+    C, kernel=D)(b). Loss = 0.5 * L(s_max) + 0.5 * L(s_bag).
 
     Binary tasks use one stream (the official `--num_classes 1`): logits are [0, s] so the task's
     cross-entropy equals the official BCE. With C > 2 classes there are C streams and the task's

@@ -4,7 +4,6 @@ Histopathology Whole Slide Image Classification", CVPR 2022 (arXiv 2203.12081)."
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput
@@ -30,11 +29,11 @@ class _AttentionHead(nn.Module):
 @register("dtfd", paper="Zhang et al., CVPR 2022 (arXiv 2203.12081)",
           summary="random pseudo-bags -> tier-1 ABMIL -> distilled features -> tier-2 ABMIL")
 class DTFD(MILModel):
-    """Card `dtfd_mil.md`. Each bag's real instances are shuffled and split into M = `n_groups`
-    pseudo-bags that inherit the bag label. Tier 1 (DimReduction Linear(D->512, no bias) + ReLU, gated
-    attention with hidden 128, classifier) scores each pseudo-bag; one feature per pseudo-bag is
-    distilled (`distill`: AFS = the attention-pooled feature; MaxS / MaxMinS = the top (and bottom)
-    instances by the CAM probability p_k = softmax(W (a_k h_k))); tier 2 (gated attention +
+    """DTFD-MIL (Zhang et al., CVPR 2022, Sec. 3, double-tier feature distillation). Each bag's real instances
+    are shuffled and split into M = `n_groups` pseudo-bags that inherit the bag label. Tier 1 (DimReduction
+    Linear(D->512, no bias) + ReLU, gated attention with hidden 128, classifier) scores each pseudo-bag; one
+    feature per pseudo-bag is distilled (`distill`: AFS = the attention-pooled feature; MaxS / MaxMinS = the top
+    (and bottom) instances by the CAM probability p_k = softmax(W (a_k h_k))); tier 2 (gated attention +
     classifier) classifies the M distilled features. Loss = mean CE over pseudo-bags + CE(slide).
 
     Tier 2 sees *detached* tier-1 features: that is what the official two-optimizer scheme amounts to

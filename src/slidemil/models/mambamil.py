@@ -1,7 +1,6 @@
 """MambaMIL with SR-Mamba: Yang, Wang & Chen, "MambaMIL: Enhancing Long Sequence Modeling with Sequence
 Reordering in Computational Pathology", MICCAI 2024 (arXiv 2403.06800); and with LBMamba's locally
 bidirectional scan: Zhang et al., "LBMamba: Locally Bi-directional Mamba", TMLR 2025 (arXiv 2506.15976).
-Card `mambamil_lbmamba.md`.
 """
 
 from __future__ import annotations
@@ -20,14 +19,12 @@ from slidemil.nn.masked import full_mask, masked_softmax, per_bag
 from slidemil.nn.ssm import recompute, selective_scan
 
 
-def _no_decay(p: nn.Parameter) -> nn.Parameter:
-    p._no_weight_decay = True  # A_log, D and the dt bias stay out of weight decay (card pitfall)
-    return p
-
-
 class S6Branch(nn.Module):
-    """One selective-SSM path of a Mamba block (card steps 2-5): causal depth-wise conv1d + SiLU,
+    """One selective-SSM path of a Mamba block (Gu & Dao 2023, Sec. 3.4 and Fig. 3): causal depth-wise conv1d + SiLU,
     x_proj -> (dt, B, C), dt_proj with softplus, A = -exp(A_log) (S4D-real init), D skip."""
+
+    # Mamba keeps the SSM's own parameters out of weight decay (Gu & Dao 2023, official `_no_weight_decay`)
+    no_weight_decay_names = ("A_log", "D", "dt_proj.bias")
 
     def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
                  dt_min: float = 1e-3, dt_max: float = 1e-1):
@@ -40,9 +37,8 @@ class S6Branch(nn.Module):
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp_min(1e-4)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus: softplus(b) = dt
-        _no_decay(self.dt_proj.bias)
-        self.A_log = _no_decay(nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)))
-        self.D = _no_decay(nn.Parameter(torch.ones(d_inner)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
 
     def _piece(self, seq, in_proj, context, h, window: int):
         """One stretch of the block's input: in_proj, then conv (`context` = the d_conv - 1 rows of x
@@ -78,7 +74,7 @@ class S6Branch(nn.Module):
 
 
 def reorder_index(n: int, rate: int, device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """SR-Mamba's reordering (card step 4): pad n to a multiple of `rate`, view the sequence as an
+    """SR-Mamba's sequence reordering (Yang et al., MICCAI 2024, Sec. 2.2): pad n to a multiple of `rate`, view the sequence as an
     (n' / rate) x rate matrix row-major and read it column-major (0, R, 2R, ..., 1, R+1, ...).
     Returns (order, its inverse, padded length)."""
     padded = n + (-n % rate)
@@ -87,7 +83,7 @@ def reorder_index(n: int, rate: int, device=None) -> tuple[torch.Tensor, torch.T
 
 
 class MambaBlock(nn.Module):
-    """Mamba (card: d_state 16, d_conv 4, expand 2, dt_rank ceil(d_model / 16)). `rate` > 0 adds SR-Mamba's
+    """Mamba (official defaults: d_state 16, d_conv 4, expand 2, dt_rank ceil(d_model / 16)). `rate` > 0 adds SR-Mamba's
     second branch (own conv1d, x_proj, dt_proj, A_log, D; shared in_proj/out_proj) on the reordered
     in_proj output; `window` > 1 makes each scan locally bidirectional (LBMamba)."""
 
@@ -158,15 +154,15 @@ class _MambaMILBase(MILModel):
         enc = per_bag(self._encode, self.embed(x), mask)
         a = masked_softmax(self.attention(enc)[..., 0], mask)
         z = (a.unsqueeze(1) @ enc)[:, 0]
-        return MILOutput(self.classifier(z), a, {"embedding": z})
+        return MILOutput(self.classifier(z), a, bag_embedding=z)
 
 
 @register("mambamil", paper="Yang et al., MICCAI 2024 (arXiv 2403.06800)",
           summary="2 SR-Mamba layers (forward scan + scan of the rate-R reordered sequence) + attention pooling",
           complexity="O(N·d·n_state)")
 class MambaMIL(_MambaMILBase):
-    """MambaMIL (card): SR-Mamba layers, rate R = 5 (the paper's scripts; argparse says 10), dropout 0
-    (subtyping scripts). The official non-CUDA SR-Mamba branch is broken (card pitfall); this follows
+    """MambaMIL (Yang et al., MICCAI 2024, Sec. 2): SR-Mamba layers, rate R = 5 (the paper's scripts; argparse says 10), dropout 0
+    (subtyping scripts). The official non-CUDA SR-Mamba branch is broken; this follows
     the paper / CUDA path: shared in_proj, reorder x and z together, branch outputs summed before
     out_proj. The pure-PyTorch scan runs in chunks of `scan_chunk` positions, each recomputed in backward."""
 
@@ -177,7 +173,8 @@ class MambaMIL(_MambaMILBase):
 
 
 @register("lbmamba", paper="Zhang et al., TMLR 2025 (arXiv 2506.15976), in MambaMIL",
-          summary="MambaMIL with locally bidirectional scans (backward state inside windows), direction alternating every 2 layers",
+          summary="MambaMIL with locally bidirectional scans (backward state inside windows), "
+                  "direction alternating every 2 layers",
           complexity="O(N·d·n_state)")
 class LBMambaMIL(_MambaMILBase):
     """MambaMIL's network with LBMamba blocks: each scan adds a backward state inside aligned windows of

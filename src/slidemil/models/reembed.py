@@ -1,25 +1,26 @@
 """Re-embedding modules placed between the patch features and any aggregator (`--reembed NAME`).
 
 A re-embedder maps [B, N, E] (with the mask) to [B, N, out_dim]; the aggregator is built for
-out_dim. R²T's authors use it this way ("put the rrt_enc before the aggregation module").
+out_dim. R²T's authors use it this way ("put the rrt_enc before the aggregation module", Tang et al.,
+CVPR 2024, Sec. 3.4).
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from slidemil.models.base import MILModel, MILOutput
-from slidemil.models.registry import constructor_arguments
 from slidemil.models.rrt import RRTReembed
 from slidemil.nn.masked import full_mask
+from slidemil.utils.registry import Registry
 
-REEMBEDDERS: dict[str, type[nn.Module]] = {"rrt": RRTReembed}
+REEMBEDDINGS = Registry("re-embedding", skip=("in_dim",))
+REEMBEDDINGS.register("rrt", RRTReembed, paper="Tang et al., CVPR 2024 (arXiv 2402.17228)",
+                      summary="R²T: projection + regional MSA (EPEG) + cross-region MSA, in front of any aggregator")
 
 
 class Reembedded(MILModel):
     """An aggregator behind a re-embedder: same outputs, instance scores and loss as the aggregator."""
 
-    def __init__(self, encoder: nn.Module, model: MILModel, in_dim: int):
+    def __init__(self, encoder, model: MILModel, in_dim: int):
         super().__init__(in_dim, model.n_outputs)
         self.encoder, self.model = encoder, model
         self.attention_scores = model.attention_scores
@@ -30,15 +31,3 @@ class Reembedded(MILModel):
 
     def loss(self, out, target, task_loss):
         return self.model.loss(out, target, task_loss)
-
-
-def reembedder(name: str, in_dim: int, **kwargs) -> nn.Module:
-    if name not in REEMBEDDERS:
-        raise ValueError(f"unknown re-embedding {name!r}; choose one of {', '.join(sorted(REEMBEDDERS))}")
-    cls = REEMBEDDERS[name]
-    allowed = list(constructor_arguments(cls, ("self", "in_dim")))
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(f"re-embedding {name!r} takes no argument(s) {', '.join(unknown)}; "
-                         f"its arguments are: {', '.join(allowed)}")
-    return cls(in_dim, **kwargs)

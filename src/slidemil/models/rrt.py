@@ -1,5 +1,5 @@
 """R²T-MIL: Tang et al., "Feature Re-Embedding: Towards Foundation Model-Level Performance in
-Computational Pathology", CVPR 2024 (arXiv 2402.17228). Card `rrt_mil.md`.
+Computational Pathology", CVPR 2024 (arXiv 2402.17228).
 
 `RRTReembed` (projection + R²T encoder) is also a re-embedding module in front of any aggregator
 (`slidemil train --reembed rrt`, see `slidemil.models.reembed`).
@@ -19,13 +19,13 @@ from slidemil.nn.attention import AttentionScorer, Dropout
 from slidemil.nn.masked import full_mask, masked_softmax, per_bag
 
 # Regions are attended a group at a time so the attention logits stay under this many elements:
-# memory is bounded at any N (the card's README needs ~10 GB at N = 9000 without it).
+# memory is bounded at any N (the official README reports ~10 GB at N = 9000 without it).
 _MAX_ATTN_ELEMENTS = 1 << 24
 
 
 def region_grid(n: int, region_num: int, region_size: int = 0) -> tuple[int, int]:
     """(side, r): the zero-padded square side (a multiple of the region count or size) and the region
-    side, as the official `padding` (card step 1)."""
+    side, as the official `padding` (paper Sec. 3.2)."""
     side = math.ceil(math.sqrt(n))
     if region_size > 0:
         side += -side % region_size
@@ -82,7 +82,8 @@ class InnerAttention(nn.Module):
 
 
 class RegionMSA(nn.Module):
-    """R-MSA (card step 2): self-attention with EPEG inside each of the region_num² regions."""
+    """R-MSA (paper Sec. 3.2, regional multi-head self-attention): self-attention with EPEG inside each of the
+    region_num² regions."""
 
     def __init__(self, dim, heads, dropout, region_num, region_size, epeg_k):
         super().__init__()
@@ -94,10 +95,14 @@ class RegionMSA(nn.Module):
         return from_regions(self.attn(to_regions(x, side, r)), side, r, len(x))
 
 
+class FixedInitLinear(nn.Linear):
+    """A Linear whose initialisation is set where it is built; `_xavier` leaves it as it is."""
+
+
 class CrossRegionMSA(nn.Module):
-    """CR-MSA (card step 3): per region, k representatives R = softmax_tokens(X phi)^T X; self-attention
-    across regions for each representative index (no EPEG, as official); each token gets
-    sum_k minmax_tokens(X phi)_k * softmax_k(X phi) * R'_k."""
+    """CR-MSA (paper Sec. 3.3, cross-region MSA): per region, k representatives R = softmax_tokens(X phi)^T X;
+    self-attention across regions for each representative index (no EPEG, as official); each token gets sum_k
+    minmax_tokens(X phi)_k * softmax_k(X phi) * R'_k."""
 
     def __init__(self, dim, heads, dropout, region_num, region_size, k, mlp):
         super().__init__()
@@ -108,9 +113,8 @@ class CrossRegionMSA(nn.Module):
         else:
             # the official phi is a (dim x k) Parameter under kaiming_uniform(a=sqrt(5)), whose fan-in is
             # then k: U(-1/sqrt(k), 1/sqrt(k)); the same values here, stored as a Linear
-            self.phi = nn.Linear(dim, k, bias=False)
+            self.phi = FixedInitLinear(dim, k, bias=False)
             nn.init.uniform_(self.phi.weight, -k ** -0.5, k ** -0.5)
-            self.phi.keep_init = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         side, r = region_grid(len(x), self.region_num, self.region_size)
@@ -140,9 +144,6 @@ class RRTReembed(nn.Module):
     and one CR-MSA layer, each x + MSA(LN(x)) without FFN, optional global shortcut, final LayerNorm.
     Each bag is processed alone (regions come from list order; padded rows never join a region)."""
 
-    paper = "Tang et al., CVPR 2024 (arXiv 2402.17228)"
-    summary = "R²T: projection + regional MSA (EPEG) + cross-region MSA, in front of any aggregator"
-
     def __init__(self, in_dim: int, dim: int = 512, dropout: float = 0.25, n_layers: int = 2, heads: int = 8,
                  attn_dropout: float = 0.1, region_num: int = 8, region_size: int = 0, epeg_k: int = 15,
                  crmsa_k: int = 3, crmsa_heads: int = 8, crmsa_mlp: bool = False, all_shortcut: bool = False):
@@ -170,7 +171,7 @@ class RRTReembed(nn.Module):
 def _xavier(module: nn.Module) -> None:
     """The official `initialize_weights`: Xavier-normal Linear/Conv weights, zero biases."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not getattr(m, "keep_init", False):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, FixedInitLinear):
             nn.init.xavier_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -180,7 +181,7 @@ def _xavier(module: nn.Module) -> None:
           summary="R²T re-embedding (regional MSA with EPEG + cross-region MSA), then ABMIL pooling",
           complexity="O(N²/64) (regional attention; O(N·s²) with region_size)")
 class RRTMIL(MILModel):
-    """R²T-MIL (card `rrt_mil.md`): x -> RRTReembed -> ABMIL (plain tanh attention, 128) -> Linear.
+    """R²T-MIL (Tang et al., CVPR 2024, Sec. 3): x -> RRTReembed -> ABMIL (plain tanh attention, 128) -> Linear.
     Defaults: region_num 8, epeg_k 15, crmsa_k 3, 8 heads, dropout 0.25 / 0.1. Regional attention
     is quadratic within regions (N²/64 with a fixed region count, as the paper); `region_size` makes
     it linear. The regional attention is computed a group of regions at a time (and recomputed in
@@ -205,4 +206,4 @@ class RRTMIL(MILModel):
         h = self.reembed(x, mask)
         a = masked_softmax(self.attention(h)[..., 0], mask)
         z = (a.unsqueeze(1) @ h)[:, 0]
-        return MILOutput(self.classifier(z), a, {"embedding": z})
+        return MILOutput(self.classifier(z), a, bag_embedding=z)

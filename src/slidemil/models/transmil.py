@@ -13,7 +13,7 @@ from slidemil.nn.nystrom import NystromAttention, square_side
 
 
 class TransLayer(nn.Module):
-    """x + NystromAttention(LayerNorm(x)); no MLP block, as in the official code (card step 4)."""
+    """x + NystromAttention(LayerNorm(x)); no MLP block, as in the official code (paper Sec. 3, TPT module)."""
 
     def __init__(self, dim: int, heads: int, landmarks: int, dropout: float):
         super().__init__()
@@ -43,9 +43,10 @@ class PPEG(nn.Module):
           summary="2 Nystrom self-attention layers + PPEG position encoding + class token",
           complexity="O(N*m), m = 256 landmarks")
 class TransMIL(MILModel):
-    """Card `transmil.md`, steps 1-7: h = ReLU(W x); square the sequence to M = ceil(sqrt N)^2 by repeating
-    the first M - N tokens (as the official code: list order, not coordinates, makes the grid); prepend
-    a class token; TransLayer, PPEG, TransLayer; LayerNorm; classify the class token.
+    """TransMIL (Shao et al., NeurIPS 2021, Sec. 3 and Algorithm 1, the TPT module): h = ReLU(W x); square the
+    sequence to M = ceil(sqrt N)^2 by repeating the first M - N tokens (as the official code: list order, not
+    coordinates, makes the grid); prepend a class token; TransLayer, PPEG, TransLayer; LayerNorm; classify the
+    class token.
 
     Masking: each bag's real rows are taken out and processed alone, so padding cannot reach the
     squaring, the landmarks or the convolutions. `instance_scores` are the class token's Nyström
@@ -96,4 +97,4 @@ class TransMIL(MILModel):
             logits.append(lg)
             embeddings.append(z)
             scores[b, mask[b]] = sc.to(x.dtype)
-        return MILOutput(torch.cat(logits), scores, {"embedding": torch.cat(embeddings)})
+        return MILOutput(torch.cat(logits), scores, bag_embedding=torch.cat(embeddings))

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
 _QUERY_BLOCK = 8192
 
 

@@ -1,7 +1,8 @@
 """Selective state-space scan (Mamba's S6) in pure PyTorch, memory-bounded, with LBMamba's local
 backward window; the `mamba-ssm` CUDA kernel is used when installed and the tensors are on a GPU.
 
-Card `mambamil_lbmamba.md`. Layouts follow mamba-ssm: u, delta, z [B, D, L]; A [D, N] (negative);
+Gu & Dao, "Mamba" (arXiv 2312.00752), Sec. 3.2 and Algorithm 2 (the selective scan); LBMamba's local
+backward scan as in its paper. Layouts follow mamba-ssm: u, delta, z [B, D, L]; A [D, N] (negative);
 B, C [B, N, L]; D [D]. Recurrence per channel d and state n:
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = <h_t, C_t> + D u_t,   y *= SiLU(z).
 LBMamba (window M > 1) adds, inside each aligned window of M positions, a backward state

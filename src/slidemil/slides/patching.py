@@ -10,22 +10,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from slidemil.slides.reader import Slide, require_mpp
 from slidemil.slides.tissue import TissueMask
 from slidemil.utils.io import atomic_path
 
 
-@dataclass
-class PatchParams:
-    target_mpp: float | None = 0.5
-    magnification: float | None = None   # alternative to target_mpp: 20 means 0.5 mpp (10 / mag)
-    patch_size: int = 256
-    overlap: int = 0                      # px at the target resolution
-    min_tissue: float = 0.25
+class PatchConfig(BaseModel):
+    """Settings of the patching stage (`slidemil patch`; YAML keys = field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_mpp: Optional[float] = Field(0.5, gt=0, description="Patch resolution in µm/px.")
+    magnification: Optional[float] = Field(None, gt=0, description="Patch magnification instead of mpp "
+                                                                   "(20 = 0.5 µm/px).")
+    patch_size: int = Field(256, ge=8, description="Patch side in px at the target resolution.")
+    overlap: int = Field(0, ge=0, description="Overlap in px at the target resolution.")
+    min_tissue: float = Field(0.25, ge=0, le=1, description="Keep patches with at least this tissue fraction.")
 
     def resolved_mpp(self) -> float:
         if self.magnification:
@@ -42,7 +48,7 @@ class PatchGrid:
     attrs: dict
 
 
-def _grid_geometry(slide: Slide, p: PatchParams) -> dict:
+def _grid_geometry(slide: Slide, p: PatchConfig) -> dict:
     mpp0 = require_mpp(slide)
     target = p.resolved_mpp()
     downsample = target / mpp0
@@ -77,7 +83,7 @@ def tissue_fraction(mask: np.ndarray, mask_downsample: float, xs: np.ndarray, ys
     return total / area
 
 
-def make_grid(slide: Slide, tissue: TissueMask, params: PatchParams) -> PatchGrid:
+def make_grid(slide: Slide, tissue: TissueMask, params: PatchConfig) -> PatchGrid:
     geo = _grid_geometry(slide, params)
     size0, stride = geo["patch_size_level0"], geo.pop("stride_level0")
     w0, h0 = slide.dimensions
@@ -92,7 +98,7 @@ def make_grid(slide: Slide, tissue: TissueMask, params: PatchParams) -> PatchGri
 
 
 def write_coords(path: Path, grid: PatchGrid, extra_attrs: dict | None = None) -> Path:
-    """`patches/<slide_id>.h5`: dataset `coords` int64 [N, 2] with the attributes of DESIGN.md, which
+    """`patches/<slide_id>.h5`: dataset `coords` int64 [N, 2] with the attributes below, which
     are also what CLAM (`patch_level`, `patch_size`, `downsample`, `level_dim`) and TRIDENT
     (`patch_size_level0`, `level0_magnification`, `target_magnification`, `overlap`) read."""
     with atomic_path(path) as tmp:

@@ -93,7 +93,8 @@ def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, t
                          downsamples=(1, 4, 16), quality: int = 90) -> Path:
     """An Aperio-layout tiled JPEG TIFF; `mpp=None` writes no resolution (to test the missing-mpp path)."""
     path = Path(path)
-    desc = f"Aperio Image Library v12.0.0 slidemil-synthetic\r\n{rgb.shape[1]}x{rgb.shape[0]} [0,0 {rgb.shape[1]}x{rgb.shape[0]}] ({tile}x{tile}) JPEG Q={quality}"
+    w, h = rgb.shape[1], rgb.shape[0]
+    desc = f"Aperio Image Library v12.0.0 slidemil-synthetic\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG Q={quality}"
     if mpp is not None:
         desc += f"|AppMag = {round(10 / mpp)}|MPP = {mpp}"
     with atomic_path(path) as tmp:

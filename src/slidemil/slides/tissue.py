@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 from skimage import color, draw, filters, measure, morphology
 
@@ -24,18 +25,22 @@ from slidemil.slides.reader import Slide, require_mpp
 from slidemil.utils.io import atomic_path, write_text
 
 
-@dataclass
-class TissueParams:
-    seg_mpp: float = 8.0            # resolution the mask is computed at (microns per pixel)
-    threshold: str = "otsu"         # "otsu" or a saturation value in [0, 1]
-    min_saturation: float = 0.04    # Otsu's threshold is never below this (blank slides stay blank)
-    median: int = 7                 # median filter size, mask pixels
-    close: int = 4                  # closing disk radius, mask pixels
-    min_area_um2: float = 20000.0   # smaller tissue objects are dropped
-    max_hole_um2: float = 10000.0   # smaller holes are filled
-    filter_pen: bool = True
-    pen_hue: tuple[float, float] = (0.15, 0.67)   # green to blue; H&E stains sit at pink/purple hues
-    dark_value: float = 0.12        # HSV value below this is treated as artefact, not tissue
+class TissueConfig(BaseModel):
+    """Settings of the segmentation stage (`slidemil segment`; YAML keys = field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seg_mpp: float = Field(8.0, gt=0, description="Segmentation resolution in µm/px.")
+    threshold: str = Field("otsu", description="otsu, or a saturation threshold in [0, 1].")
+    min_saturation: float = Field(0.04, description="Floor of Otsu's threshold (blank slides stay blank).")
+    median: int = Field(7, description="Median filter size in mask pixels.")
+    close: int = Field(4, description="Closing disk radius in mask pixels.")
+    min_area_um2: float = Field(20000.0, description="Drop tissue objects smaller than this (µm²).")
+    max_hole_um2: float = Field(10000.0, description="Fill holes smaller than this (µm²).")
+    filter_pen: bool = Field(True, description="Remove pen ink and dark artefacts before thresholding.")
+    pen_hue: tuple[float, float] = Field((0.15, 0.67), description="Hue range of pen ink (green to blue; H&E "
+                                                                   "stains sit at pink/purple hues).")
+    dark_value: float = Field(0.12, description="HSV value below which a pixel is an artefact, not tissue.")
 
 
 @dataclass
@@ -62,8 +67,8 @@ def segmentation_image(slide: Slide, seg_mpp: float) -> tuple[np.ndarray, float]
     return img, w0 / w
 
 
-def segment_tissue(slide: Slide, params: TissueParams | None = None) -> TissueMask:
-    p = params or TissueParams()
+def segment_tissue(slide: Slide, params: TissueConfig | None = None) -> TissueMask:
+    p = params or TissueConfig()
     img, downsample = segmentation_image(slide, p.seg_mpp)
     hsv = color.rgb2hsv(img)
     sat = ndi.median_filter(hsv[..., 1], size=p.median)
@@ -164,11 +169,11 @@ def draw_qc(tissue: TissueMask, geo: dict, coords: np.ndarray | None = None, pat
     return im
 
 
-def save_segmentation(folder: Path, slide_id: str, tissue: TissueMask, geo: dict, params: TissueParams) -> None:
+def save_segmentation(folder: Path, slide_id: str, tissue: TissueMask, geo: dict, params: TissueConfig) -> None:
     from slidemil.utils.io import safe_child
 
     folder.mkdir(parents=True, exist_ok=True)
-    geo = dict(geo, properties={"slide_id": slide_id, "downsample": tissue.downsample, "params": asdict(params)})
+    geo = dict(geo, properties={"slide_id": slide_id, "downsample": tissue.downsample, "params": params.model_dump(mode="json")})
     write_text(safe_child(folder, slide_id, ".geojson"), json.dumps(geo))
     with atomic_path(safe_child(folder, slide_id, "_qc.png")) as tmp:
         draw_qc(tissue, geo).save(tmp, format="PNG")

@@ -1,4 +1,4 @@
-"""Cross-validation run: the run folder of DESIGN.md, fold by fold, resumable.
+"""Cross-validation run: a run folder (`slidemil.rundir.RunDir`), fold by fold, resumable.
 
 A fold is finished when `fold_<k>/done.json` exists; it is written last, after the weights, history,
 test predictions and attention files, so a run killed mid-fold redoes that fold and nothing else.
@@ -17,19 +17,22 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from slidemil import __version__
-from slidemil.config import TrainConfig
 from slidemil.data.bags import BagDataset, bag_units
 from slidemil.data.cohort import Cohort, attach_features, read_label_table
 from slidemil.data.splits import make_splits, read_splits
 from slidemil.errors import InputError
-from slidemil.features.store import read_attrs
+from slidemil.evaluate.report import evaluate_run
+from slidemil.features.store import read_attrs, read_features
+from slidemil.models.build import SPEC_KEYS, build_model
 from slidemil.models.checkpoint import save_model
-from slidemil.train.build import SPEC_KEYS, build_model
-from slidemil.train.trainer import fit, infer, resolve_device
-from slidemil.utils.io import atomic_path, safe_child, write_csv, write_json, write_text
+from slidemil.rundir import RunDir
+from slidemil.train.config import TrainConfig
+from slidemil.train.strategies import apply_strategy
+from slidemil.train.trainer import fit, infer
+from slidemil.utils.device import resolve_device
+from slidemil.utils.io import atomic_path, safe_child, write_csv
 from slidemil.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -74,21 +77,20 @@ def provenance(cohort: Cohort) -> dict:
             "features_sha256": features_fingerprint(cohort.table["feature_path"])}
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    out = Path(cfg.out)
-    saved = out / "config.yaml"
-    if saved.exists():
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
+    run = RunDir(cfg.out)
+    if run.has_config():
         if not resume:
-            raise InputError(f"{out} already holds a run; pass --resume to finish it, or choose another --out")
-        old = yaml.safe_load(saved.read_text())
+            raise InputError(f"{run.path} already holds a run; pass --resume to finish it, or choose another --out")
+        old = run.config()
         old.pop("slidemil", None)
         old_cfg = TrainConfig(**{**old, "out": cfg.out})
         changed = sorted(k for k, v in cfg.identity().items() if old_cfg.identity().get(k) != v)
         if changed:
-            raise InputError(f"{out}: --resume with a different configuration ({', '.join(changed)}); "
+            raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
                              "use the original settings or a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run
 
 
 def encoder_meta(cohort: Cohort) -> dict:
@@ -98,43 +100,36 @@ def encoder_meta(cohort: Cohort) -> dict:
 
 def run_cv(cfg: TrainConfig, resume: bool = False, progress=None) -> Path:
     """Train every fold (skipping finished ones), then write pooled predictions and the evaluation."""
-    from slidemil.evaluate.report import evaluate_run  # late import: plotting is heavy
-
-    out = _prepare_run_dir(cfg, resume)
+    run = _prepare_run_dir(cfg, resume)
     cohort = load_cohort(cfg)
-    if resume and (out / "splits.csv").exists():
-        splits = read_splits(out / "splits.csv", cohort)
+    if resume and run.splits_path.exists():
+        splits = read_splits(run.splits_path, cohort)
     elif cfg.splits:
         splits = read_splits(cfg.splits, cohort)
     else:
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site)
-    write_csv(out / "splits.csv", splits)
+    run.write_splits(splits)
     config = cfg.model_dump()
     config["slidemil"] = provenance(cohort)
-    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    run.write_config(config)
 
     device = resolve_device(cfg.device)
     enc = encoder_meta(cohort)
     in_dim = int(enc.get("embedding_dim") or _first_dim(cohort))
     for fold in sorted(splits["fold"].unique()):
-        fold_dir = out / f"fold_{fold}"
-        if (fold_dir / "done.json").exists():
+        if run.is_fold_done(fold):
             log.info("fold %d already finished: skipped", fold)
             if progress:
                 progress({"fold": int(fold), "skipped": True})
             continue
-        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), fold_dir, out, device, in_dim, enc,
-                    progress)
-    pooled = pd.concat([pd.read_csv(out / f"fold_{k}" / "predictions.csv", dtype={"slide_id": str, "case_id": str})
-                        for k in sorted(splits["fold"].unique())], ignore_index=True)
-    write_csv(out / "predictions.csv", pooled)
-    evaluate_run(out, n_boot=cfg.bootstrap, seed=cfg.seed)
-    return out
+        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress)
+    pooled = pd.concat([run.fold_predictions(k) for k in sorted(splits["fold"].unique())], ignore_index=True)
+    run.write_predictions(pooled)
+    evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
+    return run.path
 
 
 def _first_dim(cohort: Cohort) -> int:
-    from slidemil.features.store import read_features
-
     return read_features(cohort.table["feature_path"].iloc[0]).dim
 
 
@@ -149,30 +144,31 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
     return parts
 
 
-def _train_fold(cfg, cohort, fold_splits, fold, fold_dir, out, device, in_dim, enc, progress) -> None:
+def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress) -> None:
     gen = seed_everything(cfg.seed + fold)
     parts = _datasets(cfg, cohort, fold_splits, fold)
-    model = build_model(cfg.model_dump(), in_dim, len(cohort.classes))
+    model = apply_strategy(build_model(cfg.model_dump(), in_dim, len(cohort.classes)), cfg.strategy,
+                           **cfg.strategy_args)
 
     def report(row):
         if progress:
             progress({"fold": fold, **row})
 
     result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
-                 fold=fold, run_dir=out, encoder=enc.get("encoder"))
+                 fold=fold, run_dir=run, encoder=enc.get("encoder"))
     res = infer(model, parts["test"], device, keep_scores=True)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": len(cohort.classes),
             "task": "classification", "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__}
+    fold_dir = run.fold_dir(fold)
     save_model(fold_dir, model, meta)
     write_csv(fold_dir / "history.csv", result.history)
     preds = prediction_table(res.ids, res.probs, cohort, cfg.bag_unit)
     preds.insert(2, "fold", fold)
-    write_csv(fold_dir / "predictions.csv", preds)
+    run.write_predictions(preds, fold)
     if cfg.bag_unit == "slide":
-        write_attention(out / "attention", parts["test"], res, fold)
-    write_json(fold_dir / "done.json", {"fold": fold, "best_epoch": result.best_epoch,
-                                         "epochs_run": len(result.history)})
+        write_attention(run.attention_dir, parts["test"], res, fold)
+    run.mark_fold_done(fold, {"fold": fold, "best_epoch": result.best_epoch, "epochs_run": len(result.history)})
 
 
 def prediction_table(ids, probs: np.ndarray, cohort: Cohort, bag_unit: str) -> pd.DataFrame:

@@ -15,21 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from slidemil.config import TrainConfig
 from slidemil.data.bags import BagDataset, collate_bags
 from slidemil.errors import TrainingError
 from slidemil.evaluate.metrics import classification_metrics
 from slidemil.models.base import MILModel
+from slidemil.rundir import RunDir
+from slidemil.train.config import TrainConfig
+from slidemil.utils.device import autocast
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def make_task_loss(labels: np.ndarray, n_classes: int, class_weights: str, device) -> callable:
@@ -58,7 +52,7 @@ def infer(model: MILModel, dataset: BagDataset, device, task_loss=None, keep_sco
     ids, probs, losses, scores = [], [], [], []
     for batch in loader:
         x = batch["x"].to(device)
-        with _autocast(device):
+        with autocast(device):
             out = model(x, batch["mask"].to(device), batch["coords"])
         logits = out.logits.float()
         if task_loss is not None:
@@ -69,12 +63,6 @@ def infer(model: MILModel, dataset: BagDataset, device, task_loss=None, keep_sco
             s = out.instance_scores
             scores.append(s[0].float().cpu().numpy() if s is not None else None)
     return Inference(ids, np.concatenate(probs), float(np.mean(losses)) if losses else float("nan"), scores)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
@@ -102,16 +90,17 @@ class FitContext:
     cfg: TrainConfig
     device: torch.device
     fold: int = 0
-    run_dir: object = None
+    run_dir: RunDir | None = None  # the run being trained (strategies check an earlier run against it)
     encoder: str | None = None    # the features' encoder name, when the feature files record it
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: parameters flagged `_no_weight_decay` (SSM A_log, D, dt bias) get none."""
+def param_groups(model: MILModel, weight_decay: float) -> list[dict]:
+    """AdamW groups: the parameters named by `model.no_weight_decay()` (SSM A_log, D, dt bias) get none."""
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+            (no_decay if name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -156,7 +145,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         total, n_seen = 0.0, 0
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
-            with _autocast(device):
+            with autocast(device):
                 out = model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
                 loss = model.loss(out, batch["y"].to(device), task_loss)
             if not torch.isfinite(loss):

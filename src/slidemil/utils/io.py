@@ -10,9 +10,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
 

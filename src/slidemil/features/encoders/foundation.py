@@ -2,7 +2,7 @@
 
 Each builder makes the architecture with random weights (no download); weights are loaded by the
 registry from a local file or, when asked, from the hub. Architectures and normalisations follow the
-model cards: UNI (Chen et al., Nat. Med. 2024), UNI2-h, Virchow2 (Zimmermann et al. 2024),
+published model cards: UNI (Chen et al., Nat. Med. 2024), UNI2-h, Virchow2 (Zimmermann et al. 2024),
 H-optimus-0/1 (Bioptimus), Prov-GigaPath (Xu et al., Nature 2024), Phikon-v2 (Filiot et al. 2024), and
 ResNet-50 truncated after block 3 as in CLAM.
 """
@@ -15,7 +15,8 @@ import timm
 import torch
 from torch import nn
 
-from slidemil.features.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
+from slidemil.errors import InputError
+from slidemil.features.encoders.registry import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
 
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 
@@ -94,7 +95,8 @@ _spec("uni_v2", 1536, lambda: _vit("vit_giant_patch14_224", **_uni2, **_swiglu()
       extra={"from_hub": lambda: _vit("hf-hub:MahmoodLab/UNI2-h", pretrained=True, **_uni2, **_swiglu())})
 _virchow2 = dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True, reg_tokens=4)
 _spec("virchow2", 2560, lambda: ClassAndMeanTokens(_vit("vit_huge_patch14_224", **_virchow2, **_swiglu()), 5),
-      hub_id="paige-ai/Virchow2", weights_file="pytorch_model.bin", gated=True, convert=lambda s: {f"vit.{k}": v for k, v in s.items()},
+      hub_id="paige-ai/Virchow2", weights_file="pytorch_model.bin", gated=True,
+      convert=lambda s: {f"vit.{k}": v for k, v in s.items()},
       reference="Zimmermann et al. 2024 (Virchow2); embedding = [class token, mean patch token]",
       extra={"from_hub": lambda: ClassAndMeanTokens(_vit("hf-hub:paige-ai/Virchow2", pretrained=True, **_virchow2,
                                                          **_swiglu()), 5)})
@@ -124,8 +126,6 @@ def timm_spec(model_name: str) -> EncoderSpec:
     try:
         probe = timm.create_model(model_name, pretrained=False, num_classes=0)
     except Exception as exc:
-        from slidemil.errors import InputError
-
         raise InputError(f"timm has no model {model_name!r} ({exc})") from None
     cfg = probe.pretrained_cfg or {}
     size = int((cfg.get("input_size") or (3, 224, 224))[-1])
@@ -134,3 +134,6 @@ def timm_spec(model_name: str) -> EncoderSpec:
                        hub_id=cfg.get("hf_hub_id"), weights_file="model.safetensors",
                        reference=f"timm model {model_name}",
                        extra={"from_hub": functools.partial(build, pretrained=True)})
+
+
+ENCODERS.add_resolver("timm:", timm_spec)

@@ -9,14 +9,15 @@ which file to get, from where, and where to put it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from slidemil.errors import InputError
+from slidemil.utils.registry import Registry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -40,30 +41,22 @@ class EncoderSpec:
     extra: dict = field(default_factory=dict)
 
 
-_ENCODERS: dict[str, EncoderSpec] = {}
+# name -> EncoderSpec; `timm:<model>` is resolved on demand (registered by the foundation module)
+ENCODERS = Registry("encoder")
 
 
 def register_encoder(spec: EncoderSpec) -> EncoderSpec:
-    if spec.name in _ENCODERS:
-        raise ValueError(f"encoder {spec.name!r} registered twice")
-    _ENCODERS[spec.name] = spec
-    return spec
+    """Add an encoder: one `EncoderSpec` is all a new encoder needs."""
+    return ENCODERS.register(spec.name, spec)
 
 
 def available_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+    return ENCODERS.available()
 
 
 def get_spec(name: str) -> EncoderSpec:
-    if name.startswith("timm:"):
-        from slidemil.features.encoders.foundation import timm_spec
-
-        return timm_spec(name[5:])
-    try:
-        return _ENCODERS[name]
-    except KeyError:
-        raise InputError(f"unknown encoder {name!r}; choose one of {', '.join(available_encoders())} "
-                         "or timm:<any timm model name>") from None
+    """The spec of a registered encoder or of `timm:<any timm model name>`."""
+    return ENCODERS.info(name).obj
 
 
 def weights_home() -> Path:
@@ -135,6 +128,27 @@ class Encoder(nn.Module):
 
 
 def create_encoder(name: str, weights: str | os.PathLike | None = None, download: bool = False) -> Encoder:
+    """A patch encoder ready for extraction: backbone with weights, input size and normalisation.
+
+    Args:
+        name: a registered encoder (`available_encoders()`, e.g. "uni_v1", "handcrafted") or
+            "timm:<any timm model name>".
+        weights: a local weights file (.safetensors, .bin, .pth; loaded with weights_only=True). Without
+            it, `$SLIDEMIL_WEIGHTS/<name>/<file>` is used when present.
+        download: fetch the weights from the hub when no local file exists (network; gated models need
+            access granted on their hub page).
+
+    Returns an `Encoder` mapping float images [B, 3, S, S] in [0, 1] (S = `encoder.spec.input_size`)
+    to [B, encoder.spec.dim] features. Without weights and without `download`, the error names the
+    file to get, where from, and where to put it.
+
+    Example:
+        >>> import torch
+        >>> from slidemil.features.encoders import create_encoder
+        >>> enc = create_encoder("handcrafted")
+        >>> tuple(enc(torch.rand(2, 3, enc.spec.input_size, enc.spec.input_size)).shape) == (2, enc.spec.dim)
+        True
+    """
     spec = get_spec(name)
     if not spec.needs_weights:
         return Encoder(spec, spec.builder().eval(), None)

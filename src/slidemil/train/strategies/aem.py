@@ -1,4 +1,5 @@
-"""AEM: attention-entropy maximisation (card `aem.md`)."""
+"""AEM: Zhang et al., "AEM: Attention Entropy Maximization for Multiple Instance Learning based Whole
+Slide Image Classification" (arXiv 2406.15303)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from slidemil.train.strategies.base import Strategy, register_strategy
 
 @register_strategy("aem", paper="Zhang et al. 2024 (AEM)", summary="attention-entropy regulariser: spreads attention")
 class AEM(Strategy):
-    """AEM (card `aem.md`): L = L_model + lambda * sum_i p_i log p_i over the attention distribution p,
+    """AEM (the paper's total loss, Sec. 3): L = L_model + lambda * sum_i p_i log p_i over the attention distribution p,
     i.e. minus lambda times its entropy, so that minimising the loss spreads attention. Multi-branch
     attention ([B, K, N]) is averaged over branches. Not normalised by log N, as the official code."""
 

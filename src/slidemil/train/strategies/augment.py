@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slidemil.nn.detached import Detached
 from slidemil.nn.masked import full_mask
 from slidemil.train.strategies.base import Strategy, register_strategy
 
@@ -28,11 +29,12 @@ class FeatureAugmentation(Strategy):
 @register_strategy("histaug", paper="Boutaj et al., ICCV 2025 (arXiv 2508.14588)",
                    summary="learnt latent augmentation, one transform set per slide (slidemil histaug fit)")
 class HistAug(FeatureAugmentation):
-    """HistAug (card `histaug.md`): with probability `p` per bag and step, the frozen generator of
-    `slidemil histaug fit` (folder given as `generator`) maps every instance z to f(z, t), with one
-    transform set t for the whole slide (`mode="wsi"`, the paper's recommendation) or one per instance
-    (`mode="instance"`). The generator is loaded when training starts and is not part of the
-    checkpoint; it must come from the encoder that made the features (checked by dimension and name)."""
+    """HistAug (Boutaj et al., ICCV 2025, Sec. 3.2, latent augmentation in MIL training): with probability `p`
+    per bag and step, the frozen generator of `slidemil histaug fit` (folder given as `generator`) maps every
+    instance z to f(z, t), with one transform set t for the whole slide (`mode="wsi"`, the paper's
+    recommendation) or one per instance (`mode="instance"`). The generator is loaded when training starts and is
+    not part of the checkpoint; it must come from the encoder that made the features (checked by dimension and
+    name)."""
 
     def __init__(self, model, generator: str | None = None, mode: str = "wsi", p: float = 1.0,
                  batch: int = 4096):
@@ -40,7 +42,7 @@ class HistAug(FeatureAugmentation):
         if mode not in ("wsi", "instance"):
             raise ValueError(f"histaug mode must be 'wsi' or 'instance', not {mode!r}")
         self.generator_path, self.mode, self.p, self.batch = generator, mode, p, batch
-        self.__dict__["generator"] = None
+        self.generator = Detached()  # frozen, not part of the checkpoint
 
     def fit_start(self, context) -> None:
         super().fit_start(context)
@@ -60,7 +62,7 @@ class HistAug(FeatureAugmentation):
         if enc and gen.cfg.encoder and enc != gen.cfg.encoder:
             raise InputError(f"histaug generator {self.generator_path} belongs to encoder {gen.cfg.encoder!r}, "
                              f"the features to {enc!r} (a generator is encoder-specific)")
-        self.__dict__["generator"] = gen
+        self.generator.module = gen
 
     @torch.no_grad()
     def augment(self, x, mask):

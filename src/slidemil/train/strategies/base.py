@@ -5,16 +5,17 @@ teachers, augmentation) through the loss and the trainer's hooks."""
 from __future__ import annotations
 
 from slidemil.models.base import MILModel, MILOutput
+from slidemil.utils.registry import Registry
 
-STRATEGIES: dict[str, type["Strategy"]] = {}
+STRATEGIES = Registry("strategy", skip=("model",))
 
 
 def register_strategy(name: str, paper: str, summary: str):
+    """Class decorator adding a Strategy subclass under `name` (`--strategy NAME`)."""
+
     def wrap(cls):
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = cls
-        cls.name, cls.paper, cls.summary = name, paper, summary
+        STRATEGIES.register(name, cls, paper=paper, summary=summary)
+        cls.name = name
         return cls
 
     return wrap
@@ -24,7 +25,7 @@ class Strategy(MILModel):
     requires_attention = True  # the strategy reads an attention distribution over the bag
 
     def __init__(self, model: MILModel):
-        if self.requires_attention and not getattr(model, "attention_scores", False):
+        if self.requires_attention and not model.attention_scores:
             raise ValueError(f"strategy {type(self).name!r} needs an attention model; {type(model).__name__} "
                              f"does not pool by attention (see `slidemil models`)")
         super().__init__(model.in_dim, model.n_outputs)
@@ -47,18 +48,16 @@ class Strategy(MILModel):
         self.model.step_end()
 
 
-def needs(out: MILOutput, key: str, strategy: str):
-    """An output the strategy reads, or an error naming the models that provide it."""
-    value = out.extras.get(key)
+def needs(value, what: str, strategy: str, model: MILModel):
+    """An output the strategy reads (`out.bag_embedding`, ...), or an error naming the model that lacks it."""
     if value is None:
-        raise ValueError(f"strategy {strategy!r} needs the model's bag {key} (extras[{key!r}]); abmil, transmil, "
-                         f"acmil, rrt, mambamil and lbmamba provide it")
+        raise ValueError(f"strategy {strategy!r} needs the model's {what}; {type(model).__name__} does not "
+                         f"provide it (see `slidemil models`)")
     return value
 
 
 def apply_strategy(model: MILModel, name: str | None, **kwargs) -> MILModel:
+    """`model` wrapped by the registered strategy `name` (arguments checked), or `model` when no name."""
     if not name:
         return model
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](model, **kwargs)
+    return STRATEGIES.create(name, model, **kwargs)

@@ -1,16 +1,12 @@
 """MHIM-MIL: Tang et al., "Multiple Instance Learning Framework with Masked Hard Instance Mining for
-Whole Slide Image Classification", ICCV 2023 (arXiv 2307.15254) = v1; IJCV 2025 (arXiv 2509.11526) = v2.
-Card `mhim_mil.md`."""
+Whole Slide Image Classification", ICCV 2023 (arXiv 2307.15254) = v1; IJCV 2025 (arXiv 2509.11526) = v2."""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -18,7 +14,10 @@ from torch import nn
 
 from slidemil.errors import InputError
 from slidemil.models.base import MILOutput
+from slidemil.models.checkpoint import inference_state
+from slidemil.nn.detached import Detached
 from slidemil.nn.masked import full_mask
+from slidemil.rundir import RunDir
 from slidemil.train.strategies.base import Strategy, needs, register_strategy
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,10 @@ def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
 
 def hard_instance_mask(scores: torch.Tensor, mask: torch.Tensor, ratio_h: float, ratio_hr: float,
                        ratio_l: float = 0.0, ratio_random: float = 0.0, generator=None) -> torch.Tensor:
-    """Which instances the student keeps (card v1 step 2). Per bag of n real instances: of the top
-    ceil(n * ratio_h) by teacher score, a random share ratio_hr is dropped (the hard-instance mining);
-    the ceil(n * ratio_l) lowest are dropped; then a random share ratio_random of the rest. At least
-    one instance is always kept."""
+    """Which instances the student keeps (v1 paper, Sec. 3.2, masked hard instance mining). Per bag of n real
+    instances: of the top ceil(n * ratio_h) by teacher score, a random share ratio_hr is dropped (the
+    hard-instance mining); the ceil(n * ratio_l) lowest are dropped; then a random share ratio_random of the
+    rest. At least one instance is always kept."""
     keep = mask.clone()
     for b in range(len(scores)):
         real = mask[b].nonzero()[:, 0]
@@ -89,11 +88,11 @@ class Merge(nn.Module):
 @register_strategy("mhim", paper="Tang et al., ICCV 2023 (arXiv 2307.15254); v2 IJCV 2025",
                    summary="EMA teacher masks the hard (top-attention) instances; consistency loss")
 class MHIM(Strategy):
-    """MHIM-MIL (card `mhim_mil.md`). A momentum teacher (same architecture, no gradients, updated only by
-    EMA after each optimizer step: T = mm T + (1 - mm) S) scores every instance of the whole bag; the
-    student trains on the bag with the hard (highest-scoring) instances masked out, with
-    L = alpha_cls L_model(S) + cl_alpha SoftCE(z_S / temp_s, z_T / temp_t) on the bag embeddings.
-    Inference is the student on all instances.
+    """MHIM-MIL (v1 paper, Sec. 3; v2 for CAM scoring and random merge). A momentum teacher (same architecture,
+    no gradients, updated only by EMA after each optimizer step: T = mm T + (1 - mm) S) scores every instance of
+    the whole bag; the student trains on the bag with the hard (highest-scoring) instances masked out, with L =
+    alpha_cls L_model(S) + cl_alpha SoftCE(z_S / temp_s, z_T / temp_t) on the bag embeddings. Inference is the
+    student on all instances.
 
     v1 defaults (README, C16/ABMIL): mask_ratio_h 0.01 with cosine decay to 0 (`mrh_sche`), of which
     mask_ratio_hr 0.5 are masked, cl_alpha 0.1, temp_t 0.1, temp_s 1, mm 0.9999 (cosine to 1 with
@@ -102,13 +101,11 @@ class MHIM(Strategy):
     `merge_k`, `merge_mm`; applied here to the input features, since the wrapper does not split the
     model; off at inference, as the official `merge_test` default).
 
-    Teacher: `teacher_init` = the folder of a finished plain run of the same model with the same splits;
-    each fold's teacher starts from that run's model of the same fold (checked: its test slides must be
-    this fold's, or the teacher would have trained on them). Without it, the student trains plainly for
-    `baseline_epochs` and then becomes the teacher (a random teacher gives meaningless masks, card
-    pitfall). TransMIL's scores are the head-averaged class-token attention (the official code fuses
-    heads by voting).
-    """
+    Teacher: `teacher_init` = the folder of a finished plain run of the same model with the same splits; each
+    fold's teacher starts from that run's model of the same fold (checked: its test slides must be this fold's,
+    or the teacher would have trained on them). Without it, the student trains plainly for `baseline_epochs` and
+    then becomes the teacher (a random teacher gives meaningless masks). TransMIL's scores are the head-averaged
+    class-token attention (the official code fuses heads by voting). """
 
     def __init__(self, model, mask_ratio_h: float = 0.01, mask_ratio_hr: float = 0.5, mask_ratio_l: float = 0.0,
                  mask_ratio: float = 0.0, mrh_sche: bool = True, cl_alpha: float = 0.1, alpha_cls: float = 1.0,
@@ -126,7 +123,11 @@ class MHIM(Strategy):
         self.merge_ratio = merge_ratio
         self.merge = Merge(model.in_dim, merge_k, merge_mm) if merge_ratio is not None else None
         self.step, self.total_steps, self.active = 0, 1, False
-        self.__dict__["teacher"] = None  # outside the module tree: not saved, not optimised, not moved
+        self._teacher = Detached()  # outside the module tree: not saved, not optimised, not moved
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher.module
 
     # -- hooks ---------------------------------------------------------------------------------
     def fit_start(self, context) -> None:
@@ -135,7 +136,7 @@ class MHIM(Strategy):
         self.total_steps = max(1, cfg.epochs * math.ceil(math.ceil(len(context.train_ds) / cfg.batch_size) / cfg.accum_steps))
         self.step = 0
         if self.teacher_init:
-            self._set_teacher(self._baseline_state(Path(self.teacher_init), context))
+            self._set_teacher(self._baseline_state(RunDir(self.teacher_init), context))
             self.active = True
 
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
@@ -162,35 +163,35 @@ class MHIM(Strategy):
         teacher = copy.deepcopy(self.model)
         teacher.load_state_dict(state)
         teacher.requires_grad_(False).eval()
-        self.__dict__["teacher"] = teacher
+        self._teacher.module = teacher
 
-    def _baseline_state(self, run: Path, context) -> dict:
-        fold_dir = run / f"fold_{context.fold}"
+    def _baseline_state(self, run: RunDir, context) -> dict:
+        fold_dir = run.fold_dir(context.fold)
         meta_path = fold_dir / "model.json"
         if not meta_path.is_file():
             raise InputError(f"mhim teacher_init: {meta_path} not found; give the folder of a finished "
                              f"`slidemil train` run of the same model and splits")
-        meta = json.loads(meta_path.read_text())
+        meta = run.fold_meta(context.fold)
         ours = context.cfg
         if meta["model"] != ours.model or (meta.get("model_args") or {}) != ours.model_args \
                 or meta.get("reembed") != ours.reembed:
             raise InputError(f"mhim teacher_init: {fold_dir} holds {meta['model']} {meta.get('model_args')}, "
                              f"not {ours.model} {ours.model_args}; the teacher must be the same model")
-        if context.run_dir is not None:
-            theirs, mine = run / "splits.csv", Path(context.run_dir) / "splits.csv"
-            if not theirs.is_file() or not mine.is_file() or _test_ids(theirs, context.fold) != _test_ids(mine, context.fold):
+        mine = context.run_dir
+        if mine is not None:
+            theirs = run.splits_path
+            if not theirs.is_file() or not mine.splits_path.is_file() \
+                    or run.test_ids(context.fold) != mine.test_ids(context.fold):
                 raise InputError(f"mhim teacher_init: {theirs} does not have this run's test slides in fold "
                                  f"{context.fold}; its model may have trained on them (leakage). Train the "
                                  f"baseline with the same --folds, --seed and labels (or --splits)")
-        state = load_file(str(fold_dir / "model.safetensors"), device=str(context.device))
-        strip = "model." if meta.get("strategy") else ""
-        return {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+        return inference_state(load_file(str(fold_dir / "model.safetensors"), device=str(context.device)), meta)
 
     # -- training forward ------------------------------------------------------------------------
     def _scores(self, out: MILOutput) -> torch.Tensor:
         if self.scoring == "attention":
             return out.instance_scores
-        h = needs(out, "instances", "mhim (scoring='cam')")
+        h = needs(out.instance_embeddings, "instance embeddings", "mhim (scoring='cam')", self.model)
         clf = getattr(self.teacher, "classifier", None)
         if not isinstance(clf, nn.Linear):
             raise ValueError("mhim scoring='cam' needs a model with one linear `classifier` (abmil, rrt, mambamil)")
@@ -209,7 +210,7 @@ class MHIM(Strategy):
         if self.merge is not None:
             x, keep = self._merge(x, keep)
         out = self.model(x, keep, coords)
-        out.extras["teacher_embedding"] = t_out.extras.get("embedding")
+        out.extras["teacher_embedding"] = t_out.bag_embedding
         return out
 
     def _merge(self, x, keep):
@@ -231,12 +232,8 @@ class MHIM(Strategy):
     def loss(self, out, target, task_loss):
         loss = self.alpha_cls * self.model.loss(out, target, task_loss)
         if self.cl_alpha > 0 and "teacher_embedding" in out.extras:   # only once MHIM is active
-            z_s = needs(out, "embedding", "mhim")
+            z_s = needs(out.bag_embedding, "bag embedding", "mhim", self.model)
             z_t = out.extras["teacher_embedding"]
             loss = loss + self.cl_alpha * soft_cross_entropy(z_s.float(), z_t.float(), self.temp_s, self.temp_t)
         return loss
 
-
-def _test_ids(splits_csv: Path, fold: int) -> set[str]:
-    df = pd.read_csv(splits_csv, dtype={"slide_id": str})
-    return set(df.loc[(df["fold"] == fold) & (df["role"] == "test"), "slide_id"])

@@ -1,5 +1,5 @@
 """SC-MIL: Juyal et al., "SC-MIL: Supervised Contrastive Multiple Instance Learning for Imbalanced
-Classification in Pathology", WACV 2024 (arXiv 2303.13405). Card `sc_mil.md` (no official code)."""
+Classification in Pathology", WACV 2024 (arXiv 2303.13405); no official code is published."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.
                 temperature: float) -> torch.Tensor | None:
     """SupCon (Khosla et al. 2020, L_out) of each anchor against the other anchors and a bank of
     earlier embeddings (all L2-normalised): -mean over positives of log softmax over all others.
-    Anchors without a positive are skipped (card pitfall); None when no anchor has one."""
+    Anchors without a positive are skipped (their loss is undefined); None when no anchor has one."""
     keys = torch.cat([anchors, bank])
     key_labels = torch.cat([anchor_labels, bank_labels])
     logits = anchors @ keys.T / temperature                               # [A, K]
@@ -33,10 +33,10 @@ def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.
 @register_strategy("sc", paper="Juyal et al., WACV 2024 (arXiv 2303.13405)",
                    summary="supervised contrastive bag embeddings, curriculum to the classifier")
 class SupConCurriculum(Strategy):
-    """SC-MIL (card `sc_mil.md`): L = alpha(t) L_SupCon(g(z)) + (1 - alpha(t)) L_model, with z the
+    """SC-MIL (Sec. 3, the curriculum-weighted joint loss): L = alpha(t) L_SupCon(g(z)) + (1 - alpha(t)) L_model, with z the
     aggregator's bag embedding, g a 2-layer MLP projection to `proj_dim` (128), temperature 0.07, and
     alpha(t) falling from 1 to 0 over the epochs: "parabolic" 1 - (t / T)^2 (BBN-style cumulative
-    learning) or "linear". The paper's exact schedule is not public (card: unverified), so both are
+    learning) or "linear". The paper's exact schedule is not public (no official code), so both are
     offered. The classifier's gradient reaches the aggregator (joint training).
 
     Contrast needs several slides per step: each step's bags are contrasted with each other and with a
@@ -55,7 +55,7 @@ class SupConCurriculum(Strategy):
         dim = self._embedding_dim()
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         self.alpha = 1.0
-        self.__dict__["bank"] = (torch.zeros(0, proj_dim), torch.zeros(0, dtype=torch.long))
+        self.bank = (torch.zeros(0, proj_dim), torch.zeros(0, dtype=torch.long))
 
     def _embedding_dim(self) -> int:
         """Read z's size off one tiny forward in eval mode (models differ: hidden size, heads...)."""
@@ -64,11 +64,11 @@ class SupConCurriculum(Strategy):
         with torch.no_grad():
             out = self.model(torch.zeros(1, 4, self.model.in_dim))
         self.model.train(was)
-        return needs(out, "embedding", "sc").shape[-1]
+        return needs(out.bag_embedding, "bag embedding", "sc", self.model).shape[-1]
 
     def fit_start(self, context) -> None:
         super().fit_start(context)
-        self.__dict__["bank"] = (torch.zeros(0, self.projection[-1].out_features, device=context.device),
+        self.bank = (torch.zeros(0, self.projection[-1].out_features, device=context.device),
                                  torch.zeros(0, dtype=torch.long, device=context.device))
 
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
@@ -80,10 +80,10 @@ class SupConCurriculum(Strategy):
         model_loss = self.model.loss(out, target, task_loss)
         if not self.training or self.alpha <= 0:
             return model_loss
-        p = F.normalize(self.projection(needs(out, "embedding", "sc").float()), dim=-1)
+        p = F.normalize(self.projection(needs(out.bag_embedding, "bag embedding", "sc", self.model).float()), dim=-1)
         bank, bank_labels = self.bank
         contrast = supcon_loss(p, target, bank.to(p.device), bank_labels.to(p.device), self.temperature)
-        self.__dict__["bank"] = (torch.cat([bank.to(p.device), p.detach()])[-self.bank_size:],
+        self.bank = (torch.cat([bank.to(p.device), p.detach()])[-self.bank_size:],
                                  torch.cat([bank_labels.to(p.device), target])[-self.bank_size:])
         if contrast is None:
             return model_loss

@@ -1,25 +1,14 @@
-"""The demo's pipeline end to end, and the slide verbs of the CLI."""
+"""The slide verbs of the CLI: preprocess then train, segment alone, errors, the encoder list."""
 
 from __future__ import annotations
 
 import json
 
 import pandas as pd
-from typer.testing import CliRunner
 
+from conftest import runner
 from slidemil.cli import app
 from slidemil.slides.synthetic import make_slide_cohort
-
-runner = CliRunner()
-
-
-def test_demo_pipeline_end_to_end(demo_run):
-    out, metrics = demo_run
-    assert metrics["pooled"]["auroc"]["value"] >= 0.9
-    assert (out / "run" / "report.html").exists()
-    preds = pd.read_csv(out / "external_predictions.csv")
-    truth = pd.read_csv(out / "external" / "labels.csv").set_index("slide_id")
-    assert (preds.set_index("slide_id")["pred"] == truth.loc[preds["slide_id"], "label"].to_numpy()).mean() >= 0.75
 
 
 def test_cli_preprocess_then_train(tmp_path):

@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import h5py
-import numpy as np
 import pandas as pd
-import torch
+from pydantic import ConfigDict, Field
 
 from slidemil import __version__
 from slidemil.errors import InputError
 from slidemil.features.encoders import create_encoder
-from slidemil.features.extract import PatchDataset, embed_patches
+from slidemil.features.extract import ExtractConfig, embed_patches
 from slidemil.features.store import write_features
-from slidemil.slides.patching import PatchParams, make_grid, read_coords, write_coords
+from slidemil.slides.patching import PatchConfig, make_grid, read_coords, write_coords
 from slidemil.slides.reader import Slide, list_slides, open_slide
-from slidemil.slides.tissue import (TissueParams, load_tissue_geojson, mask_to_geojson, save_segmentation,
-                                    segment_tissue)
+from slidemil.slides.tiles import PatchDataset
+from slidemil.slides.tissue import TissueConfig, load_tissue_geojson, mask_to_geojson, save_segmentation, segment_tissue
+from slidemil.utils.device import resolve_device
 from slidemil.utils.io import safe_child, sha256_file, write_csv
 
 log = logging.getLogger(__name__)
@@ -38,23 +38,27 @@ class NoTissueError(InputError):
     pass
 
 
-@dataclass
-class PipelineOptions:
-    out: Path
-    tissue: TissueParams
-    patches: PatchParams
-    encoder: str = "handcrafted"
-    weights: str | None = None
-    download: bool = False
-    batch_size: int = 64
-    num_workers: int = 0
-    device: str = "auto"
-    float16: bool = False
-    backend: str = "auto"
-    mpp: float | None = None
-    mpp_csv: str | None = None
-    tissue_geojson: str | None = None
-    coords_dir: str | None = None      # use CLAM / TRIDENT / slidemil coordinates instead of patching
+class PreprocessConfig(TissueConfig, PatchConfig, ExtractConfig):
+    """Options of `slidemil segment | patch | extract | preprocess` (YAML keys = field names): each
+    stage's own settings plus where the slides are, how their resolution is known, and the output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: str = Field(description="Folder of slides (.svs .tif .ndpi .mrxs ... .png).")
+    out: str = Field(description="Output folder.")
+    mpp: Optional[float] = Field(None, gt=0, description="Level-0 µm/px for slides whose metadata lacks it.")
+    mpp_csv: Optional[str] = Field(None, description="CSV slide_id,mpp overriding the metadata.")
+    backend: Literal["auto", "openslide", "tifffile", "image"] = Field(
+        "auto", description="Slide reader: auto | openslide | tifffile | image.")
+    tissue_geojson: Optional[str] = Field(None, description="Folder of <slide_id>.geojson contours to use instead.")
+    coords_dir: Optional[str] = Field(None, description="Extract at CLAM/TRIDENT/slidemil coordinates from this folder.")
+    quiet: bool = Field(False, description="No progress bar.")
+
+    def tissue(self) -> TissueConfig:
+        return TissueConfig(**{k: getattr(self, k) for k in TissueConfig.model_fields})
+
+    def patches(self) -> PatchConfig:
+        return PatchConfig(**{k: getattr(self, k) for k in PatchConfig.model_fields})
 
 
 def read_mpp_csv(path: str | None) -> dict[str, float]:
@@ -81,10 +85,12 @@ def shard(items: list, rank: int | None = None, world: int | None = None) -> lis
 
 
 class Pipeline:
-    def __init__(self, opts: PipelineOptions):
-        self.o = opts
-        self.out = Path(opts.out)
-        self.mpp_override = read_mpp_csv(opts.mpp_csv)
+    """The per-slide stages over a folder of slides, resumable, failures recorded per slide."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.o = cfg
+        self.out = Path(cfg.out)
+        self.mpp_override = read_mpp_csv(cfg.mpp_csv)
         self._encoder = None
         self.failures: dict[str, tuple[str, str]] = {}
 
@@ -111,20 +117,20 @@ class Pipeline:
             src = Path(self.o.tissue_geojson) / f"{slide.slide_id}.geojson"
             if not src.is_file():
                 raise InputError(f"--tissue-geojson: no {src}")
-            tissue = load_tissue_geojson(src, slide, self.o.tissue.seg_mpp)
+            tissue = load_tissue_geojson(src, slide, self.o.seg_mpp)
         else:
-            tissue = segment_tissue(slide, self.o.tissue)
+            tissue = segment_tissue(slide, self.o.tissue())
         if not tissue.mask.any():
-            raise NoTissueError(f"{slide.path}: no tissue found (segmentation at {self.o.tissue.seg_mpp} µm/px); "
+            raise NoTissueError(f"{slide.path}: no tissue found (segmentation at {self.o.seg_mpp} µm/px); "
                                 "check the QC thumbnail, lower --min-saturation, or supply --tissue-geojson")
-        save_segmentation(target.parent, slide.slide_id, tissue, mask_to_geojson(tissue), self.o.tissue)
+        save_segmentation(target.parent, slide.slide_id, tissue, mask_to_geojson(tissue), self.o.tissue())
 
     def patch(self, slide: Slide) -> None:
         src = self.paths(slide.slide_id)["segment"]
-        tissue = load_tissue_geojson(src, slide, self.o.tissue.seg_mpp)
-        grid = make_grid(slide, tissue, self.o.patches)
+        tissue = load_tissue_geojson(src, slide, self.o.seg_mpp)
+        grid = make_grid(slide, tissue, self.o.patches())
         if len(grid.coords) == 0:
-            raise NoTissueError(f"{slide.path}: no patch has at least {self.o.patches.min_tissue:.0%} tissue; "
+            raise NoTissueError(f"{slide.path}: no patch has at least {self.o.min_tissue:.0%} tissue; "
                                 "lower --min-tissue or --patch-size")
         write_coords(self.paths(slide.slide_id)["patch"], grid, {"slide_path": str(slide.path)})
 
@@ -137,7 +143,7 @@ class Pipeline:
         coords, attrs = read_coords(self.paths(slide.slide_id)["patch"])
         attrs = complete_patch_attrs(attrs, slide)
         enc = self.encoder()
-        device = _device(self.o.device)
+        device = resolve_device(self.o.device)
         ds = PatchDataset(slide.path, coords, attrs["patch_size_level0"], enc.spec.input_size, self.o.backend,
                           slide.mpp)
         feats = embed_patches(enc, ds, device, self.o.batch_size, self.o.num_workers, progress)
@@ -235,12 +241,6 @@ def complete_patch_attrs(attrs: dict, slide: Slide) -> dict:
         attrs.setdefault("level0_mpp", slide.mpp)
         attrs.setdefault("target_mpp", slide.mpp * size0 / float(attrs["patch_size"]))
     return attrs
-
-
-def _device(name: str) -> torch.device:
-    from slidemil.train.trainer import resolve_device
-
-    return resolve_device(name)
 
 
 def _weights_sha(path: str | None) -> str:

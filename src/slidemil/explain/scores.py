@@ -1,0 +1,58 @@
+"""Instance scores of a bag under a run's fold models: which score `--score` asks for, per fold and as
+the ensemble of the within-slide normalised fold scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slidemil.errors import InputError
+from slidemil.explain.paint import normalise
+
+
+class NoScoresError(InputError):
+    """The model or the features cannot give the scores asked for."""
+
+
+def select_scores(out, score: str, classes: list[str]) -> np.ndarray:
+    """One score per instance from a model output, as `--score` asks: attention | logit | class:<name>."""
+    if score == "attention":
+        s = out.instance_scores
+        if s is None:
+            raise NoScoresError("this model returns no instance scores")
+        return s[0].float().cpu().numpy()
+    if score == "logit":
+        il = out.extras.get("instance_logits")
+        if il is None:
+            raise NoScoresError("this model has no instance logits; use --score attention")
+        return il[0, -1].float().cpu().numpy() if il.shape[1] in (1, 2) else \
+            il[0, int(out.logits[0].argmax())].float().cpu().numpy()
+    if score.startswith("class:"):
+        name = score[6:]
+        if name not in classes:
+            raise InputError(f"--score {score}: class {name!r} is not one of {', '.join(classes)}")
+        c = classes.index(name)
+        per_class = out.extras.get("attention")
+        if per_class is not None and per_class.shape[1] == len(classes):
+            return per_class[0, c].float().cpu().numpy()
+        il = out.extras.get("instance_logits")
+        if il is not None and il.shape[1] == len(classes):
+            return il[0, c].float().cpu().numpy()
+        if il is not None and il.shape[1] == 1 and len(classes) == 2:
+            return (il[0, 0] if c == 1 else -il[0, 0]).float().cpu().numpy()
+        raise NoScoresError("this model has no per-class instance scores; use --score attention")
+    raise InputError(f"--score must be attention, logit or class:<name>, not {score!r}")
+
+
+@torch.no_grad()
+def ensemble_scores(models: list, feats: np.ndarray, score: str, classes: list[str], how: str):
+    """(per-fold raw scores [F, N], ensemble of the `how`-normalised fold scores [N], mean probabilities [C])."""
+    x = torch.from_numpy(feats)[None]
+    per_fold, probs = [], []
+    for model, _ in models:
+        out = model(x)
+        per_fold.append(select_scores(out, score, classes))
+        probs.append(torch.softmax(out.logits.float(), 1)[0].numpy())
+    per_fold = np.stack(per_fold)
+    ensemble = np.mean([normalise(s, how) for s in per_fold], 0)
+    return per_fold, ensemble, np.mean(probs, 0)

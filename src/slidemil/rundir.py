@@ -1,0 +1,149 @@
+"""`RunDir`: the one place that knows the layout of a run folder written by `slidemil train`.
+
+```
+config.yaml            resolved config + provenance (slidemil block)
+splits.csv             slide_id, case_id, fold, role
+fold_<k>/              model.safetensors, model.json, history.csv, predictions.csv, done.json (written last)
+predictions.csv        pooled out-of-fold predictions
+metrics.json, plots/, report.html, attention/<slide_id>.h5, heatmaps/, train.log
+```
+Every stage that reads or writes a run (train, evaluate, predict, heatmap, report, strategies that
+start from an earlier run, the demo) goes through this class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from slidemil.errors import InputError
+from slidemil.models.checkpoint import load_model
+from slidemil.utils.io import write_csv, write_json, write_text
+
+
+class RunDir:
+    """Paths and readers/writers of one run folder; `path` need not exist yet."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- paths --------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / "splits.csv"
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.path / "predictions.csv"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def attention_dir(self) -> Path:
+        return self.path / "attention"
+
+    @property
+    def heatmaps_dir(self) -> Path:
+        return self.path / "heatmaps"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.path / f"fold_{int(fold)}"
+
+    # -- state --------------------------------------------------------------------------------------
+    def has_config(self) -> bool:
+        return self.config_path.exists()
+
+    def is_fold_done(self, fold: int) -> bool:
+        return (self.fold_dir(fold) / "done.json").exists()
+
+    def mark_fold_done(self, fold: int, info: dict) -> None:
+        """Written last in a fold, after its weights, history, predictions and attention files."""
+        write_json(self.fold_dir(fold) / "done.json", info)
+
+    def finished_folds(self) -> list[int]:
+        """Folds whose done.json exists, in order; an error when there is none."""
+        folds = sorted(int(p.name.split("_")[1]) for p in self.path.glob("fold_*")
+                       if p.name.split("_")[1].isdigit() and (p / "done.json").exists())
+        if not folds:
+            raise InputError(f"{self.path} has no finished fold (fold_<k>/done.json); train it first")
+        return folds
+
+    # -- config -------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        """config.yaml as written (with its `slidemil` provenance block)."""
+        if not self.config_path.is_file():
+            raise InputError(f"{self.path} is not a run folder (no config.yaml)")
+        return yaml.safe_load(self.config_path.read_text())
+
+    def write_config(self, config: dict) -> None:
+        write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
+
+    # -- tables -------------------------------------------------------------------------------------
+    def write_splits(self, splits: pd.DataFrame) -> None:
+        write_csv(self.splits_path, splits)
+
+    def test_ids(self, fold: int) -> set[str]:
+        """The slides that fold `fold` reported on (never trained or validated on)."""
+        df = pd.read_csv(self.splits_path, dtype={"slide_id": str})
+        return set(df.loc[(df["fold"] == fold) & (df["role"] == "test"), "slide_id"])
+
+    def predictions(self) -> pd.DataFrame:
+        """Pooled out-of-fold predictions; ids and labels as strings."""
+        return _read_predictions(self.predictions_path)
+
+    def fold_predictions(self, fold: int) -> pd.DataFrame:
+        return _read_predictions(self.fold_dir(fold) / "predictions.csv")
+
+    def write_predictions(self, frame: pd.DataFrame, fold: int | None = None) -> None:
+        write_csv(self.predictions_path if fold is None else self.fold_dir(fold) / "predictions.csv", frame)
+
+    def metrics(self) -> dict:
+        return json.loads(self.metrics_path.read_text())
+
+    # -- models -------------------------------------------------------------------------------------
+    def fold_meta(self, fold: int) -> dict:
+        path = self.fold_dir(fold) / "model.json"
+        if not path.is_file():
+            raise InputError(f"{path} not found; give the folder of a finished `slidemil train` run")
+        return json.loads(path.read_text())
+
+    def fold_models(self, device="cpu", fold: str | int = "all") -> list:
+        """[(model in eval mode, model.json)] of every finished fold, or of fold `fold` alone."""
+        folds = self.finished_folds()
+        if fold != "all":
+            folds = [k for k in folds if str(k) == str(fold)]
+            if not folds:
+                raise InputError(f"--fold {fold}: {self.path} has no finished fold_{fold}")
+        return [load_model(self.fold_dir(k), device) for k in folds]
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"slide_id": str, "case_id": str, "label": str, "pred": str})

@@ -1,0 +1,102 @@
+"""`TrainConfig`: everything `slidemil train` needs. A YAML file and CLI flags fill the same model;
+each field's description and default is the flag's help and default. Names and arguments of models,
+re-embeddings and strategies are checked against their registries here, before any folder exists."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slidemil.models.reembed import REEMBEDDINGS
+from slidemil.models.registry import MODELS
+from slidemil.train.strategies import STRATEGIES
+
+
+class TrainConfig(BaseModel):
+    """Field names are the YAML keys; `--foo-bar` sets `foo_bar`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    features: str = Field(description="Folder of per-slide feature files (slidemil/TRIDENT h5, CLAM pt).")
+    labels: str = Field(description="Label CSV (slide_id, case_id, label).")
+    out: str = Field(description="Run folder to write.")
+    # label table
+    label_col: str = Field("label", description="Label column.")
+    slide_col: str = Field("slide_id", description="Slide id column.")
+    case_col: str = Field("case_id", description="Patient id column.")
+    classes: Optional[list[str]] = Field(None, description="Comma-separated class order, e.g. negative,positive.")
+    site_col: Optional[str] = Field(None, description="Site column, for --preserve-site.")
+    skip_missing: bool = Field(False, description="Leave out slides without features.")
+    bag_unit: Literal["slide", "patient"] = Field("slide", description="slide | patient (concatenate a patient's slides).")
+    # splits
+    folds: int = Field(5, ge=2, description="Number of outer folds.")
+    val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Inner validation fraction of each training fold.")
+    splits: Optional[str] = Field(None, description="Predefined splits.csv (slide_id, fold, role).")
+    preserve_site: bool = Field(False, description="Keep each site within one fold.")
+    # model
+    model: str = Field("abmil", description="Aggregator name (see `slidemil models`).")
+    model_args: dict = Field(default_factory=dict, description="Model argument KEY=VALUE (YAML value); repeatable.")
+    reembed: Optional[str] = Field(None, description="Re-embedding module in front of the aggregator (rrt).")
+    reembed_args: dict = Field(default_factory=dict, description="Re-embedding argument KEY=VALUE; repeatable.")
+    strategy: Optional[str] = Field(None, description="Training strategy around the model (aem, mhim, sc, histaug, "
+                                                      "feature_noise, ...).")
+    strategy_args: dict = Field(default_factory=dict, description="Strategy argument KEY=VALUE; repeatable.")
+    # optimisation
+    epochs: int = Field(30, ge=1, description="Maximum epochs per fold.")
+    lr: float = Field(2e-4, gt=0, description="Learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["cosine", "plateau", "none"] = Field("cosine", description="cosine | plateau | none.")
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
+    patience: int = Field(10, ge=1, description="Early-stopping patience in epochs.")
+    min_epochs: int = Field(0, ge=0, description="Never stop before this many epochs.")
+    monitor: Literal["val_loss", "val_auroc"] = Field("val_loss", description="val_loss | val_auroc.")
+    batch_size: int = Field(1, ge=1, description="Bags per step, padded with masks.")
+    accum_steps: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    grad_clip: Optional[float] = Field(None, description="Clip the gradient norm to this value.")
+    max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
+    class_weights: Literal["none", "balanced"] = Field("none", description="none | balanced.")
+    balanced_sampling: bool = Field(False, description="Sample bags class-balanced.")
+    seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
+    # runtime (not part of the experiment's identity: may change on --resume)
+    device: str = Field("auto", description="auto | cpu | cuda.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    cache_features: bool = Field(True, description="Keep bags in memory between epochs.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples over patients for the CIs.")
+    quiet: bool = Field(False, description="No progress bar.")
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "quiet", "out")
+
+    @field_validator("model", "strategy", "reembed")
+    @classmethod
+    def _registered(cls, value, info):
+        """Names must be in their registry."""
+        if value is not None:
+            _REGISTRIES[info.field_name].info(value)
+        return value
+
+    @model_validator(mode="after")
+    def _arguments(self):
+        """`*_args` must be arguments the chosen model, re-embedding and strategy take."""
+        for field in ("model", "reembed", "strategy"):
+            name, args = getattr(self, field), getattr(self, f"{field}_args")
+            if name is None and args:
+                raise ValueError(f"{field}_args given without --{field}; name the {_REGISTRIES[field].kind} "
+                                 f"they belong to")
+            if name is not None:
+                _REGISTRIES[field].check_args(name, args)
+        return self
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_classes(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def identity(self) -> dict:
+        """The fields that define the experiment (what --resume must not change)."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+
+_REGISTRIES = {"model": MODELS, "reembed": REEMBEDDINGS, "strategy": STRATEGIES}

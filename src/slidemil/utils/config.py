@@ -1,0 +1,49 @@
+"""Typed settings from a YAML file and command-line flags (flags win), and the help text a flag takes
+from its settings field, so that every default and its description live in one place: the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from slidemil.errors import InputError
+
+
+def load_config(cls: type[BaseModel], path: str | os.PathLike | None, overrides: dict) -> BaseModel:
+    """Build `cls` from an optional YAML file, then the non-None `overrides` (CLI flags) on top."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: the top level must be a mapping of option: value")
+        data.pop("slidemil", None)  # provenance block written into a run's config.yaml
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"invalid configuration{f' in {path}' if path else ''}: {problems}") from None
+
+
+def field_help(cls: type[BaseModel], name: str) -> str:
+    """A field's description followed by its default, for a CLI flag's help."""
+    f = cls.model_fields[name]
+    text = f.description or name.replace("_", " ")
+    default = f.get_default(call_default_factory=True)
+    if default is None or default == {} or f.is_required():
+        return text
+    if isinstance(default, bool):
+        return text if not default else f"{text} (default: on)"
+    if isinstance(default, (list, tuple)):
+        default = ",".join(map(str, default))
+    return f"{text} (default: {default})"

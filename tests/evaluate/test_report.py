@@ -1,0 +1,9 @@
+"""The report embeds the heatmap gallery and the curves' confidence bands."""
+
+from __future__ import annotations
+
+
+def test_report_shows_heatmap_gallery_and_bands(demo_run):
+    demo_run = demo_run[0]
+    html = (demo_run / "run" / "report.html").read_text()
+    assert "Best true positives" in html and "Heatmaps" in html and html.count("data:image/png;base64,") >= 6

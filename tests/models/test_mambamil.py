@@ -1,0 +1,120 @@
+"""MambaMIL / LBMamba: the selective scan against its recurrence, reordering, streaming, weight decay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slidemil import models
+
+
+def _scan_inputs(b=2, d=6, n=4, L=53, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(u=r(b, d, L), delta=r(b, d, L), A=-torch.rand(d, n, generator=g) * 2, B=r(b, n, L), C=r(b, n, L),
+                D=r(d), z=r(b, d, L), delta_bias=r(d), delta_softplus=True)
+
+
+@pytest.mark.parametrize("window", [1, 5, 8])
+@pytest.mark.parametrize("chunk", [1024, 16, 7, 1])
+def test_chunked_scan_matches_the_naive_loop(window, chunk):
+    """The chunked scan (L = 53 is a multiple of neither chunk nor window) equals the recurrence run
+    one step at a time, values and gradients, to 1e-4."""
+    from slidemil.nn.ssm import selective_scan, selective_scan_reference
+
+    inp = _scan_inputs()
+    for k in ("u", "delta", "B"):
+        inp[k].requires_grad_(True)
+    grads = []
+    for scan in (lambda: selective_scan_reference(**inp, window=window),
+                 lambda: selective_scan(**inp, window=window, chunk=chunk)):
+        y = scan()
+        (y * torch.cos(y)).sum().backward()   # .backward(): the chunks are re-entrant checkpoints
+        grads.append((y.detach(), *(inp[k].grad.clone() for k in ("u", "delta", "B"))))
+        for k in ("u", "delta", "B"):
+            inp[k].grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_scan_carries_state_between_calls():
+    from slidemil.nn.ssm import selective_scan
+
+    inp = _scan_inputs(L=40)
+    whole = selective_scan(**inp)
+    first = {k: (v[..., :25] if torch.is_tensor(v) and v.dim() == 3 else v) for k, v in inp.items()}
+    second = {k: (v[..., 25:] if torch.is_tensor(v) and v.dim() == 3 else v) for k, v in inp.items()}
+    y1, h = selective_scan(**first, return_state=True)
+    y2 = selective_scan(**second, h0=h)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_lbmamba_window_one_is_the_forward_scan():
+    from slidemil.nn.ssm import selective_scan, selective_scan_reference
+
+    inp = _scan_inputs()
+    plain = selective_scan_reference(**inp, window=0)
+    torch.testing.assert_close(selective_scan(**inp, window=1), plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(selective_scan(**inp, window=8), plain, atol=1e-3), "the local backward state is used"
+    torch.manual_seed(0)
+    lb = models.create("lbmamba", 16, 2, dim=32, window=1).eval()
+    torch.manual_seed(0)
+    mamba = models.create("lbmamba", 16, 2, dim=32, window=1, n_layers=2).eval()
+    x = torch.randn(1, 30, 16)
+    torch.testing.assert_close(lb(x).logits, mamba(x).logits)
+
+
+def test_lbmamba_backward_state_only_looks_inside_its_window():
+    """Changing the input at position 20 changes outputs before it only within its window [16, 24)."""
+    from slidemil.nn.ssm import selective_scan
+
+    inp = _scan_inputs(b=1)
+    base = selective_scan(**inp, window=8)
+    inp["u"] = inp["u"].clone()
+    inp["u"][..., 20] += 3.0
+    changed = (selective_scan(**inp, window=8) - base).abs().amax((0, 1)) > 1e-6
+    assert not changed[:16].any() and changed[16:21].all() and changed[21:].all()
+
+
+def test_sr_mamba_reordering_is_a_permutation_and_its_inverse_restores_order():
+    from slidemil.models.mambamil import reorder_index
+
+    for n, rate in [(53, 5), (40, 10), (7, 3), (1, 5)]:
+        order, inverse, padded = reorder_index(n, rate)
+        assert padded % rate == 0 and padded - n < rate
+        assert torch.equal(order.sort().values, torch.arange(padded))
+        seq = torch.arange(padded)
+        assert torch.equal(seq[order][inverse], seq)
+        # column-major reading of the (padded / R) x R row-major matrix: 0, R, 2R, ..., then 1, R+1, ...
+        assert order[: padded // rate].tolist() == list(range(0, padded, rate))
+        assert order[padded // rate] == 1 if padded > rate else True
+
+
+def test_mamba_streaming_in_pieces_changes_nothing():
+    from slidemil.models.mambamil import MambaBlock
+
+    torch.manual_seed(0)
+    for kw in ({"rate": 5}, {"window": 8}):
+        block = MambaBlock(16, 4, 4, 2, chunk=1024, **kw).train()
+        x = torch.randn(1, 53, 16, requires_grad=True)
+        y1 = block(x)
+        y1.sum().backward()
+        g1, w1 = x.grad.clone(), block.in_proj.weight.grad.clone()
+        x.grad, block.in_proj.weight.grad = None, None
+        block.chunk = 8
+        y2 = block(x)
+        y2.sum().backward()
+        g2, w2 = x.grad.clone(), block.in_proj.weight.grad.clone()
+        torch.testing.assert_close(w1, w2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_parameters_out_of_weight_decay():
+    from slidemil.train.trainer import param_groups
+
+    model = models.create("mambamil", 16, 2, dim=32)
+    groups = param_groups(model, 1e-4)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in no_decay) == (name.endswith(("A_log", ".D", "dt_proj.bias"))), name

@@ -1,0 +1,52 @@
+"""Tissue segmentation: recovers the true mask, ignores pen, round-trips GeoJSON in level-0 pixels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from conftest import SLIDE_SIZE, tissue_truth
+from slidemil.slides.reader import open_slide
+from slidemil.slides.synthetic import MASK_DOWNSAMPLE, render_slide, write_pyramidal_tiff
+from slidemil.slides.tissue import TissueConfig, geojson_to_mask, mask_to_geojson, segment_tissue
+
+
+def test_segmentation_recovers_tissue_mask(slide_cohort):
+    for sid in ("P000_S0", "P001_S0", "P002_S0"):
+        tissue = segment_tissue(open_slide(slide_cohort / "slides" / f"{sid}.tif"))
+        truth = tissue_truth(slide_cohort, sid, "tissue")
+        assert tissue.downsample == MASK_DOWNSAMPLE and tissue.mask.shape == truth.shape
+        iou = (tissue.mask & truth).sum() / (tissue.mask | truth).sum()
+        assert iou >= 0.9, f"{sid}: IoU {iou:.3f}"
+
+
+def test_pen_marks_are_not_tissue(tmp_path):
+    img, tissue_true, _ = render_slide(np.random.default_rng(2), SLIDE_SIZE)
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    draw.line([(50, 100), (1900, 120)], fill=(30, 60, 200), width=140)   # blue pen across the background
+    draw.ellipse([1750, 1250, 1980, 1480], fill=(20, 140, 60))          # green dot
+    path = write_pyramidal_tiff(tmp_path / "pen.tif", np.asarray(pil), 0.5)
+    tissue = segment_tissue(open_slide(path))
+    ink = np.zeros_like(tissue_true)
+    ink[30 // 16:190 // 16, 4:118] = True
+    ink &= ~tissue_true
+    assert not (tissue.mask & ink).any()
+    off = segment_tissue(open_slide(path), TissueConfig(filter_pen=False))
+    assert (off.mask & ink).sum() > 20, "the test's ink should look like tissue without the filter"
+
+
+def test_geojson_roundtrip_in_level0_pixels(slide_cohort):
+    tissue = segment_tissue(open_slide(slide_cohort / "slides" / "P000_S0.tif"))
+    geo = mask_to_geojson(tissue)
+    json.dumps(geo)
+    assert geo["type"] == "FeatureCollection" and geo["features"]
+    for feat in geo["features"]:
+        assert feat["geometry"]["type"] == "Polygon" and feat["properties"]["objectType"] == "annotation"
+        ring = np.asarray(feat["geometry"]["coordinates"][0])
+        assert ring.min() >= 0 and ring[:, 0].max() <= SLIDE_SIZE[1] and ring[:, 1].max() <= SLIDE_SIZE[0]
+        assert (ring[0] == ring[-1]).all()
+    back = geojson_to_mask(geo, tissue.mask.shape, tissue.downsample)
+    assert (back & tissue.mask).sum() / (back | tissue.mask).sum() > 0.97

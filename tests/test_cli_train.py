@@ -1,0 +1,51 @@
+"""`slidemil train` from the command line: the model list, config files with flag overrides, input errors."""
+
+from __future__ import annotations
+
+import pandas as pd
+import yaml
+
+from conftest import runner
+from slidemil.cli import app
+
+
+def test_cli_models_lists_registry():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    for name in ("abmil", "clam_sb", "clam_mb", "transmil", "dsmil", "mean_pool", "max_pool", "instance_max"):
+        assert name in res.stdout
+    assert "Ilse" in res.stdout
+
+
+def test_cli_train_config_file_and_flag_override(feature_cohort, tmp_path):
+    root, _ = feature_cohort
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"features": str(root / "features"), "labels": str(root / "labels.csv"),
+                                   "model": "mean_pool", "folds": 2, "epochs": 50, "bootstrap": 50}))
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--epochs", "2", "--out", str(out), "--quiet",
+                              "--model-arg", "hidden_dim=64"])
+    assert res.exit_code == 0, res.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["model"] == "mean_pool" and saved["model_args"] == {"hidden_dim": 64}
+    assert "AUROC" in res.stdout and "report.html" in res.stdout
+    assert len(pd.read_csv(out / "fold_0" / "history.csv")) <= 2
+    # evaluate recomputes from the run folder alone
+    (out / "metrics.json").unlink()
+    res = runner.invoke(app, ["evaluate", str(out), "--bootstrap", "50"])
+    assert res.exit_code == 0 and (out / "metrics.json").exists()
+    # predict writes one row per slide
+    res = runner.invoke(app, ["predict", str(out), "--features", str(root / "features"), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "p.csv")) == len(list((root / "features").glob("*.h5")))
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    (tmp_path / "labels.csv").write_text("slide,label\na,0\n")
+    (tmp_path / "f").mkdir()
+    res = runner.invoke(app, ["train", "--features", str(tmp_path / "f"), "--labels", str(tmp_path / "labels.csv"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "column 'slide_id' is missing" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "--features", "f", "--labels", "l", "--out", "o", "--folds", "1"])
+    assert res.exit_code == 1 and "folds" in res.output

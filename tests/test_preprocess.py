@@ -1,0 +1,145 @@
+"""Slides to features on synthetic slides: attributes, separable features, failures recorded, resume, coords."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from conftest import tissue_truth
+from slidemil.preprocess import Pipeline, PreprocessConfig, slides_in
+from slidemil.slides.patching import read_coords, tissue_fraction
+from slidemil.slides.synthetic import MASK_DOWNSAMPLE, render_slide, write_pyramidal_tiff
+
+
+def test_coords_and_features_carry_clam_and_trident_attributes(processed):
+    _, out = processed
+    coords, attrs = read_coords(out / "patches" / "P000_S0.h5")
+    for key in ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp", "target_magnification",
+                "level0_magnification", "overlap", "patch_level", "downsample", "level0_width", "level0_height",
+                "name", "level_dim", "downsampled_level_dim"):
+        assert key in attrs, key
+    assert coords.dtype == np.int64 and attrs["target_magnification"] == 20.0
+    with h5py.File(out / "features_handcrafted" / "P000_S0.h5") as fh:
+        assert fh["features"].shape == (len(coords), 32) and fh["features"].dtype == np.float32
+        np.testing.assert_array_equal(fh["coords"][()], coords)
+        for key in ("encoder", "encoder_weights", "encoder_sha256", "embedding_dim", "patch_size_level0",
+                    "target_mpp", "slide_path", "slidemil_version"):
+            assert key in fh.attrs, key
+        assert fh["coords"].attrs["patch_size_level0"] == attrs["patch_size_level0"]
+    assert (out / "segmentation" / "P000_S0_qc.png").stat().st_size > 1000
+
+
+def test_handcrafted_features_separate_tumour_from_normal(processed):
+    root, out = processed
+    xs, ys = [], []
+    for f in sorted((out / "features_handcrafted").glob("*.h5")):
+        with h5py.File(f) as fh:
+            x, c, size0 = fh["features"][()], fh["coords"][()], fh.attrs["patch_size_level0"]
+        tum = tissue_truth(root, f.stem, "tumour")
+        xs.append(x)
+        ys.append(tissue_fraction(tum, MASK_DOWNSAMPLE, c[:, 0], c[:, 1], size0) > 0.5)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    assert y.sum() >= 5
+    best = max(max(roc_auc_score(y, x[:, j]), 1 - roc_auc_score(y, x[:, j])) for j in range(x.shape[1]))
+    assert best >= 0.95
+
+
+def test_bad_slides_are_recorded_and_the_rest_finish(slide_cohort, tmp_path):
+    folder = tmp_path / "slides"
+    shutil.copytree(slide_cohort / "slides", folder)
+    (folder / "corrupt.svs").write_bytes((folder / "P000_S0.tif").read_bytes()[:5000])   # truncated
+    img, _, _ = render_slide(np.random.default_rng(4), (512, 512))
+    write_pyramidal_tiff(folder / "nompp.tif", img, mpp=None, downsamples=(1,))
+    write_pyramidal_tiff(folder / "blank.tif", np.full((1024, 1024, 3), 243, np.uint8), mpp=0.5, downsamples=(1, 4))
+    cfg = PreprocessConfig(slides=str(folder), out=str(tmp_path / "out"), quiet=True)
+    status = Pipeline(cfg).run(slides_in(folder)).set_index("slide_id")
+    failures = pd.read_csv(tmp_path / "out" / "failures.csv").set_index("slide_id")
+    assert set(failures.index) == {"corrupt", "nompp", "blank"}
+    assert failures.loc["corrupt", "stage"] == "open" and "corrupt.svs: cannot be read" in failures.loc["corrupt", "error"]
+    assert "no physical resolution" in failures.loc["nompp", "error"] and "--mpp" in failures.loc["nompp", "error"]
+    assert failures.loc["blank", "stage"] == "segment" and "no tissue found" in failures.loc["blank", "error"]
+    good = [s for s in status.index if s.startswith("P")]
+    assert (status.loc[good, "status"] == "done").all()
+    assert all((tmp_path / "out" / "features_handcrafted" / f"{s}.h5").exists() for s in good)
+    # an mpp CSV rescues the slide without metadata; failures.csv forgets it
+    pd.DataFrame({"slide_id": ["nompp"], "mpp": [0.5]}).to_csv(tmp_path / "mpp.csv", index=False)
+    img2 = render_slide(np.random.default_rng(4), (1024, 1024))[0]
+    write_pyramidal_tiff(folder / "nompp.tif", img2, mpp=None, downsamples=(1,))
+    cfg2 = PreprocessConfig(slides=str(folder), out=str(tmp_path / "out"), quiet=True, mpp_csv=str(tmp_path / "mpp.csv"))
+    status2 = Pipeline(cfg2).run(slides_in(folder)).set_index("slide_id")
+    assert status2.loc["nompp", "status"] == "done" and status2.loc["P000_S0", "status"] == "skipped"
+    assert "nompp" not in set(pd.read_csv(tmp_path / "out" / "failures.csv")["slide_id"])
+
+
+def test_resume_redoes_partial_extraction_identically(processed, tmp_path):
+    root, out = processed
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    feats = copy / "features_handcrafted"
+    reference = {p.name: h5py.File(p)["features"][()] for p in feats.glob("*.h5")}
+    (feats / "P001_S0.h5").unlink()                                   # killed before the rename
+    (feats / ".P001_S0.h5.tmp-999").write_bytes(b"half")
+    with h5py.File(feats / "P002_S0.h5", "w") as fh:                  # wrong content under a final name
+        fh.create_dataset("features", data=np.zeros((3, 32), np.float32))
+        fh.attrs["encoder"] = "handcrafted"
+    cfg = PreprocessConfig(slides=str(root / "slides"), out=str(copy), quiet=True, patch_size=128)
+    status = Pipeline(cfg).run(slides_in(cfg.slides)).set_index("slide_id")
+    assert status.loc["P001_S0", "status"] == "done" and status.loc["P002_S0", "status"] == "done"
+    assert status.loc["P000_S0", "status"] == "skipped"
+    assert not list(feats.glob(".*tmp*"))
+    for name, ref in reference.items():
+        np.testing.assert_array_equal(h5py.File(feats / name)["features"][()], ref)
+
+
+def test_hand_edited_geojson_is_used(processed, tmp_path):
+    root, out = processed
+    geo = json.loads((out / "segmentation" / "P000_S0.geojson").read_text())
+    geo["features"] = geo["features"][:1]
+    x0, y0 = np.asarray(geo["features"][0]["geometry"]["coordinates"][0]).min(0)
+    geo["features"][0]["geometry"]["coordinates"] = [[[x0, y0], [x0 + 600, y0], [x0 + 600, y0 + 600], [x0, y0 + 600], [x0, y0]]]
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "P000_S0.geojson").write_text(json.dumps(geo))
+    single = tmp_path / "one"
+    single.mkdir()
+    shutil.copy(root / "slides" / "P000_S0.tif", single)
+    cfg = PreprocessConfig(slides=str(single), out=str(tmp_path / "o"), quiet=True, tissue_geojson=str(tmp_path / "edited"),
+                           min_tissue=0.5)
+    Pipeline(cfg).run(slides_in(single), stages=("segment", "patch"))
+    coords, _ = read_coords(tmp_path / "o" / "patches" / "P000_S0.h5")
+    assert len(coords) >= 1
+    assert (coords[:, 0] >= x0 - 256).all() and (coords[:, 0] + 256 <= x0 + 600 + 256).all()
+
+
+def test_extract_at_clam_and_trident_coordinates(slide_cohort, tmp_path):
+    """Coordinates written by CLAM (patch_level + patch_size) and TRIDENT (<id>_patches.h5 with
+    patch_size_level0) drive extraction directly, with the same footprint as ours."""
+    sid = "P001_S0"
+    coords = np.array([[256, 256], [512, 512], [768, 256]], np.int64)
+    clam, trident = tmp_path / "clam", tmp_path / "trident"
+    clam.mkdir()
+    trident.mkdir()
+    with h5py.File(clam / f"{sid}.h5", "w") as fh:
+        ds = fh.create_dataset("coords", data=coords)
+        ds.attrs.update({"patch_size": 64, "patch_level": 2, "downsample": [16, 16], "name": sid})
+    with h5py.File(trident / f"{sid}_patches.h5", "w") as fh:
+        ds = fh.create_dataset("coords", data=coords)
+        ds.attrs.update({"patch_size": 256, "patch_size_level0": 1024.0, "target_magnification": 5})
+    single = tmp_path / "one"
+    single.mkdir()
+    shutil.copy(slide_cohort / "slides" / f"{sid}.tif", single)
+    feats = {}
+    for name, folder in (("clam", clam), ("trident", trident)):
+        cfg = PreprocessConfig(slides=str(single), out=str(tmp_path / f"o_{name}"), quiet=True, coords_dir=str(folder))
+        status = Pipeline(cfg).run(slides_in(single))
+        assert status.loc[0, "status"] == "done", status
+        assert not (tmp_path / f"o_{name}" / "patches").exists()
+        with h5py.File(tmp_path / f"o_{name}" / "features_handcrafted" / f"{sid}.h5") as fh:
+            np.testing.assert_array_equal(fh["coords"][()], coords)
+            assert fh.attrs["patch_size_level0"] == 1024
+            feats[name] = fh["features"][()]
+    np.testing.assert_allclose(feats["clam"], feats["trident"], atol=1e-5)

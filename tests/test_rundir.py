@@ -1,0 +1,51 @@
+"""RunDir: the one reader and writer of a run folder's layout, and checkpoints of strategy-trained models."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from slidemil import models
+from slidemil.errors import InputError
+from slidemil.models.checkpoint import load_model, save_model
+from slidemil.rundir import RunDir
+from slidemil.train.strategies import apply_strategy
+
+
+def test_paths_and_finished_folds(tmp_path):
+    run = RunDir(tmp_path / "exp")
+    assert run.fold_dir(2) == tmp_path / "exp" / "fold_2" and run.report_path.name == "report.html"
+    with pytest.raises(InputError, match="no finished fold"):
+        run.finished_folds()
+    with pytest.raises(InputError, match="not a run folder"):
+        run.config()
+    for k in (1, 0, 10):
+        run.fold_dir(k).mkdir(parents=True)
+    run.mark_fold_done(10, {"fold": 10})
+    run.mark_fold_done(1, {"fold": 1})
+    assert run.finished_folds() == [1, 10] and run.is_fold_done(1) and not run.is_fold_done(0)
+
+
+def test_tables_keep_ids_and_labels_as_text(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_predictions(pd.DataFrame({"slide_id": ["007"], "case_id": ["01"], "label": ["1.0"], "fold": [0],
+                                        "prob_a": [0.2], "pred": ["1.0"]}))
+    back = run.predictions()
+    assert back.loc[0, "slide_id"] == "007" and back.loc[0, "label"] == "1.0" and back.loc[0, "case_id"] == "01"
+    run.write_splits(pd.DataFrame({"slide_id": ["a", "b", "c"], "fold": [0, 0, 1], "role": ["test", "train", "test"]}))
+    assert run.test_ids(0) == {"a"}
+
+
+@pytest.mark.parametrize("strategy,args", [("sc", {}), ("mhim", {}), ("aem", {})])
+def test_a_strategy_trained_checkpoint_loads_as_its_aggregator(tmp_path, strategy, args):
+    torch.manual_seed(0)
+    wrapped = apply_strategy(models.create("abmil", in_dim=8, n_outputs=2), strategy, **args).eval()
+    meta = {"model": "abmil", "model_args": {}, "strategy": strategy, "strategy_args": args, "in_dim": 8,
+            "n_outputs": 2}
+    save_model(tmp_path, wrapped, meta)
+    loaded, _ = load_model(tmp_path)
+    assert type(loaded).__name__ == "ABMIL"     # inference needs no training wrapper
+    x = torch.randn(1, 30, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, wrapped(x).logits)

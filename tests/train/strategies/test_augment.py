@@ -1,0 +1,51 @@
+"""Feature-space augmentation: training only; HistAug's transforms and generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slidemil import models
+from slidemil.train.strategies import apply_strategy
+
+
+@pytest.mark.parametrize("name", ["feature_noise", "feature_dropout", "instance_mixup"])
+def test_feature_augmentations_act_in_training_only(name):
+    torch.manual_seed(0)
+    model = apply_strategy(models.create("mean_pool", 8, 2), name)
+    seen = []
+    model.model.forward = lambda x, mask=None, coords=None: seen.append(x.clone()) or models.MILOutput(x.sum(1)[:, :2], None)
+    x = torch.randn(1, 30, 8)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    mask[0, 25:] = False
+    model.train()(x, mask)
+    model.eval()(x, mask)
+    assert not torch.equal(seen[0][0, :25], x[0, :25]) and torch.equal(seen[0][0, 25:], x[0, 25:])
+    assert torch.equal(seen[1], x)
+    if name == "instance_mixup":  # each row lies on a segment between two real rows, nearer its own
+        d_own = (seen[0][0, :25] - x[0, :25]).norm(dim=1)
+        assert (d_own <= 0.5 * torch.cdist(x[0, :25], x[0, :25]).max() + 1e-6).all()
+
+
+def test_histaug_transforms_and_generator():
+    from slidemil.augment.histaug import TRANSFORMS, GeneratorConfig, HistAugGenerator, apply_transforms, sample_params
+
+    g = torch.Generator().manual_seed(0)
+    params = sample_params(64, g)
+    assert sorted(params["order"][0].tolist()) == list(range(len(TRANSFORMS)))
+    applied = np.mean([float(params["hflip"][i] > 0) for i in range(64)])
+    assert 0.5 < applied < 0.95                               # P = 0.75
+    img = torch.rand(3, 32, 32)
+    one = {k: v[:1] for k, v in params.items()}
+    for k in params:
+        if k != "order":
+            one[k] = torch.zeros_like(one[k])
+    assert torch.equal(apply_transforms(img, one, 0), img), "no transform applied = identity"
+    one["hflip"] = torch.ones_like(one["hflip"])
+    assert torch.equal(apply_transforms(img, one, 0), img.flip(-1))
+    gen = HistAugGenerator(GeneratorConfig(dim=32, depth=2))
+    z = torch.randn(10, 32)
+    wsi = gen(z, sample_params(1, g))
+    inst = gen(z, sample_params(10, g))
+    assert wsi.shape == inst.shape == (10, 32)

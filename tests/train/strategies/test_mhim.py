@@ -1,0 +1,110 @@
+"""MHIM-MIL: hard-instance masks, the EMA teacher, v2 scoring and merge, teacher_init leakage checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import bag_dataset, fit_config, planted_bags
+from slidemil import models
+from slidemil.train.strategies import apply_strategy
+from slidemil.train.trainer import FitContext
+
+
+def test_hard_instance_mask_drops_top_scored_instances():
+    from slidemil.train.strategies.mhim import hard_instance_mask
+
+    scores = torch.arange(100.0)[None]                        # instance 99 scores highest
+    mask = torch.ones(1, 100, dtype=torch.bool)
+    keep = hard_instance_mask(scores, mask, ratio_h=0.1, ratio_hr=0.5)
+    dropped = (~keep[0]).nonzero()[:, 0]
+    assert len(dropped) == 5 and (dropped >= 90).all()
+    keep = hard_instance_mask(scores, mask, ratio_h=0.0, ratio_hr=0.5, ratio_l=0.2)
+    assert (~keep[0]).nonzero()[:, 0].tolist() == list(range(20))
+    # padding is never "kept" and a bag keeps at least one instance
+    mask[0, 50:] = False
+    keep = hard_instance_mask(scores, mask, ratio_h=1.0, ratio_hr=1.0)
+    assert not keep[0, 50:].any() and keep[0].sum() == 1
+
+
+def _mhim(model_name="abmil", **kw):
+    torch.manual_seed(0)
+    model = apply_strategy(models.create(model_name, 32, 2), "mhim", **kw)
+    ds = bag_dataset(planted_bags(20, seed=1))
+    model.fit_start(FitContext(ds, fit_config(epochs=2), torch.device("cpu")))
+    return model, ds
+
+
+def test_mhim_teacher_is_updated_only_by_ema():
+    model, ds = _mhim(baseline_epochs=0, mm=0.9)
+    model.train()
+    model.epoch_start(0, 2)                                   # the student becomes the teacher
+    teacher = model.teacher
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not any(p is q for p in teacher.parameters() for q in model.parameters()), "teacher not in the optimiser"
+    assert "teacher" not in dict(model.named_children()) and not any(k.startswith("teacher") for k in model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    x, y = ds[0].x[None], torch.tensor([ds[0].y])
+    out = model(x)
+    model.loss(out, y, F.cross_entropy).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(teacher.parameters(), before)), "teacher moved before the EMA"
+    model.step_end()
+    for t, b, s in zip(teacher.parameters(), before, model.model.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s.detach())
+
+
+def test_mhim_student_never_sees_the_masked_hard_instances():
+    model, ds = _mhim(baseline_epochs=0, mask_ratio_h=0.2, mask_ratio_hr=1.0, mrh_sche=False)
+    model.train()
+    model.epoch_start(0, 2)
+    x = ds[1].x[None]
+    with torch.no_grad():
+        t_scores = model.teacher(x).instance_scores[0]
+    out = model(x)
+    n_top = math.ceil(x.shape[1] * 0.2)
+    top = t_scores.topk(n_top).indices
+    assert (out.instance_scores[0, top] == 0).all()
+    assert out.extras["teacher_embedding"] is not None and out.extras["teacher_embedding"].shape == out.bag_embedding.shape
+    assert (model.eval()(x).instance_scores[0] > 0).all(), "no masking at inference"
+
+
+def test_mhim_v2_cam_scoring_and_merge_run():
+    model, ds = _mhim(baseline_epochs=0, scoring="cam", merge_ratio=0.8, merge_k=2)
+    model.train()
+    model.epoch_start(0, 2)
+    x, y = ds[0].x[None], torch.tensor([ds[0].y])
+    out = model(x)
+    # mask_ratio_h 0.01 of ~50 instances: 1 top instance, half of it masked -> none; 80% kept + 2 merged
+    assert out.instance_scores.shape[1] == int(round(0.8 * x.shape[1])) + 2
+    loss = model.loss(out, y, F.cross_entropy)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="scoring"):
+        apply_strategy(models.create("abmil", 8, 2), "mhim", scoring="vote")
+
+
+def test_mhim_teacher_init_refuses_a_baseline_with_other_splits(tmp_path):
+    from slidemil.errors import InputError
+    from slidemil.models.checkpoint import save_model
+    from slidemil.rundir import RunDir
+
+    base = tmp_path / "baseline"
+    baseline = models.create("abmil", 32, 2)
+    save_model(base / "fold_0", baseline, {"model": "abmil", "model_args": {}, "in_dim": 32, "n_outputs": 2})
+    (base / "splits.csv").write_text("slide_id,fold,role\na,0,test\nb,0,train\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "splits.csv").write_text("slide_id,fold,role\nb,0,test\na,0,train\n")
+    model = apply_strategy(models.create("abmil", 32, 2), "mhim", teacher_init=str(base))
+    ctx = FitContext(bag_dataset(planted_bags(4)), fit_config(epochs=1), torch.device("cpu"), 0, RunDir(run))
+    with pytest.raises(InputError, match="leakage"):
+        model.fit_start(ctx)
+    (run / "splits.csv").write_text("slide_id,fold,role\na,0,test\nb,0,train\n")
+    model.fit_start(ctx)
+    assert model.active and torch.equal(model.teacher.classifier.weight, baseline.classifier.weight)

@@ -1,0 +1,97 @@
+"""Cross-validation runs: a complete run folder, patient-bootstrap CIs, saved splits, resume, failures named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_config
+from slidemil.errors import InputError, TrainingError
+from slidemil.train.cv import run_cv
+
+
+def test_run_folder_is_complete(trained):
+    _, run = trained
+    for name in ("config.yaml", "splits.csv", "predictions.csv", "metrics.json", "report.html"):
+        assert (run / name).is_file(), name
+    for k in range(3):
+        for name in ("model.safetensors", "model.json", "history.csv", "predictions.csv", "done.json"):
+            assert (run / f"fold_{k}" / name).is_file()
+        hist = pd.read_csv(run / f"fold_{k}" / "history.csv")
+        assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_metric", "lr", "seconds"]
+    for plot in ("roc", "pr", "confusion", "calibration"):
+        assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["slidemil"]["torch"] and len(cfg["slidemil"]["features_sha256"]) == 64
+    preds = pd.read_csv(run / "predictions.csv")
+    assert preds["slide_id"].is_unique and {"prob_negative", "prob_positive", "pred", "fold"} <= set(preds.columns)
+    np.testing.assert_allclose(preds[["prob_negative", "prob_positive"]].sum(axis=1), 1, atol=1e-5)
+    attn = list((run / "attention").glob("*.h5"))
+    assert len(attn) == len(preds)
+
+
+def test_metrics_have_patient_bootstrap_cis_and_learn(trained):
+    _, run = trained
+    m = json.loads((run / "metrics.json").read_text())
+    auc = m["pooled"]["auroc"]
+    assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+    assert auc["value"] >= 0.9
+    assert m["bootstrap"]["unit"] == "patient" and set(m["folds"]) == {"0", "1", "2"}
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "auroc" in html and "<script" not in html
+
+
+def test_splits_are_used_as_saved(trained):
+    _, run = trained
+    splits = pd.read_csv(run / "splits.csv", dtype=str)
+    preds = pd.read_csv(run / "predictions.csv", dtype=str)
+    test_fold = splits[splits["role"] == "test"].set_index("slide_id")["fold"]
+    assert (preds.set_index("slide_id")["fold"] == test_fold.loc[preds["slide_id"]]).all()
+
+
+def test_resume_skips_finished_folds_and_reproduces(trained, tmp_path):
+    root, run = trained
+    copy = tmp_path / "exp1"
+    shutil.copytree(run, copy)
+    (copy / "fold_1" / "done.json").unlink()      # as if killed during fold 1
+    (copy / "fold_1" / "predictions.csv").unlink()
+    before = {k: (copy / f"fold_{k}" / "model.safetensors").stat().st_mtime_ns for k in (0, 2)}
+    cfg = run_config(root, copy)
+    with pytest.raises(InputError, match="--resume"):
+        run_cv(cfg)
+    run_cv(cfg, resume=True)
+    after = {k: (copy / f"fold_{k}" / "model.safetensors").stat().st_mtime_ns for k in (0, 2)}
+    assert before == after, "finished folds were retrained"
+    a = pd.read_csv(run / "predictions.csv")
+    b = pd.read_csv(copy / "predictions.csv")
+    pd.testing.assert_frame_equal(a, b, atol=1e-5, rtol=0)
+
+
+def test_resume_with_other_settings_is_refused(trained, tmp_path):
+    root, run = trained
+    copy = tmp_path / "exp1"
+    shutil.copytree(run, copy)
+    with pytest.raises(InputError, match=r"different configuration \(lr\)"):
+        run_cv(run_config(root, copy, lr=1e-2), resume=True)
+
+
+def test_nan_loss_stops_and_names_the_epoch(feature_cohort, tmp_path, monkeypatch):
+    root, _ = feature_cohort
+    from slidemil.models.abmil import ABMIL
+
+    real = ABMIL.loss
+    monkeypatch.setattr(ABMIL, "loss", lambda self, out, t, tl: real(self, out, t, tl) * float("nan"))
+    with pytest.raises(TrainingError, match=r"at epoch 1 \(bag"):
+        run_cv(run_config(root, tmp_path / "nan"))
+
+
+def test_patient_bag_unit(feature_cohort, tmp_path):
+    root, table = feature_cohort
+    run = run_cv(run_config(root, tmp_path / "pat", bag_unit="patient", epochs=3))
+    preds = pd.read_csv(run / "predictions.csv")
+    assert len(preds) == table["case_id"].nunique() and (preds["slide_id"] == preds["case_id"]).all()
