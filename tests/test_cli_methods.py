@@ -11,6 +11,8 @@ import yaml
 from conftest import runner
 from slidemil.cli import app
 
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
+
 FAST = ["--folds", "2", "--epochs", "2", "--quiet", "--lr", "5e-4", "--bootstrap", "50"]
 
 

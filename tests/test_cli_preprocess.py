@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from conftest import runner
 from slidemil.cli import app
 from slidemil.slides.synthetic import make_slide_cohort
+
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
 
 
 def test_cli_preprocess_then_train(tmp_path):

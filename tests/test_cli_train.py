@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import runner
@@ -17,6 +18,7 @@ def test_cli_models_lists_registry():
     assert "Ilse" in res.stdout
 
 
+@pytest.mark.slow
 def test_cli_train_config_file_and_flag_override(feature_cohort, tmp_path):
     root, _ = feature_cohort
     cfg = tmp_path / "exp.yaml"

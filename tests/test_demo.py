@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
 
 
 def test_demo_pipeline_end_to_end(demo_run):

@@ -10,6 +10,8 @@ from slidemil.errors import InputError
 from slidemil.features.store import write_features
 from slidemil.predict import predict
 
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
+
 
 def test_predict_on_training_cohort_reproduces_fold_predictions(trained):
     root, run = trained

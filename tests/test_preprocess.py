@@ -8,12 +8,15 @@ import shutil
 import h5py
 import numpy as np
 import pandas as pd
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import tissue_truth
 from slidemil.preprocess import Pipeline, PreprocessConfig, slides_in
 from slidemil.slides.patching import read_coords, tissue_fraction
 from slidemil.slides.synthetic import MASK_DOWNSAMPLE, render_slide, write_pyramidal_tiff
+
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
 
 
 def test_coords_and_features_carry_clam_and_trident_attributes(processed):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
+
 
 def test_histaug_generator_beats_the_unaugmented_embedding(generator):
     """On held-out slides the generator predicts E(T_t(x)) better than E(x) itself does."""

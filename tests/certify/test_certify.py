@@ -86,6 +86,7 @@ def test_verdict_logic():
     assert combine(["PASS", "WEAK"]) == "WEAK" and combine(["WEAK", "FAIL"]) == "WEAK"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,verdict", [("instance_max", "PASS"), ("evidence_attn", "PASS"), ("mean_pool", "FAIL")])
 def test_single_concept_poison_verdicts(model, verdict):
     _, summary = certify([(model, {})], ["single_concept"], FAST)
@@ -94,6 +95,7 @@ def test_single_concept_poison_verdicts(model, verdict):
     assert row.verdict == verdict, summary
 
 
+@pytest.mark.slow
 def test_standard_variant_is_solved_by_attention():
     """Sanity: without the poison shift, ABMIL (which fails the poisoned test) solves the task."""
     s = CertifySettings(n_train=300, n_test=200, epochs=6, seeds=1, poisoned=False)
@@ -101,6 +103,7 @@ def test_standard_variant_is_solved_by_attention():
     assert summary.iloc[0].verdict == "PASS"
 
 
+@pytest.mark.slow
 def test_cli_certify_json_and_model_config(tmp_path):
     cfg = tmp_path / "m.yaml"
     cfg.write_text("model: abmil\nmodel_args: {gated: false, hidden_dim: 64}\n")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
+
 
 def test_report_shows_heatmap_gallery_and_bands(demo_run):
     demo_run = demo_run[0]

@@ -13,6 +13,8 @@ from slidemil.explain.heatmap import HeatmapRun, NoScoresError
 from slidemil.explain.paint import paint
 from slidemil.slides.synthetic import MASK_DOWNSAMPLE
 
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
+
 
 def _tumour_overlap(run_dir, cohort, slide_id) -> float:
     """Share of the top-scoring decile of tissue (heatmap pixels) that lies in the true tumour mask."""

@@ -48,6 +48,7 @@ def test_random_weights_roundtrip(tmp_path, suffix):
     assert enc.weights == str(path)
 
 
+@pytest.mark.slow
 def test_uni_v1_full_size_roundtrip(tmp_path):
     torch.manual_seed(0)
     spec = get_spec("uni_v1")

@@ -77,6 +77,7 @@ def test_rrt_region_groups_bound_memory_without_changing_results(monkeypatch):
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
+@pytest.mark.slow
 def test_reembed_rrt_in_front_of_any_aggregator():
     from sklearn.metrics import roc_auc_score
 

@@ -14,6 +14,8 @@ from conftest import run_config
 from slidemil.errors import InputError, TrainingError
 from slidemil.train.cv import run_cv
 
+pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
+
 
 def test_run_folder_is_complete(trained):
     _, run = trained

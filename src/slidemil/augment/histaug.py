@@ -271,7 +271,7 @@ def fit_generator(train: dict, test: dict, encoder_name: str, settings: FitSetti
               "identity_cosine": _cosine(test["z"], test["z_aug"]),
               "heldout_mse": float(F.mse_loss(pred, test["z_aug"])),
               "identity_mse": float(F.mse_loss(test["z"], test["z_aug"])),
-              "settings": asdict(settings)}
+              "settings": settings.model_dump()}
     return model.requires_grad_(False), report
 
 

@@ -13,6 +13,7 @@ from slidemil.train.config import TrainConfig
 from slidemil.train.trainer import fit, infer
 
 
+@pytest.mark.slow
 def test_aem_adds_negative_entropy_and_spreads_attention():
     from slidemil.train.strategies import apply_strategy
 

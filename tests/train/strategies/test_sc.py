@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +50,7 @@ def test_sc_curriculum_moves_from_contrast_to_classifier():
     assert model.projection[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_sc_learns_an_imbalanced_planted_task():
     from sklearn.metrics import roc_auc_score
 
