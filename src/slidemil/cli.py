@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from slidemil.augment.histaug import FitSettings
 from slidemil.certify.run import CertifySettings
@@ -23,25 +24,43 @@ from slidemil.features.extract import ExtractConfig
 from slidemil.preprocess import PreprocessConfig
 from slidemil.train.config import TrainConfig
 from slidemil.utils.config import field_help, load_config
+from slidemil.utils.io import ensure_writable
+from slidemil.utils.text import printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="slidemil: weakly supervised learning on whole-slide images.")
-console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
+# Neither console interprets rich markup in what it prints: slide ids, paths and labels are user text
+# ("bad[/]id" is a valid file name). Styling goes through Text objects.
+console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+out_console = Console(soft_wrap=True, markup=False, highlight=False)
+
+
+class _PrintableRecords(logging.Filter):
+    """Log messages carry user text too: control characters are shown, not executed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), None
+        return True
 
 
 def _setup_logging(quiet: bool, logfile: Path | None = None) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.addFilter(_PrintableRecords())
     root.addHandler(handler)
     if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(logfile)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
+        _add_logfile(logfile)
+
+
+def _add_logfile(path: Path) -> None:
+    """Also log to `path` (created only when the run or stage has validated its inputs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(fh)
 
 
 @contextmanager
@@ -50,7 +69,7 @@ def _errors():
     try:
         yield
     except SlidemilError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(Text.assemble(("error: ", "bold red"), printable(exc)))
         raise typer.Exit(1) from None
 
 
@@ -61,7 +80,7 @@ def _epoch_progress(folds: int, epochs: int, quiet: bool):
     if quiet:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("training", total=folds * epochs)
@@ -146,9 +165,9 @@ def train(
                 overrides[key] = args
         cfg = load_config(TrainConfig, config, overrides)
         run = RunDir(cfg.out)
-        _setup_logging(cfg.quiet, run.log_path)
+        _setup_logging(cfg.quiet)
         with _epoch_progress(cfg.folds, cfg.epochs, cfg.quiet) as progress:
-            run_cv(cfg, resume=resume, progress=progress)
+            run_cv(cfg, resume=resume, progress=progress, on_start=lambda r: _add_logfile(r.log_path))
         out_console.print(f"{summary_line(run.metrics())}\nreport: {run.report_path}")
 
 
@@ -201,6 +220,7 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         opts = load_config(HeatmapOptions, None, given)
         target = out or RunDir(run).heatmaps_dir
         hm = HeatmapRun(run, slides, target, opts)
+        ensure_writable(target)
         ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
         table = hm.make_all(ids)
         done = int((table["status"] == "done").sum()) if len(table) else 0
@@ -222,6 +242,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     _setup_logging(False)
     with _errors():
         ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        ensure_writable(out.parent)
         frame = run_predict(run, features, ids, device, skip_missing)
         write_csv(out, frame)
         out_console.print(f"{len(frame)} slide(s) predicted -> {out}")
@@ -261,9 +282,9 @@ def _tile_progress(quiet: bool):
     if quiet:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, TextColumn("{task.fields[rate]}"), console=console) as bar:
+    with Progress(*columns, TextColumn("{task.fields[rate]}", markup=False), console=console) as bar:
         def start(slide_id: str, n: int):
             task = bar.add_task(f"extract {slide_id}", total=n, rate="")
 
@@ -318,10 +339,12 @@ def _stage_command(stages: tuple[str, ...], doc: str):
                      if k in PreprocessConfig.model_fields}
         with _errors():
             cfg = load_config(PreprocessConfig, config, overrides)
+            slide_paths = slides_in(cfg.slides)
+            ensure_writable(cfg.out)
             _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")
             pipe = Pipeline(cfg)
             with _tile_progress(cfg.quiet) as progress:
-                status = pipe.run(slides_in(cfg.slides), stages, progress)
+                status = pipe.run(slide_paths, stages, progress)
             counts = status["status"].value_counts().to_dict()
             out_console.print(f"{len(status)} slide(s): {counts.get('done', 0)} done, {counts.get('skipped', 0)} "
                               f"already complete, {counts.get('failed', 0)} failed (see {Path(cfg.out) / 'failures.csv'})")

@@ -27,7 +27,8 @@ def preprocess_folder(slides: Path, out: Path, quiet: bool) -> Path:
     status = Pipeline(cfg).run(slides_in(slides))
     failed = status[status["status"] == "failed"]
     if len(failed):
-        Console(stderr=True).print(f"[yellow]{len(failed)} slide(s) failed; see {out / 'failures.csv'}")
+        Console(stderr=True, markup=False).print(f"{len(failed)} slide(s) failed; see {out / 'failures.csv'}",
+                                                 style="yellow")
     return out / "features_handcrafted"
 
 
@@ -35,8 +36,8 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
              slide_size: tuple[int, int] = (3072, 4096), bootstrap: int | None = None) -> dict:
     """The demo in `out`; `bootstrap` (resamples for the CIs) defaults to the training default."""
     out = Path(out)
-    console = Console()
-    console.print(f"[bold]slidemil demo[/] -> {out}")
+    console = Console(markup=False, highlight=False)
+    console.print(f"slidemil demo -> {out}")
     cohort, external = out / "cohort", out / "external"
     if not (cohort / "labels.csv").exists():
         console.print(f"writing a synthetic cohort of {n_patients} patients ...")

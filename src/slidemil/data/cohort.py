@@ -95,6 +95,10 @@ def read_label_table(
             raise InputError(f"{path}: case column {case_col!r} is missing (found: {found})")
         table["case_id"] = table["slide_id"]
     table["label"] = raw[label_col].str.strip()
+    padded = raw[label_col].notna() & (raw[label_col] != table["label"])
+    if padded.any():
+        log.info("%s: column %r had spaces around the label in row(s) %s; they were stripped",
+                 path, label_col, _rows(table.index[padded]))
     if site_col:
         table["site"] = raw[site_col].str.strip()
     if split_col in raw.columns:
@@ -108,9 +112,9 @@ def read_label_table(
     if table.empty:
         raise InputError(f"{path}: no row has a label in column {label_col!r}")
 
-    present = sorted(table["label"].unique(), key=_natural_key)
     if classes:
         classes = [str(c).strip() for c in classes]
+        table["label"] = _to_classes(table["label"], classes, path, label_col)
         unknown = ~table["label"].isin(classes)
         if unknown.any():
             bad = ", ".join(sorted(table.loc[unknown, "label"].unique()))
@@ -119,7 +123,8 @@ def read_label_table(
                 f"that are not among --classes {','.join(classes)}"
             )
     else:
-        classes = present
+        _refuse_variants(table["label"], path, label_col)
+        classes = sorted(table["label"].unique(), key=_natural_key)
     if len(classes) < 2:
         raise InputError(f"{path}: column {label_col!r} holds a single class ({classes[0]}); need two or more")
     table["y"] = table["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
@@ -139,6 +144,44 @@ def read_label_table(
         log.warning("%s: patient(s) %s have slides with different labels; splits keep them together",
                     path, ", ".join(mixed[mixed > 1].index[:10]))
     return Cohort(table.reset_index(drop=True), list(classes), str(path))
+
+
+def _variant_key(value: str):
+    """Labels that differ only by letter case or by how a number is written share a key ("Tumor" and
+    "tumor"; "1", "1.0" and "01")."""
+    try:
+        return ("number", float(value))
+    except ValueError:
+        return ("text", value.casefold())
+
+
+def _refuse_variants(labels: pd.Series, path: Path, label_col: str) -> None:
+    """Spelling variants of one label would silently train as different classes: name them and their rows."""
+    groups: dict = {}
+    for value in labels.unique():
+        groups.setdefault(_variant_key(value), []).append(value)
+    clashes = [sorted(v) for v in groups.values() if len(v) > 1]
+    if clashes:
+        parts = "; ".join(" / ".join(f"{v!r} (row(s) {_rows(labels.index[labels == v])})" for v in group)
+                          for group in clashes)
+        raise InputError(f"{path}: column {label_col!r} spells one label several ways: {parts}. Write each "
+                         "class one way, or pass --classes to say which spelling each class has")
+
+
+def _to_classes(labels: pd.Series, classes: list[str], path: Path, label_col: str) -> pd.Series:
+    """With --classes, a label that is a spelling variant of exactly one class is read as that class."""
+    by_key: dict = {}
+    for c in classes:
+        by_key.setdefault(_variant_key(c), []).append(c)
+    mapped = labels.copy()
+    for value in labels.unique():
+        match = by_key.get(_variant_key(value), [])
+        if value not in classes and len(match) == 1:
+            rows = labels.index[labels == value]
+            log.info("%s: column %r value %r in row(s) %s is read as class %r", path, label_col, value,
+                     _rows(rows), match[0])
+            mapped[rows] = match[0]
+    return mapped
 
 
 def _natural_key(value: str):

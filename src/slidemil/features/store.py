@@ -75,7 +75,11 @@ def read_features(path: str | os.PathLike) -> FeatureBag:
     path = Path(path)
     if path.suffix == ".pt":
         # weights_only: a feature file is data, never code.
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError for code, others for garbage or truncation
+            raise ValueError(f"{path}: not a tensor file (refused to unpickle: {type(exc).__name__}); "
+                             "re-extract it, or convert it to h5") from None
         if isinstance(tensor, dict) and "features" in tensor:
             tensor = tensor["features"]
         feats = np.asarray(tensor.float().numpy() if torch.is_tensor(tensor) else tensor, np.float32)

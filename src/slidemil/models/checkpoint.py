@@ -35,12 +35,34 @@ def inference_state(state: dict, meta: dict) -> dict:
 
 
 def load_model(folder: Path, device="cpu") -> tuple[MILModel, dict]:
-    """The fold's model in eval mode on `device`, and its model.json."""
+    """The fold's model in eval mode on `device`, and its model.json. A damaged fold is one InputError
+    naming the file and what is wrong with it."""
     folder = Path(folder)
     meta_path, weights = folder / "model.json", folder / "model.safetensors"
     if not meta_path.is_file() or not weights.is_file():
         raise InputError(f"{folder}: needs model.json and model.safetensors (is this a finished fold?)")
-    meta = json.loads(meta_path.read_text())
-    model = build_model(meta, meta["in_dim"], meta["n_outputs"])
-    model.load_state_dict(inference_state(load_file(str(weights), device=str(torch.device(device))), meta))
+    redo = f"; retrain this fold (delete {folder} and rerun `slidemil train --resume`)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{meta_path}: not valid JSON ({exc}){redo}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: must hold a JSON object{redo}")
+    for key, kind in (("model", str), ("in_dim", int), ("n_outputs", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise InputError(f"{meta_path}: {key!r} is missing or not {kind.__name__} "
+                             f"(found {meta.get(key)!r}){redo}")
+    try:
+        model = build_model(meta, meta["in_dim"], meta["n_outputs"])
+    except InputError as exc:
+        raise InputError(f"{meta_path}: {exc}") from None
+    try:
+        state = load_file(str(weights), device=str(torch.device(device)))
+    except Exception as exc:  # safetensors raises its own error types for garbage and truncation
+        raise InputError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: {exc}){redo}") from None
+    try:
+        model.load_state_dict(inference_state(state, meta))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{weights}: does not fit the model described in {meta_path.name} ({first}){redo}") from None
     return model.to(device).eval(), meta

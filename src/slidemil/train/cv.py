@@ -32,7 +32,7 @@ from slidemil.train.config import TrainConfig
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
 from slidemil.utils.device import resolve_device
-from slidemil.utils.io import atomic_path, safe_child, write_csv
+from slidemil.utils.io import atomic_path, ensure_writable, safe_child, write_csv
 from slidemil.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def provenance(cohort: Cohort) -> dict:
             "features_sha256": features_fingerprint(cohort.table["feature_path"])}
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
+def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
+    """The run folder, refused when it holds another run (or this one without --resume); creates nothing."""
     run = RunDir(cfg.out)
     if run.has_config():
         if not resume:
@@ -89,7 +90,6 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
         if changed:
             raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
                              "use the original settings or a new --out")
-    run.path.mkdir(parents=True, exist_ok=True)
     return run
 
 
@@ -98,9 +98,12 @@ def encoder_meta(cohort: Cohort) -> dict:
     return {k: attrs[k] for k in ENCODER_ATTRS if k in attrs}
 
 
-def run_cv(cfg: TrainConfig, resume: bool = False, progress=None) -> Path:
-    """Train every fold (skipping finished ones), then write pooled predictions and the evaluation."""
-    run = _prepare_run_dir(cfg, resume)
+def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None) -> Path:
+    """Train every fold (skipping finished ones), then write pooled predictions and the evaluation.
+
+    The label table, features and splits are validated before the run folder is created;
+    `on_start(run)` is called once it exists (the CLI attaches the run's log file there)."""
+    run = _check_run_dir(cfg, resume)
     cohort = load_cohort(cfg)
     if resume and run.splits_path.exists():
         splits = read_splits(run.splits_path, cohort)
@@ -108,6 +111,9 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None) -> Path:
         splits = read_splits(cfg.splits, cohort)
     else:
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site)
+    ensure_writable(run.path)
+    if on_start is not None:
+        on_start(run)
     run.write_splits(splits)
     config = cfg.model_dump()
     config["slidemil"] = provenance(cohort)

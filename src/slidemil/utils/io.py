@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from slidemil.errors import InputError
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
 
 
@@ -42,6 +44,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def ensure_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any work is done; an
+    InputError naming the folder otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); choose another "
+                         f"{flag} or fix its permissions") from None
+    return folder
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
