@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 
 from conftest import runner
@@ -35,9 +34,9 @@ def test_cli_segment_alone_and_errors(tmp_path):
     assert (tmp_path / "o" / "segmentation" / "P000_S0_qc.png").exists()
     res = runner.invoke(app, ["extract", "--slides", str(tmp_path / "c" / "slides"), "--out", str(tmp_path / "o"),
                               "--encoder", "uni_v1", "--quiet"])
-    assert res.exit_code == 0  # the batch survives; the reason is in failures.csv
-    failures = pd.read_csv(tmp_path / "o" / "failures.csv")
-    assert (failures["stage"] == "extract").all() and failures["error"].str.contains("--weights").all()
+    # missing encoder weights concern the whole batch: one line, stop at once, exit 1, no per-slide noise
+    assert res.exit_code == 1 and "--weights" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o" / "features_uni_v1").exists()
     res = runner.invoke(app, ["preprocess", "--slides", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "does not exist" in res.output
 

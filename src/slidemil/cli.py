@@ -35,6 +35,15 @@ console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 out_console = Console(soft_wrap=True, markup=False, highlight=False)
 
 
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show the traceback behind an input error.")):
+    """slidemil: weakly supervised learning on whole-slide images."""
+    _state["debug"] = debug
+
+
 class _PrintableRecords(logging.Filter):
     """Log messages carry user text too: control characters are shown, not executed."""
 
@@ -69,8 +78,18 @@ def _errors():
     try:
         yield
     except SlidemilError as exc:
+        if _state["debug"]:
+            console.print_exception()
         console.print(Text.assemble(("error: ", "bold red"), printable(exc)))
         raise typer.Exit(1) from None
+
+
+def _exit_for_failures(failed: int, total: int, allow: bool) -> None:
+    """A batch where every item failed exits 1; one where some failed exits 1 unless --allow-failures."""
+    if failed and (failed == total or not allow):
+        why = "every item failed" if failed == total else f"{failed} of {total} failed (--allow-failures exits 0)"
+        console.print(Text.assemble(("error: ", "bold red"), why))
+        raise typer.Exit(1)
 
 
 @contextmanager
@@ -138,6 +157,7 @@ def train(
     accum_steps: Optional[int] = _opt(TrainConfig, "accum_steps"),
     bag_unit: Optional[str] = _opt(TrainConfig, "bag_unit"),
     skip_missing: Optional[bool] = _opt(TrainConfig, "skip_missing", "--skip-missing"),
+    skip_bad: Optional[bool] = _opt(TrainConfig, "skip_bad", "--skip-bad"),
     bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
     device: Optional[str] = _opt(TrainConfig, "device"),
     num_workers: Optional[int] = _opt(TrainConfig, "num_workers"),
@@ -209,7 +229,8 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             alpha: Optional[float] = _opt(HeatmapOptions, "alpha"),
             top_k: Optional[int] = _opt(HeatmapOptions, "top_k"),
             overlap: Optional[int] = _opt(HeatmapOptions, "overlap"),
-            mpp: Optional[float] = _opt(HeatmapOptions, "mpp")):
+            mpp: Optional[float] = _opt(HeatmapOptions, "mpp"),
+            allow_failures: Optional[bool] = _opt(HeatmapOptions, "allow_failures", "--allow-failures")):
     """Paint the run's instance scores onto its slides: heatmap PNG, scores h5, top tiles, QuPath GeoJSON."""
     from slidemil.explain.heatmap import HeatmapRun
     from slidemil.rundir import RunDir
@@ -226,6 +247,7 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         done = int((table["status"] == "done").sum()) if len(table) else 0
         out_console.print(f"{done} heatmap(s) in {target}; {len(table) - done} failed"
                           + (f" (see {target / 'heatmaps.csv'})" if len(table) - done else ""))
+        _exit_for_failures(len(table) - done, len(table), opts.allow_failures)
 
 
 @app.command()
@@ -317,6 +339,7 @@ def _stage_command(stages: tuple[str, ...], doc: str):
         min_area_um2: Optional[float] = _opt(P, "min_area_um2"),
         max_hole_um2: Optional[float] = _opt(P, "max_hole_um2"),
         filter_pen: Optional[bool] = _opt(P, "filter_pen", "--filter-pen/--no-filter-pen"),
+        allow_failures: Optional[bool] = _opt(P, "allow_failures", "--allow-failures"),
         tissue_geojson: Optional[Path] = _opt(P, "tissue_geojson"),
         coords_dir: Optional[Path] = _opt(P, "coords_dir"),
         target_mpp: Optional[float] = _opt(P, "target_mpp"),
@@ -340,14 +363,19 @@ def _stage_command(stages: tuple[str, ...], doc: str):
         with _errors():
             cfg = load_config(PreprocessConfig, config, overrides)
             slide_paths = slides_in(cfg.slides)
+            pipe = Pipeline(cfg)
+            if "extract" in stages:
+                pipe.encoder()          # weights concern the whole batch: checked before anything is written
             ensure_writable(cfg.out)
             _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")
-            pipe = Pipeline(cfg)
             with _tile_progress(cfg.quiet) as progress:
                 status = pipe.run(slide_paths, stages, progress)
             counts = status["status"].value_counts().to_dict()
+            busy = f", {counts['busy']} in progress in another process" if counts.get("busy") else ""
             out_console.print(f"{len(status)} slide(s): {counts.get('done', 0)} done, {counts.get('skipped', 0)} "
-                              f"already complete, {counts.get('failed', 0)} failed (see {Path(cfg.out) / 'failures.csv'})")
+                              f"already complete{busy}, {counts.get('failed', 0)} failed "
+                              f"(see {Path(cfg.out) / 'failures.csv'})")
+            _exit_for_failures(counts.get("failed", 0), len(status), cfg.allow_failures)
 
     command.__doc__ = doc
     return command

@@ -10,15 +10,21 @@ class InputError(SlidemilError):
 
 
 class MissingFeaturesError(InputError):
-    """Some slides of the label table have no readable feature file."""
+    """Some slides of the label table have no readable feature file (`problems`), or a file whose content
+    cannot be trained on (`bad`); all are listed at once."""
 
-    def __init__(self, problems: dict[str, str]):
-        self.problems = dict(problems)
-        lines = "\n".join(f"  {sid}: {why}" for sid, why in sorted(self.problems.items()))
-        super().__init__(
-            f"{len(self.problems)} slide(s) have missing or unreadable features:\n{lines}\n"
-            "Extract them, remove them from the label table, or pass --skip-missing."
-        )
+    def __init__(self, problems: dict[str, str], bad: dict[str, str] | None = None):
+        self.problems, self.bad = dict(problems), dict(bad or {})
+        parts = []
+        if self.problems:
+            lines = "\n".join(f"  {sid}: {why}" for sid, why in sorted(self.problems.items()))
+            parts.append(f"{len(self.problems)} slide(s) have missing or unreadable features:\n{lines}\n"
+                         "Extract them, remove them from the label table, or pass --skip-missing.")
+        if self.bad:
+            lines = "\n".join(f"  {sid}: {why}" for sid, why in sorted(self.bad.items()))
+            parts.append(f"{len(self.bad)} feature file(s) cannot be trained on:\n{lines}\n"
+                         "Re-extract them, remove them from the label table, or pass --skip-bad.")
+        super().__init__("\n".join(parts))
 
 
 class TrainingError(SlidemilError):

@@ -10,7 +10,7 @@ import pandas as pd
 
 from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import find_feature_file, read_attrs
+from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
 from slidemil.rundir import RunDir
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
@@ -46,12 +46,15 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
     paths, missing = {}, {}
     for sid in slide_ids:
         p = find_feature_file(feature_dir, sid)
-        if p is None:
-            missing[sid] = f"no feature file under {feature_dir}"
-        else:
+        problem = f"no feature file under {feature_dir}" if p is None else check_feature_file(p)[1]
+        if problem is None:
             paths[sid] = p
+        else:
+            missing[sid] = problem if p is None else f"{p}: {problem}"
     if missing and not skip_missing:
         raise MissingFeaturesError(missing)
+    if not paths:
+        raise InputError(f"{feature_dir}: no slide has usable features")
     models = run.fold_models(dev)
     meta = models[0][1]
     for p in paths.values():

@@ -29,6 +29,7 @@ from slidemil.slides.tiles import PatchDataset
 from slidemil.slides.tissue import TissueConfig, load_tissue_geojson, mask_to_geojson, save_segmentation, segment_tissue
 from slidemil.utils.device import resolve_device
 from slidemil.utils.io import safe_child, sha256_file, write_csv
+from slidemil.utils.lock import Lock, LockedError
 
 log = logging.getLogger(__name__)
 STAGES = ("segment", "patch", "extract")
@@ -53,6 +54,7 @@ class PreprocessConfig(TissueConfig, PatchConfig, ExtractConfig):
     tissue_geojson: Optional[str] = Field(None, description="Folder of <slide_id>.geojson contours to use instead.")
     coords_dir: Optional[str] = Field(None, description="Extract at CLAM/TRIDENT/slidemil coordinates from this folder.")
     quiet: bool = Field(False, description="No progress bar.")
+    allow_failures: bool = Field(False, description="Exit 0 when some slides failed (never when all did).")
 
     def tissue(self) -> TissueConfig:
         return TissueConfig(**{k: getattr(self, k) for k in TissueConfig.model_fields})
@@ -92,6 +94,7 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.mpp_override = read_mpp_csv(cfg.mpp_csv)
         self._encoder = None
+        self._stage = "open"                      # the stage a failing slide was in, for failures.csv
         self.failures: dict[str, tuple[str, str]] = {}
 
     # ----- paths -------------------------------------------------------------------------------
@@ -176,51 +179,76 @@ class Pipeline:
             return False
 
     def run(self, slide_paths: list[Path], stages=STAGES, progress=None) -> pd.DataFrame:
-        """Run `stages` on every slide; returns the status table (also written to failures.csv)."""
-        self._clean_temporaries()
+        """Run `stages` on every slide; returns the status table (also written to failures.csv). What
+        concerns the whole batch (the encoder and its weights) is checked first and stops it at once."""
+        if "extract" in stages and slide_paths:
+            self.encoder()
         rows = []
         for path in slide_paths:
             sid = path.stem if not path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.name.split(".ome.")[0]
-            stage = "open"
+            self._stage = "open"
             try:
                 safe_child(self.out, sid)
-                wanted = ("extract",) if self.o.coords_dir and "extract" in stages else stages
-                todo = [s for s in wanted if not self.is_done(sid, s)]
-                if todo:
-                    slide = self.open(path)
-                    try:
-                        for stage in todo:
-                            if stage == "extract" and progress is not None:
-                                n = len(read_coords(self.paths(sid)["patch"])[0])
-                                getattr(self, stage)(slide, progress(sid, n))
-                            else:
-                                getattr(self, stage)(slide)
-                    finally:
-                        slide.close()
-                rows.append({"slide_id": sid, "status": "done" if todo else "skipped", "stage": "", "error": ""})
+                with Lock(safe_child(self.out / ".locks", sid, ".lock"), f"slide {sid}"):
+                    self._clean_temporaries(sid)
+                    status = self._process(path, sid, stages, progress)
+                rows.append({"slide_id": sid, "status": status, "stage": "", "error": ""})
                 self.failures.pop(sid, None)
+            except LockedError as exc:  # another process is on this slide: leave it to them
+                log.info("%s", exc)
+                rows.append({"slide_id": sid, "status": "busy", "stage": "", "error": ""})
             except Exception as exc:  # one bad slide never stops the batch
                 msg = str(exc) if isinstance(exc, InputError) else f"{path}: {type(exc).__name__}: {exc}"
-                log.warning("%s failed at %s: %s", sid, stage, msg)
-                self.failures[sid] = (stage, msg)
-                rows.append({"slide_id": sid, "status": "failed", "stage": stage, "error": msg})
-        self._write_failures()
+                log.warning("%s failed at %s: %s", sid, self._stage, msg)
+                self.failures[sid] = (self._stage, msg)
+                rows.append({"slide_id": sid, "status": "failed", "stage": self._stage, "error": msg})
+        self._write_failures({r["slide_id"] for r in rows if r["status"] != "busy"})
         return pd.DataFrame(rows)
 
-    def _write_failures(self) -> None:
+    def _process(self, path: Path, sid: str, stages, progress) -> str:
+        """The missing stages of one slide (under its lock): "done", or "skipped" when all were complete."""
+        wanted = ("extract",) if self.o.coords_dir and "extract" in stages else stages
+        todo = [s for s in wanted if not self.is_done(sid, s)]
+        if not todo:
+            return "skipped"
+        slide = self.open(path)
+        try:
+            for stage in todo:
+                self._stage = stage
+                if stage == "extract" and progress is not None:
+                    n = len(read_coords(self.paths(sid)["patch"])[0])
+                    getattr(self, stage)(slide, progress(sid, n))
+                else:
+                    getattr(self, stage)(slide)
+        finally:
+            slide.close()
+        return "done"
+
+    def _write_failures(self, handled: set[str]) -> None:
+        """failures.csv, merged with what other processes on this folder recorded: this run's slides
+        (`handled`) take this run's outcome, the others keep theirs."""
         world = int(os.environ.get("WORLD_SIZE", 1))
         name = f"failures_rank{os.environ.get('RANK', 0)}.csv" if world > 1 else "failures.csv"
-        table = pd.DataFrame([{"slide_id": k, "stage": s, "error": e} for k, (s, e) in sorted(self.failures.items())],
-                             columns=["slide_id", "stage", "error"])
+        columns = ["slide_id", "stage", "error"]
+        ours = pd.DataFrame([{"slide_id": k, "stage": s, "error": e} for k, (s, e) in sorted(self.failures.items())],
+                            columns=columns)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_csv(self.out / name, table)
+        with Lock(self.out / ".locks" / "failures.lock", "failures.csv", wait=True):
+            path = self.out / name
+            if path.is_file():
+                theirs = pd.read_csv(path, dtype=str, keep_default_na=False)
+                ours = pd.concat([theirs[~theirs["slide_id"].isin(handled)], ours], ignore_index=True)
+                ours = ours.sort_values("slide_id").reset_index(drop=True)
+            write_csv(path, ours)
 
-    def _clean_temporaries(self) -> None:
-        """Remove half-written files left by a killed run (they never carry a final name)."""
-        for folder in (self.out / "segmentation", self.out / "patches", self.feature_dir):
-            if folder.is_dir():
-                for tmp in folder.glob(".*.tmp-*"):
-                    tmp.unlink(missing_ok=True)
+    def _clean_temporaries(self, sid: str) -> None:
+        """Remove this slide's half-written files left by a killed run (they never carry a final name).
+        Called under the slide's lock, so no live process is writing them."""
+        p = self.paths(sid)
+        finals = [p["segment"], p["segment"].with_name(f"{sid}_qc.png"), p["patch"], p["extract"]]
+        for final in finals:
+            for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
 
 
 def complete_patch_attrs(attrs: dict, slide: Slide) -> dict:

@@ -4,6 +4,7 @@
 config.yaml            resolved config + provenance (slidemil block)
 splits.csv             slide_id, case_id, fold, role
 fold_<k>/              model.safetensors, model.json, history.csv, predictions.csv, done.json (written last)
+excluded.csv           slides left out by --skip-missing / --skip-bad, with the reason
 predictions.csv        pooled out-of-fold predictions
 metrics.json, plots/, report.html, attention/<slide_id>.h5, heatmaps/, train.log
 ```
@@ -22,6 +23,7 @@ import yaml
 from slidemil.errors import InputError
 from slidemil.models.checkpoint import load_model
 from slidemil.utils.io import write_csv, write_json, write_text
+from slidemil.utils.lock import Lock
 
 
 class RunDir:
@@ -59,6 +61,10 @@ class RunDir:
         return self.path / "report.html"
 
     @property
+    def excluded_path(self) -> Path:
+        return self.path / "excluded.csv"
+
+    @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
 
@@ -77,9 +83,18 @@ class RunDir:
     def fold_dir(self, fold: int) -> Path:
         return self.path / f"fold_{int(fold)}"
 
+    def lock(self) -> Lock:
+        """The run's advisory lock: one process writes a run folder at a time."""
+        return Lock(self.path / ".slidemil.lock", f"run folder {self.path}")
+
     # -- state --------------------------------------------------------------------------------------
     def has_config(self) -> bool:
         return self.config_path.exists()
+
+    def clean_temporaries(self) -> None:
+        """Remove half-written files (`.<name>.tmp-<pid>`) that a killed process left; call under `lock()`."""
+        for tmp in self.path.rglob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
 
     def is_fold_done(self, fold: int) -> bool:
         return (self.fold_dir(fold) / "done.json").exists()
@@ -109,6 +124,11 @@ class RunDir:
     # -- tables -------------------------------------------------------------------------------------
     def write_splits(self, splits: pd.DataFrame) -> None:
         write_csv(self.splits_path, splits)
+
+    def write_excluded(self, excluded: dict[str, str]) -> None:
+        """excluded.csv: the slides of the label table left out (--skip-missing / --skip-bad) and why."""
+        if excluded:
+            write_csv(self.excluded_path, pd.DataFrame({"slide_id": list(excluded), "reason": list(excluded.values())}))
 
     def test_ids(self, fold: int) -> set[str]:
         """The slides that fold `fold` reported on (never trained or validated on)."""

@@ -75,6 +75,11 @@ def test_slide_ids_cannot_escape_the_feature_folder(tmp_path):
     feats = tmp_path / "feats"
     feats.mkdir()
     labels = write_text_file(tmp_path, "slide_id,label\n../secret,0\nb,1\nc,0\nd,1\n")
+    with pytest.raises(InputError, match=r"slide id\(s\) '../secret' in row\(s\) 2 that cannot be file names"):
+        read_label_table(labels)
+    # a table that bypasses the reader meets the same wall when its features are looked up
+    cohort = read_label_table(write_text_file(tmp_path, "slide_id,label\na,0\nb,1\nc,0\nd,1\n"))
+    cohort.table.loc[0, "slide_id"] = "../secret"
     with pytest.raises(MissingFeaturesError) as err:
-        attach_features(read_label_table(labels), feats)
+        attach_features(cohort, feats)
     assert "cannot be used as a file name" in err.value.problems["../secret"]

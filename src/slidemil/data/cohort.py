@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import find_feature_file, read_attrs
+from slidemil.features.store import check_feature_file, find_feature_file
+from slidemil.utils.io import is_safe_id
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Cohort:
     table: pd.DataFrame
     classes: list[str]
     source: str = ""
+    excluded: dict[str, str] = field(default_factory=dict)   # slide_id -> why it was left out
 
     @property
     def n_patients(self) -> int:
@@ -43,7 +46,7 @@ class Cohort:
 
     def subset(self, slide_ids) -> Cohort:
         keep = self.table["slide_id"].isin(set(slide_ids))
-        return Cohort(self.table[keep].reset_index(drop=True), self.classes, self.source)
+        return Cohort(self.table[keep].reset_index(drop=True), self.classes, self.source, self.excluded)
 
 
 def read_label_table(
@@ -76,6 +79,12 @@ def read_label_table(
     empty_ids = table["slide_id"].isna() | (table["slide_id"] == "")
     if empty_ids.any():
         raise InputError(f"{path}: column {slide_col!r} is empty in row(s) {_rows(table.index[empty_ids])}")
+    unsafe = ~table["slide_id"].map(is_safe_id)
+    if unsafe.any():
+        ids = ", ".join(repr(s) for s in table.loc[unsafe, "slide_id"][:10])
+        raise InputError(f"{path}: column {slide_col!r} has slide id(s) {ids} in row(s) {_rows(table.index[unsafe])} "
+                         "that cannot be file names: use letters, digits, '.', '_', '-' and spaces only "
+                         "(no path separators or '..')")
     dup = table["slide_id"].duplicated(keep=False)
     if dup.any():
         ids = ", ".join(sorted(table.loc[dup, "slide_id"].unique())[:10])
@@ -191,40 +200,43 @@ def _natural_key(value: str):
         return (1, 0.0, value)
 
 
-def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing: bool = False) -> Cohort:
-    """Locate every slide's feature file; stop with the whole list of problems unless `skip_missing`.
-
-    A file that exists but cannot be opened counts as missing: better to learn it now than mid-fold.
-    """
+def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing: bool = False,
+                    skip_bad: bool = False) -> Cohort:
+    """Locate and check every slide's feature file before anything trains; stop with the whole list of
+    problems, or leave the slides out (`skip_missing` for absent or unreadable files, `skip_bad` for
+    unusable content: not [N, D], empty, NaN/Inf, coords that do not match, another dimension). Files
+    are read in chunks, so the check needs no more memory than one chunk."""
     feature_dir = Path(feature_dir)
     if not feature_dir.is_dir():
         raise InputError(f"feature folder {feature_dir} does not exist")
-    paths, problems, dims = [], {}, {}
+    paths, missing, bad, dims = {}, {}, {}, {}
     for sid in cohort.table["slide_id"]:
         try:
             path = find_feature_file(feature_dir, sid)
         except ValueError as exc:
-            problems[sid] = str(exc)
-            paths.append(None)
+            missing[sid] = str(exc)
             continue
         if path is None:
-            problems[sid] = f"no {sid}.h5 or {sid}.pt under {feature_dir}"
-        else:
-            try:
-                dims[sid] = read_attrs(path).get("embedding_dim")
-            except Exception as exc:
-                problems[sid] = f"{path} is unreadable ({type(exc).__name__}: {exc})"
-                path = None
-        paths.append(str(path) if path else None)
-    table = cohort.table.assign(feature_path=paths)
-    known = {d for d in dims.values() if d}
-    if len(known) > 1:
-        raise InputError(f"{feature_dir}: feature files disagree on the embedding dimension ({sorted(known)}); "
-                         "were they made by different encoders?")
-    if problems:
-        if not skip_missing:
-            raise MissingFeaturesError(problems)
-        log.warning("skipping %d slide(s) without readable features: %s", len(problems),
-                    ", ".join(sorted(problems)[:20]))
-        table = table[table["feature_path"].notna()].reset_index(drop=True)
-    return Cohort(table, cohort.classes, cohort.source)
+            missing[sid] = f"no {sid}.h5 or {sid}.pt under {feature_dir}"
+            continue
+        dim, problem = check_feature_file(path)
+        if problem is not None:
+            (missing if problem.startswith("unreadable") else bad)[sid] = f"{path}: {problem}"
+            continue
+        paths[sid], dims[sid] = str(path), dim
+    if dims:
+        common, _ = Counter(dims.values()).most_common(1)[0]
+        for sid, dim in dims.items():
+            if dim != common:
+                bad[sid] = f"{paths.pop(sid)}: features are {dim}-d but the other files are {common}-d (another encoder?)"
+    if (missing and not skip_missing) or (bad and not skip_bad):
+        raise MissingFeaturesError(missing if not skip_missing else {}, bad if not skip_bad else {})
+    excluded = {**missing, **bad}
+    if excluded:
+        log.warning("leaving out %d slide(s) whose features are missing or unusable: %s", len(excluded),
+                    ", ".join(sorted(excluded)[:20]))
+    table = cohort.table.assign(feature_path=cohort.table["slide_id"].map(paths))
+    table = table[table["feature_path"].notna()].reset_index(drop=True)
+    if table.empty:
+        raise InputError(f"{feature_dir}: no slide of the label table has usable features")
+    return Cohort(table, cohort.classes, cohort.source, {**cohort.excluded, **excluded})

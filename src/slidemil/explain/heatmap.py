@@ -56,6 +56,7 @@ class HeatmapOptions(BaseModel):
     mpp: Optional[float] = Field(None, gt=0, description="Level-0 mpp when the slides lack it.")
     overlap: Optional[int] = Field(None, ge=1, description="Finer grid: overlap in px at the run's resolution; "
                                                            "features are extracted with the run's encoder.")
+    allow_failures: bool = Field(False, description="Exit 0 when some slides failed (never when all did).")
 
 
 class HeatmapRun:

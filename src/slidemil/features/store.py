@@ -99,6 +99,42 @@ def read_features(path: str | os.PathLike) -> FeatureBag:
     return bag
 
 
+def check_feature_file(path: str | os.PathLike, chunk_rows: int = 65536) -> tuple[int | None, str | None]:
+    """(embedding dimension, problem or None) of one feature file, read in chunks of rows so that any
+    cohort is checked in bounded memory: a 2-D numeric non-empty `features` array, finite values, and
+    `coords` of shape [N, 2] matching the rows."""
+    path = Path(path)
+    try:
+        if path.suffix == ".pt":
+            return read_features(path).dim, None
+        with h5py.File(path, "r") as fh:
+            if "features" not in fh:
+                return None, f"no 'features' dataset (found: {', '.join(fh.keys()) or 'nothing'})"
+            ds = fh["features"]
+            shape = ds.shape[1:] if len(ds.shape) == 3 and ds.shape[0] == 1 else ds.shape
+            if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+                return None, f"features must be a non-empty [N, D] array, got shape {ds.shape}"
+            if ds.dtype.kind not in "fiu":
+                return None, f"features have dtype {ds.dtype}, not a number type"
+            flat = ds[0] if len(ds.shape) == 3 else ds
+            for start in range(0, shape[0], chunk_rows):
+                block = np.asarray(flat[start:start + chunk_rows], dtype=np.float32)
+                if not np.isfinite(block).all():
+                    row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
+                    return int(shape[1]), f"features contain NaN or infinite values (first at row {row})"
+            if "coords" in fh:
+                cshape = fh["coords"].shape
+                if len(cshape) != 2 or cshape[1] != 2:
+                    return int(shape[1]), f"coords must be [N, 2], got shape {cshape}"
+                if cshape[0] != shape[0]:
+                    return int(shape[1]), f"{cshape[0]} coords but {shape[0]} feature rows"
+            return int(shape[1]), None
+    except ValueError as exc:
+        return None, str(exc).removeprefix(f"{path}: ")
+    except Exception as exc:  # truncated or foreign files raise many kinds
+        return None, f"unreadable ({type(exc).__name__}: {exc})"
+
+
 def _check_2d(feats: np.ndarray, path: Path) -> np.ndarray:
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise ValueError(f"{path}: features must be a non-empty [N, D] array, got shape {feats.shape}")

@@ -28,6 +28,8 @@ class TrainConfig(BaseModel):
     classes: Optional[list[str]] = Field(None, description="Comma-separated class order, e.g. negative,positive.")
     site_col: Optional[str] = Field(None, description="Site column, for --preserve-site.")
     skip_missing: bool = Field(False, description="Leave out slides without features.")
+    skip_bad: bool = Field(False, description="Leave out slides whose feature files cannot be trained on "
+                                              "(NaN/Inf, empty, wrong shape or dimension); listed in excluded.csv.")
     bag_unit: Literal["slide", "patient"] = Field("slide", description="slide | patient (concatenate a patient's slides).")
     # splits
     folds: int = Field(5, ge=2, description="Number of outer folds.")

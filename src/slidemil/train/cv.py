@@ -45,7 +45,7 @@ ENCODER_ATTRS = ("encoder", "encoder_weights", "encoder_sha256", "embedding_dim"
 def load_cohort(cfg: TrainConfig) -> Cohort:
     cohort = read_label_table(cfg.labels, label_col=cfg.label_col, slide_col=cfg.slide_col,
                               case_col=cfg.case_col, classes=cfg.classes, site_col=cfg.site_col)
-    return attach_features(cohort, cfg.features, skip_missing=cfg.skip_missing)
+    return attach_features(cohort, cfg.features, skip_missing=cfg.skip_missing, skip_bad=cfg.skip_bad)
 
 
 def features_fingerprint(paths) -> str:
@@ -112,9 +112,20 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
     else:
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site)
     ensure_writable(run.path)
-    if on_start is not None:
-        on_start(run)
+    with run.lock():
+        _check_run_dir(cfg, resume)    # again, under the lock: another process may have started meanwhile
+        if on_start is not None:
+            on_start(run)
+        run.clean_temporaries()
+        _train_run(cfg, run, cohort, splits, progress)
+        evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
+    return run.path
+
+
+def _train_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, progress) -> None:
+    """Write the run's splits and config, train the unfinished folds, pool their predictions."""
     run.write_splits(splits)
+    run.write_excluded(cohort.excluded)
     config = cfg.model_dump()
     config["slidemil"] = provenance(cohort)
     run.write_config(config)
@@ -131,8 +142,6 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
         _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress)
     pooled = pd.concat([run.fold_predictions(k) for k in sorted(splits["fold"].unique())], ignore_index=True)
     run.write_predictions(pooled)
-    evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
-    return run.path
 
 
 def _first_dim(cohort: Cohort) -> int:

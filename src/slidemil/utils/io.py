@@ -19,9 +19,14 @@ from slidemil.errors import InputError
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
 
 
+def is_safe_id(name: str) -> bool:
+    """Whether an id can be a file name inside a folder: letters, digits, '.', '_', '-', spaces, no '..'."""
+    return bool(name) and bool(_SAFE_ID.match(name)) and ".." not in name
+
+
 def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
     """`folder/name+suffix`, refusing ids that would escape `folder` (``..``, ``/``, absolute paths)."""
-    if not name or not _SAFE_ID.match(name) or ".." in name:
+    if not is_safe_id(name):
         raise ValueError(
             f"slide id {name!r} cannot be used as a file name: use letters, digits, '.', '_', '-' "
             "and spaces only (no path separators or '..')."
