@@ -194,7 +194,8 @@ class MHIM(Strategy):
         h = needs(out.instance_embeddings, "instance embeddings", "mhim (scoring='cam')", self.model)
         clf = getattr(self.teacher, "classifier", None)
         if not isinstance(clf, nn.Linear):
-            raise ValueError("mhim scoring='cam' needs a model with one linear `classifier` (abmil, rrt, mambamil)")
+            raise ValueError(f"mhim scoring='cam' needs a model whose bag embedding is read by one linear "
+                             f"`classifier` (e.g. abmil); {type(self.model).__name__} has none")
         weighted = out.instance_scores[..., None] * h
         return torch.softmax(clf(weighted), -1).amax(-1)
 
