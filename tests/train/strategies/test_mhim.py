@@ -19,9 +19,20 @@ def test_hard_instance_mask_drops_top_scored_instances():
 
     scores = torch.arange(100.0)[None]                        # instance 99 scores highest
     mask = torch.ones(1, 100, dtype=torch.bool)
+    # the official select_mask_fn: pool = top ceil(N * r_h / hr), of which ceil(pool * hr) are masked
     keep = hard_instance_mask(scores, mask, ratio_h=0.1, ratio_hr=0.5)
     dropped = (~keep[0]).nonzero()[:, 0]
-    assert len(dropped) == 5 and (dropped >= 90).all()
+    assert len(dropped) == 10 and (dropped >= 80).all()
+    # the v1 default (r_h 0.01, hr 0.5) masks one of the top two even in a 100-instance bag (it used to mask none
+    # below ~150 instances)
+    dropped = (~hard_instance_mask(scores, mask, ratio_h=0.01, ratio_hr=0.5)[0]).nonzero()[:, 0]
+    assert len(dropped) == 1 and dropped[0] >= 98
+    # r_h / hr > 1: the whole bag is the pool and r_h the random share
+    assert (~hard_instance_mask(scores, mask, ratio_h=0.6, ratio_hr=0.5)[0]).sum() == 60
+    # random masking first, then hard masking counted on what is left (ceil(50 * 0.1) = 5 of the top 5)
+    torch.manual_seed(0)
+    keep = hard_instance_mask(scores, mask, ratio_h=0.1, ratio_hr=1.0, ratio_random=0.5)
+    assert not keep[0, 95:].any() and 50 <= (~keep[0]).sum() <= 55
     keep = hard_instance_mask(scores, mask, ratio_h=0.0, ratio_hr=0.5, ratio_l=0.2)
     assert (~keep[0]).nonzero()[:, 0].tolist() == list(range(20))
     # padding is never "kept" and a bag keeps at least one instance

@@ -31,29 +31,35 @@ def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
 
 def hard_instance_mask(scores: torch.Tensor, mask: torch.Tensor, ratio_h: float, ratio_hr: float,
                        ratio_l: float = 0.0, ratio_random: float = 0.0, generator=None) -> torch.Tensor:
-    """Which instances the student keeps (v1 paper, Sec. 3.2, masked hard instance mining). Per bag of n real
-    instances: of the top ceil(n * ratio_h) by teacher score, a random share ratio_hr is dropped (the
-    hard-instance mining); the ceil(n * ratio_l) lowest are dropped; then a random share ratio_random of the
-    rest. At least one instance is always kept."""
+    """Which instances the student keeps (v1 paper, Sec. 3.2, masked hard instance mining), counted as the
+    official `get_mask` / `select_mask_fn` count them. Per bag of n real instances, in this order:
+    ceil(n * ratio_random) random instances; then the ceil(m * ratio_l) lowest-scored; then the hard ones:
+    of the top ceil(m * ratio_h / ratio_hr) by teacher score, ceil(that * ratio_hr) at random, i.e.
+    about ceil(m * ratio_h) hard instances, with m = n minus the instances masked by the steps before
+    (when ratio_h / ratio_hr > 1 the whole bag is the pool and ratio_h the random share, as official).
+    Low and hard candidates are ranked over the whole bag, so they may overlap earlier masks (a union).
+    At least one instance is always kept."""
     keep = mask.clone()
     for b in range(len(scores)):
         real = mask[b].nonzero()[:, 0]
         n = len(real)
-        order = real[scores[b, real].float().argsort(descending=True)]
-        dropped = []
-        n_top = math.ceil(n * ratio_h) if ratio_h > 0 else 0
-        if n_top:
-            pick = torch.randperm(n_top, generator=generator, device="cpu")[:int(round(n_top * ratio_hr))]
-            dropped.append(order[:n_top][pick.to(order.device)])
-        n_low = math.ceil(n * ratio_l) if ratio_l > 0 else 0
-        if n_low:
-            dropped.append(order[n - n_low:])
-        if dropped:
-            keep[b, torch.cat(dropped)] = False
+        order = real[scores[b, real].float().argsort(descending=True)]         # highest score first
+        masked = torch.zeros(n, dtype=torch.bool)                              # over `order` positions
         if ratio_random > 0:
-            rest = keep[b].nonzero()[:, 0]
-            k = int(len(rest) * ratio_random)
-            keep[b, rest[torch.randperm(len(rest), generator=generator, device="cpu")[:k].to(rest.device)]] = False
+            masked[torch.randperm(n, generator=generator)[:math.ceil(n * ratio_random)]] = True
+        if ratio_l > 0:
+            m = n - int(masked.sum())
+            masked[n - math.ceil(m * ratio_l):] = True
+        if ratio_h > 0 and ratio_hr > 0:
+            m = n - int(masked.sum())
+            pool_ratio, share = ratio_h / ratio_hr, ratio_hr
+            if pool_ratio > 1:
+                pool_ratio, share = 1.0, ratio_h
+            n_top = math.ceil(m * pool_ratio)
+            pick = torch.randperm(n_top, generator=generator)[:math.ceil(n_top * share)] if share < 1 \
+                else torch.arange(n_top)
+            masked[pick] = True
+        keep[b, order[masked.to(order.device)]] = False
         if not keep[b].any():
             keep[b, order[-1]] = True
     return keep
