@@ -41,6 +41,23 @@ def test_hard_instance_mask_drops_top_scored_instances():
     assert not keep[0, 50:].any() and keep[0].sum() == 1
 
 
+def test_cam_scores_add_the_first_class_bias_to_every_class_as_official():
+    from slidemil.train.strategies.mhim import cam_scores
+
+    torch.manual_seed(0)
+    clf = torch.nn.Linear(16, 2)
+    with torch.no_grad():
+        clf.bias.copy_(torch.tensor([0.3, -0.3]))
+    h, a = torch.randn(1, 40, 16), torch.softmax(torch.randn(1, 40), -1)
+    official = torch.softmax(F.linear(a[..., None] * h, clf.weight) + clf.bias[0], -1).amax(-1)
+    torch.testing.assert_close(cam_scores(a, h, clf), official)
+    # the bias cancels: the top instances are those of the bias-free scores, unlike per-class biases
+    per_class_bias = torch.softmax(clf(a[..., None] * h), -1).amax(-1)
+    bias_free = torch.softmax(F.linear(a[..., None] * h, clf.weight), -1).amax(-1)
+    assert set(cam_scores(a, h, clf)[0].topk(10).indices.tolist()) == set(bias_free[0].topk(10).indices.tolist())
+    assert set(per_class_bias[0].topk(10).indices.tolist()) != set(bias_free[0].topk(10).indices.tolist())
+
+
 def _mhim(model_name="abmil", **kw):
     torch.manual_seed(0)
     model = apply_strategy(models.create(model_name, 32, 2), "mhim", **kw)

@@ -38,7 +38,13 @@ def test_sc_curriculum_moves_from_contrast_to_classifier():
     for epoch in range(10):
         model.epoch_start(epoch, 10)
         alphas.append(model.alpha)
-    assert alphas[0] == 1.0 and all(a > b for a, b in zip(alphas, alphas[1:])) and alphas[-1] < 0.2
+    assert alphas[0] == 1.0 and all(a > b for a, b in zip(alphas, alphas[1:])) and alphas[-1] == 0.0
+    # an anchor without a same-label partner contributes the classifier term with weight 1 - alpha, not 1
+    model.epoch_start(3, 10)
+    lone = model(ds[0].x[None])
+    plain = model.model.loss(lone, torch.tensor([ds[0].y]), F.cross_entropy)
+    model.bank = (model.bank[0][:0], model.bank[1][:0])
+    torch.testing.assert_close(model.loss(lone, torch.tensor([ds[0].y]), F.cross_entropy), (1 - model.alpha) * plain)
     model.epoch_start(0, 10)
     x = torch.stack([ds[i].x[:20] for i in range(4)])
     y = torch.tensor([ds[i].y for i in range(4)])

@@ -65,6 +65,16 @@ def hard_instance_mask(scores: torch.Tensor, mask: torch.Tensor, ratio_h: float,
     return keep
 
 
+def cam_scores(attention: torch.Tensor, h: torch.Tensor, classifier: nn.Linear) -> torch.Tensor:
+    """v2 CAM scores s_i = max_c softmax_c(W_c a_i h_i + b_0), as the official code computes them: the
+    first class's bias is added to every class, so it cancels in the softmax. (Adding each class's own
+    bias would let the bias decide the max class, since a_i h_i is ~1/N of a bag embedding.)"""
+    logits = F.linear(attention[..., None] * h, classifier.weight)
+    if classifier.bias is not None:
+        logits = logits + classifier.bias[0]
+    return torch.softmax(logits, -1).amax(-1)
+
+
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp_s: float, temp_t: float) -> torch.Tensor:
     """-sum softmax(z_T / tau_t) * log_softmax(z_S / tau_s) over the feature axis, mean over bags."""
     return -(F.softmax(teacher / temp_t, -1) * F.log_softmax(student / temp_s, -1)).sum(-1).mean()
@@ -102,7 +112,7 @@ class MHIM(Strategy):
 
     v1 defaults (README, C16/ABMIL): mask_ratio_h 0.01 with cosine decay to 0 (`mrh_sche`), of which
     mask_ratio_hr 0.5 are masked, cl_alpha 0.1, temp_t 0.1, temp_s 1, mm 0.9999 (cosine to 1 with
-    `mm_sche`). v2 options: `scoring="cam"` (s_i = max_c softmax_c(W_c a_i h_i + b): needs a model that
+    `mm_sche`). v2 options: `scoring="cam"` (s_i = max_c softmax_c(W_c a_i h_i + b_0), see `cam_scores`: needs a model that
     exposes its instance embeddings and `classifier`, e.g. abmil) and random merge (`merge_ratio`,
     `merge_k`, `merge_mm`; applied here to the input features, since the wrapper does not split the
     model; off at inference, as the official `merge_test` default).
@@ -202,8 +212,7 @@ class MHIM(Strategy):
         if not isinstance(clf, nn.Linear):
             raise ValueError(f"mhim scoring='cam' needs a model whose bag embedding is read by one linear "
                              f"`classifier` (e.g. abmil); {type(self.model).__name__} has none")
-        weighted = out.instance_scores[..., None] * h
-        return torch.softmax(clf(weighted), -1).amax(-1)
+        return cam_scores(out.instance_scores, h, clf)
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         if not (self.training and torch.is_grad_enabled() and self.active):

@@ -73,7 +73,7 @@ class SupConCurriculum(Strategy):
 
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
         super().epoch_start(epoch, n_epochs)
-        t = epoch / max(1, n_epochs)
+        t = epoch / max(1, n_epochs - 1)   # 0 at the first epoch, 1 at the last: alpha ends at 0
         self.alpha = 1 - t ** 2 if self.schedule == "parabolic" else 1 - t
 
     def loss(self, out, target, task_loss):
@@ -85,6 +85,6 @@ class SupConCurriculum(Strategy):
         contrast = supcon_loss(p, target, bank.to(p.device), bank_labels.to(p.device), self.temperature)
         self.bank = (torch.cat([bank.to(p.device), p.detach()])[-self.bank_size:],
                                  torch.cat([bank_labels.to(p.device), target])[-self.bank_size:])
-        if contrast is None:
-            return model_loss
+        if contrast is None:   # no anchor has a same-label partner yet: only the weighted classifier term
+            return (1 - self.alpha) * model_loss
         return self.alpha * contrast + (1 - self.alpha) * model_loss
