@@ -14,8 +14,10 @@ Adding an instance p to a bag changes z by z' - z = a_p (s_p - z). An instance w
 max_d d e^{-beta d} = 1 / (e beta): a bounded amount, independent of how the model scores it. A bag
 cannot be argued negative by one negative-only instance, while any instance with strong evidence
 raises z as in mi-Net. Unlike max pooling, gradients reach every high-evidence instance, so it trains
-like attention. beta is learnable (softplus, initialised at `beta`). Binary tasks return logits [0, z];
-C > 2 classes get one evidence head and one pooling per class.
+like attention. beta is learnable and kept at or above `beta_min` (beta = beta_min + softplus(r),
+initialised at `beta`): the bound 1 / (e beta) <= 1 / (e beta_min) holds whatever training does (beta
+near 0 would make the pooling a mean, where one instance can pull z down without limit). Binary tasks
+return logits [0, z]; C > 2 classes get one evidence head and one pooling per class.
 """
 
 from __future__ import annotations
@@ -35,17 +37,21 @@ from slidemil.nn.masked import full_mask, masked_softmax
 class EvidenceAttention(MILModel):
     attention_scores = True
 
-    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25, beta: float = 1.0):
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25, beta: float = 1.0,
+                 beta_min: float = 0.25):
         super().__init__(in_dim, n_outputs)
+        if not beta > beta_min > 0:
+            raise ValueError(f"evidence_attn needs beta > beta_min > 0 (got beta={beta}, beta_min={beta_min})")
+        self.beta_min = beta_min
         self.binary = n_outputs == 2
         self.evidence = nn.Sequential(mlp_embed(in_dim, hidden_dim, dropout),
                                       nn.Linear(hidden_dim, 1 if self.binary else n_outputs))
-        # softplus^-1(beta), so that beta starts where asked and stays positive
-        self.beta_raw = nn.Parameter(torch.tensor(float(beta)).expm1().log())
+        # softplus^-1(beta - beta_min), so that beta starts where asked and never falls below beta_min
+        self.beta_raw = nn.Parameter(torch.tensor(float(beta - beta_min)).expm1().log())
 
     @property
     def beta(self) -> torch.Tensor:
-        return F.softplus(self.beta_raw)
+        return self.beta_min + F.softplus(self.beta_raw)
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
