@@ -116,6 +116,11 @@ def _epoch_progress(folds: int, epochs: int, quiet: bool):
         yield update
 
 
+def _given(cls, values: dict) -> dict:
+    """The CLI arguments that are fields of the settings model `cls` (paths as strings), for load_config."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k in cls.model_fields}
+
+
 def _opt(cls, name: str, *decls: str):
     """A flag whose help and default come from the settings field `name` of `cls` (one place per default).
     The flag's own default is None: an unset flag leaves the YAML value or the field default."""
@@ -171,7 +176,7 @@ def train(
     from slidemil.rundir import RunDir
     from slidemil.train.cv import run_cv
 
-    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k in TrainConfig.model_fields}
+    overrides = _given(TrainConfig, locals())
     with _errors():
         for flag, items, key in (("--model-arg", model_arg, "model_args"), ("--reembed-arg", reembed_arg, "reembed_args"),
                                  ("--strategy-arg", strategy_arg, "strategy_args")):
@@ -235,7 +240,7 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     from slidemil.explain.heatmap import HeatmapRun
     from slidemil.rundir import RunDir
 
-    given = {k: v for k, v in locals().items() if k in HeatmapOptions.model_fields}
+    given = _given(HeatmapOptions, locals())
     _setup_logging(False)
     with _errors():
         opts = load_config(HeatmapOptions, None, given)
@@ -358,8 +363,7 @@ def _stage_command(stages: tuple[str, ...], doc: str):
     ):
         from slidemil.preprocess import Pipeline, slides_in
 
-        overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-                     if k in PreprocessConfig.model_fields}
+        overrides = _given(PreprocessConfig, locals())
         with _errors():
             cfg = load_config(PreprocessConfig, config, overrides)
             slide_paths = slides_in(cfg.slides)
@@ -441,7 +445,7 @@ def histaug_fit(slides: Path = typer.Option(..., help="Folder of slides."),
     from slidemil.augment.fit import fit_from_slides
     from slidemil.utils.device import resolve_device
 
-    given = {k: v for k, v in locals().items() if k in FitSettings.model_fields}
+    given = _given(FitSettings, locals())
     with _errors():
         _setup_logging(False)
         settings = load_config(FitSettings, None, given)
@@ -472,7 +476,7 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
     from slidemil.errors import InputError
     from slidemil.models import available
 
-    given = {k: v for k, v in locals().items() if k in CertifySettings.model_fields}
+    given = _given(CertifySettings, locals())
     _setup_logging(quiet)
     with _errors():
         chosen: list[tuple[str, dict]] = []

@@ -46,11 +46,12 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
     paths, missing = {}, {}
     for sid in slide_ids:
         p = find_feature_file(feature_dir, sid)
-        problem = f"no feature file under {feature_dir}" if p is None else check_feature_file(p)[1]
-        if problem is None:
-            paths[sid] = p
+        if p is None:
+            missing[sid] = f"no feature file under {feature_dir}"
+        elif (problem := check_feature_file(p)[1]) is not None:
+            missing[sid] = f"{p}: {problem}"
         else:
-            missing[sid] = problem if p is None else f"{p}: {problem}"
+            paths[sid] = p
     if missing and not skip_missing:
         raise MissingFeaturesError(missing)
     if not paths:

@@ -26,6 +26,11 @@ from slidemil.utils.io import write_csv, write_json, write_text
 from slidemil.utils.lock import Lock
 
 
+def _child(name: str) -> property:
+    """A path inside the run folder, as a read-only attribute."""
+    return property(lambda self: self.path / name, doc=f"`{name}` in the run folder")
+
+
 class RunDir:
     """Paths and readers/writers of one run folder; `path` need not exist yet."""
 
@@ -36,49 +41,20 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     # -- paths --------------------------------------------------------------------------------------
+    config_path = _child("config.yaml")
+    splits_path = _child("splits.csv")
+    predictions_path = _child("predictions.csv")
+    excluded_path = _child("excluded.csv")
+    metrics_path = _child("metrics.json")
+    report_path = _child("report.html")
+    plots_dir = _child("plots")
+    attention_dir = _child("attention")
+    heatmaps_dir = _child("heatmaps")
+    log_path = _child("train.log")
+
     @property
     def name(self) -> str:
         return self.path.name
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def splits_path(self) -> Path:
-        return self.path / "splits.csv"
-
-    @property
-    def predictions_path(self) -> Path:
-        return self.path / "predictions.csv"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.json"
-
-    @property
-    def report_path(self) -> Path:
-        return self.path / "report.html"
-
-    @property
-    def excluded_path(self) -> Path:
-        return self.path / "excluded.csv"
-
-    @property
-    def plots_dir(self) -> Path:
-        return self.path / "plots"
-
-    @property
-    def attention_dir(self) -> Path:
-        return self.path / "attention"
-
-    @property
-    def heatmaps_dir(self) -> Path:
-        return self.path / "heatmaps"
-
-    @property
-    def log_path(self) -> Path:
-        return self.path / "train.log"
 
     def fold_dir(self, fold: int) -> Path:
         return self.path / f"fold_{int(fold)}"

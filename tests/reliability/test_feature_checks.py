@@ -80,3 +80,7 @@ def test_the_check_reads_in_chunks(tmp_path):
     path = write_features(tmp_path / "a.h5", x, None)
     assert check_feature_file(path, chunk_rows=64) == (8, "features contain NaN or infinite values (first at row 999)")
     assert check_feature_file(write_features(tmp_path / "b.h5", x[:999], None), chunk_rows=64) == (8, None)
+    with h5py.File(tmp_path / "c.h5", "w") as fh:              # some tools store [1, N, D]
+        fh.create_dataset("features", data=x[None])
+    nan_at_999 = (8, "features contain NaN or infinite values (first at row 999)")
+    assert check_feature_file(tmp_path / "c.h5", chunk_rows=64) == nan_at_999

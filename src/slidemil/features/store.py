@@ -116,9 +116,9 @@ def check_feature_file(path: str | os.PathLike, chunk_rows: int = 65536) -> tupl
                 return None, f"features must be a non-empty [N, D] array, got shape {ds.shape}"
             if ds.dtype.kind not in "fiu":
                 return None, f"features have dtype {ds.dtype}, not a number type"
-            flat = ds[0] if len(ds.shape) == 3 else ds
             for start in range(0, shape[0], chunk_rows):
-                block = np.asarray(flat[start:start + chunk_rows], dtype=np.float32)
+                rows = slice(start, start + chunk_rows)
+                block = np.asarray(ds[0, rows] if len(ds.shape) == 3 else ds[rows], dtype=np.float32)
                 if not np.isfinite(block).all():
                     row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
                     return int(shape[1]), f"features contain NaN or infinite values (first at row {row})"
