@@ -18,7 +18,7 @@ from rich.text import Text
 
 from slidemil.augment.histaug import FitSettings
 from slidemil.certify.run import CertifySettings
-from slidemil.errors import SlidemilError
+from slidemil.errors import InputError, SlidemilError
 from slidemil.explain.heatmap import HeatmapOptions
 from slidemil.features.extract import ExtractConfig
 from slidemil.preprocess import PreprocessConfig
@@ -147,7 +147,16 @@ def train(
     patience: Optional[int] = _opt(TrainConfig, "patience"),
     monitor: Optional[str] = _opt(TrainConfig, "monitor"),
     seed: Optional[int] = _opt(TrainConfig, "seed"),
+    task: Optional[str] = _opt(TrainConfig, "task"),
     label_col: Optional[str] = _opt(TrainConfig, "label_col"),
+    time_col: Optional[str] = _opt(TrainConfig, "time_col"),
+    event_col: Optional[str] = _opt(TrainConfig, "event_col"),
+    target_col: Optional[str] = _opt(TrainConfig, "target_col"),
+    survival_loss: Optional[str] = _opt(TrainConfig, "survival_loss"),
+    bins: Optional[int] = _opt(TrainConfig, "bins"),
+    alpha_surv: Optional[float] = _opt(TrainConfig, "alpha_surv"),
+    eval_times: Optional[str] = _opt(TrainConfig, "eval_times"),
+    regression_loss: Optional[str] = _opt(TrainConfig, "regression_loss"),
     slide_col: Optional[str] = _opt(TrainConfig, "slide_col"),
     case_col: Optional[str] = _opt(TrainConfig, "case_col"),
     classes: Optional[str] = _opt(TrainConfig, "classes"),
@@ -172,8 +181,8 @@ def train(
     """Cross-validate a MIL model on patch features: splits, per-fold models, predictions, metrics, report."""
     import yaml
 
-    from slidemil.evaluate.report import summary_line
     from slidemil.rundir import RunDir
+    from slidemil.tasks import summary_line
     from slidemil.train.cv import run_cv
 
     overrides = _given(TrainConfig, locals())
@@ -203,8 +212,8 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidem
              heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery "
                                                      "(default: RUN/heatmaps).")):
     """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions."""
-    from slidemil.evaluate.report import evaluate_run, summary_line
     from slidemil.rundir import RunDir
+    from slidemil.tasks import evaluate_run, summary_line
 
     _setup_logging(False)
     with _errors():
@@ -261,18 +270,33 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             out: Path = typer.Option(..., help="CSV to write: one row per slide."),
             slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all files)."),
             skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out slides without features."),
+            labels: Optional[Path] = typer.Option(None, help="Label table of this cohort (the run's columns): also "
+                                                  "write its metrics with CIs to metrics.json beside --out."),
+            bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
             device: str = typer.Option("auto", help="auto | cpu | cuda.")):
-    """Apply a run's fold ensemble to new features; averages the folds' probabilities."""
+    """Apply a run's fold ensemble to new features (the run's task decides the columns); with --labels,
+    validate it on this cohort."""
     from slidemil.predict import predict as run_predict
-    from slidemil.utils.io import write_csv
+    from slidemil.predict import validate_external
+    from slidemil.tasks import summary_line
+    from slidemil.utils.io import write_csv, write_json
 
     _setup_logging(False)
     with _errors():
         ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        if labels is not None and not labels.is_file():
+            raise InputError(f"--labels {labels} does not exist")
         ensure_writable(out.parent)
         frame = run_predict(run, features, ids, device, skip_missing)
+        metrics = None
+        if labels is not None:
+            n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
+            metrics = validate_external(run, frame, labels, n_boot=n_boot)
         write_csv(out, frame)
         out_console.print(f"{len(frame)} slide(s) predicted -> {out}")
+        if metrics is not None:
+            write_json(out.parent / "metrics.json", metrics)
+            out_console.print(f"external validation: {summary_line(metrics)} -> {out.parent / 'metrics.json'}")
 
 
 @app.command()
@@ -413,13 +437,16 @@ def encoders():
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_run"), help="Folder for the demo cohort and run."),
+         task: str = typer.Option("classification", help="classification | survival (a planted outcome)."),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     """The whole pipeline on a built-in synthetic slide cohort: preprocess, 3-fold CV, evaluate, predict."""
     from slidemil.demo import run_demo
 
     _setup_logging(quiet)
     with _errors():
-        run_demo(out, quiet=quiet, progress_factory=_epoch_progress)
+        if task not in ("classification", "survival"):
+            raise InputError(f"--task {task}: the demo runs classification or survival")
+        run_demo(out, quiet=quiet, progress_factory=_epoch_progress, task=task)
 
 
 histaug_app = typer.Typer(no_args_is_help=True, help="HistAug latent augmentation: fit a generator for an encoder.")
@@ -468,14 +495,20 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
             min_size: Optional[int] = _opt(CertifySettings, "min_size"),
             standard: bool = typer.Option(False, "--standard", help="Unpoisoned sanity variants instead."),
             json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
+            task: str = typer.Option("classification", help="Only classification: the tests are binary MIL "
+                                     "assumptions."),
             quiet: bool = typer.Option(False, "--quiet", help="No progress lines.")):
     """Algorithmic unit tests (Raff & Holt 2023): does each model respect the standard MIL assumption?"""
     import yaml
 
     from slidemil.certify.run import certify as run_certify
-    from slidemil.errors import InputError
     from slidemil.models import available
 
+    if task != "classification":
+        with _errors():
+            raise InputError(f"certify checks binary classification MIL assumptions (Raff & Holt 2023); they are not defined "
+                             f"for --task {task}. Certify a model as a classifier; its survival/regression head is "
+                             "the same aggregator")
     given = _given(CertifySettings, locals())
     _setup_logging(quiet)
     with _errors():

@@ -1,17 +1,18 @@
-"""`slidemil predict`: apply every fold of a run to a new cohort's features and average the folds."""
+"""`slidemil predict`: apply every fold of a run to a new cohort's features and average the folds; with
+the cohort's labels, also its metrics (external validation)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
 from slidemil.rundir import RunDir
+from slidemil.tasks import create_task, model_task
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
 
@@ -33,7 +34,9 @@ def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
 
 def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | None = None, device: str = "auto",
             skip_missing: bool = False) -> pd.DataFrame:
-    """One row per slide: slide_id, prob_<class> (fold mean), pred, and fold<k>_prob_<class>."""
+    """One row per slide: slide_id, then the run task's fold-ensemble columns (classification:
+    prob_<class>, pred, fold<k>_prob_<class>; survival: risk, risk_group, fold<k>_risk; regression:
+    pred, fold<k>_pred)."""
     run, feature_dir = RunDir(run), Path(feature_dir)
     dev = resolve_device(device)
     if slide_ids is None:
@@ -60,18 +63,42 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
     meta = models[0][1]
     for p in paths.values():
         check_compatible(meta, read_attrs(p), p)
-    classes = meta["classes"]
     units = [(sid, [str(p)], 0) for sid, p in paths.items()]
     dataset = BagDataset(units, cache=len(models) > 1)
-    frame = pd.DataFrame({"slide_id": list(paths)})
-    per_fold = []
-    for model, m in models:
-        res = infer(model, dataset, dev)
-        per_fold.append(res.probs)
-        for c, name in enumerate(classes):
-            frame[f"fold{m['fold']}_prob_{name}"] = res.probs[:, c]
-    mean = np.mean(per_fold, axis=0)
-    for c, name in enumerate(classes):
-        frame.insert(1 + c, f"prob_{name}", mean[:, c])
-    frame.insert(1 + len(classes), "pred", [classes[i] for i in mean.argmax(1)])
+    folds = [(m, infer(model, dataset, dev).logits) for model, m in models]
+    frame = model_task(meta).ensemble(folds)
+    frame.insert(0, "slide_id", list(paths))
     return frame
+
+
+def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """The run task's metrics with patient-bootstrap CIs on an external cohort: `preds` from `predict`,
+    `labels` a label table with the columns the run was trained with."""
+    run = RunDir(run)
+    metas = [run.fold_meta(k) for k in run.finished_folds()]
+    task = model_task(metas[0])
+    cfg = run.config()
+    options = {k: cfg[k] for k in ("label_col", "slide_col", "case_col", "time_col", "event_col", "target_col")
+               if k in cfg}
+    task = create_task({**task.o.model_dump(), **options, "classes": metas[0].get("classes") or None})
+    cohort = task.read(labels)
+    table = cohort.table.set_index("slide_id")
+    known = preds["slide_id"].isin(table.index)
+    if not known.any():
+        raise InputError(f"{labels}: none of the {len(preds)} predicted slides is in the label table")
+    if (~known).any():
+        log.warning("%d predicted slide(s) are not in %s and are left out of the metrics: %s", int((~known).sum()),
+                    labels, ", ".join(preds.loc[~known, "slide_id"][:10]))
+    scored = preds[known].reset_index(drop=True)
+    rows = table.loc[scored["slide_id"]]
+    scored.insert(1, "case_id", rows["case_id"].to_numpy())
+    for i, col in enumerate(cohort.label_cols):
+        scored.insert(2 + i, col, rows[col].to_numpy())
+    meta = {"classes": metas[0].get("classes", []), "loss": metas[0].get("task_state", {}).get("loss")}
+    state = metas[0].get("task_state", {})
+    if "eval_times" in state:
+        meta.update(eval_times=state["eval_times"], tau=min(m["task_state"]["follow_up"] for m in metas))
+    metrics = task.evaluate(scored, None, meta, n_boot, seed)
+    metrics["external"] = {"labels": str(labels), "n_scored": int(len(scored)), "run": str(run.path)}
+    return metrics

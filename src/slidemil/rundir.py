@@ -142,4 +142,8 @@ class RunDir:
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"slide_id": str, "case_id": str, "label": str, "pred": str})
+    """Ids and labels as strings; `pred` too when it names a class (a `prob_<class>` column exists),
+    a number otherwise (regression)."""
+    header = pd.read_csv(path, nrows=0).columns
+    text = ["slide_id", "case_id", "label"] + (["pred"] if any(c.startswith("prob_") for c in header) else [])
+    return pd.read_csv(path, dtype={c: str for c in text})

@@ -33,6 +33,9 @@ LR = {"transmil": 2e-4, "dsmil": 5e-3, "mambamil": 2e-4, "lbmamba": 2e-4, "rrt":
 # ~130 s each); a narrower model (dim 128 or 256) learns faster per step but generalises worse (0.73-0.81).
 TRAIN_BAGS = {"mambamil": 160, "lbmamba": 160, "rrt": 160}
 EPOCHS = {"mambamil": 6, "lbmamba": 6, "rrt": 8}   # rrt: 0.94 at 8 epochs as at 12
+# OTSurv differentiates through its Sinkhorn iterations (~500 to converge at the official tol 1e-10, ~0.25 s
+# per bag); 50 iterations bring the row marginals within 1e-4 and learn the same task in a fifth of the time.
+ARGS = {"otsurv": {"max_iter": 50}}
 
 
 def test_first_set_is_registered():
@@ -97,7 +100,7 @@ def test_learns_planted_signal(name):
     epochs = EPOCHS.get(name, 12)
     cfg = TrainConfig(features="-", labels="-", out="-", epochs=epochs, lr=LR.get(name, 5e-4), patience=epochs,
                       warmup_epochs=0)
-    model = models.create(name, in_dim=32, n_outputs=2)
+    model = models.create(name, in_dim=32, n_outputs=2, **ARGS.get(name, {}))
     gen = torch.Generator().manual_seed(0)
     fit(model, bag_dataset(train), bag_dataset(val), cfg, torch.device("cpu"), gen)
     res = infer(model, bag_dataset(test), torch.device("cpu"), keep_scores=True)

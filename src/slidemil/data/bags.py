@@ -11,28 +11,40 @@ from torch.utils.data import Dataset
 from slidemil.data.cohort import Cohort
 from slidemil.features.store import read_features
 
+Target = int | float | tuple[float, ...]
+
 
 @dataclass
 class Bag:
     unit_id: str
     x: torch.Tensor  # [N, D]
-    y: int
+    y: Target        # class index; or the task's target (survival: (time, event); regression: value)
     coords: torch.Tensor | None
 
 
-def bag_units(cohort: Cohort, bag_unit: str = "slide") -> list[tuple[str, list[str], int]]:
-    """(unit id, feature paths, class index) per bag; `patient` concatenates a patient's slides."""
+def _target(row) -> Target:
+    """One bag's target from the cohort's `target_cols` values: an int class index, a float, or a tuple."""
+    if len(row) > 1:
+        return tuple(float(v) for v in row)
+    v = row[0]
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)
+
+
+def bag_units(cohort: Cohort, bag_unit: str = "slide") -> list[tuple[str, list[str], Target]]:
+    """(unit id, feature paths, target) per bag; `patient` concatenates a patient's slides."""
     table = cohort.table
+    cols = list(cohort.target_cols)
     if bag_unit == "slide":
-        return [(s, [p], int(y)) for s, p, y in zip(table["slide_id"], table["feature_path"], table["y"])]
+        return [(s, [p], _target(t)) for s, p, t in zip(table["slide_id"], table["feature_path"],
+                                                        table[cols].itertuples(index=False, name=None))]
     if bag_unit != "patient":
         raise ValueError(f"bag_unit must be 'slide' or 'patient', not {bag_unit!r}")
     units = []
     for case, part in table.groupby("case_id", sort=False):
-        labels = part["y"].unique()
-        if len(labels) > 1:
+        targets = part[cols].drop_duplicates()
+        if len(targets) > 1:
             raise ValueError(f"patient {case} has slides with different labels; --bag-unit patient needs one")
-        units.append((str(case), list(part["feature_path"]), int(labels[0])))
+        units.append((str(case), list(part["feature_path"]), _target(tuple(targets.iloc[0]))))
     return units
 
 
@@ -52,7 +64,8 @@ class BagDataset(Dataset):
     @classmethod
     def from_arrays(cls, bags, labels, max_instances: int | None = None, seed: int = 0) -> BagDataset:
         """An in-memory dataset of [N, D] arrays (synthetic tasks, tests): nothing is read from disk."""
-        ds = cls([(f"bag{i}", [], int(y)) for i, y in enumerate(labels)], max_instances, cache=True, seed=seed)
+        ds = cls([(f"bag{i}", [], _target(tuple(np.atleast_1d(y)))) for i, y in enumerate(labels)], max_instances,
+                 cache=True, seed=seed)
         ds.cache = {i: (torch.as_tensor(np.asarray(b, np.float32)), None) for i, b in enumerate(bags)}
         return ds
 
@@ -60,6 +73,7 @@ class BagDataset(Dataset):
         return len(self.units)
 
     def labels(self) -> np.ndarray:
+        """The bags' targets: [n] class indices or values, [n, k] for tuple targets (survival)."""
         return np.array([u[2] for u in self.units])
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,4 +112,10 @@ def collate_bags(bags: list[Bag]) -> dict:
         if have_coords:
             coords[i, : len(b.x)] = b.coords
     return {"ids": [b.unit_id for b in bags], "x": x, "mask": mask, "coords": coords,
-            "y": torch.tensor([b.y for b in bags], dtype=torch.long)}
+            "y": _stack_targets([b.y for b in bags])}
+
+
+def _stack_targets(ys: list[Target]) -> torch.Tensor:
+    """Class indices as int64 [B] (cross-entropy); anything else as float32 [B] or [B, k]."""
+    y = torch.as_tensor(np.asarray(ys))
+    return y.float() if y.is_floating_point() else y.long()

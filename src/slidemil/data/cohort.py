@@ -22,23 +22,27 @@ from slidemil.utils.io import is_safe_id
 log = logging.getLogger(__name__)
 
 
-def _rows(index) -> str:
+def row_list(index) -> str:
     rows = [str(int(i) + 2) for i in index]
     return ", ".join(rows[:10]) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
 
 
 @dataclass
 class Cohort:
-    """A validated classification cohort: one row per slide.
+    """A validated cohort: one row per slide.
 
-    `table` has columns slide_id, case_id, label (class name), y (class index), and `site`,
-    `split`, `feature_path` when known. `classes` fixes the order of the model's outputs.
+    `table` has columns slide_id, case_id, the task's columns (classification and ordinal: label, the
+    class name, and y, its index; survival: time, event; regression: target), and `site`, `split`,
+    `feature_path` when known. `classes` fixes the order of a classifier's outputs (empty for outcomes
+    without classes). A bag's target is made of `target_cols`; `label_cols` go into predictions.csv.
     """
 
     table: pd.DataFrame
     classes: list[str]
     source: str = ""
     excluded: dict[str, str] = field(default_factory=dict)   # slide_id -> why it was left out
+    target_cols: tuple[str, ...] = ("y",)
+    label_cols: tuple[str, ...] = ("label",)
 
     @property
     def n_patients(self) -> int:
@@ -46,7 +50,11 @@ class Cohort:
 
     def subset(self, slide_ids) -> Cohort:
         keep = self.table["slide_id"].isin(set(slide_ids))
-        return Cohort(self.table[keep].reset_index(drop=True), self.classes, self.source, self.excluded)
+        return self.with_table(self.table[keep].reset_index(drop=True))
+
+    def with_table(self, table: pd.DataFrame, excluded: dict[str, str] | None = None) -> Cohort:
+        return Cohort(table, self.classes, self.source, self.excluded if excluded is None else excluded,
+                      self.target_cols, self.label_cols)
 
 
 def read_label_table(
@@ -59,7 +67,17 @@ def read_label_table(
     split_col: str = "split",
     min_patients_per_class: int = 2,
 ) -> Cohort:
-    """Parse a label CSV into a Cohort, with errors that name row and column."""
+    """Parse a classification label CSV into a Cohort, with errors that name row and column."""
+    raw, table = read_table(path, slide_col, case_col, site_col, split_col, needed={label_col: "--label-col"})
+    return parse_class_labels(raw, table, Path(path), label_col, classes, min_patients_per_class)
+
+
+def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: str = "case_id",
+               site_col: str | None = None, split_col: str = "split",
+               needed: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(raw CSV as strings, table of slide_id, case_id[, site, split]) with what every task checks:
+    the columns exist (`needed`: column -> the flag that names it), slide ids are present, unique and
+    safe as file names."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"label table {path} does not exist")
@@ -69,7 +87,7 @@ def read_label_table(
         raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
     raw.columns = [str(c).strip() for c in raw.columns]
     found = ", ".join(raw.columns)
-    for col, flag in ((slide_col, "--slide-col"), (label_col, "--label-col")):
+    for col, flag in ((slide_col, "--slide-col"), *(needed or {}).items()):
         if col not in raw.columns:
             raise InputError(f"{path}: column {col!r} is missing (found: {found}); name it with {flag}")
     if site_col and site_col not in raw.columns:
@@ -78,18 +96,18 @@ def read_label_table(
     table = pd.DataFrame({"slide_id": raw[slide_col].str.strip()})
     empty_ids = table["slide_id"].isna() | (table["slide_id"] == "")
     if empty_ids.any():
-        raise InputError(f"{path}: column {slide_col!r} is empty in row(s) {_rows(table.index[empty_ids])}")
+        raise InputError(f"{path}: column {slide_col!r} is empty in row(s) {row_list(table.index[empty_ids])}")
     unsafe = ~table["slide_id"].map(is_safe_id)
     if unsafe.any():
         ids = ", ".join(repr(s) for s in table.loc[unsafe, "slide_id"][:10])
-        raise InputError(f"{path}: column {slide_col!r} has slide id(s) {ids} in row(s) {_rows(table.index[unsafe])} "
+        raise InputError(f"{path}: column {slide_col!r} has slide id(s) {ids} in row(s) {row_list(table.index[unsafe])} "
                          "that cannot be file names: use letters, digits, '.', '_', '-' and spaces only "
                          "(no path separators or '..')")
     dup = table["slide_id"].duplicated(keep=False)
     if dup.any():
         ids = ", ".join(sorted(table.loc[dup, "slide_id"].unique())[:10])
         raise InputError(
-            f"{path}: column {slide_col!r} repeats slide id(s) {ids} in rows {_rows(table.index[dup])}; "
+            f"{path}: column {slide_col!r} repeats slide id(s) {ids} in rows {row_list(table.index[dup])}; "
             "each slide must appear once (give several slides of a patient the same case_id instead)"
         )
     if case_col in raw.columns:
@@ -97,29 +115,29 @@ def read_label_table(
         missing_case = case.isna() | (case == "")
         if missing_case.any():
             log.warning("%s: column %r is empty in row(s) %s; using the slide id as the patient id",
-                        path, case_col, _rows(table.index[missing_case]))
+                        path, case_col, row_list(table.index[missing_case]))
         table["case_id"] = case.where(~missing_case, table["slide_id"])
     else:
         if case_col != "case_id":
             raise InputError(f"{path}: case column {case_col!r} is missing (found: {found})")
         table["case_id"] = table["slide_id"]
-    table["label"] = raw[label_col].str.strip()
-    padded = raw[label_col].notna() & (raw[label_col] != table["label"])
-    if padded.any():
-        log.info("%s: column %r had spaces around the label in row(s) %s; they were stripped",
-                 path, label_col, _rows(table.index[padded]))
     if site_col:
         table["site"] = raw[site_col].str.strip()
     if split_col in raw.columns:
         table["split"] = raw[split_col].str.strip().str.lower()
+    return raw, table
 
-    no_label = table["label"].isna() | (table["label"] == "")
-    if no_label.any():
-        log.warning("%s: column %r is empty or NaN in row(s) %s; these slides are left out",
-                    path, label_col, _rows(table.index[no_label]))
-        table = table[~no_label]
-    if table.empty:
-        raise InputError(f"{path}: no row has a label in column {label_col!r}")
+
+def parse_class_labels(raw: pd.DataFrame, table: pd.DataFrame, path: Path, label_col: str = "label",
+                       classes: list[str] | None = None, min_patients_per_class: int = 2) -> Cohort:
+    """Class names from `label_col` into `label` and `y` (index into `classes`: given, or sorted naturally)."""
+    table = table.copy()
+    table["label"] = raw[label_col].str.strip()
+    padded = raw[label_col].notna() & (raw[label_col] != table["label"])
+    if padded.any():
+        log.info("%s: column %r had spaces around the label in row(s) %s; they were stripped",
+                 path, label_col, row_list(table.index[padded]))
+    table = drop_empty(table, "label", path, label_col)
 
     if classes:
         classes = [str(c).strip() for c in classes]
@@ -128,7 +146,7 @@ def read_label_table(
         if unknown.any():
             bad = ", ".join(sorted(table.loc[unknown, "label"].unique()))
             raise InputError(
-                f"{path}: column {label_col!r} has label(s) {bad} in row(s) {_rows(table.index[unknown])} "
+                f"{path}: column {label_col!r} has label(s) {bad} in row(s) {row_list(table.index[unknown])} "
                 f"that are not among --classes {','.join(classes)}"
             )
     else:
@@ -142,7 +160,7 @@ def read_label_table(
     for cls in classes:
         n = int(per_class.get(cls, 0))
         if n < min_patients_per_class:
-            rows = _rows(table.index[table["label"] == cls])
+            rows = row_list(table.index[table["label"] == cls])
             raise InputError(
                 f"{path}: class {cls!r} of column {label_col!r} has {n} patient(s) (row(s) {rows or 'none'}); "
                 f"cross-validation needs at least {min_patients_per_class} per class, one to train and one "
@@ -153,6 +171,43 @@ def read_label_table(
         log.warning("%s: patient(s) %s have slides with different labels; splits keep them together",
                     path, ", ".join(mixed[mixed > 1].index[:10]))
     return Cohort(table.reset_index(drop=True), list(classes), str(path))
+
+
+def drop_empty(table: pd.DataFrame, col: str, path: Path, source_col: str) -> pd.DataFrame:
+    """Rows without a value in `col` are left out with a warning; none left is an error."""
+    empty = table[col].isna() | (table[col] == "")
+    if empty.any():
+        log.warning("%s: column %r is empty or NaN in row(s) %s; these slides are left out",
+                    path, source_col, row_list(table.index[empty]))
+        table = table[~empty]
+    if table.empty:
+        raise InputError(f"{path}: no row has a value in column {source_col!r}")
+    return table
+
+
+def numeric_column(raw: pd.DataFrame, table: pd.DataFrame, path: Path, col: str, what: str) -> pd.Series:
+    """Column `col` of the rows in `table` as floats; empty rows are left out by the caller, text is an
+    error naming the rows."""
+    values = raw.loc[table.index, col].str.strip()
+    number = pd.to_numeric(values, errors="coerce")
+    bad = values.notna() & (values != "") & (number.isna() | ~np.isfinite(number.fillna(0)))
+    if bad.any():
+        shown = ", ".join(repr(v) for v in values[bad].unique()[:5])
+        raise InputError(f"{path}: column {col!r} must hold numbers ({what}); row(s) {row_list(table.index[bad])} "
+                         f"hold {shown}")
+    return number
+
+
+def same_per_patient(table: pd.DataFrame, cols: list[str], path: Path, names: list[str]) -> None:
+    """A patient's slides must agree on a patient-level outcome (survival time and event, a target)."""
+    for col, name in zip(cols, names):
+        differ = table.groupby("case_id")[col].nunique(dropna=False)
+        bad = differ[differ > 1].index
+        if len(bad):
+            rows = table.index[table["case_id"].isin(bad)]
+            raise InputError(f"{path}: patient(s) {', '.join(map(str, bad[:10]))} have different values of column "
+                             f"{name!r} on their slides (row(s) {row_list(rows)}); a patient has one outcome: "
+                             "give every slide of a patient the same value")
 
 
 def _variant_key(value: str):
@@ -171,7 +226,7 @@ def _refuse_variants(labels: pd.Series, path: Path, label_col: str) -> None:
         groups.setdefault(_variant_key(value), []).append(value)
     clashes = [sorted(v) for v in groups.values() if len(v) > 1]
     if clashes:
-        parts = "; ".join(" / ".join(f"{v!r} (row(s) {_rows(labels.index[labels == v])})" for v in group)
+        parts = "; ".join(" / ".join(f"{v!r} (row(s) {row_list(labels.index[labels == v])})" for v in group)
                           for group in clashes)
         raise InputError(f"{path}: column {label_col!r} spells one label several ways: {parts}. Write each "
                          "class one way, or pass --classes to say which spelling each class has")
@@ -188,7 +243,7 @@ def _to_classes(labels: pd.Series, classes: list[str], path: Path, label_col: st
         if value not in classes and len(match) == 1:
             rows = labels.index[labels == value]
             log.info("%s: column %r value %r in row(s) %s is read as class %r", path, label_col, value,
-                     _rows(rows), match[0])
+                     row_list(rows), match[0])
             mapped[rows] = match[0]
     return mapped
 
@@ -239,4 +294,4 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
     table = table[table["feature_path"].notna()].reset_index(drop=True)
     if table.empty:
         raise InputError(f"{feature_dir}: no slide of the label table has usable features")
-    return Cohort(table, cohort.classes, cohort.source, {**cohort.excluded, **excluded})
+    return cohort.with_table(table, {**cohort.excluded, **excluded})

@@ -60,16 +60,18 @@ def make_splits(
     val_fraction: float = 0.2,
     seed: int = 0,
     preserve_site: bool = False,
+    strata: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Stratified k-fold grouped by patient (or by site with `preserve_site`), with inner validation.
 
-    With a ``split`` column in the cohort, that predefined train/val/test assignment is used as a single
-    fold instead.
+    `strata` (one integer per row; default the class index `y`) is what the folds keep balanced: the
+    task gives it (survival: event and time quantile; regression: target quantile). With a ``split``
+    column in the cohort, that predefined train/val/test assignment is used as a single fold instead.
     """
     table = cohort.table
     if "split" in table.columns and table["split"].notna().any():
         return _predefined(table)
-    y = table["y"].to_numpy()
+    y = table["y"].to_numpy() if strata is None else np.asarray(strata)
     groups = table["case_id"].to_numpy()
     outer_groups = groups
     if preserve_site:

@@ -13,6 +13,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from slidemil.evaluate.bootstrap import patient_bootstrap
+
 METRICS = ("auroc", "auprc", "balanced_accuracy", "accuracy", "macro_f1")
 
 
@@ -54,22 +56,6 @@ def bootstrap_ci(
 ) -> dict[str, dict[str, float]]:
     """Point estimate and percentile CI of every metric, resampling *patients* with replacement
     (all slides of a drawn patient come along), so correlated slides do not narrow the interval."""
-    y, probs, groups = np.asarray(y), np.asarray(probs), np.asarray(groups)
-    point = classification_metrics(y, probs)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    samples = {k: [] for k in METRICS}
-    for _ in range(n_boot):
-        drawn = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in drawn])
-        if len(np.unique(y[idx])) < 2:
-            continue
-        for k, v in classification_metrics(y[idx], probs[idx]).items():
-            samples[k].append(v)
-    result = {}
-    for k in METRICS:
-        vals = np.asarray([v for v in samples[k] if np.isfinite(v)])
-        low, high = (np.quantile(vals, [alpha / 2, 1 - alpha / 2]) if len(vals) else (np.nan, np.nan))
-        result[k] = {"value": point[k], "ci_low": float(low), "ci_high": float(high), "n_boot": int(len(vals))}
-    return result
+    y, probs = np.asarray(y), np.asarray(probs)
+    return patient_bootstrap(lambda idx: classification_metrics(y[idx], probs[idx]), groups, n_boot, seed, alpha,
+                             usable=lambda idx: len(np.unique(y[idx])) >= 2)

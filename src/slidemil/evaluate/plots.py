@@ -45,6 +45,18 @@ def curve_bands(truth, score, groups, n_boot: int = 200, seed: int = 0):
     return grid, q(rocs), q(prs)
 
 
+def confusion_plot(y, pred, classes: list[str], path: Path) -> Path:
+    """Counts of true (rows) against predicted (columns) class indices."""
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    fig, ax = new_figure((1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="Confusion matrix")
+    return _save(fig, path)
+
+
 def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
              groups: np.ndarray | None = None) -> dict[str, Path]:
     """ROC and PR curves (with 95% patient-bootstrap bands for binary tasks when `groups` is given),
@@ -75,14 +87,7 @@ def plot_all(y: np.ndarray, probs: np.ndarray, classes: list[str], folder: Path,
     ax.legend(loc="lower left")
     paths["pr"] = _save(fig, folder / "pr.png")
 
-    cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(classes))))
-    fig, ax = new_figure((1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="true", title="Confusion matrix")
-    paths["confusion"] = _save(fig, folder / "confusion.png")
+    paths["confusion"] = confusion_plot(y, probs.argmax(1), classes, folder / "confusion.png")
 
     fig, ax = new_figure((4.5, 4.5))
     bins = max(3, min(10, len(y) // 10))

@@ -1,4 +1,5 @@
-"""`slidemil evaluate`: metrics.json, plots/ and a self-contained report.html from a run folder."""
+"""The report page of a run (a self-contained report.html) and its heatmap gallery; the metrics and
+plots it shows come from the run's task (`slidemil.tasks.evaluate_run`)."""
 
 from __future__ import annotations
 
@@ -13,56 +14,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from slidemil.errors import InputError
-from slidemil.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics
-from slidemil.evaluate.plots import plot_all
 from slidemil.rundir import RunDir
-from slidemil.utils.io import write_json, write_text
+from slidemil.utils.io import write_text
 
 # The page, shipped as package data; `$name` fields are filled by `write_report` (values HTML-escaped).
 _TEMPLATE = Template(resources.files("slidemil.evaluate").joinpath("templates/report.html").read_text("utf-8"))
-
-
-def _load(run: RunDir):
-    if not run.predictions_path.is_file() or not run.config_path.is_file():
-        raise InputError(f"{run.path} is not a finished run folder (needs predictions.csv and config.yaml)")
-    cfg = run.config()
-    preds = run.predictions()
-    classes = [str(c) for c in cfg["slidemil"]["classes"]]
-    missing = [f"prob_{c}" for c in classes if f"prob_{c}" not in preds.columns]
-    if missing:
-        raise InputError(f"{run.predictions_path}: columns {', '.join(missing)} are missing")
-    return cfg, preds, classes
-
-
-def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
-                 heatmaps: str | Path | None = None) -> dict:
-    """Pooled out-of-fold metrics with patient-bootstrap CIs, per-fold metrics, plots and the report."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    cfg, preds, classes = _load(run)
-    y = preds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    probs = preds[[f"prob_{c}" for c in classes]].to_numpy(float)
-    per_fold = {}
-    for fold, part in preds.groupby("fold"):
-        idx = part.index.to_numpy()
-        per_fold[int(fold)] = {**classification_metrics(y[idx], probs[idx]), "n_slides": int(len(idx))}
-    fold_summary = {}
-    for m in METRICS:
-        vals = np.array([f[m] for f in per_fold.values()], dtype=float)
-        vals = vals[np.isfinite(vals)]
-        fold_summary[m] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
-                           "std": float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")}
-    metrics = {
-        "task": "classification", "classes": classes, "n_slides": int(len(preds)),
-        "n_patients": int(preds["case_id"].nunique()), "bootstrap": {"resamples": n_boot, "unit": "patient"},
-        "pooled": bootstrap_ci(y, probs, preds["case_id"].to_numpy(), n_boot=n_boot, seed=seed),
-        "folds": per_fold, "fold_summary": fold_summary,
-    }
-    write_json(run.metrics_path, metrics)
-    plots = plot_all(y, probs, classes, run.plots_dir, groups=preds["case_id"].to_numpy())
-    gallery = heatmap_gallery(preds, classes, Path(heatmaps) if heatmaps else run.heatmaps_dir)
-    write_report(run, cfg, metrics, plots, gallery)
-    return metrics
 
 
 def heatmap_gallery(preds: pd.DataFrame, classes: list[str], folder: Path, per_group: int = 3) -> list:
@@ -111,14 +67,24 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None) -> Path:
-    """One HTML file with everything embedded: it opens from disk, e-mail or a browser with no server."""
+PROTOCOL = {"classification": "and predictions are the argmax of the probabilities (no threshold tuned on test data).",
+            "ordinal": "and grades are the rank-consistent CORN prediction (no threshold tuned on test data).",
+            "survival": "and risk groups are cut at the median of each fold's training predictions (no test data).",
+            "regression": "and the target was standardised with each training fold's mean and SD."}
+
+
+def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None,
+                 notes: str = "") -> Path:
+    """One HTML file with everything embedded: it opens from disk, e-mail or a browser with no server.
+    `notes` is task-specific HTML (already escaped) shown under the metric table."""
+    names = list(metrics["pooled"])
+    task = metrics.get("task", "classification")
     rows = "".join(
         f"<tr><td>{m}</td><td><b>{_fmt(v['value'])}</b></td><td>{_fmt(v['ci_low'])} – {_fmt(v['ci_high'])}</td>"
         f"<td>{_fmt(metrics['fold_summary'][m]['mean'])} ± {_fmt(metrics['fold_summary'][m]['std'])}</td></tr>"
         for m, v in metrics["pooled"].items())
     fold_rows = "".join(
-        f"<tr><td>{k}</td><td>{f['n_slides']}</td>" + "".join(f"<td>{_fmt(f[m])}</td>" for m in METRICS) + "</tr>"
+        f"<tr><td>{k}</td><td>{f['n_slides']}</td>" + "".join(f"<td>{_fmt(f[m])}</td>" for m in names) + "</tr>"
         for k, f in metrics["folds"].items())
     prov = cfg.get("slidemil", {})
     sections = "".join(
@@ -129,17 +95,13 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
     config_text = html.escape(yaml.safe_dump({k: v for k, v in cfg.items() if k != "slidemil"}, sort_keys=False))
     body = _TEMPLATE.substitute(
         run_name=html.escape(run.name), model=html.escape(str(cfg.get("model"))), n_slides=metrics["n_slides"],
-        n_patients=metrics["n_patients"], classes=html.escape(", ".join(metrics["classes"])),
+        n_patients=metrics["n_patients"],
+        target=html.escape(f"classes {', '.join(metrics['classes'])}" if metrics.get("classes") else f"task {task}"),
+        protocol=PROTOCOL.get(task, ""), task_notes=notes,
         version=html.escape(str(prov.get("version"))), torch=html.escape(str(prov.get("torch"))),
         resamples=metrics["bootstrap"]["resamples"], metric_rows=rows, plots="".join(_img(p) for p in plots.values()),
-        gallery=gallery_html, fold_header="".join(f"<th>{m}</th>" for m in METRICS), fold_rows=fold_rows,
+        gallery=gallery_html, fold_header="".join(f"<th>{m}</th>" for m in names), fold_rows=fold_rows,
         config=config_text, fingerprint=html.escape(str(prov.get("features_sha256", ""))[:16]),
         git=html.escape(str(prov.get("git_commit"))))
     write_text(run.report_path, body)
     return run.report_path
-
-
-def summary_line(metrics: dict) -> str:
-    auc = metrics["pooled"]["auroc"]
-    return f"AUROC {_fmt(auc['value'])} (95% CI {_fmt(auc['ci_low'])}-{_fmt(auc['ci_high'])})"
-

@@ -30,6 +30,7 @@ from slidemil.slides.patching import PatchConfig, make_grid
 from slidemil.slides.reader import list_slides, open_slide
 from slidemil.slides.tiles import PatchDataset
 from slidemil.slides.tissue import TissueConfig, segment_tissue
+from slidemil.tasks import model_task
 from slidemil.utils.device import resolve_device
 from slidemil.utils.figures import save_figure
 from slidemil.utils.io import atomic_path, safe_child, write_csv, write_text
@@ -66,8 +67,9 @@ class HeatmapRun:
         self.features = Path(self.cfg["features"])
         self.slides = {p.stem: p for p in list_slides(slides_dir)}
         self.models = self.run.fold_models(fold=self.o.fold)
+        self.task = model_task(self.models[0][1])
         self._encoder = None
-        self.classes = self.models[0][1]["classes"]
+        self.classes = self.models[0][1]["classes"]   # empty for survival and regression
         self.preds = (self.run.predictions().set_index("slide_id") if self.run.predictions_path.exists()
                       else pd.DataFrame())
 
@@ -90,8 +92,9 @@ class HeatmapRun:
         coords, feats = bag.coords, bag.features
         if self.o.overlap:
             coords, feats = self._finer_grid(slide_id, bag.attrs)
-        per_fold, ensemble, probs = ensemble_scores(self.models, feats, self.o.score, self.classes, self.o.normalise)
-        return coords, float(size0), bag.attrs, per_fold, ensemble, probs
+        per_fold, ensemble, logits = ensemble_scores(self.models, feats, self.o.score, self.classes, self.o.normalise)
+        prediction = self.task.ensemble([(m, lg[None]) for (_, m), lg in zip(self.models, logits)]).iloc[0]
+        return coords, float(size0), bag.attrs, per_fold, ensemble, prediction
 
     def _finer_grid(self, slide_id: str, attrs: dict):
         """Patches at the run's resolution and size with `overlap`, embedded by the run's encoder."""
@@ -115,7 +118,7 @@ class HeatmapRun:
     def make(self, slide_id: str) -> dict:
         if slide_id not in self.slides:
             raise InputError(f"{slide_id}: no slide file in the slide folder")
-        coords, size0, attrs, per_fold, ensemble, probs = self.scores(slide_id)
+        coords, size0, attrs, per_fold, ensemble, prediction = self.scores(slide_id)
         slide = open_slide(self.slides[slide_id], mpp=self.o.mpp or attrs.get("level0_mpp"))
         w0, h0 = slide.dimensions
         seg_mpp = max(slide.mpp * max(w0, h0) / self.o.thumb_size, slide.mpp)
@@ -129,7 +132,7 @@ class HeatmapRun:
                  "scores": safe_child(self.out, slide_id, "_scores.h5"),
                  "tiles": safe_child(self.out, slide_id, "_top_tiles.png"),
                  "geojson": safe_child(self.out, slide_id, ".geojson")}
-        self._figure(slide_id, tissue, field, shown, probs, paths["heatmap"])
+        self._figure(slide_id, tissue, field, shown, prediction, paths["heatmap"])
         self._save_scores(paths["scores"], coords, per_fold, ensemble, size0)
         self._top_tiles(slide, coords, ensemble, attrs, paths["tiles"], slide_id)
         geo = heatmap_geojson(coords, size0, ensemble, per_fold.mean(0), field, shown, tissue, self.o.high_quantile)
@@ -137,14 +140,23 @@ class HeatmapRun:
         slide.close()
         return {"slide_id": slide_id, **{k: str(v) for k, v in paths.items()}}
 
-    def _title(self, slide_id: str, probs: np.ndarray) -> str:
-        label = self.preds.loc[slide_id, "label"] if slide_id in self.preds.index and "label" in self.preds else "?"
-        c = len(self.classes) - 1 if len(self.classes) == 2 else int(np.argmax(probs))
+    def _title(self, slide_id: str, prediction: pd.Series) -> str:
+        """The slide's truth and the models' prediction: P(class) for classes, risk or value otherwise."""
+        known = slide_id in self.preds.index
         who = "mean of all fold models" if self.o.fold == "all" else f"fold {self.o.fold} model"
-        return f"{slide_id}   label: {label}   P({self.classes[c]}) = {probs[c]:.2f} ({who})"
+        if self.classes:
+            label = self.preds.loc[slide_id, "label"] if known and "label" in self.preds else "?"
+            probs = np.array([prediction[f"prob_{c}"] for c in self.classes])
+            c = len(self.classes) - 1 if len(self.classes) == 2 else int(np.argmax(probs))
+            return f"{slide_id}   label: {label}   P({self.classes[c]}) = {probs[c]:.2f} ({who})"
+        truth = "   ".join(f"{c}: {self.preds.loc[slide_id, c]:g}" for c in self.task.label_cols
+                           if known and c in self.preds)
+        shown = "risk" if "risk" in prediction else "pred"
+        extra = f" ({prediction['risk_group']})" if "risk_group" in prediction else ""
+        return f"{slide_id}   {truth}   {shown} = {prediction[shown]:.2f}{extra} ({who})"
 
-    def _figure(self, slide_id, tissue, field, shown, probs, path: Path) -> None:
-        fig = heatmap_figure(tissue, field, shown, self._title(slide_id, probs),
+    def _figure(self, slide_id, tissue, field, shown, prediction, path: Path) -> None:
+        fig = heatmap_figure(tissue, field, shown, self._title(slide_id, prediction),
                              f"{self.o.score} ({self.o.normalise} within slide)", self.o.cmap, self.o.alpha)
         save_figure(fig, path, bbox_inches="tight")
 

@@ -46,13 +46,14 @@ def select_scores(out, score: str, classes: list[str]) -> np.ndarray:
 
 @torch.no_grad()
 def ensemble_scores(models: list, feats: np.ndarray, score: str, classes: list[str], how: str):
-    """(per-fold raw scores [F, N], ensemble of the `how`-normalised fold scores [N], mean probabilities [C])."""
+    """(per-fold raw scores [F, N], ensemble of the `how`-normalised fold scores [N], the fold models'
+    logits [F, K])."""
     x = torch.from_numpy(feats)[None]
-    per_fold, probs = [], []
+    per_fold, logits = [], []
     for model, _ in models:
         out = model(x)
         per_fold.append(select_scores(out, score, classes))
-        probs.append(torch.softmax(out.logits.float(), 1)[0].numpy())
+        logits.append(out.logits.float()[0].numpy())
     per_fold = np.stack(per_fold)
     ensemble = np.mean([normalise(s, how) for s in per_fold], 0)
-    return per_fold, ensemble, np.mean(probs, 0)
+    return per_fold, ensemble, np.stack(logits)

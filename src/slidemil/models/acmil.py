@@ -74,7 +74,7 @@ class ACMIL(MILModel):
         k = self.n_token
         if k > 1:
             bl = out.extras["branch_logits"]
-            loss = loss + task_loss(bl.reshape(-1, bl.shape[-1]), target.repeat_interleave(k))
+            loss = loss + task_loss(bl.reshape(-1, bl.shape[-1]), target.repeat_interleave(k, dim=0))
             a = F.normalize(out.extras["attention"], dim=-1)
             sim = a @ a.transpose(1, 2)                           # [B, K, K]
             pairs = torch.triu(torch.ones(k, k, dtype=torch.bool, device=a.device), 1)

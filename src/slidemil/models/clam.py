@@ -81,7 +81,16 @@ class _CLAM(MILModel):
         total = torch.stack(terms).sum()
         return total / len(self.instance_classifiers) if self.subtyping else total
 
+    instance_loss_active = True
+
+    def fit_start(self, context) -> None:
+        """The instance-clustering loss needs class labels: with a survival, regression or ordinal task
+        CLAM trains on the task loss alone (bag_weight 1), as the CLAM survival forks do."""
+        self.instance_loss_active = getattr(context.cfg, "task", "classification") == "classification"
+
     def loss(self, out, target, task_loss):
+        if not self.instance_loss_active:
+            return task_loss(out.logits, target)
         ex = out.extras
         inst = torch.stack([self._instance_loss(out.instance_embeddings[b], ex["attention"][b], ex["mask"][b], int(target[b]))
                             for b in range(len(target))]).mean()

@@ -92,5 +92,6 @@ class DTFD(MILModel):
         return MILOutput(torch.stack(logits), scores, {"pseudo_logits": pseudo})
 
     def loss(self, out, target, task_loss):
-        tier1 = torch.stack([task_loss(ps, target[b].repeat(len(ps))) for b, ps in enumerate(out.extras["pseudo_logits"])])
+        pseudo = out.extras["pseudo_logits"]     # each pseudo-bag inherits its bag's target
+        tier1 = torch.stack([task_loss(ps, target[b:b + 1].expand(len(ps), *target.shape[1:])) for b, ps in enumerate(pseudo)])
         return tier1.mean() + task_loss(out.logits, target)

@@ -6,27 +6,24 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from slidemil.models.reembed import REEMBEDDINGS
 from slidemil.models.registry import MODELS
+from slidemil.tasks import TaskConfig
 from slidemil.train.strategies import STRATEGIES
 
 
-class TrainConfig(BaseModel):
-    """Field names are the YAML keys; `--foo-bar` sets `foo_bar`."""
+class TrainConfig(TaskConfig):
+    """Field names are the YAML keys; `--foo-bar` sets `foo_bar`. The task and label-table fields
+    (task, label_col, time_col, ..., class_weights) come from `TaskConfig`."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     features: str = Field(description="Folder of per-slide feature files (slidemil/TRIDENT h5, CLAM pt).")
-    labels: str = Field(description="Label CSV (slide_id, case_id, label).")
+    labels: str = Field(description="Label CSV (slide_id, case_id, and the task's columns).")
     out: str = Field(description="Run folder to write.")
     # label table
-    label_col: str = Field("label", description="Label column.")
-    slide_col: str = Field("slide_id", description="Slide id column.")
-    case_col: str = Field("case_id", description="Patient id column.")
-    classes: Optional[list[str]] = Field(None, description="Comma-separated class order, e.g. negative,positive.")
-    site_col: Optional[str] = Field(None, description="Site column, for --preserve-site.")
     skip_missing: bool = Field(False, description="Leave out slides without features.")
     skip_bad: bool = Field(False, description="Leave out slides whose feature files cannot be trained on "
                                               "(NaN/Inf, empty, wrong shape or dimension); listed in excluded.csv.")
@@ -52,12 +49,13 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
     patience: int = Field(10, ge=1, description="Early-stopping patience in epochs.")
     min_epochs: int = Field(0, ge=0, description="Never stop before this many epochs.")
-    monitor: Literal["val_loss", "val_auroc"] = Field("val_loss", description="val_loss | val_auroc.")
+    monitor: Literal["val_loss", "val_metric", "val_auroc"] = Field(
+        "val_loss", description="val_loss | val_metric (the task's: AUROC, C-index, Pearson r, quadratic kappa); "
+                                "val_auroc is the classification name of val_metric.")
     batch_size: int = Field(1, ge=1, description="Bags per step, padded with masks.")
     accum_steps: int = Field(1, ge=1, description="Gradient accumulation steps.")
     grad_clip: Optional[float] = Field(None, description="Clip the gradient norm to this value.")
     max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
-    class_weights: Literal["none", "balanced"] = Field("none", description="none | balanced.")
     balanced_sampling: bool = Field(False, description="Sample bags class-balanced.")
     seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
     # runtime (not part of the experiment's identity: may change on --resume)
@@ -89,12 +87,22 @@ class TrainConfig(BaseModel):
                 _REGISTRIES[field].check_args(name, args)
         return self
 
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _split_classes(cls, value):
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    @model_validator(mode="after")
+    def _fits_task(self):
+        """Options that only make sense for some tasks."""
+        if self.task != "classification":
+            if self.class_weights != "none":
+                raise ValueError(f"--class-weights is for classification; task {self.task!r} has no class weights")
+            if self.monitor == "val_auroc":
+                raise ValueError(f"--monitor val_auroc is for classification; use val_metric for task {self.task!r}")
+            if self.strategy == "sc":
+                raise ValueError("strategy sc contrasts bags of the same class; it needs --task classification")
+        if self.balanced_sampling and self.task in ("survival", "regression"):
+            raise ValueError(f"--balanced-sampling needs classes; task {self.task!r} has none")
+        if self.task == "survival" and self.survival_loss == "cox" and self.batch_size < 2:
+            raise ValueError("--survival-loss cox compares the bags of a batch with each other: use --batch-size 2 "
+                             "or more (OTSurv trains with 16)")
+        return self
 
     def identity(self) -> dict:
         """The fields that define the experiment (what --resume must not change)."""

@@ -20,14 +20,14 @@ import torch
 
 from slidemil import __version__
 from slidemil.data.bags import BagDataset, bag_units
-from slidemil.data.cohort import Cohort, attach_features, read_label_table
+from slidemil.data.cohort import Cohort, attach_features
 from slidemil.data.splits import make_splits, read_splits
 from slidemil.errors import InputError
-from slidemil.evaluate.report import evaluate_run
 from slidemil.features.store import read_attrs, read_features
 from slidemil.models.build import SPEC_KEYS, build_model
 from slidemil.models.checkpoint import save_model
 from slidemil.rundir import RunDir
+from slidemil.tasks import Task, create_task, evaluate_run
 from slidemil.train.config import TrainConfig
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
@@ -42,9 +42,8 @@ ENCODER_ATTRS = ("encoder", "encoder_weights", "encoder_sha256", "embedding_dim"
                  "patch_size_level0", "target_mpp", "level0_mpp", "target_magnification", "overlap")
 
 
-def load_cohort(cfg: TrainConfig) -> Cohort:
-    cohort = read_label_table(cfg.labels, label_col=cfg.label_col, slide_col=cfg.slide_col,
-                              case_col=cfg.case_col, classes=cfg.classes, site_col=cfg.site_col)
+def load_cohort(cfg: TrainConfig, task: Task | None = None) -> Cohort:
+    cohort = (task or create_task(cfg)).read(cfg.labels)
     return attach_features(cohort, cfg.features, skip_missing=cfg.skip_missing, skip_bad=cfg.skip_bad)
 
 
@@ -104,29 +103,33 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
     The label table, features and splits are validated before the run folder is created;
     `on_start(run)` is called once it exists (the CLI attaches the run's log file there)."""
     run = _check_run_dir(cfg, resume)
-    cohort = load_cohort(cfg)
+    task = create_task(cfg)
+    cohort = load_cohort(cfg, task)
     if resume and run.splits_path.exists():
         splits = read_splits(run.splits_path, cohort)
     elif cfg.splits:
         splits = read_splits(cfg.splits, cohort)
     else:
-        splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site)
+        strata = None if task.name == "classification" else task.strata(cohort.table, cfg.folds)
+        splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site, strata)
+    task.check_splits(splits, cohort.table)
     ensure_writable(run.path)
     with run.lock():
         _check_run_dir(cfg, resume)    # again, under the lock: another process may have started meanwhile
         if on_start is not None:
             on_start(run)
         run.clean_temporaries()
-        _train_run(cfg, run, cohort, splits, progress)
+        _train_run(cfg, run, cohort, splits, progress, task)
         evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
     return run.path
 
 
-def _train_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, progress) -> None:
+def _train_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, progress, task: Task) -> None:
     """Write the run's splits and config, train the unfinished folds, pool their predictions."""
     run.write_splits(splits)
     run.write_excluded(cohort.excluded)
     config = cfg.model_dump()
+    config = dict(sorted(config.items(), key=lambda kv: kv[0] not in ("features", "labels", "out")))  # inputs first
     config["slidemil"] = provenance(cohort)
     run.write_config(config)
 
@@ -139,7 +142,7 @@ def _train_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFra
             if progress:
                 progress({"fold": int(fold), "skipped": True})
             continue
-        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress)
+        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress, task)
     pooled = pd.concat([run.fold_predictions(k) for k in sorted(splits["fold"].unique())], ignore_index=True)
     run.write_predictions(pooled)
 
@@ -159,10 +162,12 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
     return parts
 
 
-def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress) -> None:
+def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress, task: Task) -> None:
     gen = seed_everything(cfg.seed + fold)
     parts = _datasets(cfg, cohort, fold_splits, fold)
-    model = apply_strategy(build_model(cfg.model_dump(), in_dim, len(cohort.classes)), cfg.strategy,
+    train_ids = set(fold_splits.loc[fold_splits["role"] == "train", "slide_id"])
+    state = task.fit_state(cohort.table[cohort.table["slide_id"].isin(train_ids)])   # never the test fold
+    model = apply_strategy(build_model(cfg.model_dump(), in_dim, task.n_outputs(cohort)), cfg.strategy,
                            **cfg.strategy_args)
 
     def report(row):
@@ -170,38 +175,45 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
             progress({"fold": fold, **row})
 
     result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
-                 fold=fold, run_dir=run, encoder=enc.get("encoder"))
+                 fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
+    if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
+        whole = BagDataset(parts["train"].units, cache=False)
+        state = task.after_fit(state, infer(model, whole, device).logits)
     res = infer(model, parts["test"], device, keep_scores=True)
-    meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": len(cohort.classes),
-            "task": "classification", "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
+    meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
+            "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__}
+    if task.name != "classification":
+        meta.update(task_options=task.o.model_dump(), task_state=state)
     fold_dir = run.fold_dir(fold)
     save_model(fold_dir, model, meta)
     write_csv(fold_dir / "history.csv", result.history)
-    preds = prediction_table(res.ids, res.probs, cohort, cfg.bag_unit)
+    preds = prediction_table(res.ids, task.columns(state, res.logits, meta), cohort, cfg.bag_unit)
     preds.insert(2, "fold", fold)
     run.write_predictions(preds, fold)
     if cfg.bag_unit == "slide":
-        write_attention(run.attention_dir, parts["test"], res, fold)
+        write_attention(run.attention_dir, parts["test"], res, fold, task.name == "classification")
     run.mark_fold_done(fold, {"fold": fold, "best_epoch": result.best_epoch, "epochs_run": len(result.history)})
 
 
-def prediction_table(ids, probs: np.ndarray, cohort: Cohort, bag_unit: str) -> pd.DataFrame:
-    """slide_id (or case_id), case_id, label, prob_<class>..., pred."""
+def prediction_table(ids, columns: dict, cohort: Cohort, bag_unit: str) -> pd.DataFrame:
+    """slide_id (or case_id), case_id, the truth (label | time, event | target), then the task's columns
+    (prob_<class>..., pred | risk, ... | pred)."""
     table = cohort.table
     if bag_unit == "patient":
-        first = table.drop_duplicates("case_id").set_index("case_id")
-        frame = pd.DataFrame({"slide_id": ids, "case_id": ids, "label": first.loc[ids, "label"].to_numpy()})
+        rows = table.drop_duplicates("case_id").set_index("case_id").loc[ids]
+        frame = pd.DataFrame({"slide_id": ids, "case_id": ids})
     else:
-        idx = table.set_index("slide_id").loc[ids]
-        frame = pd.DataFrame({"slide_id": ids, "case_id": idx["case_id"].to_numpy(), "label": idx["label"].to_numpy()})
-    for c, name in enumerate(cohort.classes):
-        frame[f"prob_{name}"] = probs[:, c]
-    frame["pred"] = [cohort.classes[i] for i in probs.argmax(1)]
+        rows = table.set_index("slide_id").loc[ids]
+        frame = pd.DataFrame({"slide_id": ids, "case_id": rows["case_id"].to_numpy()})
+    for col in cohort.label_cols:
+        frame[col] = rows[col].to_numpy()
+    for name, values in columns.items():
+        frame[name] = values
     return frame
 
 
-def write_attention(folder: Path, dataset: BagDataset, res, fold: int) -> None:
+def write_attention(folder: Path, dataset: BagDataset, res, fold: int, probs: bool = True) -> None:
     """`attention/<slide_id>.h5`: the fold model's instance scores on its test slides, with coords."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, (sid, scores) in enumerate(zip(res.ids, res.instance_scores)):
@@ -214,4 +226,7 @@ def write_attention(folder: Path, dataset: BagDataset, res, fold: int) -> None:
                 if bag.coords is not None:
                     fh.create_dataset("coords", data=bag.coords.numpy())
                 fh.attrs["fold"] = fold
-                fh.attrs["probs"] = res.probs[i]
+                if probs:
+                    fh.attrs["probs"] = res.probs[i]
+                else:
+                    fh.attrs["outputs"] = res.logits[i]

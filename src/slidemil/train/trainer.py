@@ -12,57 +12,47 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from slidemil.data.bags import BagDataset, collate_bags
 from slidemil.errors import TrainingError
-from slidemil.evaluate.metrics import classification_metrics
 from slidemil.models.base import MILModel
 from slidemil.rundir import RunDir
+from slidemil.tasks import Task, create_task
 from slidemil.train.config import TrainConfig
 from slidemil.utils.device import autocast
 
 log = logging.getLogger(__name__)
 
 
-def make_task_loss(labels: np.ndarray, n_classes: int, class_weights: str, device) -> callable:
-    """Cross-entropy, optionally weighted n / (C * n_c) ("balanced", as scikit-learn)."""
-    weight = None
-    if class_weights == "balanced":
-        counts = np.bincount(labels, minlength=n_classes).astype(float)
-        weight = torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    return lambda logits, target: F.cross_entropy(logits.float(), target, weight=weight)
-
-
 @dataclass
 class Inference:
     ids: list[str]
-    probs: np.ndarray             # [n, C]
-    loss: float
+    logits: np.ndarray            # [n, n_outputs]
     instance_scores: list[np.ndarray]
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Softmax of the logits [n, C] (classification)."""
+        return torch.softmax(torch.from_numpy(self.logits), 1).numpy()
 
 
 @torch.no_grad()
-def infer(model: MILModel, dataset: BagDataset, device, task_loss=None, keep_scores: bool = False,
-          num_workers: int = 0) -> Inference:
-    """Whole bags, one at a time, eval mode. The loss is the plain task loss (what validation monitors)."""
+def infer(model: MILModel, dataset: BagDataset, device, keep_scores: bool = False, num_workers: int = 0) -> Inference:
+    """Whole bags, one at a time, eval mode."""
     model.eval()
     loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_bags, num_workers=num_workers)
-    ids, probs, losses, scores = [], [], [], []
+    ids, logits, scores = [], [], []
     for batch in loader:
         x = batch["x"].to(device)
         with autocast(device):
             out = model(x, batch["mask"].to(device), batch["coords"])
-        logits = out.logits.float()
-        if task_loss is not None:
-            losses.append(float(task_loss(logits, batch["y"].to(device))))
         ids += batch["ids"]
-        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        logits.append(out.logits.float().cpu().numpy())
         if keep_scores:
             s = out.instance_scores
             scores.append(s[0].float().cpu().numpy() if s is not None else None)
-    return Inference(ids, np.concatenate(probs), float(np.mean(losses)) if losses else float("nan"), scores)
+    return Inference(ids, np.concatenate(logits), scores)
 
 
 def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
@@ -116,17 +106,18 @@ class FitResult:
 
 def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: TrainConfig,
         device: torch.device, generator: torch.Generator, progress=None, fold: int = 0,
-        run_dir=None, encoder: str | None = None) -> FitResult:
+        run_dir=None, encoder: str | None = None, task: Task | None = None, task_state: dict | None = None) -> FitResult:
     """Train; pick the epoch by the validation split (never the test fold). Without a validation
-    split the last epoch is kept."""
+    split the last epoch is kept. `task` (default: the one `cfg` names) owns the loss and the validation
+    metric; `task_state` is what it fitted on this fold's training rows (survival bins, target scaling)."""
+    task = task or create_task(cfg)
+    state = task_state or {}
     model.to(device)
     model.fit_start(FitContext(train_ds, cfg, device, fold, run_dir, encoder))
-    n_classes = model.n_outputs
     labels = train_ds.labels()
-    task_loss = make_task_loss(labels, n_classes, cfg.class_weights, device)
+    task_loss = task.loss(state, labels, device, model.n_outputs)
     if cfg.balanced_sampling:
-        counts = np.bincount(labels, minlength=n_classes)
-        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        weights = torch.as_tensor(task.balanced_weights(labels), dtype=torch.double)
         sampler, shuffle = WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator), None
     else:
         sampler, shuffle = None, True
@@ -136,7 +127,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps = math.ceil(len(loader) / cfg.accum_steps)
     sched = _scheduler(opt, cfg, steps)
-    sign = 1.0 if cfg.monitor == "val_loss" else -1.0
+    sign = 1.0 if cfg.monitor == "val_loss" else -1.0    # every task metric is higher-is-better
     best, best_epoch, best_state, stale, rows = math.inf, -1, None, 0, []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -164,12 +155,16 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
                     sched.step()
         row = {"epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": float("nan"),
                "val_metric": float("nan"), "lr": opt.param_groups[0]["lr"]}
+        if getattr(task_loss, "empty_batches", 0):
+            log.info("epoch %d: %d batch(es) without an event added nothing to the Cox loss", epoch + 1,
+                     task_loss.empty_batches)
+            task_loss.empty_batches = 0
         if val_ds is not None and len(val_ds):
-            res = infer(model, val_ds, device, task_loss)
-            row["val_loss"] = res.loss
-            row["val_metric"] = classification_metrics(val_ds.labels(), res.probs)["auroc"]
+            res = infer(model, val_ds, device)
+            row["val_loss"] = task.val_loss(task_loss, torch.from_numpy(res.logits).to(device), val_ds.labels())
+            row["val_metric"] = task.val_metric(state, res.logits, val_ds.labels())
             if sched is not None and cfg.scheduler == "plateau":
-                sched.step(res.loss)
+                sched.step(row["val_loss"])
             score = sign * (row["val_loss"] if cfg.monitor == "val_loss" else row["val_metric"])
             if not math.isfinite(score):
                 score = math.inf

@@ -1,0 +1,127 @@
+"""Survival metrics (scikit-survival) and Kaplan-Meier plots (lifelines), on one row per patient.
+
+Harrell's C counts concordant comparable pairs; Uno's C re-weights them by the inverse probability of
+censoring (IPCW) estimated on `train`, truncated at `tau`; the cumulative/dynamic AUC asks, at each time
+t, whether patients with an event by t got a higher risk than those still event-free; the integrated
+Brier score needs the survival function S(t) (discrete-time models give it, Cox does not). A metric
+the sample cannot support (no comparable pair, times outside the follow-up) is NaN, never an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sksurv.metrics import (
+    concordance_index_censored,
+    concordance_index_ipcw,
+    cumulative_dynamic_auc,
+    integrated_brier_score,
+)
+from sksurv.util import Surv
+
+from slidemil.utils.figures import new_figure, save_figure
+
+SURVIVAL_METRICS = ("c_index", "c_index_uno", "td_auc", "ibs")
+
+
+def _structured(time, event):
+    return Surv.from_arrays(np.asarray(event, bool), np.asarray(time, float))
+
+
+def _quiet(fn, *args, **kwargs) -> float:
+    """The metric, or NaN where scikit-survival says the sample cannot support it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, ZeroDivisionError, IndexError):
+            return float("nan")
+
+
+def harrell_c(time, event, risk) -> float:
+    """Harrell's C: the share of comparable pairs (the earlier time is an event) ordered by risk."""
+    return float(_quiet(lambda: concordance_index_censored(np.asarray(event, bool), np.asarray(time, float),
+                                                           np.asarray(risk, float))[0]))
+
+
+def usable_times(times, time_test, time_train) -> np.ndarray:
+    """The evaluation times inside the test follow-up [min, max) and before the last training time."""
+    times = np.asarray(times, float)
+    keep = (times >= np.min(time_test)) & (times < np.max(time_test)) & (times < np.max(time_train))
+    return np.unique(times[keep])
+
+
+def survival_at(times, ends, surv) -> np.ndarray:
+    """S(t) [n, len(times)] of discrete-time predictions: `surv` [n, K] is S at the bin ends `ends`
+    ([K], or [n, K] when rows come from fold models with different bins). S = 1 at t = 0, linear between
+    the ends, flat after the last."""
+    surv = np.asarray(surv, float)
+    ends = np.broadcast_to(np.asarray(ends, float), surv.shape)
+    return np.stack([np.interp(times, np.concatenate([[0.0], e]), np.concatenate([[1.0], s]))
+                     for e, s in zip(ends, surv)])
+
+
+def survival_metrics(time, event, risk, train_time, train_event, eval_times, tau: float | None = None,
+                     survival=None) -> dict[str, float]:
+    """c_index (Harrell), c_index_uno (IPCW on the training part, truncated at `tau`), td_auc (mean
+    cumulative/dynamic AUC over the usable `eval_times`), ibs (integrated Brier score over 20 times
+    spanning the usable `eval_times`, only when `survival(times) -> S [n, len(times)]` is given)."""
+    time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
+    test, train = _structured(time, event), _structured(train_time, train_event)
+    out = {"c_index": harrell_c(time, event, risk)}
+    out["c_index_uno"] = _quiet(lambda: float(concordance_index_ipcw(train, test, risk, tau=tau)[0]))
+    times = usable_times(eval_times, time, train_time)
+    out["td_auc"] = _quiet(lambda: float(cumulative_dynamic_auc(train, test, risk, times)[1])) if len(times) else np.nan
+    out["ibs"] = float("nan")
+    if survival is not None and len(times) >= 2:
+        grid = usable_times(np.linspace(times.min(), times.max(), 20), time, train_time)
+        if len(grid) >= 2:
+            out["ibs"] = _quiet(lambda: float(integrated_brier_score(train, test, survival(grid), grid)))
+    return {k: float(out[k]) for k in SURVIVAL_METRICS}
+
+
+def td_auc_curve(time, event, risk, train_time, train_event, eval_times) -> tuple[np.ndarray, np.ndarray]:
+    """(times, AUC at each) for the plot; empty when no time is usable."""
+    times = usable_times(eval_times, time, train_time)
+    if not len(times):
+        return times, times
+    auc = _quiet(lambda: cumulative_dynamic_auc(_structured(train_time, train_event), _structured(time, event),
+                                                np.asarray(risk, float), times)[0])
+    return (times, np.asarray(auc)) if np.ndim(auc) else (times[:0], times[:0])
+
+
+def km_plot(time, event, high, path, title: str = "Kaplan-Meier by predicted risk") -> float:
+    """Kaplan-Meier curves of the high- and low-risk groups with the log-rank p in the title and the
+    numbers at risk under the axis; returns the p-value (NaN when a group is empty)."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test
+
+    time, event, high = np.asarray(time, float), np.asarray(event, bool), np.asarray(high, bool)
+    fig, ax = new_figure((6, 4.8))
+    ticks = np.linspace(0, float(np.max(time)), 5)
+    at_risk = []
+    for name, sel, colour in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
+        if not sel.any():
+            continue
+        km = KaplanMeierFitter(label=f"{name} (n={int(sel.sum())})").fit(time[sel], event[sel])
+        km.plot_survival_function(ax=ax, ci_show=True, color=colour)
+        at_risk.append((name, [int((time[sel] >= t).sum()) for t in ticks]))
+    p = float("nan")
+    if high.any() and (~high).any():
+        p = float(logrank_test(time[high], time[~high], event[high], event[~high]).p_value)
+    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), xticks=ticks,
+           title=f"{title}\nlog-rank p = {p:.3g}")
+    table = "numbers at risk\n" + "\n".join(f"{name:>9}: " + "  ".join(f"{n:>6d}" for n in counts)
+                                            for name, counts in at_risk)
+    ax.text(0.0, -0.2, table, transform=ax.transAxes, va="top", family="monospace", fontsize=8)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
+    return p
+
+
+def td_auc_plot(times, auc, path) -> None:
+    fig, ax = new_figure((4.5, 4))
+    ax.plot(times, auc, "o-")
+    ax.axhline(0.5, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="time", ylabel="AUC(t)", ylim=(0, 1.02), title="Time-dependent AUC (cumulative/dynamic)")
+    save_figure(fig, path, dpi=110, bbox_inches="tight")

@@ -1,0 +1,94 @@
+"""Classification: cross-entropy over class logits, softmax probabilities, AUROC and friends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from slidemil.data.cohort import Cohort, parse_class_labels
+from slidemil.evaluate.bootstrap import fold_summary
+from slidemil.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics
+from slidemil.evaluate.plots import plot_all
+from slidemil.tasks.base import TASKS, Task
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), 1).numpy()
+
+
+@TASKS.register("classification", summary="class labels: cross-entropy, softmax, AUROC")
+class Classification(Task):
+    """Today's behaviour since slidemil 0.1; run folders without a `task` are classification."""
+
+    name = "classification"
+    label_cols = ("label",)
+    metric_names = METRICS
+    monitor_name = "auroc"
+
+    def parse(self, raw, table, path: Path) -> Cohort:
+        return parse_class_labels(raw, table, path, self.o.label_col, self.o.classes)
+
+    def loss(self, state, targets, device, n_outputs: int):
+        """Cross-entropy, optionally weighted n / (C * n_c) ("balanced", as scikit-learn)."""
+        n_classes = n_outputs
+        weight = None
+        if self.o.class_weights == "balanced":
+            counts = np.bincount(np.asarray(targets, int), minlength=n_classes).astype(float)
+            weight = torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32,
+                                  device=device)
+        return lambda logits, target: F.cross_entropy(logits.float(), target, weight=weight)
+
+    def val_metric(self, state, logits, targets) -> float:
+        return classification_metrics(np.asarray(targets, int), softmax(logits))["auroc"]
+
+    def balanced_weights(self, targets) -> np.ndarray:
+        targets = np.asarray(targets, int)
+        return 1.0 / np.bincount(targets)[targets]
+
+    def columns(self, state, logits, meta) -> dict:
+        probs = softmax(logits)
+        classes = meta["classes"]
+        cols = {f"prob_{name}": probs[:, c] for c, name in enumerate(classes)}
+        cols["pred"] = np.array([classes[i] for i in probs.argmax(1)], dtype=object)
+        return cols
+
+    def ensemble(self, folds) -> pd.DataFrame:
+        classes = folds[0][0]["classes"]
+        per_fold = [softmax(logits) for _, logits in folds]
+        mean = np.mean(per_fold, axis=0)
+        frame = pd.DataFrame({f"prob_{name}": mean[:, c] for c, name in enumerate(classes)})
+        frame["pred"] = [classes[i] for i in mean.argmax(1)]
+        for (meta, _), probs in zip(folds, per_fold):
+            for c, name in enumerate(classes):
+                frame[f"fold{meta['fold']}_prob_{name}"] = probs[:, c]
+        return frame
+
+    def _truth(self, preds: pd.DataFrame, classes: list[str]):
+        y = preds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+        return y, preds[[f"prob_{c}" for c in classes]].to_numpy(float)
+
+    def evaluate(self, preds, splits, meta, n_boot, seed) -> dict:
+        classes = meta["classes"]
+        y, probs = self._truth(preds, classes)
+        per_fold = {}
+        if "fold" in preds.columns:
+            for fold, part in preds.groupby("fold"):
+                idx = part.index.to_numpy()
+                per_fold[int(fold)] = {**classification_metrics(y[idx], probs[idx]), "n_slides": int(len(idx))}
+        return {"task": self.name, "classes": classes, "n_slides": int(len(preds)),
+                "n_patients": int(preds["case_id"].nunique()),
+                "bootstrap": {"resamples": n_boot, "unit": "patient"},
+                "pooled": bootstrap_ci(y, probs, preds["case_id"].to_numpy(), n_boot=n_boot, seed=seed),
+                "folds": per_fold, "fold_summary": fold_summary(per_fold, METRICS)}
+
+    def prediction_columns(self, meta) -> list[str]:
+        return [f"prob_{c}" for c in meta["classes"]]
+
+    def plots(self, preds, metrics, folder) -> dict:
+        classes = metrics["classes"]
+        y, probs = self._truth(preds, classes)
+        return plot_all(y, probs, classes, folder, groups=preds["case_id"].to_numpy())

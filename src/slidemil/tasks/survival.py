@@ -1,0 +1,314 @@
+"""Survival: a discrete-time hazard model (NLL) or Cox partial likelihood; C-indices, time-dependent AUC,
+integrated Brier score, Kaplan-Meier curves of training-median risk groups.
+
+Targets are (time, event) per bag, event 1 = observed, 0 = censored. Times and events are patient-level:
+a patient's slides must agree, and the metrics are computed on one row per patient (slide risks
+averaged).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from slidemil.data.cohort import Cohort, drop_empty, numeric_column, row_list, same_per_patient
+from slidemil.errors import InputError
+from slidemil.evaluate.survival import (
+    SURVIVAL_METRICS,
+    harrell_c,
+    km_plot,
+    survival_at,
+    survival_metrics,
+    td_auc_curve,
+    td_auc_plot,
+)
+from slidemil.tasks.base import TASKS, Task
+
+log = logging.getLogger(__name__)
+EPS = 1e-7
+_EVENT_WORDS = {"1": True, "0": False, "1.0": True, "0.0": False, "true": True, "false": False}
+
+
+def nll_survival_loss(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """Discrete-time negative log-likelihood (Zadeh & Schmid 2020; Patch-GCN's `nll_loss`).
+
+    hazards h_j = sigmoid(logit_j) = P(T in bin j | T >= bin j); S_j = prod_{k <= j} (1 - h_k), S_{-1} = 1.
+    An observed event in bin y costs -[log S_{y-1} + log h_y]; a patient censored in bin y costs -log S_y.
+    L = (1 - alpha) (censored + uncensored) + alpha * uncensored, mean over the batch; probabilities are
+    clamped at 1e-7 before the logs, as the reference code.
+    """
+    h = torch.sigmoid(logits.float())
+    s = torch.cumprod(1 - h, dim=1)
+    s_pad = torch.cat([torch.ones_like(s[:, :1]), s], dim=1)
+    y = bins.long().view(-1, 1)
+    e = event.float().view(-1, 1)
+    uncensored = -e * (torch.log(s_pad.gather(1, y).clamp_min(EPS)) + torch.log(h.gather(1, y).clamp_min(EPS)))
+    censored = -(1 - e) * torch.log(s_pad.gather(1, y + 1).clamp_min(EPS))
+    return ((1 - alpha) * (censored + uncensored) + alpha * uncensored).mean()
+
+
+def cox_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor | None:
+    """Negative Cox partial log-likelihood with Breslow's handling of ties, divided by the number of
+    events: -(1/d) sum_{i: event} [r_i - log sum_{j: t_j >= t_i} exp(r_j)]. Tied times share one risk
+    set that holds all of them (the official OTSurv code sorts and lets the order decide ties). None when
+    the batch has no event (it has no partial likelihood)."""
+    r, t, e = log_risk.float().view(-1), time.float().view(-1), event.float().view(-1)
+    if e.sum() == 0:
+        return None
+    order = torch.argsort(t, descending=True)
+    r, t, e = r[order], t[order], e[order]
+    cum = torch.logcumsumexp(r, 0)
+    # the risk set of time t_i ends at the last position holding a time equal to t_i
+    last = torch.searchsorted(-t, -t, right=True) - 1
+    return -((r - cum[last]) * e).sum() / e.sum()
+
+
+class CoxLoss:
+    """`loss(logits, target)` for the trainer; counts the batches without an event (they add nothing)."""
+
+    def __init__(self):
+        self.empty_batches = 0
+
+    def __call__(self, logits, target):
+        loss = cox_loss(logits[:, 0], target[:, 0], target[:, 1])
+        if loss is None:
+            self.empty_batches += 1
+            return logits.sum() * 0.0
+        return loss
+
+
+def nll_risk(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(risk = -sum_j S_j, S [n, K]) of a discrete-time model's logits."""
+    s = np.cumprod(1 - 1 / (1 + np.exp(-np.asarray(logits, float))), axis=1)
+    return -s.sum(1), s
+
+
+@TASKS.register("survival", summary="time-to-event: discrete-time NLL or Cox; C-index, td-AUC, IBS, KM")
+class Survival(Task):
+    name = "survival"
+    label_cols = ("time", "event")
+    metric_names = SURVIVAL_METRICS
+    monitor_name = "c_index"
+
+    def needed_columns(self) -> dict[str, str]:
+        return {self.o.time_col: "--time-col", self.o.event_col: "--event-col"}
+
+    # -- label table --------------------------------------------------------------------------------
+    def parse(self, raw, table, path: Path) -> Cohort:
+        tcol, ecol = self.o.time_col, self.o.event_col
+        table = table.copy()
+        table["time"] = raw[tcol].str.strip()
+        table["event"] = raw[ecol].str.strip()
+        for col, name in (("time", tcol), ("event", ecol)):
+            empty = table[col].isna() | (table[col] == "")
+            if empty.any():
+                raise InputError(f"{path}: column {name!r} is empty in row(s) {row_list(table.index[empty])}; every "
+                                 "patient needs a follow-up time and an event indicator (drop the rows, or fill them)")
+        time = numeric_column(raw, table, path, tcol, "follow-up times")
+        event = table["event"].str.lower().map(_EVENT_WORDS)
+        if event.isna().any():
+            bad = event.isna()
+            shown = ", ".join(repr(v) for v in table.loc[bad, "event"].unique()[:5])
+            raise InputError(f"{path}: column {ecol!r} must be 1/true (event observed) or 0/false (censored); "
+                             f"row(s) {row_list(table.index[bad])} hold {shown}")
+        negative = time < 0
+        if negative.any():
+            raise InputError(f"{path}: column {tcol!r} has negative time(s) in row(s) {row_list(table.index[negative])}; "
+                             "times are durations from diagnosis (or study entry) to event or last follow-up")
+        zero_event = (time == 0) & event.astype(bool)
+        if zero_event.any():
+            raise InputError(f"{path}: row(s) {row_list(table.index[zero_event])} have an event at time 0 in column "
+                             f"{tcol!r}; an event needs a positive time (check the units, or the start date)")
+        table["time"], table["event"] = time.astype(float), event.astype(int)
+        table = drop_empty(table, "time", path, tcol)
+        same_per_patient(table, ["time", "event"], path, [tcol, ecol])
+        if table["event"].sum() == 0:
+            raise InputError(f"{path}: column {ecol!r} has no observed event (all 0/false); survival models "
+                             "need events to learn from")
+        return Cohort(table.reset_index(drop=True), [], str(path), target_cols=("time", "event"),
+                      label_cols=("time", "event"))
+
+    def strata(self, table, folds) -> np.ndarray:
+        """Event x time quantile, per patient; coarser (fewer time quantiles) until every stratum has at
+        least `folds` patients, so each test fold holds events and a spread of times."""
+        patients = table.drop_duplicates("case_id")
+        n_events = int(patients["event"].sum())
+        if n_events < folds:
+            raise InputError(f"{n_events} patient(s) have an event; {folds}-fold cross-validation needs at least "
+                             f"{folds} so that every test fold has one; lower --folds")
+        events = patients["event"].to_numpy()
+        for q in (4, 3, 2, 1):
+            part = pd.qcut(patients["time"].rank(method="first"), q, labels=False).to_numpy()
+            strata = events * q + part
+            if np.unique(strata, return_counts=True)[1].min() >= folds or q == 1:
+                break
+        return table["case_id"].map(dict(zip(patients["case_id"], strata))).to_numpy()
+
+    def check_splits(self, splits, table) -> None:
+        events = dict(zip(table["slide_id"], table["event"]))
+        for fold, part in splits.groupby("fold"):
+            for role in ("train", "test"):
+                ids = part.loc[part["role"] == role, "slide_id"]
+                if not any(events.get(s, 0) for s in ids):
+                    raise InputError(f"fold {fold}: no patient with an event in its {role} part; survival "
+                                     f"{'models cannot learn' if role == 'train' else 'metrics are undefined'} "
+                                     "without one. Use fewer --folds, or splits that spread the events")
+
+    # -- training -----------------------------------------------------------------------------------
+    def n_outputs(self, cohort) -> int:
+        return self.o.bins if self.o.survival_loss == "nll" else 1
+
+    def fit_state(self, train: pd.DataFrame) -> dict:
+        """NLL bins from the quantiles of the event times of the fold's *training* patients (Patch-GCN's
+        qcut over uncensored patients), the training follow-up and the evaluation times."""
+        patients = train.drop_duplicates("case_id")
+        times = patients["time"].to_numpy(float)
+        event_times = times[patients["event"].to_numpy(bool)]
+        state = {"loss": self.o.survival_loss, "follow_up": float(times.max()),
+                 "eval_times": [float(t) for t in (self.o.eval_times or np.quantile(event_times, [0.25, 0.5, 0.75]))]}
+        if self.o.survival_loss == "nll":
+            inner = np.quantile(event_times, np.linspace(0, 1, self.o.bins + 1)[1:-1])
+            if len(np.unique(inner)) < len(inner) or len(event_times) < self.o.bins:
+                raise InputError(f"the training part of a fold has {len(np.unique(event_times))} distinct event "
+                                 f"time(s): too few for --bins {self.o.bins}; lower --bins")
+            state["edges"] = [0.0, *map(float, inner), float(times.max())]
+        return state
+
+    def loss(self, state, targets, device, n_outputs):
+        if state["loss"] == "cox":
+            return CoxLoss()
+        inner = torch.tensor(state["edges"][1:-1], dtype=torch.float32, device=device)
+        alpha = self.o.alpha_surv
+        return lambda logits, target: nll_survival_loss(
+            logits, torch.bucketize(target[:, 0].float(), inner, right=True), target[:, 1], alpha)
+
+    def val_loss(self, task_loss, logits, targets) -> float:
+        if isinstance(task_loss, CoxLoss):   # a partial likelihood ranks bags against each other: all at once
+            t = torch.as_tensor(np.asarray(targets), dtype=torch.float32, device=logits.device)
+            loss = cox_loss(logits[:, 0], t[:, 0], t[:, 1])
+            return float("nan") if loss is None else float(loss)
+        return super().val_loss(task_loss, logits, targets)
+
+    def risk(self, state, logits) -> np.ndarray:
+        return nll_risk(logits)[0] if state["loss"] == "nll" else np.asarray(logits, float)[:, 0]
+
+    def val_metric(self, state, logits, targets) -> float:
+        """Harrell's C-index of the validation bags."""
+        t = np.asarray(targets, float)
+        return harrell_c(t[:, 0], t[:, 1], self.risk(state, logits))
+
+    uses_training_predictions = True
+
+    def after_fit(self, state, train_logits) -> dict:
+        """The training predictions' median and spread: the KM cut and the scale for pooling folds."""
+        risk = self.risk(state, train_logits)
+        std = float(np.std(risk))
+        return {**state, "train_risk": {"median": float(np.median(risk)), "std": std if std > 0 else 1.0}}
+
+    # -- predictions --------------------------------------------------------------------------------
+    def columns(self, state, logits, meta) -> dict:
+        """risk (higher = worse, this fold's scale), risk_pooled ((risk - training median) / training SD:
+        comparable across folds), risk_group (high above the training median), and for NLL surv_j = S at
+        the end of bin j with its time surv_time_j."""
+        risk = self.risk(state, logits)
+        ref = state["train_risk"]
+        cols = {"risk": risk, "risk_pooled": (risk - ref["median"]) / ref["std"],
+                "risk_group": np.where(risk > ref["median"], "high", "low").astype(object)}
+        if state["loss"] == "nll":
+            _, s = nll_risk(logits)
+            for j in range(s.shape[1]):
+                cols[f"surv_{j + 1}"] = s[:, j]
+                cols[f"surv_time_{j + 1}"] = np.full(len(s), state["edges"][j + 1])
+        return cols
+
+    def ensemble(self, folds) -> pd.DataFrame:
+        """risk = mean over folds of risk_pooled (each fold standardised by its own training risks);
+        NLL: S(t) of every fold at the first fold's evaluation times, averaged."""
+        per_fold = [(meta, self.columns(meta["task_state"], logits, meta)) for meta, logits in folds]
+        risk = np.mean([c["risk_pooled"] for _, c in per_fold], 0)
+        frame = pd.DataFrame({"risk": risk, "risk_group": np.where(risk > 0, "high", "low")})
+        state0 = folds[0][0]["task_state"]
+        if state0["loss"] == "nll":
+            times = np.asarray(state0["eval_times"], float)
+            s = np.mean([survival_at(times, m["task_state"]["edges"], nll_risk(lg)[1]) for m, lg in folds], 0)
+            for j, t in enumerate(times):
+                frame[f"surv_{j + 1}"], frame[f"surv_time_{j + 1}"] = s[:, j], t
+        for meta, cols in per_fold:
+            frame[f"fold{meta['fold']}_risk"] = cols["risk"]
+        return frame
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def prediction_columns(self, meta) -> list[str]:
+        return ["time", "event", "risk"]
+
+    def units(self, preds) -> pd.DataFrame:
+        """One row per patient: slide risks and survival curves averaged."""
+        num = [c for c in preds.columns if c.startswith(("risk", "surv_")) and c != "risk_group"]
+        agg = {c: "mean" for c in num} | {c: "first" for c in ("time", "event", "fold") if c in preds.columns}
+        rows = preds.groupby("case_id", sort=False).agg(agg).reset_index()
+        rows["risk_group"] = np.where(rows["risk_pooled" if "risk_pooled" in rows else "risk"] > 0, "high", "low")
+        return rows
+
+    def trainingrow_list(self, rows, splits, fold):
+        if splits is None:
+            return None
+        train_cases = set(splits.loc[(splits["fold"] == fold) & (splits["role"] != "test"), "case_id"].astype(str))
+        return rows[rows["case_id"].astype(str).isin(train_cases)]
+
+    def usable(self, rows) -> bool:
+        return len(rows) >= 2 and rows["event"].astype(bool).any()
+
+    def score(self, rows, train, meta) -> dict:
+        train = rows if train is None else train
+        risk = rows["risk_pooled" if "risk_pooled" in rows else "risk"].to_numpy(float)
+        k = sorted(int(c.rsplit("_", 1)[1]) for c in rows.columns if c.startswith("surv_time_"))
+        survival = None
+        if k:   # every row carries its own bin ends (fold models bin differently)
+            ends = rows[[f"surv_time_{j}" for j in k]].to_numpy(float)
+            surv = rows[[f"surv_{j}" for j in k]].to_numpy(float)
+            survival = lambda grid: survival_at(grid, ends, surv)
+        return survival_metrics(rows["time"], rows["event"], risk, train["time"], train["event"], meta["eval_times"],
+                                tau=meta.get("tau"), survival=survival)
+
+    def evaluate(self, preds, splits, meta, n_boot, seed) -> dict:
+        rows = self.units(preds)
+        event_times = rows.loc[rows["event"].astype(bool), "time"].to_numpy(float)
+        eval_times = self.o.eval_times or meta.get("eval_times") or list(np.quantile(event_times, [0.25, 0.5, 0.75]))
+        meta = {**meta, "eval_times": [float(t) for t in eval_times]}
+        if splits is not None:
+            taus = [float(self.trainingrow_list(rows, splits, f)["time"].max()) for f in sorted(splits["fold"].unique())]
+            meta["tau"] = min(taus)
+        metrics = super().evaluate(preds, splits, meta, n_boot, seed)
+        metrics.update({"eval_times": meta["eval_times"], "tau": meta.get("tau"),
+                        "survival_loss": meta.get("loss", self.o.survival_loss),
+                        "pooling": "each fold's test risks standardised by that fold's training predictions "
+                                   "(median, SD) before pooling; per-fold metrics are rank-based and unaffected"})
+        return metrics
+
+    def plots(self, preds, metrics, folder) -> dict:
+        rows = self.units(preds)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"km": folder / "km.png"}
+        p = km_plot(rows["time"], rows["event"], rows["risk_group"] == "high", paths["km"],
+                    "Kaplan-Meier by predicted risk (cut: each fold's training median)")
+        metrics["km"] = {"logrank_p": p, "n_high": int((rows["risk_group"] == "high").sum()),
+                         "n_low": int((rows["risk_group"] == "low").sum())}
+        risk = rows["risk_pooled" if "risk_pooled" in rows else "risk"]
+        times, auc = td_auc_curve(rows["time"], rows["event"], risk, rows["time"], rows["event"], metrics["eval_times"])
+        if len(times):
+            paths["td_auc"] = folder / "td_auc.png"
+            td_auc_plot(times, auc, paths["td_auc"])
+        return paths
+
+    def report_notes(self, metrics) -> str:
+        km = metrics.get("km", {})
+        return (f"<p class=note>Survival loss: {html.escape(str(metrics.get('survival_loss')))}. Pooled metrics: "
+                f"{html.escape(metrics.get('pooling', ''))}. Uno's C truncated at t = {metrics.get('tau')}; "
+                f"time-dependent AUC at t = {', '.join(f'{t:g}' for t in metrics.get('eval_times', []))}. "
+                f"Kaplan-Meier: {km.get('n_high', '?')} high-risk vs {km.get('n_low', '?')} low-risk patients, "
+                f"log-rank p = {km.get('logrank_p', float('nan')):.3g}.</p>")

@@ -1,0 +1,42 @@
+"""CORN (ordinal) and the regression head: the loss as coral_pytorch defines it, rank-consistent grades,
+and the target scaling fitted on training rows only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from slidemil.tasks import TaskConfig, create_task
+from slidemil.tasks.ordinal import corn_loss, corn_probabilities, grade
+
+
+def test_corn_loss_by_hand():
+    """Two outputs (three grades). Bag y=0 joins task 0 only (label 0); bag y=2 joins both (labels 1, 1):
+    three BCE terms, divided by 3."""
+    logits = torch.tensor([[0.0, 5.0], [math.log(3.0), 0.0]])
+    y = torch.tensor([0, 2])
+    bce = lambda z, t: -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+    expected = (bce(0.0, 0) + bce(math.log(3.0), 1) + bce(0.0, 1)) / 3
+    assert abs(float(corn_loss(logits, y)) - expected) < 1e-6
+
+
+def test_corn_probabilities_are_rank_consistent():
+    logits = np.random.default_rng(0).normal(size=(50, 4))
+    p = corn_probabilities(logits)
+    assert np.allclose(p.sum(1), 1) and (p >= 0).all()
+    above = 1 - np.cumsum(p, 1)[:, :-1]
+    assert (np.diff(above, axis=1) <= 1e-12).all()          # P(y > k) never increases with k
+    assert (grade(p) == (above > 0.5).sum(1)).all()
+
+
+def test_regression_scaling_comes_from_the_training_rows():
+    task = create_task(TaskConfig(task="regression"))
+    state = task.fit_state(pd.DataFrame({"target": [2.0, 4.0, 6.0]}))
+    assert state == {"mean": 4.0, "sd": float(np.std([2, 4, 6]))}
+    loss = task.loss(state, None, "cpu", 1)
+    # a perfect standardised prediction costs nothing, and predictions come back in target units
+    assert float(loss(torch.tensor([[-1.2247449], [0.0]]), torch.tensor([2.0, 4.0]))) < 1e-10
+    assert np.allclose(task.columns(state, np.array([[1.0]]), {})["pred"], [4.0 + state["sd"]])

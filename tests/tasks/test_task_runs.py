@@ -1,0 +1,120 @@
+"""Survival, regression and ordinal runs end to end: `slidemil train --task ...` on planted cohorts learns,
+writes the task's columns, metrics with CIs and plots, keeps fold state out of the test fold, and
+`predict --labels` validates externally. The classification outputs are pinned by tests/train/."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sksurv.metrics import concordance_index_censored
+from tests.conftest import runner
+
+from slidemil.cli import app
+from slidemil.data.synthetic import make_outcome_cohort
+
+pytestmark = pytest.mark.slow  # trains models
+
+FAST = ["--folds", "3", "--epochs", "20", "--bootstrap", "100", "--quiet", "--model", "abmil"]
+
+
+def train(root, out, *args):
+    result = runner.invoke(app, ["train", "--features", str(root / "features"), "--labels", str(root / "labels.csv"),
+                                 "--out", str(out), *FAST, *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def survival_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("surv")
+    make_outcome_cohort(root, "survival", n_patients=120, slides_per_patient=(1, 2), dim=16, bag_size=(20, 50), seed=4)
+    return root, train(root, root / "run", "--task", "survival", "--time-col", "time", "--event-col", "event")
+
+
+def test_survival_learns_a_planted_hazard(survival_run):
+    """The patient-level Harrell C-index, recomputed from predictions.csv, clears 0.70."""
+    root, run = survival_run
+    preds = pd.read_csv(run / "predictions.csv")
+    patients = preds.groupby("case_id").agg(time=("time", "first"), event=("event", "first"), risk=("risk_pooled", "mean"))
+    c = concordance_index_censored(patients["event"].astype(bool), patients["time"], patients["risk"])[0]
+    assert c >= 0.70, f"C-index {c:.3f}"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name in ("c_index", "c_index_uno", "td_auc", "ibs"):
+        m = metrics["pooled"][name]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"], (name, m)
+    assert abs(metrics["pooled"]["c_index"]["value"] - c) < 1e-9
+    assert 0 < metrics["pooled"]["ibs"]["value"] < 0.25 and metrics["km"]["logrank_p"] < 0.05
+    assert (run / "plots" / "km.png").stat().st_size > 0 and (run / "plots" / "td_auc.png").exists()
+    assert {"surv_1", "surv_time_4", "risk_group"} <= set(preds.columns)
+    assert "Kaplan-Meier" in (run / "report.html").read_text()
+
+
+def test_bins_and_km_cut_come_from_the_training_part_only(survival_run):
+    root, run = survival_run
+    labels = pd.read_csv(root / "labels.csv", dtype={"slide_id": str})
+    splits = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
+    preds = pd.read_csv(run / "predictions.csv")
+    for fold in sorted(splits["fold"].unique()):
+        meta = json.loads((run / f"fold_{fold}" / "model.json").read_text())
+        state = meta["task_state"]
+        train_ids = splits.loc[(splits["fold"] == fold) & (splits["role"] == "train"), "slide_id"]
+        train = labels[labels["slide_id"].isin(train_ids)].drop_duplicates("case_id")
+        inner = np.quantile(train.loc[train["event"] == 1, "time"], [0.25, 0.5, 0.75])
+        assert np.allclose(state["edges"][1:-1], inner)
+        everyone = labels.drop_duplicates("case_id")
+        assert not np.allclose(inner, np.quantile(everyone.loc[everyone["event"] == 1, "time"], [0.25, 0.5, 0.75]))
+        part = preds[preds["fold"] == fold]
+        assert ((part["risk"] > state["train_risk"]["median"]) == (part["risk_group"] == "high")).all()
+
+
+def test_external_validation_with_labels(survival_run, tmp_path):
+    root, run = survival_run
+    ext = tmp_path / "ext"
+    make_outcome_cohort(ext, "survival", n_patients=40, dim=16, bag_size=(20, 50), seed=9)
+    out = tmp_path / "pred" / "predictions.csv"
+    result = runner.invoke(app, ["predict", str(run), "--features", str(ext / "features"), "--out", str(out),
+                                 "--labels", str(ext / "labels.csv"), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    preds = pd.read_csv(out)
+    assert {"risk", "risk_group", "fold0_risk", "surv_1"} <= set(preds.columns)
+    metrics = json.loads((out.parent / "metrics.json").read_text())
+    assert metrics["pooled"]["c_index"]["value"] >= 0.65 and metrics["external"]["n_scored"] == 40
+
+
+def test_regression_learns_a_planted_target(tmp_path):
+    make_outcome_cohort(tmp_path, "regression", n_patients=120, dim=16, bag_size=(20, 50), seed=5)
+    run = train(tmp_path, tmp_path / "run", "--task", "regression", "--target-col", "target")
+    preds = pd.read_csv(run / "predictions.csv")
+    r = np.corrcoef(preds["target"], preds["pred"])[0, 1]
+    assert r >= 0.70, f"Pearson r {r:.3f}"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["pooled"]) == {"pearson_r", "spearman_r", "r2", "mae"}
+    assert abs(metrics["pooled"]["pearson_r"]["value"] - r) < 1e-9
+    assert (run / "plots" / "scatter.png").exists()
+    state = json.loads((run / "fold_0" / "model.json").read_text())["task_state"]
+    assert set(state) == {"mean", "sd"}
+
+
+def test_ordinal_grades(tmp_path):
+    make_outcome_cohort(tmp_path, "ordinal", n_patients=90, dim=16, bag_size=(20, 50), seed=6)
+    run = train(tmp_path, tmp_path / "run", "--task", "ordinal", "--classes", "G1,G2,G3", "--epochs", "15")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["G1", "G2", "G3"] and metrics["pooled"]["qwk"]["value"] >= 0.5
+    preds = pd.read_csv(run / "predictions.csv")
+    assert {"prob_G1", "prob_G2", "prob_G3", "pred"} <= set(preds.columns)
+    assert json.loads((run / "fold_0" / "model.json").read_text())["n_outputs"] == 2
+
+
+def test_demo_survival(demo_run):
+    """`slidemil demo --task survival` reuses the demo's slides and features and runs the whole pipeline."""
+    from slidemil.demo import run_demo
+
+    out, _ = demo_run
+    metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072), bootstrap=50, task="survival")
+    assert metrics["task"] == "survival" and np.isfinite(metrics["pooled"]["c_index"]["value"])
+    assert (out / "run_survival" / "plots" / "km.png").exists()
+    assert len(list((out / "run_survival" / "heatmaps").glob("*_heatmap.png"))) >= 1
+    assert json.loads((out / "external_survival" / "metrics.json").read_text())["task"] == "survival"
