@@ -70,7 +70,8 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
     if task == "survival":
         run = RunDir(out / "run_survival")
         labels, external_labels = survival_labels(cohort, seed), survival_labels(external, seed + 1)
-        options = {"task": "survival", "monitor": "val_metric"}
+        # a dozen training patients per fold: two time bins (quartiles need at least four event times)
+        options = {"task": "survival", "monitor": "val_metric", "bins": 2}
     elif task == "classification":
         run = RunDir(out / "run")
         labels, options = cohort / "labels.csv", {"classes": ["normal", "tumour"]}

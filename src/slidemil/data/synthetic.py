@@ -123,7 +123,7 @@ def make_outcome_cohort(
     `severity`: the planted truth); return the label table."""
     out = Path(out)
     rng = np.random.default_rng(seed)
-    prototype, grade = outcome_directions(dim, seed + 1000, signal)
+    prototype, grade = outcome_directions(dim, 0, signal)    # one biology: cohorts of any seed share it
     severity = rng.uniform(0, 1, n_patients)
     outcomes = planted_outcomes(rng, severity, task, n_grades)
     rows = []

@@ -142,10 +142,11 @@ class Survival(Task):
             raise InputError(f"{n_events} patient(s) have an event; {folds}-fold cross-validation needs at least "
                              f"{folds} so that every test fold has one; lower --folds")
         events = patients["event"].to_numpy()
+        strata = np.zeros(len(patients), dtype=int)     # too few censored patients: events spread by chance
         for q in (4, 3, 2, 1):
             part = pd.qcut(patients["time"].rank(method="first"), q, labels=False).to_numpy()
-            strata = events * q + part
-            if np.unique(strata, return_counts=True)[1].min() >= folds or q == 1:
+            if np.unique(events * q + part, return_counts=True)[1].min() >= folds:
+                strata = events * q + part
                 break
         return table["case_id"].map(dict(zip(patients["case_id"], strata))).to_numpy()
 
@@ -235,7 +236,7 @@ class Survival(Task):
         state0 = folds[0][0]["task_state"]
         if state0["loss"] == "nll":
             times = np.asarray(state0["eval_times"], float)
-            s = np.mean([survival_at(times, m["task_state"]["edges"], nll_risk(lg)[1]) for m, lg in folds], 0)
+            s = np.mean([survival_at(times, m["task_state"]["edges"][1:], nll_risk(lg)[1]) for m, lg in folds], 0)
             for j, t in enumerate(times):
                 frame[f"surv_{j + 1}"], frame[f"surv_time_{j + 1}"] = s[:, j], t
         for meta, cols in per_fold:
