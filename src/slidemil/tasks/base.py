@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slidemil.data.cohort import Cohort, read_table
+from slidemil.errors import InputError
 from slidemil.evaluate.bootstrap import fold_summary, patient_bootstrap
 from slidemil.utils.registry import Registry
 
@@ -124,8 +125,7 @@ class Task:
         return state
 
     def balanced_weights(self, targets: np.ndarray) -> np.ndarray:
-        from slidemil.errors import InputError
-
+        """Per-bag sampling weights for --balanced-sampling (inverse class frequency)."""
         raise InputError(f"--balanced-sampling needs classes; task {self.name!r} has none")
 
     # -- predictions --------------------------------------------------------------------------------
