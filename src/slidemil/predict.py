@@ -77,11 +77,8 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     `labels` a label table with the columns the run was trained with."""
     run = RunDir(run)
     metas = [run.fold_meta(k) for k in run.finished_folds()]
-    task = model_task(metas[0])
-    cfg = run.config()
-    options = {k: cfg[k] for k in ("label_col", "slide_col", "case_col", "time_col", "event_col", "target_col")
-               if k in cfg}
-    task = create_task({**task.o.model_dump(), **options, "classes": metas[0].get("classes") or None})
+    # the run's task with its column names; a class outside the model's classes is an error naming its rows
+    task = create_task({**run.config(), "classes": metas[0].get("classes") or None})
     cohort = task.read(labels)
     table = cohort.table.set_index("slide_id")
     known = preds["slide_id"].isin(table.index)

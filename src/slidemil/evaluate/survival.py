@@ -94,6 +94,7 @@ def td_auc_curve(time, event, risk, train_time, train_event, eval_times) -> tupl
 def km_plot(time, event, high, path, title: str = "Kaplan-Meier by predicted risk") -> float:
     """Kaplan-Meier curves of the high- and low-risk groups with the log-rank p in the title and the
     numbers at risk under the axis; returns the p-value (NaN when a group is empty)."""
+    # lifelines (with autograd) takes ~1.5 s to import: only runs that draw a KM curve pay for it
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 

@@ -175,6 +175,10 @@ class Task:
     def plots(self, preds: pd.DataFrame, metrics: dict, folder: Path) -> dict[str, Path]:
         return {}
 
+    def gallery(self, preds: pd.DataFrame, meta: dict, folder: Path) -> list:
+        """The report's heatmap gallery: [(section title, [(caption, heatmap path)])]."""
+        return []
+
     def summary(self, metrics: dict) -> str:
         """One line: the headline metric with its CI."""
         name = self.metric_names[0]

@@ -13,6 +13,7 @@ from slidemil.data.cohort import Cohort, parse_class_labels
 from slidemil.evaluate.bootstrap import fold_summary
 from slidemil.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics
 from slidemil.evaluate.plots import plot_all
+from slidemil.evaluate.report import heatmap_gallery
 from slidemil.tasks.base import TASKS, Task
 
 
@@ -49,19 +50,26 @@ class Classification(Task):
         targets = np.asarray(targets, int)
         return 1.0 / np.bincount(targets)[targets]
 
-    def columns(self, state, logits, meta) -> dict:
-        probs = softmax(logits)
-        classes = meta["classes"]
+    # How logits become class probabilities and the predicted class (ordinal grading overrides both).
+    def probabilities(self, logits) -> np.ndarray:
+        return softmax(logits)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        return probs.argmax(1)
+
+    def _columns(self, probs: np.ndarray, classes: list[str]) -> dict:
         cols = {f"prob_{name}": probs[:, c] for c, name in enumerate(classes)}
-        cols["pred"] = np.array([classes[i] for i in probs.argmax(1)], dtype=object)
+        cols["pred"] = np.array([classes[i] for i in self.decide(probs)], dtype=object)
         return cols
 
+    def columns(self, state, logits, meta) -> dict:
+        return self._columns(self.probabilities(logits), meta["classes"])
+
     def ensemble(self, folds) -> pd.DataFrame:
+        """Fold-mean class probabilities and the class they decide; each fold's probabilities after."""
         classes = folds[0][0]["classes"]
-        per_fold = [softmax(logits) for _, logits in folds]
-        mean = np.mean(per_fold, axis=0)
-        frame = pd.DataFrame({f"prob_{name}": mean[:, c] for c, name in enumerate(classes)})
-        frame["pred"] = [classes[i] for i in mean.argmax(1)]
+        per_fold = [self.probabilities(logits) for _, logits in folds]
+        frame = pd.DataFrame(self._columns(np.mean(per_fold, axis=0), classes))
         for (meta, _), probs in zip(folds, per_fold):
             for c, name in enumerate(classes):
                 frame[f"fold{meta['fold']}_prob_{name}"] = probs[:, c]
@@ -87,6 +95,9 @@ class Classification(Task):
 
     def prediction_columns(self, meta) -> list[str]:
         return [f"prob_{c}" for c in meta["classes"]]
+
+    def gallery(self, preds, meta, folder) -> list:
+        return heatmap_gallery(preds, meta["classes"], folder)
 
     def plots(self, preds, metrics, folder) -> dict:
         classes = metrics["classes"]

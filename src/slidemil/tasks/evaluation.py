@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from slidemil.errors import InputError
-from slidemil.evaluate.report import heatmap_gallery, write_report
+from slidemil.evaluate.report import write_report
 from slidemil.rundir import RunDir
 from slidemil.tasks.base import Task, create_task
 from slidemil.utils.io import write_json
@@ -38,9 +38,7 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     metrics = task.evaluate(preds, splits, meta, n_boot, seed)
     plots = task.plots(preds, metrics, run.plots_dir)
     write_json(run.metrics_path, metrics)
-    gallery = []
-    if task.name == "classification":
-        gallery = heatmap_gallery(preds, meta["classes"], Path(heatmaps) if heatmaps else run.heatmaps_dir)
+    gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
     write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics))
     return metrics
 

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +20,7 @@ from slidemil.data.cohort import Cohort, parse_class_labels
 from slidemil.evaluate.plots import confusion_plot
 from slidemil.evaluate.regression import ORDINAL_METRICS, ordinal_metrics
 from slidemil.tasks.base import TASKS, Task
+from slidemil.tasks.classification import Classification
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,11 @@ def grade(probs: np.ndarray) -> np.ndarray:
 
 
 @TASKS.register("ordinal", summary="ordered grades: CORN loss; quadratic kappa, MAE in grades")
-class Ordinal(Task):
+class Ordinal(Classification):
+    """Classes with an order: the label table, class probabilities, prediction columns and fold ensemble
+    as classification; CORN's probabilities and rank-consistent grade instead of softmax and argmax;
+    the ordinal metric set."""
+
     name = "ordinal"
     label_cols = ("label",)
     metric_names = ORDINAL_METRICS
@@ -74,26 +78,11 @@ class Ordinal(Task):
         probs = corn_probabilities(logits)
         return ordinal_metrics(np.asarray(targets, int), grade(probs), probs.shape[1])["qwk"]
 
-    def balanced_weights(self, targets) -> np.ndarray:
-        targets = np.asarray(targets, int)
-        return 1.0 / np.bincount(targets)[targets]
+    def probabilities(self, logits) -> np.ndarray:
+        return corn_probabilities(logits)
 
-    def _columns(self, probs, classes) -> dict:
-        cols = {f"prob_{name}": probs[:, c] for c, name in enumerate(classes)}
-        cols["pred"] = np.array([classes[i] for i in grade(probs)], dtype=object)
-        return cols
-
-    def columns(self, state, logits, meta) -> dict:
-        return self._columns(corn_probabilities(logits), meta["classes"])
-
-    def ensemble(self, folds) -> pd.DataFrame:
-        classes = folds[0][0]["classes"]
-        per_fold = [corn_probabilities(logits) for _, logits in folds]
-        frame = pd.DataFrame(self._columns(np.mean(per_fold, 0), classes))
-        for (meta, _), probs in zip(folds, per_fold):
-            for c, name in enumerate(classes):
-                frame[f"fold{meta['fold']}_prob_{name}"] = probs[:, c]
-        return frame
+    def decide(self, probs) -> np.ndarray:
+        return grade(probs)
 
     def _indices(self, rows, classes):
         index = {c: i for i, c in enumerate(classes)}
@@ -107,7 +96,8 @@ class Ordinal(Task):
         return ordinal_metrics(y, pred, len(meta["classes"]))
 
     def evaluate(self, preds, splits, meta, n_boot, seed) -> dict:
-        return {**super().evaluate(preds, splits, meta, n_boot, seed), "classes": meta["classes"]}
+        """The generic per-fold and pooled bootstrap of `Task` (classification's is AUROC-specific)."""
+        return {**Task.evaluate(self, preds, splits, meta, n_boot, seed), "classes": meta["classes"]}
 
     def plots(self, preds, metrics, folder) -> dict:
         folder.mkdir(parents=True, exist_ok=True)

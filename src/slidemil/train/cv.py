@@ -110,8 +110,8 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
     elif cfg.splits:
         splits = read_splits(cfg.splits, cohort)
     else:
-        strata = None if task.name == "classification" else task.strata(cohort.table, cfg.folds)
-        splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site, strata)
+        splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site,
+                             task.strata(cohort.table, cfg.folds))
     task.check_splits(splits, cohort.table)
     ensure_writable(run.path)
     with run.lock():
@@ -177,7 +177,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
                  fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
-        whole = BagDataset(parts["train"].units, cache=False)
+        whole = BagDataset(parts["train"].units, cache=False)   # whole bags (no --max-instances) ...
+        whole.cache = parts["train"].cache                         # ... from the bags already in memory
         state = task.after_fit(state, infer(model, whole, device).logits)
     res = infer(model, parts["test"], device, keep_scores=True)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
