@@ -29,3 +29,11 @@ def test_smooth_svm_matches_definition():
     expected = torch.stack([torch.logsumexp(torch.tensor([0.0, 1 + 0.5 - 2.0]), 0),
                             torch.logsumexp(torch.tensor([1 + 0.1 - 0.3, 0.0]), 0)]).mean()
     torch.testing.assert_close(smooth_top1_svm(logits, target), expected)
+
+
+def test_clam_defaults_are_the_official_commands_svm_and_subtyping_for_subtyping_tasks():
+    """`--inst_loss svm` always; `--subtyping` (negatives from the other classes' branches) for > 2 classes."""
+    binary, three = models.create("clam_sb", 8, 2), models.create("clam_mb", 8, 3)
+    assert binary.inst_loss == three.inst_loss == "svm"
+    assert not binary.subtyping and three.subtyping
+    assert models.create("clam_sb", 8, 2, subtyping=True).subtyping

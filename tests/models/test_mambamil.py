@@ -118,3 +118,16 @@ def test_mamba_parameters_out_of_weight_decay():
     no_decay = {id(p) for p in groups[1]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in no_decay) == (name.endswith(("A_log", ".D", "dt_proj.bias"))), name
+
+
+def test_lbmamba_two_layers_carry_context_both_ways_beyond_the_window():
+    """Default 2 layers: layer 1 scans backward, so the first instance's encoding depends on the last one
+    (32 positions away, far outside the 8-wide window); with no flip (flip_every > layers) it does not."""
+    x = torch.randn(40, 16)
+    for flip_every, reaches in ((1, True), (4, False)):
+        torch.manual_seed(0)
+        model = models.create("lbmamba", 16, 2, dim=16, flip_every=flip_every).eval()
+        h = model.embed(x).detach().requires_grad_(True)
+        (model._encode(h)[0] * torch.randn(16)).sum().backward()    # (a plain sum is flat through the LayerNorm)
+        assert h.grad[1].abs().sum() > 1e-6
+        assert (h.grad[32:].abs().sum() > 1e-6) == reaches, flip_every

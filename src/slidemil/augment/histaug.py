@@ -27,17 +27,24 @@ from slidemil.utils.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-# The paper's 13 transforms: discrete ones carry a code (0 = not applied), continuous ones a value in
-# [-0.5, 0.5] (0 = not applied). The order of application is sampled too.
+# The paper's 13 transforms, as the official `PatchAugmentation` and config: discrete ones carry a code
+# (0 = not applied) and fire with probability 0.75; continuous ones always fire with a value drawn from
+# [-0.5, 0.5]. The order of application is sampled too.
 DISCRETE = {"rotation": 4, "crop": 6, "hflip": 2, "vflip": 2, "blur": 2, "erosion": 2, "dilation": 2}
 CONTINUOUS = ("brightness", "contrast", "saturation", "hue", "gamma", "hed")
 TRANSFORMS = tuple(DISCRETE) + CONTINUOUS
 P_APPLY = 0.75
 RANGE = 0.5
 
-# Ruifrok & Johnston's stain vectors (as scikit-image's rgb_from_hed), for the HED jitter
+# Ruifrok & Johnston's stain vectors (as scikit-image's rgb_from_hed), for the HED shift
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+# the official HED shift (Faryna et al., MIDL 2021, as `utils/hed.py`): per-channel factors, sigma, and the
+# offset added before the logarithm (pi in the official code)
+_HED_FACTORS, _HED_SIGMA, _HED_EPS = torch.tensor([-2.0, 2.0, -3.0]), 0.03, 3.14159
+# official kernels: Gaussian blur 15 px (torchvision's default sigma for it), 4 x 4 erosion / dilation,
+# five-crop of 128 px from the 224 px patches (4 / 7 of the side)
+BLUR_KERNEL, MORPH_KERNEL, CROP_SHARE = 15, 4, 128 / 224
 
 
 def sample_params(n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -49,24 +56,32 @@ def sample_params(n: int, generator: torch.Generator | None = None) -> dict[str,
         on = torch.rand(n, generator=g) < P_APPLY
         out[name] = torch.where(on, torch.randint(1, k, (n,), generator=g), 0)
     for name in CONTINUOUS:
-        on = torch.rand(n, generator=g) < P_APPLY
-        out[name] = torch.where(on, (torch.rand(n, generator=g) * 2 - 1) * RANGE, 0.0)
+        out[name] = (torch.rand(n, generator=g) * 2 - 1) * RANGE
     out["order"] = torch.argsort(torch.rand(n, len(TRANSFORMS), generator=g), 1)
     return out
 
 
 def _crop(img: torch.Tensor, code: int) -> torch.Tensor:
-    """codes 1-5: centre, top-left, top-right, bottom-left, bottom-right 3/4 crop, resized back."""
+    """codes 1-5: torchvision's five_crop order (top-left, top-right, bottom-left, bottom-right, centre) of a
+    crop 4/7 of the side (128 of 224 px, official); resized back to the tile size, as the encoder's own
+    transform would resize the 128 px crop."""
     s = img.shape[-1]
-    c = (3 * s) // 4
-    top, left = {1: ((s - c) // 2, (s - c) // 2), 2: (0, 0), 3: (0, s - c), 4: (s - c, 0), 5: (s - c, s - c)}[code]
+    c = round(s * CROP_SHARE)
+    top, left = {1: (0, 0), 2: (0, s - c), 3: (s - c, 0), 4: (s - c, s - c), 5: ((s - c) // 2, (s - c) // 2)}[code]
     return TF.resize(img[..., top:top + c, left:left + c], [s, s], antialias=True)
 
 
 def _hed(img: torch.Tensor, v: float) -> torch.Tensor:
-    od = -torch.log(img.clamp_min(1e-6)).movedim(0, -1) @ _HED_FROM_RGB
-    od = od * (1 + v)
-    return torch.exp(-(od @ _RGB_FROM_HED)).movedim(-1, 0).clamp(0, 1)
+    """HED shift: hed = -log(rgb + eps) M; hed * (1 + v f sigma) + v f sigma per channel; back to RGB."""
+    hed = -torch.log(img.movedim(0, -1) + _HED_EPS) @ _HED_FROM_RGB
+    shift = v * _HED_FACTORS * _HED_SIGMA
+    return (torch.exp(-((hed * (1 + shift) + shift) @ _RGB_FROM_HED)) - _HED_EPS).movedim(-1, 0).clamp(0, 1)
+
+
+def _morph(img: torch.Tensor, sign: float) -> torch.Tensor:
+    """Grey dilation (sign 1) or erosion (-1) with a flat k x k kernel anchored at k // 2, as kornia's."""
+    k = MORPH_KERNEL
+    return sign * F.max_pool2d(sign * img[None], k, 1, k // 2)[0, ..., :img.shape[-2], :img.shape[-1]]
 
 
 def apply_transforms(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) -> torch.Tensor:
@@ -85,11 +100,11 @@ def apply_transforms(img: torch.Tensor, params: dict[str, torch.Tensor], i: int)
         elif name == "vflip":
             img = img.flip(-2)
         elif name == "blur":
-            img = TF.gaussian_blur(img, [5, 5], [1.0, 1.0])
+            img = TF.gaussian_blur(img, [BLUR_KERNEL, BLUR_KERNEL])
         elif name == "erosion":
-            img = -F.max_pool2d(-img[None], 3, 1, 1)[0]
+            img = _morph(img, -1.0)
         elif name == "dilation":
-            img = F.max_pool2d(img[None], 3, 1, 1)[0]
+            img = _morph(img, 1.0)
         elif name == "brightness":
             img = TF.adjust_brightness(img, 1 + v)
         elif name == "contrast":
@@ -99,7 +114,7 @@ def apply_transforms(img: torch.Tensor, params: dict[str, torch.Tensor], i: int)
         elif name == "hue":
             img = TF.adjust_hue(img, v)
         elif name == "gamma":
-            img = TF.adjust_gamma(img, math.exp(v))
+            img = TF.adjust_gamma(img, 1 + v)
         elif name == "hed":
             img = _hed(img, v)
     return img.clamp(0, 1)
@@ -209,7 +224,9 @@ class FitSettings(BaseModel):
 
     patches_per_slide: int = Field(64, ge=1, description="Patches sampled per slide.")
     augmentations: int = Field(4, ge=1, description="Augmented views per patch.")
-    epochs: int = Field(50, ge=1, description="Generator training epochs.")
+    epochs: int = Field(2000, ge=1, description="Generator training epochs (the paper's 2000); training stops "
+                        "early when the validation MSE has not improved for --patience epochs.")
+    patience: int = Field(50, ge=1, description="Epochs without a better validation MSE before stopping.")
     batch_size: int = Field(32, ge=1, description="Patches per optimisation step.")
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate (the paper's).")
     weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay (the paper's).")
@@ -236,6 +253,14 @@ def collect_pairs(tiles: list[torch.Tensor], encoder, settings: FitSettings, dev
             "params": {k: torch.cat([p[k] for p in params]) for k in params[0]}}
 
 
+def _mse(model: HistAugGenerator, pairs: dict, idx: torch.Tensor, device) -> float:
+    """MSE of the generator on the pairs `idx` (one tenth of the training pairs, used to stop early)."""
+    model.eval()
+    with torch.no_grad():
+        pred = model(pairs["z"][idx].to(device), {k: v[idx] for k, v in pairs["params"].items()})
+        return float(F.mse_loss(pred, pairs["z_aug"][idx].to(device)))
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=-1).mean())
 
@@ -248,12 +273,15 @@ def fit_generator(train: dict, test: dict, encoder_name: str, settings: FitSetti
     model = HistAugGenerator(GeneratorConfig(train["z"].shape[1], settings.chunk_size, settings.depth,
                                              encoder=encoder_name)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    n = len(train["z"])
+    order = torch.randperm(len(train["z"]))
+    val_idx, fit_idx = order[:max(1, len(order) // 10)], order[max(1, len(order) // 10):]
+    n = len(fit_idx)
     steps = settings.epochs * math.ceil(n / settings.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    best, best_state, since = math.inf, None, 0
     for epoch in range(settings.epochs):
         model.train()
-        perm = torch.randperm(n)
+        perm = fit_idx[torch.randperm(n)]
         for start in range(0, n, settings.batch_size):
             idx = perm[start:start + settings.batch_size]
             pred = model(train["z"][idx].to(device), {k: v[idx] for k, v in train["params"].items()})
@@ -262,7 +290,17 @@ def fit_generator(train: dict, test: dict, encoder_name: str, settings: FitSetti
             loss.backward()
             opt.step()
             sched.step()
-        log.info("histaug epoch %d: train mse %.5f", epoch + 1, loss.item())
+        val = _mse(model, train, val_idx, device)
+        log.info("histaug epoch %d: train mse %.5f, validation mse %.5f", epoch + 1, loss.item(), val)
+        if val < best:
+            best, since = val, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+            if since >= settings.patience:
+                log.info("histaug: no better validation mse for %d epochs, stopping at epoch %d", since, epoch + 1)
+                break
+    model.load_state_dict(best_state)
     model.eval()
     with torch.no_grad():
         pred = model(test["z"].to(device), test["params"]).cpu()

@@ -24,6 +24,7 @@ class ABMIL(MILModel):
     """
 
     attention_scores = True
+    embedding_module = "embed"
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 128,
                  gated: bool = True, dropout: float = 0.25, attn_dropout: float = 0.0):

@@ -34,8 +34,9 @@ class ABMILX(MILModel):
     DAttentionX). x -> Linear(E -> inner) -> GELU -> Dropout(0.25); split into H heads; per-head MLP attention
     A_h = w2^T GELU(W1 x_h) (weights shared across heads); attention plus A+_h = A_h + softmax(Q K^T /
     sqrt(d_h)) V with Q, K = LayerNorm(x_h) W_qk and V = v * A_h (the score vector itself, an easy misreading);
-    a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i; proj + dropout; classifier. The optional FFN block
-    and `mil_norm` of the official code are left out. Each bag's real instances are processed alone (exact
+    a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i; proj + proj_drop (0); classifier. As the official
+    defaults (`mil_bias`, `attn_bias` False): no Linear has a bias except the LayerNorm's, and every Linear is
+    Xavier-normal (`initialize_weights`). The optional FFN block and `mil_norm` of the official code are left out. Each bag's real instances are processed alone (exact
     masking); attention plus runs through `F.scaled_dot_product_attention` in query chunks with recomputation,
     so memory stays O(N * 2048) on CPU as well (the paper relies on fused GPU kernels for its O(N) memory).
     `instance_scores` are the head-averaged attention. """
@@ -43,19 +44,22 @@ class ABMILX(MILModel):
     attention_scores = True
 
     def __init__(self, in_dim: int, n_outputs: int, inner_dim: int = 512, n_heads: int = 8, dropout: float = 0.25,
-                 attn_plus: bool = True):
+                 proj_drop: float = 0.0, attn_plus: bool = True):
         super().__init__(in_dim, n_outputs)
         if inner_dim % n_heads:
             raise ValueError("inner_dim must be divisible by n_heads")
         self.h, self.d = n_heads, inner_dim // n_heads
         self.attn_plus = attn_plus
-        self.feature = nn.Sequential(nn.Linear(in_dim, inner_dim), nn.GELU(), nn.Dropout(dropout))
-        self.score = nn.Sequential(nn.Linear(self.d, self.d), nn.GELU(), nn.Linear(self.d, 1))
+        self.feature = nn.Sequential(nn.Linear(in_dim, inner_dim, bias=False), nn.GELU(), nn.Dropout(dropout))
+        self.score = nn.Sequential(nn.Linear(self.d, self.d, bias=False), nn.GELU(), nn.Linear(self.d, 1, bias=False))
         self.norm = nn.LayerNorm(self.d)
         self.qk = nn.Linear(self.d, 2 * self.d, bias=False)
-        self.v = nn.Linear(1, 1)
-        self.proj = nn.Sequential(nn.Linear(inner_dim, inner_dim), nn.Dropout(dropout))
-        self.classifier = nn.Linear(inner_dim, n_outputs)
+        self.v = nn.Linear(1, 1, bias=False)
+        self.proj = nn.Sequential(nn.Linear(inner_dim, inner_dim, bias=False), nn.Dropout(proj_drop))
+        self.classifier = nn.Linear(inner_dim, n_outputs, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
 
     def head_scores(self, xh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, A+) for one bag's head features xh [H, N, d]: both [H, N]."""

@@ -43,6 +43,7 @@ class ACMIL(MILModel):
     `instance_scores` are the branch-averaged attention. """
 
     attention_scores = True
+    embedding_module = "embed"
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int | None = None, attn_dim: int = 128,
                  n_token: int = 5, n_masked_patch: int = 10, mask_drop: float = 0.6):

@@ -37,6 +37,9 @@ class MILModel(nn.Module):
     """
 
     attention_scores = False  # True when instance_scores are an attention distribution over the bag
+    # the submodule that embeds each instance before anything mixes them (None: no such layer); strategies that
+    # work in the embedding space (MHIM-v2 merge, the MHIM student init) find it here
+    embedding_module: str | None = None
 
     def __init__(self, in_dim: int, n_outputs: int):
         super().__init__()

@@ -30,18 +30,24 @@ class _CLAM(MILModel):
     instances by attention of the true class's branch (pseudo-labels 1 / 0) and, with `subtyping`,
     the top-B of every other class's branch as 0. B is clamped to the bag size (official pitfall: topk
     crashes on bags smaller than B in the official code) and padded rows are never sampled.
+
+    Defaults follow the official commands: the smooth top-1 SVM instance loss (`--inst_loss svm`) and, for the
+    subtyping tasks (more than two classes), `--subtyping`; `subtyping=None` picks it by the number of
+    classes (pass `subtyping=true` for a two-class subtyping task such as LUAD vs LUSC).
     """
 
     attention_scores = True
+    embedding_module = "embed"
 
     n_branches_of = staticmethod(lambda n_outputs: 1)
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
                  gated: bool = True, dropout: float = 0.25, k_sample: int = 8, bag_weight: float = 0.7,
-                 inst_loss: str = "ce", subtyping: bool = False):
+                 inst_loss: str = "svm", subtyping: bool | None = None):
         super().__init__(in_dim, n_outputs)
         if inst_loss not in ("ce", "svm"):
             raise ValueError("inst_loss must be 'ce' or 'svm'")
+        subtyping = n_outputs > 2 if subtyping is None else subtyping
         self.k_sample, self.bag_weight, self.subtyping, self.inst_loss = k_sample, bag_weight, subtyping, inst_loss
         self.embed = mlp_embed(in_dim, hidden_dim, dropout)
         self.attention = AttentionScorer(hidden_dim, attn_dim, self.n_branches_of(n_outputs), gated, dropout)

@@ -118,6 +118,7 @@ class _MambaMILBase(MILModel):
     which we keep."""
 
     attention_scores = True
+    embedding_module = "embed"
 
     checkpoint_above = 4096
 
@@ -174,14 +175,18 @@ class MambaMIL(_MambaMILBase):
 
 @register("lbmamba", paper="Zhang et al., TMLR 2025 (arXiv 2506.15976), in MambaMIL",
           summary="MambaMIL with locally bidirectional scans (backward state inside windows), "
-                  "direction alternating every 2 layers",
+                  "scan direction alternating by layer",
           complexity="O(N·d·n_state)")
 class LBMambaMIL(_MambaMILBase):
     """MambaMIL's network with LBMamba blocks: each scan adds a backward state inside aligned windows of
-    `window` positions (8, the authors' validation script); the global scan direction flips every two
-    layers (LBVim), so the cost stays one scan per layer. window = 1 is the plain forward Mamba."""
+    `window` positions (8, the authors' validation script); the global scan direction flips every `flip_every`
+    layers, so the cost stays one scan per layer. LBVim flips every two of its 24 layers; MambaMIL has two, where
+    that would never flip and context beyond a window would only flow forward, so the default flips every layer
+    (layer 0 forward, layer 1 backward). window = 1 with flip_every > n_layers is the plain forward Mamba."""
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, dropout: float = 0.0, n_layers: int = 2,
-                 window: int = 8, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_chunk: int = 1024):
+                 window: int = 8, flip_every: int = 1, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 scan_chunk: int = 1024):
         blocks = [MambaBlock(dim, d_state, d_conv, expand, window=window, chunk=scan_chunk) for _ in range(n_layers)]
-        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, [(i // 2) % 2 == 1 for i in range(n_layers)])
+        flips = [(i // flip_every) % 2 == 1 for i in range(n_layers)]
+        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, flips)

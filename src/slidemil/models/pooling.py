@@ -15,6 +15,8 @@ class _EmbeddingPool(MILModel):
     """Shared body of MI-Net's embedding-level poolings: h_k = Dropout(ReLU(W_1 x_k)), a fixed pooling,
     then a linear classifier."""
 
+    embedding_module = "embed"
+
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
         super().__init__(in_dim, n_outputs)
         self.embed = mlp_embed(in_dim, hidden_dim, dropout)

@@ -55,6 +55,7 @@ class TransMIL(MILModel):
     """
 
     attention_scores = True
+    embedding_module = "fc1"
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, heads: int = 8,
                  landmarks: int = 256, dropout: float = 0.1, checkpoint_above: int = 16384):

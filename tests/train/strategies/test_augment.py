@@ -49,3 +49,31 @@ def test_histaug_transforms_and_generator():
     wsi = gen(z, sample_params(1, g))
     inst = gen(z, sample_params(10, g))
     assert wsi.shape == inst.shape == (10, 32)
+
+
+def test_histaug_transforms_follow_the_official_factory():
+    """Official PatchAugmentation: continuous transforms always fire; HED is the per-channel shift
+    (factors -2, 2, -3 times sigma 0.03, offset pi); gamma is 1 + v; 4 x 4 morphology; 15 px blur."""
+    from slidemil.augment import histaug as H
+
+    params = H.sample_params(200, torch.Generator().manual_seed(0))
+    for name in H.CONTINUOUS:
+        assert (params[name] != 0).all() and params[name].abs().max() <= 0.5
+    img = torch.rand(3, 28, 28) * 0.8 + 0.1
+    rgb = img.movedim(0, -1)
+    hed = -torch.log(rgb + 3.14159) @ torch.linalg.inv(H._RGB_FROM_HED)
+    shift = 0.4 * torch.tensor([-2.0, 2.0, -3.0]) * 0.03
+    official = (torch.exp(-((hed * (1 + shift) + shift) @ H._RGB_FROM_HED)) - 3.14159).clamp(0, 1).movedim(-1, 0)
+    torch.testing.assert_close(H._hed(img, 0.4), official)
+    # the shift is per channel: not a uniform scaling of optical density
+    od = (-torch.log((H._hed(img, 0.4).movedim(0, -1)) + 3.14159) @ torch.linalg.inv(H._RGB_FROM_HED))
+    ratio = (od / hed).mean((0, 1))
+    assert ratio[0] < 1 < ratio[1] and ratio[2] < 1
+    one = {k: torch.zeros_like(v[:1]) for k, v in params.items()}
+    one["order"] = params["order"][:1]
+    one["gamma"] = torch.tensor([0.3])
+    torch.testing.assert_close(H.apply_transforms(img, one, 0), img ** 1.3)
+    dot = torch.zeros(3, 28, 28)
+    dot[:, 10, 10] = 1.0
+    assert int((H._morph(dot, 1.0)[0] > 0).sum()) == 16           # a 4 x 4 dilation of one pixel
+    assert H._morph(1 - dot, -1.0)[0].eq(0).sum() == 16

@@ -88,7 +88,7 @@ def test_mhim_teacher_is_updated_only_by_ema():
 
 
 def test_mhim_student_never_sees_the_masked_hard_instances():
-    model, ds = _mhim(baseline_epochs=0, mask_ratio_h=0.2, mask_ratio_hr=1.0, mrh_sche=False)
+    model, ds = _mhim(baseline_epochs=0, mask_ratio_h=0.2, mask_ratio_hr=1.0, mrh_sche=False, mask_ratio=0.0)
     model.train()
     model.epoch_start(0, 2)
     x = ds[1].x[None]
@@ -103,7 +103,7 @@ def test_mhim_student_never_sees_the_masked_hard_instances():
 
 
 def test_mhim_v2_cam_scoring_and_merge_run():
-    model, ds = _mhim(baseline_epochs=0, scoring="cam", merge_ratio=0.8, merge_k=2)
+    model, ds = _mhim(baseline_epochs=0, scoring="cam", merge_ratio=0.8, merge_k=2, mask_ratio=0.0)
     model.train()
     model.epoch_start(0, 2)
     x, y = ds[0].x[None], torch.tensor([ds[0].y])
@@ -136,3 +136,59 @@ def test_mhim_teacher_init_refuses_a_baseline_with_other_splits(tmp_path):
     (run / "splits.csv").write_text("slide_id,fold,role\na,0,test\nb,0,train\n")
     model.fit_start(ctx)
     assert model.active and torch.equal(model.teacher.classifier.weight, baseline.classifier.weight)
+
+
+def test_mhim_defaults_are_the_official_c16_abmil_command():
+    """v1 README, C16/ABMIL: --mask_ratio 0.5 --mask_ratio_h 0.01 --mask_ratio_hr 0.5 --mrh_sche --cl_alpha 0.1
+    --init_stu_type fc; without teacher_init the teacher is the student after half the epochs."""
+    model, _ = _mhim()
+    assert (model.mask_ratio, model.mask_ratio_h, model.mask_ratio_hr, model.mrh_sche, model.cl_alpha,
+            model.init_stu_type) == (0.5, 0.01, 0.5, True, 0.1, "fc")
+    assert model.switch_epoch == 1                                 # fit_config(epochs=2) -> epoch 1
+    model.train()
+    model.epoch_start(0, 2)
+    assert model.teacher is None
+    model.epoch_start(1, 2)
+    assert model.teacher is not None
+
+
+def test_mhim_init_stu_type_fc_copies_only_the_instance_embedding(tmp_path):
+    from slidemil.models.checkpoint import save_model
+    from slidemil.rundir import RunDir
+
+    base = tmp_path / "baseline"
+    torch.manual_seed(1)
+    baseline = models.create("abmil", 32, 2)
+    save_model(base / "fold_0", baseline, {"model": "abmil", "model_args": {}, "in_dim": 32, "n_outputs": 2})
+    (base / "splits.csv").write_text("slide_id,fold,role\na,0,test\nb,0,train\n")
+    ctx = FitContext(bag_dataset(planted_bags(4)), fit_config(epochs=1), torch.device("cpu"), 0, RunDir(base))
+    for kind, clf_copied in (("fc", False), ("all", True)):
+        torch.manual_seed(0)
+        model = apply_strategy(models.create("abmil", 32, 2), "mhim", teacher_init=str(base), init_stu_type=kind)
+        model.fit_start(ctx)
+        assert torch.equal(model.model.embed[0].weight, baseline.embed[0].weight)
+        assert torch.equal(model.model.classifier.weight, baseline.classifier.weight) == clf_copied
+
+
+def test_mhim_merge_works_in_the_embedding_space_on_normalised_tokens():
+    """v2 merge: tokens are the model's instance embeddings (512-d for abmil, not the 32-d input), normalised
+    before the cross-attention, so scaling them leaves the merged tokens unchanged."""
+    from slidemil.train.strategies.mhim import Merge
+
+    model, ds = _mhim(baseline_epochs=0, merge_ratio=0.5, merge_k=3, mask_ratio=0.0)
+    assert model.merge.queries.shape == (3, 512)
+    merge = Merge(512, 3, momentum=0.9).eval()
+    tokens = torch.randn(20, 512)
+    torch.testing.assert_close(merge(tokens), merge(10 * tokens + 0), atol=1e-4, rtol=1e-4)
+    before = merge.queries.clone()
+    merge.train()(tokens)
+    assert not torch.equal(merge.queries, before), "queries follow the merged tokens by EMA in training"
+    model.train()
+    model.epoch_start(0, 2)
+    seen = []
+    hook = model.model.attention.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    model(ds[0].x[None])
+    hook.remove()
+    assert seen[-1][-1] == 512 and seen[-1][1] == int(round(0.5 * ds[0].x.shape[0])) + 3
+    with pytest.raises(ValueError, match="embedding"):
+        apply_strategy(models.create("dsmil", 8, 2), "mhim", merge_ratio=0.5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -81,24 +82,53 @@ def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp_s: flo
 
 
 class Merge(nn.Module):
-    """v2 random merge: k EMA-updated global queries cross-attend (8 heads, dropout 0.1, LayerNorm) to the
-    tokens left out of the kept share; the k outputs join the student's input. Queries get no gradient."""
+    """v2 random merge (official `mhim_modules/merge.py`): k global queries cross-attend to the tokens left out
+    of the kept share, z = MCA(LN(tokens), LN(queries)) (8 heads of 64, dropout 0.1, output projection); the k
+    outputs join the student's tokens. The queries get no gradient: they start uniform(+-sqrt(6 / (3 * 256 +
+    dim))) (VPT's init, as official) and follow z by EMA with momentum `merge_mm`. Runs in the model's
+    instance-embedding space, as official (after `patch_to_emb`)."""
 
-    def __init__(self, dim: int, k: int, momentum: float):
+    def __init__(self, dim: int, k: int, momentum: float, heads: int = 8, head_dim: int = 64, dropout: float = 0.1):
         super().__init__()
-        heads = 8 if dim % 8 == 0 else 1
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=0.1, batch_first=True)
+        inner = heads * head_dim
+        self.heads, self.scale = heads, head_dim ** -0.5
         self.norm = nn.LayerNorm(dim)
-        self.register_buffer("queries", torch.randn(k, dim) * 0.02)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+        bound = math.sqrt(6.0 / (3 * 16 * 16 + dim))
+        self.register_buffer("queries", torch.empty(k, dim).uniform_(-bound, bound))
         self.momentum = momentum
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:             # [n, dim] -> [k, dim]
-        queries = self.queries.clone()[None]  # the EMA below updates the buffer in place
-        merged, _ = self.attn(queries, tokens[None], tokens[None])
-        merged = self.norm(merged[0])
-        with torch.no_grad():
-            self.queries.mul_(self.momentum).add_((1 - self.momentum) * merged.detach())
+        heads = self.heads
+        q = self.to_q(self.norm(self.queries.clone())).unflatten(-1, (heads, -1)).transpose(0, 1)
+        k, v = (t.unflatten(-1, (heads, -1)).transpose(0, 1) for t in self.to_kv(self.norm(tokens)).chunk(2, -1))
+        attn = self.drop(torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1))
+        merged = self.to_out((attn @ v).transpose(0, 1).flatten(1))
+        if self.training:
+            with torch.no_grad():
+                self.queries.mul_(self.momentum).add_((1 - self.momentum) * merged.detach())
         return merged
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Width of the model's instance embeddings: the output of the last Linear in its `embedding_module`."""
+    linears = [m for m in getattr(model, model.embedding_module).modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features
+
+
+@contextmanager
+def embedded_input(model: nn.Module):
+    """The model's forward on already-embedded instances: its `embedding_module` is bypassed meanwhile."""
+    name = model.embedding_module
+    layer = getattr(model, name)
+    setattr(model, name, nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(model, name, layer)
 
 
 @register_strategy("mhim", paper="Tang et al., ICCV 2023 (arXiv 2307.15254); v2 IJCV 2025",
@@ -110,35 +140,46 @@ class MHIM(Strategy):
     alpha_cls L_model(S) + cl_alpha SoftCE(z_S / temp_s, z_T / temp_t) on the bag embeddings. Inference is the
     student on all instances.
 
-    v1 defaults (README, C16/ABMIL): mask_ratio_h 0.01 with cosine decay to 0 (`mrh_sche`), of which
-    mask_ratio_hr 0.5 are masked, cl_alpha 0.1, temp_t 0.1, temp_s 1, mm 0.9999 (cosine to 1 with
-    `mm_sche`). v2 options: `scoring="cam"` (s_i = max_c softmax_c(W_c a_i h_i + b_0), see `cam_scores`: needs a model that
-    exposes its instance embeddings and `classifier`, e.g. abmil) and random merge (`merge_ratio`,
-    `merge_k`, `merge_mm`; applied here to the input features, since the wrapper does not split the
-    model; off at inference, as the official `merge_test` default).
+    Defaults are the official v1 C16/ABMIL command (README): random masking `mask_ratio` 0.5, mask_ratio_h 0.01
+    with cosine decay to 0 (`mrh_sche`), of which mask_ratio_hr 0.5 are masked, cl_alpha 0.1, temp_t 0.1,
+    temp_s 1, mm 0.9999 (cosine to 1 with `mm_sche`), `init_stu_type` "fc" (the student's instance-embedding
+    layer, the official `patch_to_emb`, starts from the teacher's; "all" copies every weight, "none" none).
+    v2 options: `scoring="cam"` (s_i = max_c softmax_c(W_c a_i h_i + b_0), see `cam_scores`: needs a model that
+    exposes its instance embeddings and `classifier`, e.g. abmil) and random merge (`merge_ratio`, `merge_k`,
+    `merge_mm`; in the model's instance-embedding space, as official; off at inference, as `merge_test`).
 
     Teacher: `teacher_init` = the folder of a finished plain run of the same model with the same splits; each
     fold's teacher starts from that run's model of the same fold (checked: its test slides must be this fold's,
-    or the teacher would have trained on them). Without it, the student trains plainly for `baseline_epochs` and
-    then becomes the teacher (a random teacher gives meaningless masks). TransMIL's scores are the head-averaged
-    class-token attention (the official code fuses heads by voting). """
+    or the teacher would have trained on them), the official recipe. Without it, the fold first trains plainly
+    for `baseline_epochs` (default: half the epochs, so the teacher is a trained baseline and not a 3-epoch
+    one) and that model becomes the teacher; the student then goes on from it (it already is the teacher, so
+    `init_stu_type` has nothing to copy). TransMIL's scores are the head-averaged class-token attention (the
+    official code fuses heads by voting). """
 
     def __init__(self, model, mask_ratio_h: float = 0.01, mask_ratio_hr: float = 0.5, mask_ratio_l: float = 0.0,
-                 mask_ratio: float = 0.0, mrh_sche: bool = True, cl_alpha: float = 0.1, alpha_cls: float = 1.0,
+                 mask_ratio: float = 0.5, mrh_sche: bool = True, cl_alpha: float = 0.1, alpha_cls: float = 1.0,
                  temp_t: float = 0.1, temp_s: float = 1.0, mm: float = 0.9999, mm_sche: bool = False,
-                 teacher_init: str | None = None, baseline_epochs: int = 3, scoring: str = "attention",
-                 merge_ratio: float | None = None, merge_k: int = 1, merge_mm: float = 0.9999):
+                 teacher_init: str | None = None, init_stu_type: str = "fc", baseline_epochs: int | None = None,
+                 scoring: str = "attention", merge_ratio: float | None = None, merge_k: int = 1,
+                 merge_mm: float = 0.9999):
         super().__init__(model)
         if scoring not in ("attention", "cam"):
             raise ValueError(f"mhim scoring must be 'attention' or 'cam', not {scoring!r}")
+        if init_stu_type not in ("fc", "all", "none"):
+            raise ValueError(f"mhim init_stu_type must be 'fc', 'all' or 'none', not {init_stu_type!r}")
+        if merge_ratio is not None and model.embedding_module is None:
+            raise ValueError(f"mhim merge works in the model's instance-embedding space; {type(model).__name__} has "
+                             f"no separate instance-embedding layer (abmil, clam_sb, clam_mb, acmil, transmil, "
+                             f"mambamil and lbmamba have one)")
         self.mask_ratio_h, self.mask_ratio_hr, self.mask_ratio_l, self.mask_ratio = (
             mask_ratio_h, mask_ratio_hr, mask_ratio_l, mask_ratio)
         self.mrh_sche, self.cl_alpha, self.alpha_cls = mrh_sche, cl_alpha, alpha_cls
         self.temp_t, self.temp_s, self.mm, self.mm_sche = temp_t, temp_s, mm, mm_sche
-        self.teacher_init, self.baseline_epochs, self.scoring = teacher_init, baseline_epochs, scoring
+        self.teacher_init, self.init_stu_type, self.scoring = teacher_init, init_stu_type, scoring
+        self.baseline_epochs = baseline_epochs
         self.merge_ratio = merge_ratio
-        self.merge = Merge(model.in_dim, merge_k, merge_mm) if merge_ratio is not None else None
-        self.step, self.total_steps, self.active = 0, 1, False
+        self.merge = Merge(embedding_dim(model), merge_k, merge_mm) if merge_ratio is not None else None
+        self.step, self.total_steps, self.active, self.switch_epoch = 0, 1, False, 0
         self._teacher = Detached()  # outside the module tree: not saved, not optimised, not moved
 
     @property
@@ -151,13 +192,15 @@ class MHIM(Strategy):
         cfg = context.cfg
         self.total_steps = max(1, cfg.epochs * math.ceil(math.ceil(len(context.train_ds) / cfg.batch_size) / cfg.accum_steps))
         self.step = 0
+        self.switch_epoch = self.baseline_epochs if self.baseline_epochs is not None else max(1, cfg.epochs // 2)
         if self.teacher_init:
             self._set_teacher(self._baseline_state(RunDir(self.teacher_init), context))
+            self._init_student()
             self.active = True
 
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
         super().epoch_start(epoch, n_epochs)
-        if self.teacher is None and epoch >= self.baseline_epochs:
+        if self.teacher is None and epoch >= self.switch_epoch:
             log.info("mhim: the student of epoch %d becomes the teacher", epoch)
             self._set_teacher(self.model.state_dict())
             self.active = True
@@ -180,6 +223,14 @@ class MHIM(Strategy):
         teacher.load_state_dict(state)
         teacher.requires_grad_(False).eval()
         self._teacher.module = teacher
+
+    def _init_student(self) -> None:
+        """The official `init_stu_type`: "fc" loads the teacher's instance-embedding layer into the student."""
+        if self.init_stu_type == "all":
+            self.model.load_state_dict(self.teacher.state_dict())
+        elif self.init_stu_type == "fc" and self.model.embedding_module is not None:
+            name = self.model.embedding_module
+            getattr(self.model, name).load_state_dict(getattr(self.teacher, name).state_dict())
 
     def _baseline_state(self, run: RunDir, context) -> dict:
         fold_dir = run.fold_dir(context.fold)
@@ -224,26 +275,31 @@ class MHIM(Strategy):
         keep = hard_instance_mask(self._scores(t_out), mask, ratio_h, self.mask_ratio_hr, self.mask_ratio_l,
                                   self.mask_ratio)
         if self.merge is not None:
-            x, keep = self._merge(x, keep)
-        out = self.model(x, keep, coords)
+            out = self._merged_forward(x, keep)
+        else:
+            out = self.model(x, keep, coords)
         out.extras["teacher_embedding"] = t_out.bag_embedding
         return out
 
-    def _merge(self, x, keep):
+    def _merged_forward(self, x, keep) -> MILOutput:
+        """v2: embed, keep a random `merge_ratio` of the unmasked tokens, merge the rest into k tokens, run
+        the rest of the model on them (positions change, so coordinates are not passed on)."""
+        h = getattr(self.model, self.model.embedding_module)(x)
         rows = []
-        for b in range(len(x)):
+        for b in range(len(h)):
             idx = keep[b].nonzero()[:, 0]
             idx = idx[torch.randperm(len(idx), device="cpu").to(idx.device)]
             n_keep = max(1, int(round(len(idx) * self.merge_ratio)))
-            kept, rest = x[b, idx[:n_keep]], x[b, idx[n_keep:]]
-            merged = self.merge(rest) if len(rest) else x.new_zeros(0, x.shape[-1])
+            kept, rest = h[b, idx[:n_keep]], h[b, idx[n_keep:]]
+            merged = self.merge(rest) if len(rest) else h.new_zeros(0, h.shape[-1])
             rows.append(torch.cat([kept, merged]))
         n = max(len(r) for r in rows)
-        out = x.new_zeros(len(x), n, x.shape[-1])
-        new_mask = torch.zeros(len(x), n, dtype=torch.bool, device=x.device)
+        packed = h.new_zeros(len(h), n, h.shape[-1])
+        new_mask = torch.zeros(len(h), n, dtype=torch.bool, device=h.device)
         for b, r in enumerate(rows):
-            out[b, :len(r)], new_mask[b, :len(r)] = r, True
-        return out, new_mask
+            packed[b, :len(r)], new_mask[b, :len(r)] = r, True
+        with embedded_input(self.model):
+            return self.model(packed, new_mask, None)
 
     def loss(self, out, target, task_loss):
         loss = self.alpha_cls * self.model.loss(out, target, task_loss)
