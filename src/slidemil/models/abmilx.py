@@ -36,10 +36,11 @@ class ABMILX(MILModel):
     sqrt(d_h)) V with Q, K = LayerNorm(x_h) W_qk and V = v * A_h (the score vector itself, an easy misreading);
     a_h = softmax_N(A+_h); z = concat_h sum_i a_h,i x_h,i; proj + proj_drop (0); classifier. As the official
     defaults (`mil_bias`, `attn_bias` False): no Linear has a bias except the LayerNorm's, and every Linear is
-    Xavier-normal (`initialize_weights`). The optional FFN block and `mil_norm` of the official code are left out. Each bag's real instances are processed alone (exact
-    masking); attention plus runs through `F.scaled_dot_product_attention` in query chunks with recomputation,
-    so memory stays O(N * 2048) on CPU as well (the paper relies on fused GPU kernels for its O(N) memory).
-    `instance_scores` are the head-averaged attention. """
+    Xavier-normal (`initialize_weights`). The optional FFN block and `mil_norm` of the official code are left
+    out. Each bag's real instances are processed alone (exact masking); attention plus runs through
+    `F.scaled_dot_product_attention` in query chunks with recomputation, so memory stays O(N * 2048) on CPU as
+    well (the paper relies on fused GPU kernels for its O(N) memory). `instance_scores` are the head-averaged
+    attention."""
 
     attention_scores = True
 
