@@ -44,6 +44,7 @@ class RunDir:
     config_path = _child("config.yaml")
     splits_path = _child("splits.csv")
     predictions_path = _child("predictions.csv")
+    baseline_path = _child("baseline_predictions.csv")   # the reference baseline's out-of-fold predictions
     excluded_path = _child("excluded.csv")
     metrics_path = _child("metrics.json")
     report_path = _child("report.html")
@@ -120,6 +121,12 @@ class RunDir:
 
     def write_predictions(self, frame: pd.DataFrame, fold: int | None = None) -> None:
         write_csv(self.predictions_path if fold is None else self.fold_dir(fold) / "predictions.csv", frame)
+
+    def baseline_predictions(self) -> pd.DataFrame | None:
+        return _read_predictions(self.baseline_path) if self.baseline_path.is_file() else None
+
+    def write_baseline(self, frame: pd.DataFrame) -> None:
+        write_csv(self.baseline_path, frame)
 
     def metrics(self) -> dict:
         return json.loads(self.metrics_path.read_text())

@@ -53,13 +53,16 @@ class BagDataset(Dataset):
 
     `max_instances` draws a random subset of a bag's instances on every access (training only: the
     caller never sets it for validation, test or prediction, so those always see the whole bag).
+    `transform` maps each bag's features on access (the fold's standardisation); the cache keeps them raw.
     """
 
-    def __init__(self, units, max_instances: int | None = None, cache: bool = True, seed: int = 0):
+    def __init__(self, units, max_instances: int | None = None, cache: bool = True, seed: int = 0,
+                 transform=None):
         self.units = list(units)
         self.max_instances = max_instances
         self.cache = {} if cache else None
         self.rng = np.random.default_rng(seed)
+        self.transform = transform
 
     @classmethod
     def from_arrays(cls, bags, labels, max_instances: int | None = None, seed: int = 0) -> BagDataset:
@@ -75,6 +78,10 @@ class BagDataset(Dataset):
     def labels(self) -> np.ndarray:
         """The bags' targets: [n] class indices or values, [n, k] for tuple targets (survival)."""
         return np.array([u[2] for u in self.units])
+
+    def raw_bags(self):
+        """Every bag's whole feature matrix, untransformed (to fit statistics on)."""
+        return (self._load(i)[0] for i in range(len(self)))
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cache is not None and i in self.cache:
@@ -95,6 +102,8 @@ class BagDataset(Dataset):
             keep_t = torch.from_numpy(keep)
             x = x[keep_t]
             coords = coords[keep_t] if coords is not None else None
+        if self.transform is not None:
+            x = self.transform(x)
         return Bag(self.units[i][0], x, self.units[i][2], coords)
 
 

@@ -189,6 +189,15 @@ class Task:
         """Task-specific text for the report (HTML, escaped by the task)."""
         return ""
 
+    # The reference baseline (train/baseline.py): a tuned linear model on mean-pooled features.
+    has_baseline = False
+    baseline_name = ""
+
+    def baseline_columns(self, x_fit, y_fit, groups, x_test, meta: dict, seed: int) -> dict:
+        """The baseline fitted on (x_fit, y_fit), tuned by a patient-grouped inner CV, as prediction columns of
+        x_test (the same columns as the model's)."""
+        raise NotImplementedError
+
 
 HEADLINES = {"auroc": "AUROC", "c_index": "C-index", "pearson_r": "Pearson r", "qwk": "quadratic kappa"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,33 @@ class Classification(Task):
             for c, name in enumerate(classes):
                 frame[f"fold{meta['fold']}_prob_{name}"] = probs[:, c]
         return frame
+
+    has_baseline = True
+    baseline_name = "logistic regression on mean-pooled features (C tuned by patient-grouped inner CV)"
+
+    def baseline_columns(self, x_fit, y_fit, groups, x_test, meta, seed) -> dict:
+        """Standardised features, L2 logistic regression; C from 10 values in 1e-4..1e4 by inner stratified,
+        patient-grouped CV (AUROC for two classes, log-loss otherwise)."""
+        from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+        from sklearn.model_selection import StratifiedGroupKFold
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        y = np.asarray(y_fit, int)
+        n_classes = len(meta["classes"])
+        k = min(5, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()), len(set(groups)))
+        if k >= 2:
+            inner = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(x_fit, y, groups))
+            clf = LogisticRegressionCV(Cs=10, cv=inner, max_iter=5000,
+                                       scoring="roc_auc" if n_classes == 2 else "neg_log_loss")
+        else:  # too few bags of a class to tune: scikit-learn's default C
+            clf = LogisticRegression(max_iter=5000)
+        with warnings.catch_warnings():   # scikit-learn 1.8 announces LogisticRegressionCV API changes
+            warnings.simplefilter("ignore", FutureWarning)
+            model = make_pipeline(StandardScaler(), clf).fit(x_fit, y)
+        probs = np.zeros((len(x_test), n_classes))
+        probs[:, model.classes_] = model.predict_proba(x_test)
+        return self._columns(probs, meta["classes"])
 
     def _truth(self, preds: pd.DataFrame, classes: list[str]):
         y = preds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()

@@ -3,6 +3,7 @@ its plots and report.html, all by the run's task."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pandas as pd
@@ -36,13 +37,54 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
         raise InputError(f"{run.predictions_path}: columns {', '.join(missing)} are missing")
     splits = pd.read_csv(run.splits_path, dtype={"slide_id": str, "case_id": str}) if run.splits_path.is_file() else None
     metrics = task.evaluate(preds, splits, meta, n_boot, seed)
+    baseline = run.baseline_predictions()
+    if baseline is not None:
+        scored = task.evaluate(baseline, splits, meta, n_boot, seed)
+        metrics["baseline"] = {"name": task.baseline_name, "pooled": scored["pooled"],
+                               "fold_summary": scored["fold_summary"]}
+    metrics["warnings"] = run_warnings(run, metrics, task)
     plots = task.plots(preds, metrics, run.plots_dir)
     write_json(run.metrics_path, metrics)
     gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
-    write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics))
+    write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics) + protocol_notes(metrics, task))
     return metrics
 
 
+def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
+    """What the folds warned about (small validation splits), and a model that trails its baseline."""
+    warnings = []
+    for fold in run.finished_folds():
+        warnings += run.fold_meta(fold).get("warnings", [])
+    head = task.metric_names[0]
+    ours, ref = metrics["pooled"][head]["value"], metrics.get("baseline", {}).get("pooled", {}).get(head, {}).get("value")
+    if ref is not None and ours is not None and ours < ref - 0.02:
+        warnings.append(f"the model's pooled {head} {ours:.3f} is below the reference baseline's {ref:.3f} on the "
+                        f"same folds ({task.baseline_name})")
+    return warnings
+
+
+def protocol_notes(metrics: dict, task: Task) -> str:
+    """The report's baseline line and warnings (HTML)."""
+    parts = []
+    base = metrics.get("baseline")
+    if base:
+        head = task.metric_names[0]
+        m = base["pooled"][head]
+        parts.append(f"<p class=note>Reference baseline, same folds: {html.escape(base['name'])}: {head} "
+                     f"{_num(m['value'])} (95% CI {_num(m['ci_low'])}-{_num(m['ci_high'])}).</p>")
+    parts += [f"<p class=note><b>Warning:</b> {html.escape(w)}</p>" for w in metrics.get("warnings", [])]
+    return "".join(parts)
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
 def summary_line(metrics: dict) -> str:
-    """The headline metric of a metrics.json with its CI, e.g. "AUROC 0.912 (95% CI 0.85-0.96)"."""
-    return create_task({"task": metrics.get("task", "classification")}).summary(metrics)
+    """The headline metric of a metrics.json with its CI, e.g. "AUROC 0.912 (95% CI 0.85-0.96)", then the
+    reference baseline's and any warnings."""
+    task = create_task({"task": metrics.get("task", "classification")})
+    line = task.summary(metrics)
+    if metrics.get("baseline"):
+        line += f"; baseline ({task.baseline_name.split(' (')[0]}) " + task.summary(metrics["baseline"])
+    return "\n".join([line, *(f"warning: {w}" for w in metrics.get("warnings", []))])

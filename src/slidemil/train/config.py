@@ -47,8 +47,18 @@ class TrainConfig(TaskConfig):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "plateau", "none"] = Field("cosine", description="cosine | plateau | none.")
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
-    patience: int = Field(10, ge=1, description="Early-stopping patience in epochs.")
-    min_epochs: int = Field(0, ge=0, description="Never stop before this many epochs.")
+    patience: int = Field(10, ge=1, description="Early-stopping patience in epochs (of the smoothed value).")
+    min_epochs: int = Field(10, ge=0, description="Never stop, nor select an epoch, before this many epochs "
+                                                  "(capped at --epochs).")
+    smooth: int = Field(5, ge=1, description="Moving-average window (epochs) of the monitored validation value; "
+                                             "1 = raw per-epoch values.")
+    select: Literal["best", "last"] = Field("best", description="best: the epoch with the best smoothed validation "
+                                                                "value; last: train all --epochs, keep the last "
+                                                                "(no selection, no early stopping).")
+    standardize: Literal["auto", "on", "off"] = Field(
+        "auto", description="Standardise features per dimension with statistics of each fold's training bags "
+                            "(saved with the model, applied by predict and heatmaps); auto: when they are far "
+                            "from unit scale.")
     monitor: Literal["val_loss", "val_metric", "val_auroc"] = Field(
         "val_loss", description="val_loss | val_metric (the task's: AUROC, C-index, Pearson r, quadratic kappa); "
                                 "val_auroc is the classification name of val_metric.")

@@ -26,8 +26,10 @@ from slidemil.errors import InputError
 from slidemil.features.store import read_attrs, read_features
 from slidemil.models.build import SPEC_KEYS, build_model
 from slidemil.models.checkpoint import save_model
+from slidemil.models.standardize import Scaling
 from slidemil.rundir import RunDir
 from slidemil.tasks import Task, create_task, evaluate_run
+from slidemil.train.baseline import write_baseline
 from slidemil.train.config import TrainConfig
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
@@ -145,6 +147,7 @@ def _train_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFra
         _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress, task)
     pooled = pd.concat([run.fold_predictions(k) for k in sorted(splits["fold"].unique())], ignore_index=True)
     run.write_predictions(pooled)
+    write_baseline(run, cohort, splits, task, cfg.bag_unit, cfg.seed, prediction_table)
 
 
 def _first_dim(cohort: Cohort) -> int:
@@ -152,6 +155,7 @@ def _first_dim(cohort: Cohort) -> int:
 
 
 def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int):
+    """The fold's train/val/test bags and the input standardisation fitted on its training bags (or None)."""
     role = dict(zip(fold_splits["slide_id"], fold_splits["role"]))
     parts = {}
     for r in ("train", "val", "test"):
@@ -159,12 +163,47 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
         parts[r] = BagDataset(bag_units(sub, cfg.bag_unit),
                               max_instances=cfg.max_instances if r == "train" else None,
                               cache=cfg.cache_features, seed=cfg.seed + fold)
-    return parts
+    scaling = None
+    if cfg.standardize != "off":
+        fitted = Scaling.fit(parts["train"].raw_bags())                  # training bags only
+        if cfg.standardize == "on" or fitted.far_from_unit():
+            scaling = fitted
+            log.info("fold %d: standardising features (%s; statistics of the %d training bags)%s", fold,
+                     fitted.describe(), len(parts["train"]),
+                     " because they are far from unit scale (--standardize auto)" if cfg.standardize == "auto" else "")
+        else:
+            log.info("fold %d: features near unit scale (%s): not standardised (--standardize auto)",
+                     fold, fitted.describe())
+    for ds in parts.values():
+        ds.transform = scaling
+    return parts, scaling
+
+
+def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minimum: int = 10) -> list[str]:
+    """Warnings when the fold's validation split is too small to choose an epoch reliably: fewer than
+    `minimum` patients of a class (or in all, for tasks without classes)."""
+    val_ids = set(fold_splits.loc[fold_splits["role"] == "val", "slide_id"])
+    if not val_ids:
+        return []
+    val = cohort.table[cohort.table["slide_id"].isin(val_ids)]
+    if cohort.classes and "y" in val.columns:
+        counts = {str(c): int(val.loc[val["y"] == i, "case_id"].nunique()) for i, c in enumerate(cohort.classes)}
+    else:
+        counts = {"all": int(val["case_id"].nunique())}
+    small = {c: n for c, n in counts.items() if n < minimum}
+    if not small:
+        return []
+    text = ", ".join(f"{n} of {c}" if c != "all" else f"{n} in all" for c, n in small.items())
+    return [f"fold {fold}: the validation split has only {text} patients (< {minimum}); epoch selection on it is "
+            f"noisy - consider --select last or a larger --val-fraction"]
 
 
 def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress, task: Task) -> None:
     gen = seed_everything(cfg.seed + fold)
-    parts = _datasets(cfg, cohort, fold_splits, fold)
+    parts, scaling = _datasets(cfg, cohort, fold_splits, fold)
+    warnings = small_validation(cohort, fold_splits, fold) if cfg.select == "best" else []
+    for text in warnings:
+        log.warning(text)
     train_ids = set(fold_splits.loc[fold_splits["role"] == "train", "slide_id"])
     state = task.fit_state(cohort.table[cohort.table["slide_id"].isin(train_ids)])   # never the test fold
     model = apply_strategy(build_model(cfg.model_dump(), in_dim, task.n_outputs(cohort)), cfg.strategy,
@@ -177,17 +216,18 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
                  fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
-        whole = BagDataset(parts["train"].units, cache=False)   # whole bags (no --max-instances) ...
+        whole = BagDataset(parts["train"].units, cache=False, transform=scaling)   # whole bags (no --max-instances) ...
         whole.cache = parts["train"].cache                         # ... from the bags already in memory
         state = task.after_fit(state, infer(model, whole, device).logits)
     res = infer(model, parts["test"], device, keep_scores=True)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
             "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
-            "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__}
+            "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__,
+            "standardized": scaling is not None, "warnings": warnings}
     if task.name != "classification":
         meta.update(task_options=task.o.model_dump(), task_state=state)
     fold_dir = run.fold_dir(fold)
-    save_model(fold_dir, model, meta)
+    save_model(fold_dir, model, meta, scaling)
     write_csv(fold_dir / "history.csv", result.history)
     preds = prediction_table(res.ids, task.columns(state, res.logits, meta), cohort, cfg.bag_unit)
     preds.insert(2, "fold", fold)

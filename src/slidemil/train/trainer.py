@@ -1,5 +1,6 @@
-"""Train one model on one fold: AdamW, warm-up + cosine (or plateau), early stopping on the inner
-validation split only, gradient accumulation, bf16 autocast on GPU, padded mini-batches."""
+"""Train one model on one fold: AdamW, warm-up + cosine (or plateau), epoch selection and early stopping
+on the inner validation split only (smoothed over epochs, never before min_epochs), gradient
+accumulation, bf16 autocast on GPU, padded mini-batches."""
 
 from __future__ import annotations
 
@@ -128,7 +129,9 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     steps = math.ceil(len(loader) / cfg.accum_steps)
     sched = _scheduler(opt, cfg, steps)
     sign = 1.0 if cfg.monitor == "val_loss" else -1.0    # every task metric is higher-is-better
-    best, best_epoch, best_state, stale, rows = math.inf, -1, None, 0, []
+    select = cfg.select == "best" and val_ds is not None and len(val_ds) > 0
+    first = min(cfg.min_epochs, cfg.epochs)               # the earliest epoch that may be selected
+    best, best_epoch, best_state, stale, rows, watched = math.inf, -1, None, 0, [], []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -165,21 +168,24 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
             row["val_metric"] = task.val_metric(state, res.logits, val_ds.labels())
             if sched is not None and cfg.scheduler == "plateau":
                 sched.step(row["val_loss"])
-            score = sign * (row["val_loss"] if cfg.monitor == "val_loss" else row["val_metric"])
-            if not math.isfinite(score):
-                score = math.inf
-            if score < best or best_state is None:
-                best, best_epoch, best_state, stale = score, epoch + 1, copy.deepcopy(model.state_dict()), 0
-            else:
-                stale += 1
+            value = sign * (row["val_loss"] if cfg.monitor == "val_loss" else row["val_metric"])
+            watched.append(value if math.isfinite(value) else math.inf)
+            # a small validation split is noisy from epoch to epoch: select on the trailing moving average
+            score = float(np.mean(watched[-cfg.smooth:]))
+            row["val_smoothed"] = sign * score
+            if select and epoch + 1 >= first:
+                if score < best or best_state is None:
+                    best, best_epoch, best_state, stale = score, epoch + 1, copy.deepcopy(model.state_dict()), 0
+                else:
+                    stale += 1
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         if progress is not None:
             progress(row)
-        if val_ds is not None and len(val_ds) and stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+        if select and stale >= cfg.patience:
             log.info("early stop at epoch %d (best %d)", epoch + 1, best_epoch)
             break
-    if best_state is None:
+    if best_state is None:   # --select last, or no validation split: the last epoch
         best_state, best_epoch = copy.deepcopy(model.state_dict()), len(rows)
     model.load_state_dict(best_state)
     return FitResult(best_state, pd.DataFrame(rows), best_epoch)

@@ -1,0 +1,82 @@
+"""The small-cohort protocol: fold-fitted standardisation (saved, applied again at prediction), epoch
+selection that is smoothed, never before min_epochs, or off (--select last), the reference baseline on the
+same folds, and the small-validation warning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import bag_dataset, fit_config, planted_bags
+from slidemil import models
+from slidemil.data.synthetic import make_feature_cohort
+from slidemil.features.store import read_features, write_features
+from slidemil.models.standardize import Scaling
+
+
+def test_auto_standardisation_fires_only_far_from_unit_scale():
+    torch.manual_seed(0)
+    unit = torch.randn(500, 16)
+    assert not Scaling.fit([unit]).far_from_unit()
+    assert Scaling.fit([unit * 100 + 40]).far_from_unit()                   # unscaled descriptors
+    outlier = unit.clone()
+    outlier[:, 3] *= 500                                                    # one dimension dwarfs the rest
+    assert Scaling.fit([outlier]).far_from_unit()
+    s = Scaling.fit([unit[:200] * 100 + 40, unit[200:] * 100 + 40])          # several bags, one pass
+    z = s(unit * 100 + 40)
+    assert z.mean(0).abs().max() < 1e-3 and (z.std(0) - 1).abs().max() < 0.01
+
+
+def _fit(**kw):
+    from slidemil.train.trainer import fit
+
+    torch.manual_seed(0)
+    bags = planted_bags(16, seed=2)
+    model = models.create("mean_pool", 32, 2, hidden_dim=16)
+    cfg = fit_config(lr=1e-3, patience=1, **kw)
+    return fit(model, bag_dataset(bags[:10]), bag_dataset(bags[10:]), cfg, torch.device("cpu"),
+               torch.Generator().manual_seed(0))
+
+
+def test_selection_never_before_min_epochs_and_select_last_trains_every_epoch():
+    res = _fit(epochs=8, min_epochs=5, smooth=3)
+    assert res.best_epoch >= 5
+    hist = res.history
+    # the smoothed value is the trailing mean of the monitored one
+    np.testing.assert_allclose(hist["val_smoothed"].iloc[4], hist["val_loss"].iloc[2:5].mean(), rtol=1e-6)
+    last = _fit(epochs=6, min_epochs=0, select="last")
+    assert last.best_epoch == 6 and len(last.history) == 6                 # no selection, no early stop
+
+
+@pytest.mark.slow
+def test_run_standardises_unscaled_features_reports_baseline_and_small_validation(tmp_path):
+    from conftest import run_config
+    from slidemil.models.checkpoint import load_model
+    from slidemil.train.cv import run_cv
+
+    root = tmp_path / "cohort"
+    make_feature_cohort(root, n_patients=16, dim=16, bag_size=(20, 40), witness_rate=0.3, signal=3.0, seed=5)
+    for path in sorted((root / "features").glob("*.h5")):             # classic-MIL-like unscaled descriptors
+        bag = read_features(path)
+        write_features(path, bag.features * 80 + 300, bag.coords, {"encoder": "synthetic", "patch_size": 256})
+    out = tmp_path / "run"
+    run_cv(run_config(root, out, model="mean_pool", folds=2, epochs=4, bootstrap=20))
+    meta = json.loads((out / "fold_0" / "model.json").read_text())
+    assert meta["standardized"] is True
+    model, _ = load_model(out / "fold_0")
+    preds = pd.read_csv(out / "fold_0" / "predictions.csv")
+    sid = preds["slide_id"].iloc[0]
+    with torch.no_grad():
+        prob = torch.softmax(model(torch.from_numpy(read_features(root / "features" / f"{sid}.h5").features)[None])
+                             .logits, 1)[0, 1]
+    assert abs(float(prob) - preds["prob_positive"].iloc[0]) < 1e-5, "the saved standardisation is applied again"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baseline"]["pooled"]["auroc"]["value"] >= 0.8          # mean pooling sees a 30% witness shift
+    base = pd.read_csv(out / "baseline_predictions.csv")
+    assert set(base["slide_id"]) == set(pd.read_csv(out / "predictions.csv")["slide_id"])
+    assert any("validation split has only" in w for w in metrics["warnings"])
+    assert "Reference baseline" in (out / "report.html").read_text()
