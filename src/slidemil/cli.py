@@ -140,6 +140,7 @@ def train(
     strategy: Optional[str] = _opt(TrainConfig, "strategy"),
     strategy_arg: Optional[list[str]] = _opt(TrainConfig, "strategy_args", "--strategy-arg"),
     folds: Optional[int] = _opt(TrainConfig, "folds"),
+    recipe: Optional[str] = _opt(TrainConfig, "recipe"),
     epochs: Optional[int] = _opt(TrainConfig, "epochs"),
     lr: Optional[float] = _opt(TrainConfig, "lr"),
     weight_decay: Optional[float] = _opt(TrainConfig, "weight_decay"),

@@ -80,3 +80,18 @@ def test_run_standardises_unscaled_features_reports_baseline_and_small_validatio
     assert set(base["slide_id"]) == set(pd.read_csv(out / "predictions.csv")["slide_id"])
     assert any("validation split has only" in w for w in metrics["warnings"])
     assert "Reference baseline" in (out / "report.html").read_text()
+
+
+def test_paper_recipe_fills_what_the_user_did_not_give():
+    from slidemil.train.config import TrainConfig
+    from slidemil.train.recipes import RECIPES
+
+    base = dict(features="f", labels="l", out="o")
+    cfg = TrainConfig(**base, model="transmil", recipe="paper", lr=1e-3)
+    assert cfg.lr == 1e-3                                                   # the flag wins
+    assert (cfg.epochs, cfg.weight_decay, cfg.accum_steps) == (200, 1e-5, 2)  # TransMIL's Camelyon config
+    assert TrainConfig(**base, model="transmil").epochs == 30               # default recipe untouched
+    mhim = TrainConfig(**base, model="acmil", strategy="mhim", recipe="paper")
+    assert mhim.epochs == RECIPES["mhim"].settings["epochs"] and mhim.lr == 2e-4
+    again = TrainConfig(**{k: v for k, v in cfg.model_dump().items()})    # a saved config reloads the same
+    assert again.identity() == cfg.identity()

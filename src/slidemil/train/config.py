@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from slidemil.models.reembed import REEMBEDDINGS
 from slidemil.models.registry import MODELS
 from slidemil.tasks import TaskConfig
+from slidemil.train.recipes import paper_settings
 from slidemil.train.strategies import STRATEGIES
 
 
@@ -42,6 +43,10 @@ class TrainConfig(TaskConfig):
                                                       "feature_noise, ...).")
     strategy_args: dict = Field(default_factory=dict, description="Strategy argument KEY=VALUE; repeatable.")
     # optimisation
+    recipe: Literal["default", "paper"] = Field(
+        "default", description="default: slidemil's settings (measured on small cohorts, docs/protocol.md); "
+                               "paper: the model's (and strategy's) paper recipe (docs/models.md); given "
+                               "flags still win.")
     epochs: int = Field(30, ge=1, description="Maximum epochs per fold.")
     lr: float = Field(2e-4, gt=0, description="Learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
@@ -95,6 +100,16 @@ class TrainConfig(TaskConfig):
                                  f"they belong to")
             if name is not None:
                 _REGISTRIES[field].check_args(name, args)
+        return self
+
+    @model_validator(mode="after")
+    def _paper_recipe(self):
+        """--recipe paper: the recipe's settings for every field the user did not give."""
+        if self.recipe == "paper":
+            settings, _ = paper_settings(self.model, self.strategy)
+            for key, value in settings.items():
+                if key not in self.model_fields_set:
+                    object.__setattr__(self, key, value)
         return self
 
     @model_validator(mode="after")

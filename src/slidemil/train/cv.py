@@ -31,6 +31,7 @@ from slidemil.rundir import RunDir
 from slidemil.tasks import Task, create_task, evaluate_run
 from slidemil.train.baseline import write_baseline
 from slidemil.train.config import TrainConfig
+from slidemil.train.recipes import paper_settings
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
 from slidemil.utils.device import resolve_device
@@ -223,7 +224,9 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
             "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__,
-            "standardized": scaling is not None, "warnings": warnings}
+            "standardized": scaling is not None, "warnings": warnings, "recipe": cfg.recipe}
+    if cfg.recipe == "paper":
+        meta["recipe_sources"] = paper_settings(cfg.model, cfg.strategy)[1]
     if task.name != "classification":
         meta.update(task_options=task.o.model_dump(), task_state=state)
     fold_dir = run.fold_dir(fold)

@@ -1,0 +1,66 @@
+"""Paper training recipes: each model's (and strategy's) optimisation settings as its paper or official
+code trains it, as data. `--recipe paper` fills the training fields from here; a flag or YAML key the user
+gives still wins. slidemil always optimises with AdamW (the papers' Adam with L2 weight decay, RAdam +
+Lookahead for TransMIL and SGD for INS are not reproduced) and selects epochs on the inner validation
+split, never on the test fold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: str                 # where the numbers come from
+    settings: dict = field(default_factory=dict)   # TrainConfig fields
+
+
+# Patience / min_epochs follow the official early stopping where there is one.
+RECIPES: dict[str, Recipe] = {
+    "abmil": Recipe("CLAM's ABMIL setting (Lu et al. 2021 scripts): Adam lr 2e-4, wd 1e-5, <= 200 epochs, "
+                    "early stopping patience 20 not before epoch 50",
+                    {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "min_epochs": 50,
+                     "scheduler": "none", "warmup_epochs": 0}),
+    "clam_sb": Recipe("CLAM README commands: Adam lr 2e-4, wd 1e-5, <= 200 epochs, patience 20 from epoch 50",
+                      {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "min_epochs": 50,
+                       "scheduler": "none", "warmup_epochs": 0}),
+    "clam_mb": Recipe("CLAM README commands: Adam lr 2e-4, wd 1e-5, <= 200 epochs, patience 20 from epoch 50",
+                      {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "min_epochs": 50,
+                       "scheduler": "none", "warmup_epochs": 0}),
+    "transmil": Recipe("TransMIL Camelyon config: Lookahead(RAdam) lr 2e-4, wd 1e-5, 200 epochs, gradient "
+                       "accumulation 2, early stopping patience 10",
+                       {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "accum_steps": 2, "patience": 10,
+                        "scheduler": "none", "warmup_epochs": 0}),
+    "dsmil": Recipe("DSMIL repository: Adam lr 1e-4, wd 1e-3, 50 epochs, cosine to 5e-6",
+                    {"lr": 1e-4, "weight_decay": 1e-3, "epochs": 50, "scheduler": "cosine", "warmup_epochs": 0}),
+    "dtfd": Recipe("DTFD-MIL: Adam lr 1e-4, wd 1e-4, 200 epochs (step decay at 100 not reproduced: cosine)",
+                   {"lr": 1e-4, "weight_decay": 1e-4, "epochs": 200, "scheduler": "cosine", "warmup_epochs": 0}),
+    "acmil": Recipe("ACMIL configs: AdamW lr 1e-4, wd 1e-5, 50 epochs, half-cycle cosine per iteration, no warm-up",
+                    {"lr": 1e-4, "weight_decay": 1e-5, "epochs": 50, "scheduler": "cosine", "warmup_epochs": 0}),
+    "abmilx": Recipe("ABMILX (E2E) feature setting: AdamW lr 1e-4, wd 0, 75 epochs, patience 20, cosine",
+                     {"lr": 1e-4, "weight_decay": 0.0, "epochs": 75, "patience": 20, "scheduler": "cosine"}),
+    "rrt": Recipe("RRT-MIL: Adam lr 2e-4, wd 1e-5, cosine, 200 epochs with early stopping",
+                  {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "scheduler": "cosine"}),
+    "mambamil": Recipe("MambaMIL scripts: Adam lr 2e-4, wd 1e-5, early stopping",
+                       {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 100, "patience": 20, "scheduler": "none",
+                        "warmup_epochs": 0}),
+    "lbmamba": Recipe("MambaMIL scripts (LBMamba plugs into them): Adam lr 2e-4, wd 1e-5, early stopping",
+                      {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 100, "patience": 20, "scheduler": "none",
+                       "warmup_epochs": 0}),
+    "otsurv": Recipe("OTSurv: AdamW lr 1e-4, wd 1e-5, cosine, 1 warm-up epoch, <= 50 epochs, batch 16, Cox loss",
+                     {"lr": 1e-4, "weight_decay": 1e-5, "epochs": 50, "scheduler": "cosine", "warmup_epochs": 1,
+                      "batch_size": 16}),
+    "mhim": Recipe("MHIM-MIL v1: Adam lr 2e-4, wd 1e-5, cosine, <= 200 epochs",
+                   {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "scheduler": "cosine", "warmup_epochs": 0}),
+}
+
+
+def paper_settings(model: str, strategy: str | None) -> tuple[dict, list[str]]:
+    """The paper recipe's settings for this model (a strategy's recipe, when it has one, wins: MHIM trains
+    its backbone its own way) and the sources used; models without a recipe keep slidemil's defaults."""
+    settings, sources = {}, []
+    for name in (model, strategy):
+        if name in RECIPES:
+            settings.update(RECIPES[name].settings)
+            sources.append(f"{name}: {RECIPES[name].source}")
+    return settings, sources
