@@ -28,7 +28,7 @@ def _train(demo_run, out, *extra):
     return json.loads((out / "fold_0" / "model.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["rrt", "mambamil", "lbmamba", "acmil", "dtfd", "abmilx"])
+@pytest.mark.parametrize("name", ["rrt", "mambamil", "lbmamba", "acmil", "dtfd", "abmilx", "ins"])
 def test_cli_trains_each_new_model(demo_run, tmp_path, name):
     meta = _train(demo_run, tmp_path / name, "--model", name)
     assert meta["model"] == name

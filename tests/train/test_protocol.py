@@ -95,3 +95,12 @@ def test_paper_recipe_fills_what_the_user_did_not_give():
     assert mhim.epochs == RECIPES["mhim"].settings["epochs"] and mhim.lr == 2e-4
     again = TrainConfig(**{k: v for k, v in cfg.model_dump().items()})    # a saved config reloads the same
     assert again.identity() == cfg.identity()
+
+
+def test_measured_per_model_defaults_apply_unless_given():
+    from slidemil.train.config import TrainConfig
+
+    base = dict(features="f", labels="l", out="o")
+    assert TrainConfig(**base, model="dsmil").lr == 5e-3                    # docs/protocol.md: 0.42 -> 0.77
+    assert TrainConfig(**base, model="dsmil", lr=1e-4).lr == 1e-4
+    assert TrainConfig(**base, model="abmil").lr == 2e-4

@@ -8,6 +8,7 @@ from slidemil.models import (  # noqa: F401  (each module registers its models)
     dsmil,
     dtfd,
     evidence,
+    ins,
     mambamil,
     otsurv,
     pooling,

@@ -65,6 +65,9 @@ class MILModel(nn.Module):
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
         """Before each epoch (0-based), e.g. for curricula."""
 
+    def batch_start(self, ids: list[str]) -> None:
+        """Before each training forward, with the ids of the batch's bags (INS keeps per-instance state)."""
+
     def step_end(self) -> None:
         """After each optimizer step, e.g. for EMA teachers."""
 

@@ -31,3 +31,16 @@ class Reembedded(MILModel):
 
     def loss(self, out, target, task_loss):
         return self.model.loss(out, target, task_loss)
+
+    # the aggregator's training hooks (CLAM's task check, INS's per-instance state, ...)
+    def fit_start(self, context) -> None:
+        self.model.fit_start(context)
+
+    def epoch_start(self, epoch: int, n_epochs: int) -> None:
+        self.model.epoch_start(epoch, n_epochs)
+
+    def batch_start(self, ids: list[str]) -> None:
+        self.model.batch_start(ids)
+
+    def step_end(self) -> None:
+        self.model.step_end()

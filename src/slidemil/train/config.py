@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from slidemil.models.reembed import REEMBEDDINGS
 from slidemil.models.registry import MODELS
 from slidemil.tasks import TaskConfig
-from slidemil.train.recipes import paper_settings
+from slidemil.train.recipes import default_settings, paper_settings
 from slidemil.train.strategies import STRATEGIES
 
 
@@ -48,7 +48,8 @@ class TrainConfig(TaskConfig):
                                "paper: the model's (and strategy's) paper recipe (docs/models.md); given "
                                "flags still win.")
     epochs: int = Field(30, ge=1, description="Maximum epochs per fold.")
-    lr: float = Field(2e-4, gt=0, description="Learning rate.")
+    lr: float = Field(2e-4, gt=0, description="Learning rate (dsmil and max_pool default to 5e-3, acmil to 1e-3: "
+                                              "measured, docs/protocol.md).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "plateau", "none"] = Field("cosine", description="cosine | plateau | none.")
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
@@ -103,13 +104,13 @@ class TrainConfig(TaskConfig):
         return self
 
     @model_validator(mode="after")
-    def _paper_recipe(self):
-        """--recipe paper: the recipe's settings for every field the user did not give."""
-        if self.recipe == "paper":
-            settings, _ = paper_settings(self.model, self.strategy)
-            for key, value in settings.items():
-                if key not in self.model_fields_set:
-                    object.__setattr__(self, key, value)
+    def _recipe(self):
+        """The recipe's settings for every field the user did not give: the paper's (`--recipe paper`) or
+        slidemil's measured per-model defaults."""
+        settings = paper_settings(self.model, self.strategy)[0] if self.recipe == "paper" else default_settings(self.model)
+        for key, value in settings.items():
+            if key not in self.model_fields_set:
+                object.__setattr__(self, key, value)
         return self
 
     @model_validator(mode="after")

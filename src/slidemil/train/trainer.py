@@ -139,6 +139,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         total, n_seen = 0.0, 0
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
+            model.batch_start(batch["ids"])
             with autocast(device):
                 out = model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
                 loss = model.loss(out, batch["y"].to(device), task_loss)

@@ -44,6 +44,9 @@ class Strategy(MILModel):
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
         self.model.epoch_start(epoch, n_epochs)
 
+    def batch_start(self, ids: list[str]) -> None:
+        self.model.batch_start(ids)
+
     def step_end(self) -> None:
         self.model.step_end()
 

@@ -1,0 +1,70 @@
+"""INS: partial-label disambiguation that never flips a negative bag's instance, prototypes as the official
+sequential update, and an instance classifier that finds the planted witnesses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from conftest import bag_dataset, planted_bags
+from slidemil import models
+from slidemil.models.ins import update_confidence, update_prototypes
+from slidemil.train.config import TrainConfig
+from slidemil.train.trainer import fit, infer
+
+
+def test_confidence_update_never_gives_a_negative_bag_instance_the_positive_label():
+    cand_neg = torch.tensor([[1.0, 0.0]]).repeat(5, 1)
+    conf = torch.tensor([[1.0, 0.0]]).repeat(5, 1)
+    proto_scores = torch.tensor([[0.01, 0.99]]).repeat(5, 1)      # the prototypes say "positive" ...
+    for _ in range(50):
+        conf = update_confidence(conf, proto_scores, cand_neg, 0.8, negative_bag=True)
+    assert torch.equal(conf, torch.tensor([[1.0, 0.0]]).repeat(5, 1))   # ... and nothing moves
+    cand_pos = torch.ones(5, 2)
+    conf = torch.full((5, 2), 0.5)
+    for _ in range(30):
+        conf = update_confidence(conf, proto_scores, cand_pos, 0.8, negative_bag=False)
+    assert (conf[:, 1] > 0.99).all()                                # a positive bag's instance may move
+
+
+def test_prototype_update_equals_the_official_sequential_loop():
+    torch.manual_seed(0)
+    protos, q = F.normalize(torch.randn(2, 8), dim=1), F.normalize(torch.randn(7, 8), dim=1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    expected = protos.clone()
+    for feat, label in zip(q, labels):
+        expected[label] = expected[label] * 0.9 + 0.1 * feat
+    torch.testing.assert_close(update_prototypes(protos, q, labels, 0.9), F.normalize(expected, dim=1))
+
+
+@pytest.mark.slow
+def test_ins_learns_the_task_and_its_instance_scores_find_the_witnesses():
+    torch.manual_seed(0)
+    train, val, test = planted_bags(80, seed=1), planted_bags(20, seed=2), planted_bags(60, seed=3)
+    cfg = TrainConfig(features="-", labels="-", out="-", epochs=12, lr=5e-4, patience=12, warmup_epochs=0)
+    model = models.create("ins", in_dim=32, n_outputs=2)
+    fit(model, bag_dataset(train), bag_dataset(val), cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    # every instance of a negative training bag keeps the negative label
+    negatives = [f"bag{i}" for i, b in enumerate(train) if b[1] == 0]
+    assert all(torch.equal(model.confidence[s].argmax(1), torch.zeros(len(model.confidence[s]), dtype=torch.long))
+               for s in negatives)
+    res = infer(model, bag_dataset(test), torch.device("cpu"), keep_scores=True)
+    y = np.array([b[1] for b in test])
+    assert roc_auc_score(y, res.probs[:, 1]) >= 0.9
+    inst = np.concatenate([b[2] for b in test]) > 0
+    assert roc_auc_score(inst, np.concatenate(res.instance_scores)) >= 0.9
+
+
+def test_ins_refuses_other_tasks_and_instance_subsampling():
+    from slidemil.errors import InputError
+    from slidemil.train.trainer import FitContext
+
+    model = models.create("ins", 8, 2)
+    ds = bag_dataset(planted_bags(4, dim=8))
+    for bad in ({"task": "regression", "target_col": "t"}, {"max_instances": 10}):
+        cfg = TrainConfig(features="-", labels="-", out="-", **bad)
+        with pytest.raises(InputError, match="ins"):
+            model.fit_start(FitContext(ds, cfg, torch.device("cpu")))
