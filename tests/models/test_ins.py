@@ -68,3 +68,15 @@ def test_ins_refuses_other_tasks_and_instance_subsampling():
         cfg = TrainConfig(features="-", labels="-", out="-", **bad)
         with pytest.raises(InputError, match="ins"):
             model.fit_start(FitContext(ds, cfg, torch.device("cpu")))
+
+
+def test_bag_head_is_platt_scaled_to_the_training_bags():
+    """Mean instance probabilities of 0.30 vs 0.34 (one fold's scale) become probabilities either side of 0.5."""
+    model = models.create("ins", 8, 2)
+    p_pos = torch.tensor([0.34, 0.35, 0.33, 0.345])
+    p_neg = torch.tensor([0.30, 0.31, 0.295, 0.305])
+    pos = torch.stack([1 - p_pos, p_pos], 1)
+    neg = torch.stack([1 - p_neg, p_neg], 1)
+    model.calibrate(torch.cat([pos, neg]).log(), torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]))
+    calibrated = torch.softmax(model.bag_scale * torch.cat([pos, neg]).log() + model.bag_bias, 1)[:, 1]
+    assert (calibrated[:4] > 0.5).all() and (calibrated[4:] < 0.5).all()
