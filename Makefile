@@ -5,6 +5,8 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slidemil-installed
+# one pytest-xdist worker per core (at most 4; each builds the shared fixtures once), one torch thread each
+XDIST ?= -n auto --maxprocesses 4
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint install clean bench
@@ -26,11 +28,11 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: everything but the tests marked slow (training runs, whole pipelines).
 test-fast: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_speed.py

@@ -6,6 +6,8 @@ once per session and shared by every test that reads them.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,9 @@ from slidemil.data.bags import BagDataset
 from slidemil.data.synthetic import make_bag, make_feature_cohort
 from slidemil.train.config import TrainConfig
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread, so the
+# workers share the cores instead of oversubscribing them.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 runner = CliRunner()
 SLIDE_SIZE = (1536, 2048)

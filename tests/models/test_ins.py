@@ -42,11 +42,13 @@ def test_prototype_update_equals_the_official_sequential_loop():
 
 @pytest.mark.slow
 def test_ins_learns_the_task_and_its_instance_scores_find_the_witnesses():
+    # 48 bags, 12 epochs at 1e-3 with a 1024-key queue: 7 s (bag AUROC 0.93, instance AUROC 0.93); the contract
+    # test trains the default INS on 80 bags
     torch.manual_seed(0)
-    train, val, test = planted_bags(80, seed=1), planted_bags(20, seed=2), planted_bags(60, seed=3)
-    cfg = TrainConfig(features="-", labels="-", out="-", epochs=12, lr=5e-4, patience=12, warmup_epochs=0)
-    model = models.create("ins", in_dim=32, n_outputs=2)
-    fit(model, bag_dataset(train), bag_dataset(val), cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    train, test = planted_bags(48, seed=1), planted_bags(40, seed=3)
+    cfg = TrainConfig(features="-", labels="-", out="-", epochs=12, lr=1e-3, warmup_epochs=0)
+    model = models.create("ins", in_dim=32, n_outputs=2, queue=1024)
+    fit(model, bag_dataset(train), None, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
     # every instance of a negative training bag keeps the negative label
     negatives = [f"bag{i}" for i, b in enumerate(train) if b[1] == 0]
     assert all(torch.equal(model.confidence[s].argmax(1), torch.zeros(len(model.confidence[s]), dtype=torch.long))

@@ -19,13 +19,14 @@ pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
 
 def test_run_folder_is_complete(trained):
     _, run = trained
-    for name in ("config.yaml", "splits.csv", "predictions.csv", "metrics.json", "report.html"):
+    for name in ("config.yaml", "splits.csv", "predictions.csv", "baseline_predictions.csv", "metrics.json",
+                 "report.html"):
         assert (run / name).is_file(), name
     for k in range(3):
         for name in ("model.safetensors", "model.json", "history.csv", "predictions.csv", "done.json"):
             assert (run / f"fold_{k}" / name).is_file()
         hist = pd.read_csv(run / f"fold_{k}" / "history.csv")
-        assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_metric", "lr", "seconds"]
+        assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_metric", "lr", "val_smoothed", "seconds"]
     for plot in ("roc", "pr", "confusion", "calibration"):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
     cfg = yaml.safe_load((run / "config.yaml").read_text())

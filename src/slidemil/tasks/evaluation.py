@@ -26,6 +26,9 @@ def run_task(run: RunDir) -> tuple[Task, dict, dict]:
     return task, cfg, meta
 
 
+BASELINE_RESAMPLES = 200
+
+
 def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
                  heatmaps: str | Path | None = None) -> dict:
     """Pooled out-of-fold metrics with patient-bootstrap CIs, per-fold metrics, plots and the report."""
@@ -38,10 +41,10 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     splits = pd.read_csv(run.splits_path, dtype={"slide_id": str, "case_id": str}) if run.splits_path.is_file() else None
     metrics = task.evaluate(preds, splits, meta, n_boot, seed)
     baseline = run.baseline_predictions()
-    if baseline is not None:
-        scored = task.evaluate(baseline, splits, meta, n_boot, seed)
+    if baseline is not None:   # a reference: its CIs take at most BASELINE_RESAMPLES resamples
+        scored = task.evaluate(baseline, splits, meta, min(n_boot, BASELINE_RESAMPLES), seed)
         metrics["baseline"] = {"name": task.baseline_name, "pooled": scored["pooled"],
-                               "fold_summary": scored["fold_summary"]}
+                               "fold_summary": scored["fold_summary"], "resamples": scored["bootstrap"]["resamples"]}
     metrics["warnings"] = run_warnings(run, metrics, task)
     plots = task.plots(preds, metrics, run.plots_dir)
     write_json(run.metrics_path, metrics)
