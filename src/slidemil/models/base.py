@@ -72,6 +72,34 @@ class MILModel(nn.Module):
         """After each optimizer step, e.g. for EMA teachers."""
 
 
+class Wrapped(MILModel):
+    """A model around another (`.model`): the same forward, loss, attention flag and training hooks, which
+    a wrapper overrides only where it adds something (re-embedding, a training strategy, standardisation)."""
+
+    def __init__(self, model: MILModel, in_dim: int | None = None):
+        super().__init__(model.in_dim if in_dim is None else in_dim, model.n_outputs)
+        self.model = model
+        self.attention_scores = model.attention_scores
+
+    def forward(self, x, mask=None, coords=None) -> MILOutput:
+        return self.model(x, mask, coords)
+
+    def loss(self, out: MILOutput, target: torch.Tensor, task_loss: TaskLoss) -> torch.Tensor:
+        return self.model.loss(out, target, task_loss)
+
+    def fit_start(self, context) -> None:
+        self.model.fit_start(context)
+
+    def epoch_start(self, epoch: int, n_epochs: int) -> None:
+        self.model.epoch_start(epoch, n_epochs)
+
+    def batch_start(self, ids: list[str]) -> None:
+        self.model.batch_start(ids)
+
+    def step_end(self) -> None:
+        self.model.step_end()
+
+
 def pick_class(per_class: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Reduce per-class instance scores [B, C, N] to [B, N]: the positive class for binary tasks,
     otherwise the predicted class of each bag."""

@@ -7,7 +7,7 @@ CVPR 2024, Sec. 3.4).
 
 from __future__ import annotations
 
-from slidemil.models.base import MILModel, MILOutput
+from slidemil.models.base import MILModel, MILOutput, Wrapped
 from slidemil.models.rrt import RRTReembed
 from slidemil.nn.masked import full_mask
 from slidemil.utils.registry import Registry
@@ -17,30 +17,14 @@ REEMBEDDINGS.register("rrt", RRTReembed, paper="Tang et al., CVPR 2024 (arXiv 24
                       summary="R²T: projection + regional MSA (EPEG) + cross-region MSA, in front of any aggregator")
 
 
-class Reembedded(MILModel):
-    """An aggregator behind a re-embedder: same outputs, instance scores and loss as the aggregator."""
+class Reembedded(Wrapped):
+    """An aggregator behind a re-embedder: same outputs, instance scores, loss and training hooks as the
+    aggregator."""
 
     def __init__(self, encoder, model: MILModel, in_dim: int):
-        super().__init__(in_dim, model.n_outputs)
-        self.encoder, self.model = encoder, model
-        self.attention_scores = model.attention_scores
+        super().__init__(model, in_dim)
+        self.encoder = encoder
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
         return self.model(self.encoder(x, mask), mask, coords)
-
-    def loss(self, out, target, task_loss):
-        return self.model.loss(out, target, task_loss)
-
-    # the aggregator's training hooks (CLAM's task check, INS's per-instance state, ...)
-    def fit_start(self, context) -> None:
-        self.model.fit_start(context)
-
-    def epoch_start(self, epoch: int, n_epochs: int) -> None:
-        self.model.epoch_start(epoch, n_epochs)
-
-    def batch_start(self, ids: list[str]) -> None:
-        self.model.batch_start(ids)
-
-    def step_end(self) -> None:
-        self.model.step_end()

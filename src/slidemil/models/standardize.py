@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slidemil.models.base import MILModel, MILOutput
+from slidemil.models.base import MILModel, MILOutput, Wrapped
 
 KEYS = ("standardize.mean", "standardize.std")
 UNIT_RANGE = (0.2, 5.0)       # RMS feature value regarded as "near unit scale"
@@ -63,14 +63,13 @@ class Scaling:
         return cls(state.pop(KEYS[0]).float(), state.pop(KEYS[1]).float())
 
 
-class Standardized(MILModel):
+class Standardized(Wrapped):
     """A trained model behind its fold's input standardisation (inference only: training standardises the
     bags in the dataset, so strategies see the bare model)."""
 
     def __init__(self, model: MILModel, scaling: Scaling):
-        super().__init__(model.in_dim, model.n_outputs)
-        self.model, self.scaling = model, scaling
-        self.attention_scores = model.attention_scores
+        super().__init__(model)
+        self.scaling = scaling
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         return self.model(self.scaling(x), mask, coords)

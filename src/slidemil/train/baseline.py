@@ -17,11 +17,10 @@ from slidemil.tasks import Task
 log = logging.getLogger(__name__)
 
 
-def mean_pooled(cohort: Cohort, bag_unit: str) -> tuple[list[str], np.ndarray]:
-    """(unit ids, [n, D] mean of each bag's instances), read once from the feature files."""
+def mean_pooled(cohort: Cohort, bag_unit: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(unit ids, [n, D] mean of each bag's instances, targets), read once from the feature files."""
     ds = BagDataset(bag_units(cohort, bag_unit), cache=False)
-    ids = [u[0] for u in ds.units]
-    return ids, np.stack([x.double().mean(0).numpy() for x in ds.raw_bags()])
+    return [u[0] for u in ds.units], np.stack([x.double().mean(0).numpy() for x in ds.raw_bags()]), ds.labels()
 
 
 def write_baseline(run: RunDir, cohort: Cohort, splits: pd.DataFrame, task: Task, bag_unit: str, seed: int,
@@ -31,13 +30,11 @@ def write_baseline(run: RunDir, cohort: Cohort, splits: pd.DataFrame, task: Task
     no baseline. Written once per run (it takes seconds); a rerun rewrites it."""
     if not task.has_baseline:
         return
-    ids, feats = mean_pooled(cohort, bag_unit)
-    table = cohort.table.drop_duplicates("case_id" if bag_unit == "patient" else "slide_id")
+    ids, feats, targets = mean_pooled(cohort, bag_unit)
     key = "case_id" if bag_unit == "patient" else "slide_id"
-    table = table.set_index(key).loc[ids]
-    targets = BagDataset(bag_units(cohort, bag_unit), cache=False).labels()
-    groups = table["case_id"].astype(str).to_numpy() if bag_unit == "slide" else np.asarray(ids)
-    unit_of = dict(zip(cohort.table["slide_id"], cohort.table["case_id"] if bag_unit == "patient" else cohort.table["slide_id"]))
+    unit_of = dict(zip(cohort.table["slide_id"], cohort.table[key]))                  # slide -> its bag
+    case_of = dict(zip(cohort.table[key], cohort.table["case_id"].astype(str)))      # bag -> its patient
+    groups = np.array([case_of[i] for i in ids])
     parts = []
     for fold in sorted(splits["fold"].unique()):
         rows = splits[splits["fold"] == fold]

@@ -4,7 +4,7 @@ teachers, augmentation) through the loss and the trainer's hooks."""
 
 from __future__ import annotations
 
-from slidemil.models.base import MILModel, MILOutput
+from slidemil.models.base import MILModel, Wrapped
 from slidemil.utils.registry import Registry
 
 STRATEGIES = Registry("strategy", skip=("model",))
@@ -21,34 +21,14 @@ def register_strategy(name: str, paper: str, summary: str):
     return wrap
 
 
-class Strategy(MILModel):
+class Strategy(Wrapped):
     requires_attention = True  # the strategy reads an attention distribution over the bag
 
     def __init__(self, model: MILModel):
         if self.requires_attention and not model.attention_scores:
             raise ValueError(f"strategy {type(self).name!r} needs an attention model; {type(model).__name__} "
                              f"does not pool by attention (see `slidemil models`)")
-        super().__init__(model.in_dim, model.n_outputs)
-        self.model = model
-        self.attention_scores = model.attention_scores
-
-    def forward(self, x, mask=None, coords=None) -> MILOutput:
-        return self.model(x, mask, coords)
-
-    def loss(self, out, target, task_loss):
-        return self.model.loss(out, target, task_loss)
-
-    def fit_start(self, context) -> None:
-        self.model.fit_start(context)
-
-    def epoch_start(self, epoch: int, n_epochs: int) -> None:
-        self.model.epoch_start(epoch, n_epochs)
-
-    def batch_start(self, ids: list[str]) -> None:
-        self.model.batch_start(ids)
-
-    def step_end(self) -> None:
-        self.model.step_end()
+        super().__init__(model)
 
 
 def needs(value, what: str, strategy: str, model: MILModel):
