@@ -91,6 +91,16 @@ def feature_cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def multicentre_cohort(tmp_path_factory):
+    """Two centres of 12 patients each (both classes at both), 16-d features, 30% witnesses in positive
+    bags, and a centre shift (3x the class signal's size, along a direction of each centre's own)."""
+    root = tmp_path_factory.mktemp("multicentre")
+    table = make_feature_cohort(root, n_patients=24, dim=16, bag_size=(20, 40), witness_rate=0.3, signal=2.0,
+                                seed=5, n_sites=2, centre_shift=6.0)
+    return root, table
+
+
+@pytest.fixture(scope="session")
 def trained(feature_cohort, tmp_path_factory):
     """One finished 3-fold run on `feature_cohort`, shared by the run, predict and CLI tests."""
     from slidemil.train.cv import run_cv

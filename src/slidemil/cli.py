@@ -22,6 +22,7 @@ from slidemil.errors import InputError, SlidemilError
 from slidemil.explain.heatmap import HeatmapOptions
 from slidemil.features.extract import ExtractConfig
 from slidemil.preprocess import PreprocessConfig
+from slidemil.robustness import RobustnessSettings
 from slidemil.train.config import TrainConfig
 from slidemil.utils.config import field_help, load_config
 from slidemil.utils.io import ensure_writable
@@ -167,6 +168,7 @@ def train(
     classes: Optional[str] = _opt(TrainConfig, "classes"),
     site_col: Optional[str] = _opt(TrainConfig, "site_col"),
     preserve_site: Optional[bool] = _opt(TrainConfig, "preserve_site", "--preserve-site"),
+    cv: Optional[str] = _opt(TrainConfig, "cv"),
     splits: Optional[Path] = _opt(TrainConfig, "splits"),
     val_fraction: Optional[float] = _opt(TrainConfig, "val_fraction"),
     class_weights: Optional[str] = _opt(TrainConfig, "class_weights"),
@@ -388,6 +390,8 @@ def _stage_command(stages: tuple[str, ...], doc: str):
         num_workers: Optional[int] = _opt(P, "num_workers"),
         device: Optional[str] = _opt(P, "device"),
         float16: Optional[bool] = _opt(P, "float16", "--float16"),
+        stain_norm: Optional[str] = _opt(P, "stain_norm"),
+        stain_target: Optional[Path] = _opt(P, "stain_target"),
         quiet: Optional[bool] = _opt(P, "quiet", "--quiet"),
     ):
         from slidemil.preprocess import Pipeline, slides_in
@@ -398,7 +402,8 @@ def _stage_command(stages: tuple[str, ...], doc: str):
             slide_paths = slides_in(cfg.slides)
             pipe = Pipeline(cfg)
             if "extract" in stages:
-                pipe.encoder()          # weights concern the whole batch: checked before anything is written
+                pipe.encoder()          # weights and the stain target concern the whole batch: checked before
+                pipe.stain()            # anything is written
             ensure_writable(cfg.out)
             _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")
             with _tile_progress(cfg.quiet) as progress:
@@ -554,6 +559,53 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
             write_json(json_out, {"settings": settings.model_dump(), "summary": summary.to_dict("records"),
                                   "per_seed": per_seed.to_dict("records")})
             out_console.print(f"results -> {json_out}")
+
+
+def _named_folders(items: list[str], flag: str) -> dict[str, Path]:
+    """`NAME=DIR` or `DIR` (named by its folder) per item; names must be distinct."""
+    named: dict[str, Path] = {}
+    for item in items:
+        name, _, folder = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        if name in named:
+            raise InputError(f"{flag} {item}: the name {name!r} is given twice; use NAME=DIR to tell them apart")
+        named[name] = Path(folder)
+    return named
+
+
+@app.command()
+def robustness(features: list[str] = typer.Option(..., help="Feature folder, as DIR or NAME=DIR; repeat to compare "
+                                                  "encoders, or features before and after stain normalisation."),
+               labels: Path = typer.Option(..., help="Label table with the label and centre columns."),
+               out: Path = typer.Option(..., help="Folder for robustness.json and the plots."),
+               label_col: Optional[str] = _opt(RobustnessSettings, "label_col"),
+               site_col: Optional[str] = _opt(RobustnessSettings, "site_col"),
+               slide_col: Optional[str] = _opt(RobustnessSettings, "slide_col"),
+               case_col: Optional[str] = _opt(RobustnessSettings, "case_col"),
+               k_slide: Optional[int] = _opt(RobustnessSettings, "k_slide"),
+               k_patch: Optional[int] = _opt(RobustnessSettings, "k_patch"),
+               patches_per_slide: Optional[int] = _opt(RobustnessSettings, "patches_per_slide"),
+               map: Optional[str] = _opt(RobustnessSettings, "map"),
+               bootstrap: Optional[int] = _opt(RobustnessSettings, "bootstrap"),
+               seed: Optional[int] = _opt(RobustnessSettings, "seed")):
+    """Do the embeddings cluster by centre or by biology? Robustness index (de Jong et al. 2025), label and
+    centre probes, a 2-D map."""
+    from slidemil.robustness import run_robustness
+
+    given = _given(RobustnessSettings, locals())
+    _setup_logging(False)
+    with _errors():
+        settings = load_config(RobustnessSettings, None, given)
+        folders = _named_folders(features, "--features")
+        report = run_robustness(folders, labels, out, settings)
+        table = Table(title="robustness to centre differences (RI = SO / (SO + OS); 1 = biology, 0 = centre)")
+        for col in ("features", "slide RI [95% CI]", "patch RI", "centre probe", "label probe"):
+            table.add_column(col)
+        for r in report["comparison"]:
+            table.add_row(r["features"], f"{r['slide_ri']:.3f} [{r['slide_ri_ci_low']:.3f}-{r['slide_ri_ci_high']:.3f}]",
+                          f"{r['patch_ri']:.3f}", f"{r['centre_probe_bacc']:.2f} (chance {r['centre_chance']:.2f})",
+                          f"{r['label_probe_bacc']:.2f} (chance {r['label_chance']:.2f})")
+        out_console.print(table)
+        out_console.print(f"results -> {out / 'robustness.json'}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -12,7 +12,7 @@ from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
 from slidemil.rundir import RunDir
-from slidemil.tasks import create_task, model_task
+from slidemil.tasks import create_task, model_task, site_metrics
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
 
@@ -77,8 +77,12 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     `labels` a label table with the columns the run was trained with."""
     run = RunDir(run)
     metas = [run.fold_meta(k) for k in run.finished_folds()]
-    # the run's task with its column names; a class outside the model's classes is an error naming its rows
-    task = create_task({**run.config(), "classes": metas[0].get("classes") or None})
+    # the run's task with its column names; a class outside the model's classes is an error naming its rows;
+    # the run's site column only where this cohort has one (then the metrics come per site too)
+    cfg = {**run.config(), "classes": metas[0].get("classes") or None}
+    if cfg.get("site_col") and cfg["site_col"] not in pd.read_csv(labels, nrows=0).columns:
+        cfg["site_col"] = None
+    task = create_task(cfg)
     cohort = task.read(labels)
     table = cohort.table.set_index("slide_id")
     known = preds["slide_id"].isin(table.index)
@@ -92,10 +96,14 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     scored.insert(1, "case_id", rows["case_id"].to_numpy())
     for i, col in enumerate(cohort.label_cols):
         scored.insert(2 + i, col, rows[col].to_numpy())
+    if "site" in rows.columns:
+        scored["site"] = rows["site"].to_numpy()
     meta = {"classes": metas[0].get("classes", []), "loss": metas[0].get("task_state", {}).get("loss")}
     state = metas[0].get("task_state", {})
     if "eval_times" in state:
         meta.update(eval_times=state["eval_times"], tau=min(m["task_state"]["follow_up"] for m in metas))
     metrics = task.evaluate(scored, None, meta, n_boot, seed)
+    if "site" in scored.columns:
+        metrics["sites"] = site_metrics(task, scored, meta, metrics, n_boot, seed)
     metrics["external"] = {"labels": str(labels), "n_scored": int(len(scored)), "run": str(run.path)}
     return metrics

@@ -9,12 +9,15 @@ Under torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th slide and wr
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Literal, Optional
 
 import h5py
+import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field
 
@@ -25,6 +28,7 @@ from slidemil.features.extract import ExtractConfig, embed_patches
 from slidemil.features.store import write_features
 from slidemil.slides.patching import PatchConfig, make_grid, read_coords, write_coords
 from slidemil.slides.reader import Slide, list_slides, open_slide
+from slidemil.slides.stain import StainNormalizer
 from slidemil.slides.tiles import PatchDataset
 from slidemil.slides.tissue import TissueConfig, load_tissue_geojson, mask_to_geojson, save_segmentation, segment_tissue
 from slidemil.utils.device import resolve_device
@@ -94,6 +98,7 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.mpp_override = read_mpp_csv(cfg.mpp_csv)
         self._encoder = None
+        self._stain = None
         self._stage = "open"                      # the stage a failing slide was in, for failures.csv
         self.failures: dict[str, tuple[str, str]] = {}
 
@@ -142,6 +147,21 @@ class Pipeline:
             self._encoder = create_encoder(self.o.encoder, self.o.weights, self.o.download)
         return self._encoder
 
+    def stain(self) -> StainNormalizer | None:
+        """The stain normaliser (fitted once on --stain-target), or None."""
+        if self.o.stain_norm != "none" and self._stain is None:
+            self._stain = StainNormalizer(self.o.stain_norm, self.o.stain_target)
+        return self._stain
+
+    def slide_stain(self, ds: PatchDataset, slide_id: str, sample: int = 16) -> StainNormalizer:
+        """The stain normaliser with this slide's statistics, from `sample` of its tiles (seeded by id)."""
+        norm = copy.copy(self.stain())
+        rng = np.random.default_rng(zlib.crc32(slide_id.encode()))
+        picks = rng.choice(len(ds), min(sample, len(ds)), replace=False)
+        if not norm.fit_source(np.stack([ds[int(i)].permute(1, 2, 0).numpy() for i in picks])):
+            log.warning("%s: too little stained tissue to estimate its stains; its tiles are not normalised", slide_id)
+        return norm
+
     def extract(self, slide: Slide, progress=None) -> None:
         coords, attrs = read_coords(self.paths(slide.slide_id)["patch"])
         attrs = complete_patch_attrs(attrs, slide)
@@ -149,13 +169,17 @@ class Pipeline:
         device = resolve_device(self.o.device)
         ds = PatchDataset(slide.path, coords, attrs["patch_size_level0"], enc.spec.input_size, self.o.backend,
                           slide.mpp)
+        if self.stain() is not None:
+            ds.transform = self.slide_stain(ds, slide.slide_id)
         feats = embed_patches(enc, ds, device, self.o.batch_size, self.o.num_workers, progress)
         meta = {k: attrs[k] for k in ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp",
                                       "target_magnification", "level0_magnification", "overlap", "patch_level",
                                       "downsample", "level0_width", "level0_height") if k in attrs}
         meta.update({"encoder": self.o.encoder, "encoder_weights": enc.weights or "none",
                      "encoder_sha256": _weights_sha(enc.weights), "slide_path": str(slide.path),
-                     "name": slide.slide_id, "slidemil_version": __version__})
+                     "name": slide.slide_id, "slidemil_version": __version__, "stain_norm": self.o.stain_norm})
+        if self._stain is not None:
+            meta.update(stain_target=self._stain.target.name, stain_target_sha256=sha256_file(self._stain.target))
         write_features(self.paths(slide.slide_id)["extract"], feats, coords, meta,
                        dtype="float16" if self.o.float16 else "float32")
 
@@ -173,8 +197,9 @@ class Pipeline:
                     return "coords" in fh
                 n = fh["features"].shape[0]
                 enc = fh.attrs.get("encoder")
+                stain = fh.attrs.get("stain_norm", "none")
             coords, _ = read_coords(p["patch"])
-            return n == len(coords) and enc == self.o.encoder
+            return n == len(coords) and enc == self.o.encoder and stain == self.o.stain_norm
         except Exception:
             return False
 

@@ -57,3 +57,30 @@ def test_site_preserving_splits_keep_sites_whole(tmp_path):
     site = dict(zip(cohort.table["slide_id"], cohort.table["site"]))
     tests = splits[splits["role"] == "test"].assign(site=lambda d: d["slide_id"].map(site))
     assert (tests.groupby("site")["fold"].nunique() == 1).all()
+
+
+def _sited(tmp_path, n=24, sites=3):
+    rows = ["slide_id,case_id,label,site"]
+    for p in range(n):
+        rows.append(f"s{p},p{p},{'pos' if p % 2 else 'neg'},site{(p // 2) % sites}")
+    return read_label_table(write_text_file(tmp_path, "\n".join(rows) + "\n"), site_col="site")
+
+
+def test_leave_site_out_tests_each_site_once_and_never_trains_on_it(tmp_path):
+    cohort = _sited(tmp_path)
+    splits = make_splits(cohort, folds=5, val_fraction=0.25, cv="leave-site-out")
+    site = dict(zip(cohort.table["slide_id"], cohort.table["site"]))
+    splits["site"] = splits["slide_id"].map(site)
+    assert sorted(splits["fold"].unique()) == [0, 1, 2]            # one fold per site; --folds ignored
+    for fold, part in splits.groupby("fold"):
+        test_sites = set(part.loc[part["role"] == "test", "site"])
+        assert test_sites == {f"site{fold}"}                        # sites sorted by name
+        assert not test_sites & set(part.loc[part["role"] != "test", "site"])   # train and val from other sites
+        assert (part["role"] == "val").any()
+
+
+def test_leave_site_out_needs_sites(tmp_path):
+    with pytest.raises(InputError, match="--site-col"):
+        make_splits(read_label_table(label_csv(tmp_path, n_patients=10)), cv="leave-site-out")
+    with pytest.raises(InputError, match="at least two sites"):
+        make_splits(_sited(tmp_path, sites=1), cv="leave-site-out")

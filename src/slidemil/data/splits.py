@@ -61,8 +61,11 @@ def make_splits(
     seed: int = 0,
     preserve_site: bool = False,
     strata: np.ndarray | None = None,
+    cv: str = "kfold",
 ) -> pd.DataFrame:
-    """Stratified k-fold grouped by patient (or by site with `preserve_site`), with inner validation.
+    """Stratified k-fold grouped by patient (or by site with `preserve_site`), with inner validation;
+    `cv="leave-site-out"`: one fold per site (sorted by name), its test set that site's slides, the
+    inner validation drawn from the other (training) sites.
 
     `strata` (one integer per row; default the class index `y`) is what the folds keep balanced: the
     task gives it (survival: event and time quantile; regression: target quantile). With a ``split``
@@ -73,17 +76,17 @@ def make_splits(
         return _predefined(table)
     y = table["y"].to_numpy() if strata is None else np.asarray(strata)
     groups = table["case_id"].to_numpy()
-    outer_groups = groups
-    if preserve_site:
-        if "site" not in table.columns:
-            raise InputError("--preserve-site needs a site column in the label table (--site-col)")
-        spans = table.groupby("case_id")["site"].nunique()
-        if (spans > 1).any():
-            raise InputError(f"patient(s) {', '.join(spans[spans > 1].index[:10])} have slides from several "
-                             "sites; site-preserving splits need each patient at one site")
-        outer_groups = table["site"].to_numpy()
+    if cv == "leave-site-out":
+        sites = _sites(table, "--cv leave-site-out")
+        if len(np.unique(sites)) < 2:
+            raise InputError(f"--cv leave-site-out needs at least two sites; the label table has one ({sites[0]})")
+        tests = [np.flatnonzero(sites == s) for s in np.unique(sites)]
+        log.info("leave-site-out: %s", ", ".join(f"fold {k} = site {s}" for k, s in enumerate(np.unique(sites))))
+    else:
+        outer_groups = _sites(table, "--preserve-site") if preserve_site else groups
+        tests = _grouped_kfold(y, outer_groups, folds, seed)
     rows = []
-    for fold, test_idx in enumerate(_grouped_kfold(y, outer_groups, folds, seed)):
+    for fold, test_idx in enumerate(tests):
         role = np.full(len(table), "train", dtype=object)
         role[test_idx] = "test"
         train_idx = np.flatnonzero(role == "train")
@@ -94,6 +97,17 @@ def make_splits(
     splits = pd.concat(rows, ignore_index=True)
     check_splits(splits)
     return splits
+
+
+def _sites(table: pd.DataFrame, option: str) -> np.ndarray:
+    """Each slide's site, checked: the column exists and no patient spans two sites."""
+    if "site" not in table.columns:
+        raise InputError(f"{option} needs a site column in the label table (--site-col)")
+    spans = table.groupby("case_id")["site"].nunique()
+    if (spans > 1).any():
+        raise InputError(f"patient(s) {', '.join(spans[spans > 1].index[:10])} have slides from several "
+                         f"sites; {option} needs each patient at one site")
+    return table["site"].to_numpy()
 
 
 def _predefined(table: pd.DataFrame) -> pd.DataFrame:

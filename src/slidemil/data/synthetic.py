@@ -49,30 +49,38 @@ def make_feature_cohort(
     signal: float = 1.5,
     seed: int = 0,
     encoder: str = "synthetic",
+    n_sites: int = 1,
+    centre_shift: float = 0.0,
 ) -> pd.DataFrame:
     """Write `<out>/features/<slide_id>.h5` and `<out>/labels.csv`; return the label table.
 
     Patients are assigned classes in turn, so classes are balanced; a patient's slides share its label.
     Coordinates form a raster grid so spatial models and heatmaps have something to work with.
+    With `n_sites` > 1 the table gets a `site` column (patients spread over the sites, each site with
+    every class) and every instance of site s moves by `centre_shift` along a random direction of its
+    own: a centre effect (staining, scanner) that has nothing to do with the label.
     """
     out = Path(out)
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(n_classes - 1, dim))
     prototypes = signal * directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.sqrt(dim) / 4
+    site_dirs = rng.normal(size=(n_sites, dim))
+    site_shifts = centre_shift * site_dirs / np.linalg.norm(site_dirs, axis=1, keepdims=True) * np.sqrt(dim) / 4
     rows = []
     for p in range(n_patients):
-        label = p % n_classes
+        label, site = p % n_classes, (p // n_classes) % n_sites
         for s in range(rng.integers(slides_per_patient[0], slides_per_patient[1] + 1)):
             sid = f"P{p:03d}_S{s}"
             n = int(rng.integers(bag_size[0], bag_size[1] + 1))
             x, inst = make_bag(rng, label, prototypes, n, witness_rate)
+            x += site_shifts[site].astype(np.float32)
             side = int(np.ceil(np.sqrt(n)))
             coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1) * 256
             write_features(out / "features" / f"{sid}.h5", x, coords,
                            {"encoder": encoder, "patch_size": 256, "patch_size_level0": 256},
                            extra={"instance_labels": inst})
             rows.append({"slide_id": sid, "case_id": f"P{p:03d}", "label": f"class{label}" if n_classes > 2
-                         else ("positive" if label else "negative")})
+                         else ("positive" if label else "negative")} | ({"site": f"site{site}"} if n_sites > 1 else {}))
     table = pd.DataFrame(rows)
     write_csv(out / "labels.csv", table)
     return table

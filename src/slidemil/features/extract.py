@@ -6,11 +6,11 @@ slides); this module knows encoders, not slides.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from slidemil.features.encoders.registry import Encoder
@@ -29,6 +29,19 @@ class ExtractConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="Tile-reading worker processes.")
     device: str = Field("auto", description="auto | cpu | cuda.")
     float16: bool = Field(False, description="Store features as float16.")
+    stain_norm: Literal["none", "macenko", "reinhard"] = Field(
+        "none", description="Stain normalisation of each tile before the encoder (torchstain): none | macenko | "
+                            "reinhard; recorded in the feature files.")
+    stain_target: Optional[str] = Field(None, description="Target image (a tile of well-stained tissue) that "
+                                                          "--stain-norm maps every tile to.")
+
+    @model_validator(mode="after")
+    def _stain_target(self):
+        """A stain normalisation needs its target image."""
+        if self.stain_norm != "none" and not self.stain_target:
+            raise ValueError(f"--stain-norm {self.stain_norm} needs --stain-target IMAGE (a tile of well-stained "
+                             "tissue to match)")
+        return self
 
 
 @torch.no_grad()

@@ -116,21 +116,37 @@ def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, t
     return path
 
 
+# How a centre's staining differs: optical density scaled per RGB channel (a shifted stain colour)
+_CENTRE_OD_GAIN = np.array([-0.35, 0.45, -0.25], np.float32)
+
+
+def stain_shift(img: np.ndarray, strength: float) -> np.ndarray:
+    """`img` as another centre would stain and scan it: each channel's optical density multiplied by
+    1 + strength * (-0.35, 0.45, -0.25) (the hue of haematoxylin and eosin moves; the tissue stays)."""
+    od = -np.log((img.astype(np.float32) + 1) / 256)
+    return np.clip(256 * np.exp(-od * (1 + strength * _CENTRE_OD_GAIN)) - 1, 0, 255).astype(np.uint8)
+
+
 def make_slide_cohort(out: str | Path, n_patients: int = 8, slides_per_patient=(1, 2), size=(3072, 4096),
-                      mpp: float = 0.5, seed: int = 0) -> pd.DataFrame:
-    """Write `<out>/slides/<id>.tif` (+ masks) and `<out>/labels.csv`; half the patients are positive."""
+                      mpp: float = 0.5, seed: int = 0, n_sites: int = 1, centre_stain: float = 0.0) -> pd.DataFrame:
+    """Write `<out>/slides/<id>.tif` (+ masks) and `<out>/labels.csv`; half the patients are positive.
+    With `n_sites` > 1 the table gets a `site` column (each site with both classes) and site s's slides
+    are stained differently (`stain_shift` with strength s * `centre_stain`)."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     rows = []
     for p in range(n_patients):
-        positive = p % 2 == 1
+        positive, site = p % 2 == 1, (p // 2) % n_sites
         for s in range(int(rng.integers(slides_per_patient[0], slides_per_patient[1] + 1))):
             sid = f"P{p:03d}_S{s}"
             img, tissue, tumour = render_slide(rng, size, tumour=positive)
+            if site and centre_stain:
+                img = stain_shift(img, site * centre_stain)
             write_pyramidal_tiff(out / "slides" / f"{sid}.tif", img, mpp)
             for name, mask in (("tissue", tissue), ("tumour", tumour)):
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out / "slides" / f"{sid}_{name}.png")
-            rows.append({"slide_id": sid, "case_id": f"P{p:03d}", "label": "tumour" if positive else "normal"})
+            rows.append({"slide_id": sid, "case_id": f"P{p:03d}", "label": "tumour" if positive else "normal"}
+                        | ({"site": f"site{site}"} if n_sites > 1 else {}))
     table = pd.DataFrame(rows)
     write_csv(out / "labels.csv", table)
     return table

@@ -34,7 +34,8 @@ class TaskConfig(BaseModel):
     label_col: str = Field("label", description="Label column (classification, ordinal).")
     slide_col: str = Field("slide_id", description="Slide id column.")
     case_col: str = Field("case_id", description="Patient id column.")
-    site_col: Optional[str] = Field(None, description="Site column, for --preserve-site.")
+    site_col: Optional[str] = Field(None, description="Site (centre) column: per-site metrics in the report, --cv "
+                                                           "leave-site-out, --preserve-site.")
     classes: Optional[list[str]] = Field(None, description="Comma-separated class order, e.g. negative,positive "
                                                            "(ordinal: lowest grade first).")
     time_col: str = Field("time", description="Survival: follow-up time column (> 0).")

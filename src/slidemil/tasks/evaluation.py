@@ -45,12 +45,45 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
         scored = task.evaluate(baseline, splits, meta, min(n_boot, BASELINE_RESAMPLES), seed)
         metrics["baseline"] = {"name": task.baseline_name, "pooled": scored["pooled"],
                                "fold_summary": scored["fold_summary"], "resamples": scored["bootstrap"]["resamples"]}
+    if "site" in preds.columns:
+        metrics["sites"] = site_metrics(task, preds, meta, metrics, n_boot, seed)
     metrics["warnings"] = run_warnings(run, metrics, task)
     plots = task.plots(preds, metrics, run.plots_dir)
     write_json(run.metrics_path, metrics)
     gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
-    write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics) + protocol_notes(metrics, task))
+    write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics) + protocol_notes(metrics, task)
+                 + site_notes(metrics))
     return metrics
+
+
+def site_metrics(task: Task, preds: pd.DataFrame, meta: dict, metrics: dict, n_boot: int, seed: int) -> dict:
+    """{site: {n_slides, n_patients, metrics with patient-bootstrap CIs}} of the out-of-fold predictions
+    split by the label table's site (--site-col): where a model trained elsewhere works and where not.
+    A site where a metric is undefined (one class, no event) reports NaN for it."""
+    shared = {k: metrics[k] for k in ("eval_times", "tau") if metrics.get(k) is not None}   # survival horizons
+    out = {}
+    for site, part in preds.groupby("site", sort=True):
+        part = part.drop(columns="fold", errors="ignore").reset_index(drop=True)
+        scored = task.evaluate(part, None, {**meta, **shared}, n_boot, seed)
+        out[str(site)] = {"n_slides": scored["n_slides"], "n_patients": scored["n_patients"],
+                          "pooled": scored["pooled"]}
+    return out
+
+
+def site_notes(metrics: dict) -> str:
+    """The report's per-site table (HTML), when the run knows each slide's site."""
+    sites = metrics.get("sites")
+    if not sites:
+        return ""
+    names = list(next(iter(sites.values()))["pooled"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{m['n_patients']}</td>"
+        + "".join(f"<td>{_num(m['pooled'][n]['value'])} ({_num(m['pooled'][n]['ci_low'])}-"
+                  f"{_num(m['pooled'][n]['ci_high'])})</td>" for n in names) + "</tr>"
+        for site, m in sites.items())
+    return (f"<h3>Per site (95% patient-bootstrap CIs)</h3><table><tr><th>site</th><th>patients</th>{head}</tr>"
+            f"{rows}</table>")
 
 
 def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:

@@ -34,6 +34,9 @@ class TrainConfig(TaskConfig):
     val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Inner validation fraction of each training fold.")
     splits: Optional[str] = Field(None, description="Predefined splits.csv (slide_id, fold, role).")
     preserve_site: bool = Field(False, description="Keep each site within one fold.")
+    cv: Literal["kfold", "leave-site-out"] = Field(
+        "kfold", description="kfold: --folds patient-grouped folds; leave-site-out: one fold per site (--site-col), "
+                             "tested on that site after training on the others (--folds is ignored).")
     # model
     model: str = Field("abmil", description="Aggregator name (see `slidemil models`).")
     model_args: dict = Field(default_factory=dict, description="Model argument KEY=VALUE (YAML value); repeatable.")
@@ -123,6 +126,8 @@ class TrainConfig(TaskConfig):
                 raise ValueError(f"--monitor val_auroc is for classification; use val_metric for task {self.task!r}")
             if self.strategy == "sc":
                 raise ValueError("strategy sc contrasts bags of the same class; it needs --task classification")
+        if self.cv == "leave-site-out" and not self.site_col:
+            raise ValueError("--cv leave-site-out needs --site-col, the label-table column naming each slide's centre")
         if self.balanced_sampling and self.task in ("survival", "regression"):
             raise ValueError(f"--balanced-sampling needs classes; task {self.task!r} has none")
         if self.task == "survival" and self.survival_loss == "cox" and self.batch_size < 2:

@@ -114,7 +114,7 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
         splits = read_splits(cfg.splits, cohort)
     else:
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site,
-                             task.strata(cohort.table, cfg.folds))
+                             task.strata(cohort.table, cfg.folds), cfg.cv)
     task.check_splits(splits, cohort.table)
     ensure_writable(run.path)
     with run.lock():
@@ -252,6 +252,8 @@ def prediction_table(ids, columns: dict, cohort: Cohort, bag_unit: str) -> pd.Da
         frame = pd.DataFrame({"slide_id": ids, "case_id": rows["case_id"].to_numpy()})
     for col in cohort.label_cols:
         frame[col] = rows[col].to_numpy()
+    if "site" in rows.columns:          # per-site metrics (evaluate) read it
+        frame["site"] = rows["site"].to_numpy()
     for name, values in columns.items():
         frame[name] = values
     return frame

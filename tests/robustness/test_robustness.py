@@ -1,0 +1,65 @@
+"""The robustness index and probes detect a planted centre shift, and come back near neutral without it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from slidemil.data.synthetic import make_feature_cohort
+from slidemil.errors import InputError
+from slidemil.evaluate.robustness import robustness_index
+from slidemil.robustness import RobustnessSettings, run_robustness
+
+
+def test_index_counts_same_class_other_centre_against_other_class_same_centre():
+    # four points per (class, centre) cell, one patient each; embeddings that follow the class exactly
+    label = np.repeat([0, 1], 8)
+    centre = np.array([0, 0, 0, 0, 1, 1, 1, 1] * 2)
+    groups = np.arange(16)
+    by_class = np.eye(2)[label] + 0.01 * np.random.default_rng(0).normal(size=(16, 2))
+    by_centre = np.eye(2)[centre] + 0.01 * np.random.default_rng(1).normal(size=(16, 2))
+    assert robustness_index(by_class, label, centre, groups, k=3, n_boot=0)["value"] == 1.0
+    assert robustness_index(by_centre, label, centre, groups, k=3, n_boot=0)["value"] == 0.0
+    # neighbours from the sample's own patient never count
+    same_patient = robustness_index(by_centre, label, centre, np.arange(16) // 8, k=3, n_boot=0)
+    assert same_patient["k"] == 3 and same_patient["n_patients"] == 2
+
+
+@pytest.fixture(scope="module")
+def shifted_and_clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    for name, shift in (("shifted", 6.0), ("clean", 0.0)):
+        make_feature_cohort(root / name, n_patients=24, dim=16, bag_size=(20, 40), witness_rate=0.5, signal=3.0,
+                            seed=5, n_sites=2, centre_shift=shift)
+    return root
+
+
+def test_planted_centre_shift_is_detected(shifted_and_clean, tmp_path):
+    root = shifted_and_clean
+    report = run_robustness({"shifted": root / "shifted" / "features", "clean": root / "clean" / "features"},
+                            root / "shifted" / "labels.csv", tmp_path / "out",
+                            RobustnessSettings(k_slide=5, k_patch=20, patches_per_slide=16, bootstrap=50))
+    s, c = report["features"]["shifted"], report["features"]["clean"]
+    # the shifted encoder's neighbours are its own centre's; the probe reads the centre off the embedding
+    assert s["slide"]["robustness_index"]["value"] < 0.3 and s["patch"]["robustness_index"]["value"] < 0.3
+    assert s["slide"]["probe_centre"]["balanced_accuracy"] >= 0.9
+    # without the shift the centre is not predictable and biology decides the neighbourhood
+    assert c["slide"]["robustness_index"]["value"] > 0.6
+    assert c["slide"]["probe_centre"]["balanced_accuracy"] < 0.75
+    assert c["slide"]["robustness_index"]["ci_low"] > s["slide"]["robustness_index"]["ci_high"]
+    saved = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert [r["features"] for r in saved["comparison"]] == ["shifted", "clean"]
+    assert (tmp_path / "out" / "shifted_robustness.png").stat().st_size > 5000
+    assert s["slide"]["map"] in ("umap", "pca")
+
+
+def test_one_centre_is_an_input_error(shifted_and_clean, tmp_path):
+    import pandas as pd
+
+    table = pd.read_csv(shifted_and_clean / "clean" / "labels.csv").assign(site="A")
+    table.to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(InputError, match="one centre"):
+        run_robustness({"x": shifted_and_clean / "clean" / "features"}, tmp_path / "one.csv", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
