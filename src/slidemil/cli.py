@@ -561,6 +561,28 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
             out_console.print(f"results -> {json_out}")
 
 
+@app.command()
+def benchmark(grid: Path = typer.Argument(..., help="Grid YAML: labels, features {encoder: folder}, models, seeds, "
+                                          "folds, train {...}; see docs/benchmarking.md."),
+              out: Path = typer.Option(..., help="Folder of the grid's cells, splits and leaderboard."),
+              allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 when some cells failed "
+                                                  "(never when all did).")):
+    """Run a grid of encoders x models x tasks x seeds on shared patient-grouped splits (resumable cell by cell;
+    one cell per rank under torchrun), then the leaderboard with paired comparisons."""
+    from slidemil.benchmark.run import run_benchmark
+
+    _setup_logging(False)
+    with _errors():
+        def say(i, n, name):
+            console.print(f"cell {i + 1}/{n}: {name}")
+
+        result = run_benchmark(grid, out, progress=say)
+        failed = sum(r.get("status") != "done" for r in result["cells"])
+        if result["leaderboard"]:
+            out_console.print(f"{len(result['cells'])} cell(s), {failed} failed; leaderboard: {result['leaderboard']}")
+        _exit_for_failures(failed, len(result["cells"]), allow_failures)
+
+
 def _named_folders(items: list[str], flag: str) -> dict[str, Path]:
     """`NAME=DIR` or `DIR` (named by its folder) per item; names must be distinct."""
     named: dict[str, Path] = {}

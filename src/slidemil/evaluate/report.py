@@ -49,7 +49,7 @@ def heatmap_gallery(preds: pd.DataFrame, classes: list[str], folder: Path, per_g
     return out
 
 
-def _img(path: Path, max_side: int | None = None) -> str:
+def img_tag(path: Path, max_side: int | None = None) -> str:
     raw = Path(path).read_bytes()
     if max_side:
         from PIL import Image
@@ -88,7 +88,7 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
         for k, f in metrics["folds"].items())
     prov = cfg.get("slidemil", {})
     sections = "".join(
-        f"<h3>{html.escape(title)}</h3>" + ("".join(f'<figure>{_img(p, 640)}<figcaption>{html.escape(cap)}</figcaption></figure>'
+        f"<h3>{html.escape(title)}</h3>" + ("".join(f'<figure>{img_tag(p, 640)}<figcaption>{html.escape(cap)}</figcaption></figure>'
                                                     for cap, p in items) or "<p class=note>none</p>")
         for title, items in (gallery or []))
     gallery_html = f"<h2>Heatmaps</h2>{sections}" if sections else ""
@@ -99,7 +99,7 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
         target=html.escape(f"classes {', '.join(metrics['classes'])}" if metrics.get("classes") else f"task {task}"),
         protocol=PROTOCOL.get(task, ""), task_notes=notes,
         version=html.escape(str(prov.get("version"))), torch=html.escape(str(prov.get("torch"))),
-        resamples=metrics["bootstrap"]["resamples"], metric_rows=rows, plots="".join(_img(p) for p in plots.values()),
+        resamples=metrics["bootstrap"]["resamples"], metric_rows=rows, plots="".join(img_tag(p) for p in plots.values()),
         gallery=gallery_html, fold_header="".join(f"<th>{m}</th>" for m in names), fold_rows=fold_rows,
         config=config_text, fingerprint=html.escape(str(prov.get("features_sha256", ""))[:16]),
         git=html.escape(str(prov.get("git_commit"))))
