@@ -57,6 +57,10 @@ def _auroc(y: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
 
 
+def _paired_auroc(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, groups: np.ndarray, n_boot: int) -> dict:
+    return paired_bootstrap(lambda i: _auroc(y[i], pa[i]), lambda i: _auroc(y[i], pb[i]), groups, n_boot)
+
+
 def compare_cells(out: Path, cells, board: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Classification tasks: every cell against the cell with the best pooled AUROC of its task, on the
     same out-of-fold patients (the grid's shared splits make the predictions paired)."""
@@ -79,7 +83,7 @@ def compare_cells(out: Path, cells, board: pd.DataFrame, n_boot: int) -> pd.Data
             if c.name == best.name:
                 continue
             pa = preds[c.name].loc[ref.index, cols].to_numpy(float)
-            boot = paired_bootstrap(lambda i, p=pa: _auroc(y[i], p[i]), lambda i: _auroc(y[i], pb[i]), groups, n_boot)
+            boot = _paired_auroc(y, pa, pb, groups, n_boot)
             dl = delong(y, pa[:, 1], pb[:, 1]) if len(classes) == 2 else {"p": float("nan")}
             rows.append({"task": task, "encoder": c.encoder, "model": c.model, "strategy": c.strategy or "",
                          "seed": c.seed, "vs": by_name[best.name].name, "metric": "auroc", "diff": boot["diff"],

@@ -88,8 +88,9 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
         for k, f in metrics["folds"].items())
     prov = cfg.get("slidemil", {})
     sections = "".join(
-        f"<h3>{html.escape(title)}</h3>" + ("".join(f'<figure>{img_tag(p, 640)}<figcaption>{html.escape(cap)}</figcaption></figure>'
-                                                    for cap, p in items) or "<p class=note>none</p>")
+        f"<h3>{html.escape(title)}</h3>"
+        + ("".join(f'<figure>{img_tag(p, 640)}<figcaption>{html.escape(cap)}</figcaption></figure>' for cap, p in items)
+           or "<p class=note>none</p>")
         for title, items in (gallery or []))
     gallery_html = f"<h2>Heatmaps</h2>{sections}" if sections else ""
     config_text = html.escape(yaml.safe_dump({k: v for k, v in cfg.items() if k != "slidemil"}, sort_keys=False))
