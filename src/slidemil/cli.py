@@ -25,6 +25,7 @@ from slidemil.preprocess import PreprocessConfig
 from slidemil.robustness import RobustnessSettings
 from slidemil.train.config import TrainConfig
 from slidemil.utils.config import field_help, load_config
+from slidemil.utils.dist import rank_world
 from slidemil.utils.io import ensure_writable
 from slidemil.utils.text import printable
 
@@ -207,9 +208,11 @@ def train(
         cfg = load_config(TrainConfig, config, overrides)
         run = RunDir(cfg.out)
         _setup_logging(cfg.quiet)
-        with _epoch_progress(cfg.folds, cfg.epochs, cfg.quiet) as progress:
+        leader = rank_world()[0] == 0          # under torchrun, rank 0 shows progress and the result
+        with _epoch_progress(cfg.folds, cfg.epochs, cfg.quiet or not leader) as progress:
             run_cv(cfg, resume=resume, progress=progress, on_start=lambda r: _add_logfile(r.log_path))
-        out_console.print(f"{summary_line(run.metrics())}\nreport: {run.report_path}")
+        if leader:
+            out_console.print(f"{summary_line(run.metrics())}\nreport: {run.report_path}")
 
 
 @app.command()

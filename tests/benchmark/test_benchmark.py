@@ -113,3 +113,15 @@ def test_bad_grids_are_refused_before_anything_is_written(encoders, tmp_path):
     with pytest.raises(InputError, match="appear twice"):
         run_benchmark(_grid(encoders, tmp_path / "g3.yaml", models=["abmil", {"name": "abmil"}]), out)
     assert not out.exists()
+
+
+def test_torchrun_spreads_cells_over_ranks(encoders, tmp_path):
+    grid = _grid(encoders, tmp_path / "grid.yaml", models=["mean_pool"], train={"epochs": 2, "min_epochs": 1})
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "0", "-m", "slidemil", "benchmark", str(grid), "--out", str(out)],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = {json.loads(p.read_text())["cell"]: json.loads(p.read_text())["rank"] for p in out.glob("cells/*/cell.json")}
+    assert len(ranks) == 4 and sorted(ranks.values()) == [0, 0, 1, 1]     # cell i on rank i % 2
+    assert len(pd.read_csv(out / "leaderboard.csv").query("cohort == 'cv' and metric == 'auroc'")) == 4

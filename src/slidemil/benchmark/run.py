@@ -32,6 +32,7 @@ from slidemil.robustness import read_cohorts, run_robustness
 from slidemil.tasks import create_task
 from slidemil.train.config import TrainConfig
 from slidemil.train.cv import load_cohort
+from slidemil.utils.dist import rank_world, wait_for
 from slidemil.utils.io import ensure_writable, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def write_splits(first: dict[str, TrainConfig], out: Path) -> None:
         write_csv(path, splits)
 
 
-def run_cell_process(cell: Cell, grid: GridConfig, out: Path) -> dict:
+def run_cell_process(cell: Cell, grid: GridConfig, out: Path, rank: int = 0) -> dict:
     """Run one cell (in a child process unless the grid says `isolate: false`); its status, wall seconds
     and the child's own peak RSS."""
     folder = out / "cells" / cell.name
@@ -117,7 +118,7 @@ def run_cell_process(cell: Cell, grid: GridConfig, out: Path) -> dict:
         code, peak = _in_process(folder), None
     result = {"cell": cell.name, "task": cell.task, "encoder": cell.encoder, "model": cell.model,
               "strategy": cell.strategy, "seed": cell.seed, "seconds": round(time.perf_counter() - start, 2),
-              "peak_mb": peak, "status": "done" if code == 0 else "failed"}
+              "peak_mb": peak, "status": "done" if code == 0 else "failed", "rank": rank}
     if code != 0:
         tail = (folder / "cell.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         result["error"] = f"exit {code}: {tail[0][:500]}"
@@ -137,18 +138,13 @@ def _in_process(folder: Path) -> int:
         return 1
 
 
-def _wait_for(paths: list[Path], what: str, poll: float = 5.0) -> None:
-    while not all(p.is_file() for p in paths):
-        log.info("rank 0 waits for %d %s of other ranks", sum(not p.is_file() for p in paths), what)
-        time.sleep(poll)
-
-
 def run_benchmark(grid_path: str | Path, out: str | Path, progress=None, rank: int | None = None,
                   world: int | None = None) -> dict:
     """Run (or resume) the grid; returns {"cells": [cell results], "leaderboard": path or None}."""
     grid_path, out = Path(grid_path), Path(out)
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    env_rank, env_world = rank_world()
+    rank = env_rank if rank is None else rank
+    world = env_world if world is None else world
     grid = read_grid(grid_path)
     cells = expand(grid, out, grid_path)
     first = validate(grid, cells, out)
@@ -158,15 +154,15 @@ def run_benchmark(grid_path: str | Path, out: str | Path, progress=None, rank: i
         _claim_folder(grid_path, grid, out)
         write_splits(first, out)
     else:
-        _wait_for(split_paths, "splits", poll=1.0)
+        wait_for(split_paths, "splits", poll=1.0)
     results = []
     for i, cell in enumerate(cells[rank::world]):
         if progress:
             progress(i, len(cells[rank::world]), cell.name)
-        results.append(run_cell_process(cell, grid, out))
+        results.append(run_cell_process(cell, grid, out, rank))
     if rank != 0:
         return {"cells": results, "leaderboard": None}
-    _wait_for([out / "cells" / c.name / CELL_DONE for c in cells], "cells")
+    wait_for([out / "cells" / c.name / CELL_DONE for c in cells], "cells", poll=5.0)
     results = [json.loads((out / "cells" / c.name / CELL_DONE).read_text()) for c in cells]
     robustness = None
     if grid.robustness is not None:

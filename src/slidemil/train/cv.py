@@ -35,7 +35,8 @@ from slidemil.train.recipes import paper_settings
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
 from slidemil.utils.device import resolve_device
-from slidemil.utils.io import atomic_path, ensure_writable, safe_child, write_csv
+from slidemil.utils.dist import launch_id, rank_world, wait_for
+from slidemil.utils.io import atomic_path, ensure_writable, safe_child, write_csv, write_text
 from slidemil.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,14 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
     """Train every fold (skipping finished ones), then write pooled predictions and the evaluation.
 
     The label table, features and splits are validated before the run folder is created;
-    `on_start(run)` is called once it exists (the CLI attaches the run's log file there)."""
+    `on_start(run)` is called once it exists (the CLI attaches the run's log file there).
+    Under torchrun (`torchrun --nproc_per_node K -m slidemil train ...`) the folds are spread over the
+    ranks (rank r trains folds r, r + K, ...; each fold is seeded by its number, so the results are the
+    same as in one process); rank 0 owns the run folder: it writes the config and splits, then pools
+    and evaluates once every fold's done.json exists."""
+    rank, world = rank_world()
+    if rank > 0:
+        return _follow(cfg, progress, rank, world)
     run = _check_run_dir(cfg, resume)
     task = create_task(cfg)
     cohort = load_cohort(cfg, task)
@@ -122,30 +130,60 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
         if on_start is not None:
             on_start(run)
         run.clean_temporaries()
-        _train_run(cfg, run, cohort, splits, progress, task)
+        _prepare_run(cfg, run, cohort, splits)
+        folds = sorted(int(k) for k in splits["fold"].unique())
+        _train_folds(cfg, run, cohort, splits, folds[0::world], progress, task)
+        if world > 1:
+            wait_for([run.fold_dir(k) / "done.json" for k in folds], "folds")
+        _pool(cfg, run, cohort, splits, task)
         evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
     return run.path
 
 
-def _train_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, progress, task: Task) -> None:
-    """Write the run's splits and config, train the unfinished folds, pool their predictions."""
+def _follow(cfg: TrainConfig, progress, rank: int, world: int) -> Path:
+    """A torchrun rank > 0: validate the inputs too, wait for rank 0's config and splits of this launch,
+    train this rank's folds; never writes outside its fold folders."""
+    task = create_task(cfg)
+    cohort = load_cohort(cfg, task)
+    run = RunDir(cfg.out)
+    wait_for([run.path / LAUNCH_FILE], "the run folder", poll=1.0, ready=lambda p: p.read_text() == launch_id())
+    splits = read_splits(run.splits_path, cohort)
+    folds = sorted(int(k) for k in splits["fold"].unique())
+    _train_folds(cfg, run, cohort, splits, folds[rank::world], progress, task)
+    return run.path
+
+
+LAUNCH_FILE = ".launch"   # torchrun's run id, written by rank 0 once the config and splits are in place
+
+
+def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame) -> None:
+    """The run's splits, excluded slides and config (with provenance); then the launch marker."""
     run.write_splits(splits)
     run.write_excluded(cohort.excluded)
     config = cfg.model_dump()
     config = dict(sorted(config.items(), key=lambda kv: kv[0] not in ("features", "labels", "out")))  # inputs first
     config["slidemil"] = provenance(cohort)
     run.write_config(config)
+    write_text(run.path / LAUNCH_FILE, launch_id())
 
+
+def _train_folds(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, folds: list[int], progress,
+                 task: Task) -> None:
+    """Train the given folds that are not finished yet."""
     device = resolve_device(cfg.device)
     enc = encoder_meta(cohort)
     in_dim = int(enc.get("embedding_dim") or _first_dim(cohort))
-    for fold in sorted(splits["fold"].unique()):
+    for fold in folds:
         if run.is_fold_done(fold):
             log.info("fold %d already finished: skipped", fold)
             if progress:
                 progress({"fold": int(fold), "skipped": True})
             continue
         _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress, task)
+
+
+def _pool(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, task: Task) -> None:
+    """The pooled out-of-fold predictions and the reference baseline on the same folds."""
     pooled = pd.concat([run.fold_predictions(k) for k in sorted(splits["fold"].unique())], ignore_index=True)
     run.write_predictions(pooled)
     write_baseline(run, cohort, splits, task, cfg.bag_unit, cfg.seed, prediction_table)
@@ -237,7 +275,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     run.write_predictions(preds, fold)
     if cfg.bag_unit == "slide":
         write_attention(run.attention_dir, parts["test"], res, fold, task.name == "classification")
-    run.mark_fold_done(fold, {"fold": fold, "best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+    run.mark_fold_done(fold, {"fold": fold, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                             "rank": rank_world()[0]})
 
 
 def prediction_table(ids, columns: dict, cohort: Cohort, bag_unit: str) -> pd.DataFrame:
