@@ -183,6 +183,7 @@ def train(
     bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
     device: Optional[str] = _opt(TrainConfig, "device"),
     num_workers: Optional[int] = _opt(TrainConfig, "num_workers"),
+    cache_gb: Optional[float] = _opt(TrainConfig, "cache_gb"),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),
     quiet: Optional[bool] = _opt(TrainConfig, "quiet", "--quiet"),
 ):

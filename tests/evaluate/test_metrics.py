@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from slidemil.evaluate.metrics import bootstrap_ci
 
@@ -18,3 +19,29 @@ def test_bootstrap_resamples_patients():
     assert big["ci_high"] - big["ci_low"] >= 0.8 * (small["ci_high"] - small["ci_low"])
     naive = bootstrap_ci(np.repeat(y, 10), np.repeat(probs, 10, 0), np.arange(40), n_boot=200, seed=0)["accuracy"]
     assert naive["ci_high"] - naive["ci_low"] < big["ci_high"] - big["ci_low"]
+
+
+def test_delong_matches_the_pairwise_definition_and_paired_bootstrap_sees_a_real_gap():
+    from sklearn.metrics import roc_auc_score
+
+    from slidemil.evaluate.compare import average_ranks, delong, nemenyi_cd, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    a, b = y + rng.normal(0, 1, 200), y + rng.normal(0, 1.5, 200)
+    res = delong(y, a, b)
+    assert res["auc_a"] == pytest.approx(roc_auc_score(y, a)) and res["auc_b"] == pytest.approx(roc_auc_score(y, b))
+    # the O(mn) structural components of DeLong et al. 1988
+    psi = [(s[y == 1][:, None] > s[y == 0][None]) + 0.5 * (s[y == 1][:, None] == s[y == 0][None]) for s in (a, b)]
+    v10, v01 = np.stack([p.mean(1) for p in psi]), np.stack([p.mean(0) for p in psi])
+    cov = np.cov(v10) / v10.shape[1] + np.cov(v01) / v01.shape[1]
+    z = (v10[0].mean() - v10[1].mean()) / np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    assert res["z"] == pytest.approx(z)
+    groups = np.arange(200)
+    strong = paired_bootstrap(lambda i: roc_auc_score(y[i], y[i] + 0.3 * a[i]), lambda i: roc_auc_score(y[i], b[i]),
+                              groups, 300)
+    same = paired_bootstrap(lambda i: roc_auc_score(y[i], a[i]), lambda i: roc_auc_score(y[i], a[i]), groups, 300)
+    assert strong["ci_low"] > 0 and strong["p"] < 0.01 and 0 < strong["p"]
+    assert same["diff"] == 0 and same["p"] == 1.0
+    assert nemenyi_cd(4, 10) == pytest.approx(2.569 * np.sqrt(20 / 60), abs=1e-3)    # Demsar 2006, table 5
+    assert list(average_ranks(np.array([[0.9, 0.8, 0.7], [0.6, 0.9, np.nan]]))) == [1.5, 1.5, 3.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,19 +49,53 @@ def bag_units(cohort: Cohort, bag_unit: str = "slide") -> list[tuple[str, list[s
     return units
 
 
+def available_memory() -> int:
+    """Bytes of memory the system can still give (physical pages available), 0 when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class BagCache:
+    """Bags kept in memory up to `budget` bytes, shared by the datasets of a run (keyed by feature files,
+    so the train, validation and test parts and every fold reuse one read). Bags are kept as stored
+    (float16 stays float16) in the order they are first read; once the budget is full, further bags
+    are read from disk on every access. Under uniform random access a fixed set serves as many hits as
+    any eviction policy, without churn; memory stays at the budget however large the cohort."""
+
+    def __init__(self, budget: float = float("inf")):
+        self.budget, self.used, self.items = budget, 0, {}
+
+    @classmethod
+    def of_size(cls, gigabytes: float | None) -> BagCache:
+        """`gigabytes` of cache; None: half of the memory available now."""
+        budget = gigabytes * 1e9 if gigabytes is not None else 0.5 * available_memory()
+        return cls(budget)
+
+    def get(self, key):
+        return self.items.get(key)
+
+    def put(self, key, value: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        size = sum(t.numel() * t.element_size() for t in value if t is not None)
+        if key not in self.items and self.used + size <= self.budget:
+            self.items[key], self.used = value, self.used + size
+
+
 class BagDataset(Dataset):
-    """Reads each bag from its feature file(s); keeps them in memory when `cache` is set.
+    """Reads each bag from its feature file(s); keeps them in `cache` (a `BagCache`, or True for an
+    unbounded one) when given.
 
     `max_instances` draws a random subset of a bag's instances on every access (training only: the
     caller never sets it for validation, test or prediction, so those always see the whole bag).
     `transform` maps each bag's features on access (the fold's standardisation); the cache keeps them raw.
     """
 
-    def __init__(self, units, max_instances: int | None = None, cache: bool = True, seed: int = 0,
+    def __init__(self, units, max_instances: int | None = None, cache: BagCache | bool = True, seed: int = 0,
                  transform=None):
         self.units = list(units)
         self.max_instances = max_instances
-        self.cache = {} if cache else None
+        self.cache = BagCache() if cache is True else (cache or None)
         self.rng = np.random.default_rng(seed)
         self.transform = transform
 
@@ -69,7 +104,8 @@ class BagDataset(Dataset):
         """An in-memory dataset of [N, D] arrays (synthetic tasks, tests): nothing is read from disk."""
         ds = cls([(f"bag{i}", [], _target(tuple(np.atleast_1d(y)))) for i, y in enumerate(labels)], max_instances,
                  cache=True, seed=seed)
-        ds.cache = {i: (torch.as_tensor(np.asarray(b, np.float32)), None) for i, b in enumerate(bags)}
+        for i, b in enumerate(bags):
+            ds.cache.put(ds._key(i), (torch.as_tensor(np.asarray(b, np.float32)), None))
         return ds
 
     def __len__(self) -> int:
@@ -80,23 +116,28 @@ class BagDataset(Dataset):
         return np.array([u[2] for u in self.units])
 
     def raw_bags(self):
-        """Every bag's whole feature matrix, untransformed (to fit statistics on)."""
-        return (self._load(i)[0] for i in range(len(self)))
+        """Every bag's whole feature matrix (float32), untransformed (to fit statistics on)."""
+        return (self._load(i)[0].float() for i in range(len(self)))
+
+    def _key(self, i: int):
+        return tuple(self.units[i][1]) or ("array", id(self), i)
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        bags = [read_features(p) for p in self.units[i][1]]
+        """A bag as stored (float16 stays float16) with its coords, from the cache or the files."""
+        if self.cache is not None and (hit := self.cache.get(self._key(i))) is not None:
+            return hit
+        bags = [read_features(p, keep_float16=True) for p in self.units[i][1]]
         x = torch.from_numpy(np.concatenate([b.features for b in bags]))
         coords = None
         if all(b.coords is not None for b in bags):
             coords = torch.from_numpy(np.concatenate([b.coords for b in bags]))
         if self.cache is not None:
-            self.cache[i] = (x, coords)
+            self.cache.put(self._key(i), (x, coords))
         return x, coords
 
     def __getitem__(self, i: int) -> Bag:
         x, coords = self._load(i)
+        x = x.float()                                    # float16 in memory, float32 for the model
         if self.max_instances and len(x) > self.max_instances:
             keep = np.sort(self.rng.choice(len(x), self.max_instances, replace=False))
             keep_t = torch.from_numpy(keep)

@@ -13,7 +13,7 @@ def paired_bootstrap(metric_a: Callable[[np.ndarray], float], metric_b: Callable
                      groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """The difference metric_a - metric_b on the same resampled patients (all rows of a drawn patient
     come along): point value, 95% percentile CI, and a two-sided bootstrap p-value (twice the smaller
-    share of resampled differences on either side of 0)."""
+    share of resampled differences on either side of 0, counted as (k + 1) / (n + 1))."""
     groups = np.asarray(groups)
     point = metric_a(np.arange(len(groups))) - metric_b(np.arange(len(groups)))
     uniq, inverse = np.unique(groups, return_inverse=True)
@@ -29,7 +29,8 @@ def paired_bootstrap(metric_a: Callable[[np.ndarray], float], metric_b: Callable
     if not len(diffs):
         return {"diff": float(point), "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), "n_boot": 0}
     low, high = np.quantile(diffs, [0.025, 0.975])
-    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
+    side = min((diffs <= 0).sum(), (diffs >= 0).sum())
+    p = min(1.0, 2 * (side + 1) / (len(diffs) + 1))          # never 0: at most 1 / resamples of resolution
     return {"diff": float(point), "ci_low": float(low), "ci_high": float(high), "p": float(p), "n_boot": int(len(diffs))}
 
 

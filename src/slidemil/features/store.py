@@ -70,8 +70,9 @@ def read_attrs(path: str | os.PathLike) -> dict:
     return attrs
 
 
-def read_features(path: str | os.PathLike) -> FeatureBag:
-    """Read one feature file; raises ValueError naming the file when its content is unusable."""
+def read_features(path: str | os.PathLike, keep_float16: bool = False) -> FeatureBag:
+    """Read one feature file; raises ValueError naming the file when its content is unusable. Features
+    come as float32, or as stored when `keep_float16` and the file holds float16 (half the memory)."""
     path = Path(path)
     if path.suffix == ".pt":
         # weights_only: a feature file is data, never code.
@@ -87,7 +88,8 @@ def read_features(path: str | os.PathLike) -> FeatureBag:
     with h5py.File(path, "r") as fh:
         if "features" not in fh:
             raise ValueError(f"{path}: no 'features' dataset (found: {', '.join(fh.keys()) or 'nothing'})")
-        feats = np.asarray(fh["features"][()], dtype=np.float32)
+        stored = fh["features"]
+        feats = np.asarray(stored[()], dtype=np.float16 if keep_float16 and stored.dtype == np.float16 else np.float32)
         if feats.ndim == 3 and feats.shape[0] == 1:  # some tools store [1, N, D]
             feats = feats[0]
         coords = None

@@ -80,11 +80,15 @@ class TrainConfig(TaskConfig):
     # runtime (not part of the experiment's identity: may change on --resume)
     device: str = Field("auto", description="auto | cpu | cuda.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    cache_features: bool = Field(True, description="Keep bags in memory between epochs.")
+    cache_features: bool = Field(True, description="Keep bags in memory between epochs (up to --cache-gb).")
+    cache_gb: Optional[float] = Field(None, ge=0, description="Memory for cached bags, shared by all folds (float16 "
+                                                            "files stay float16); bags beyond it are read from "
+                                                            "disk each time. Default: half the available memory.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples over patients for the CIs.")
     quiet: bool = Field(False, description="No progress bar.")
 
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "quiet", "out")
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "cache_gb", "quiet",
+                                                  "out")
 
     @field_validator("model", "strategy", "reembed")
     @classmethod

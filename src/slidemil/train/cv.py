@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from slidemil import __version__
-from slidemil.data.bags import BagDataset, bag_units
+from slidemil.data.bags import BagCache, BagDataset, bag_units
 from slidemil.data.cohort import Cohort, attach_features
 from slidemil.data.splits import make_splits, read_splits
 from slidemil.errors import InputError
@@ -173,13 +173,15 @@ def _train_folds(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     device = resolve_device(cfg.device)
     enc = encoder_meta(cohort)
     in_dim = int(enc.get("embedding_dim") or _first_dim(cohort))
+    cache = BagCache.of_size(cfg.cache_gb if cfg.cache_features else 0)    # one budget for all folds
     for fold in folds:
         if run.is_fold_done(fold):
             log.info("fold %d already finished: skipped", fold)
             if progress:
                 progress({"fold": int(fold), "skipped": True})
             continue
-        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress, task)
+        _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress, task,
+                    cache)
 
 
 def _pool(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, task: Task) -> None:
@@ -193,7 +195,7 @@ def _first_dim(cohort: Cohort) -> int:
     return read_features(cohort.table["feature_path"].iloc[0]).dim
 
 
-def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int):
+def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int, cache: BagCache):
     """The fold's train/val/test bags and the input standardisation fitted on its training bags (or None)."""
     role = dict(zip(fold_splits["slide_id"], fold_splits["role"]))
     parts = {}
@@ -201,7 +203,7 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
         sub = cohort.subset([s for s, v in role.items() if v == r])
         parts[r] = BagDataset(bag_units(sub, cfg.bag_unit),
                               max_instances=cfg.max_instances if r == "train" else None,
-                              cache=cfg.cache_features, seed=cfg.seed + fold)
+                              cache=cache, seed=cfg.seed + fold)
     scaling = None
     if cfg.standardize != "off":
         fitted = Scaling.fit(parts["train"].raw_bags())                  # training bags only
@@ -237,9 +239,10 @@ def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minim
             f"noisy - consider --select last or a larger --val-fraction"]
 
 
-def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress, task: Task) -> None:
+def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress, task: Task,
+                cache: BagCache) -> None:
     gen = seed_everything(cfg.seed + fold)
-    parts, scaling = _datasets(cfg, cohort, fold_splits, fold)
+    parts, scaling = _datasets(cfg, cohort, fold_splits, fold, cache)
     warnings = small_validation(cohort, fold_splits, fold) if cfg.select == "best" else []
     for text in warnings:
         log.warning(text)
@@ -255,8 +258,7 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
                  fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
-        whole = BagDataset(parts["train"].units, cache=False, transform=scaling)   # whole bags (no --max-instances) ...
-        whole.cache = parts["train"].cache                         # ... from the bags already in memory
+        whole = BagDataset(parts["train"].units, cache=cache, transform=scaling)   # whole bags (no --max-instances)
         state = task.after_fit(state, infer(model, whole, device).logits)
     res = infer(model, parts["test"], device, keep_scores=True)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
