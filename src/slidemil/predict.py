@@ -80,7 +80,7 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     # the run's task with its column names; a class outside the model's classes is an error naming its rows;
     # the run's site column only where this cohort has one (then the metrics come per site too)
     cfg = {**run.config(), "classes": metas[0].get("classes") or None}
-    if cfg.get("site_col") and cfg["site_col"] not in pd.read_csv(labels, nrows=0).columns:
+    if cfg.get("site_col") and Path(labels).is_file() and cfg["site_col"] not in pd.read_csv(labels, nrows=0).columns:
         cfg["site_col"] = None
     task = create_task(cfg)
     cohort = task.read(labels)

@@ -74,6 +74,9 @@ class GridConfig(BaseModel):
     def _specs(cls, models):
         specs = [ModelSpec(name=m) if isinstance(m, str) else m for m in models]
         keys = [s.key for s in specs]
+        bad = [k for k in keys if not is_safe_id(k.replace("+", "-"))]
+        if bad:
+            raise ValueError(f"model labels {', '.join(bad)} cannot name folders (letters, digits, ., _, -, +)")
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
             raise ValueError(f"models {', '.join(dup)} appear twice; give each a distinct `label`")
