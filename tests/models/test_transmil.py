@@ -47,3 +47,51 @@ def test_nystrom_query_blocks_change_nothing(monkeypatch):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert abs(float(results[0][1].sum()) - 1.0) < 1e-3, "the class token's attention row sums to one"
+
+
+def _one_piece_nystrom(attn, x, query_row):
+    """The Nyström attention as the paper writes it, every matrix whole (the reference for the blocked code)."""
+    import torch.nn.functional as F
+
+    from slidemil.nn.nystrom import iterative_pinv
+
+    n, m, h, d = x.shape[1], attn.landmarks, attn.heads, attn.dim_head
+    pad = (-n) % m
+    xp = F.pad(x, (0, 0, pad, 0))
+    valid = torch.arange(n + pad) >= pad
+    q, k, v = (t.view(1, n + pad, h, d).transpose(1, 2) for t in attn.to_qkv(xp).chunk(3, -1))
+    q = q * d ** -0.5
+    seg = (n + pad) // m
+    counts = valid.view(m, seg).sum(-1).float()
+    has = counts > 0
+    q_l = q.reshape(1, h, m, seg, d).sum(-2) / counts.clamp_min(1)[:, None]
+    k_l = k.reshape(1, h, m, seg, d).sum(-2) / counts.clamp_min(1)[:, None]
+    neg = -torch.finfo(x.dtype).max
+    attn1 = (q @ k_l.transpose(-1, -2)).masked_fill(~has[None, :], neg).softmax(-1)
+    pinv = iterative_pinv((q_l @ k_l.transpose(-1, -2)).masked_fill(~(has[:, None] & has[None, :]), neg).softmax(-1))
+    attn3 = (q_l @ k.transpose(-1, -2)).masked_fill(~(has[:, None] & valid[None, :]), neg).softmax(-1)
+    out = attn1 @ pinv @ attn3 @ v + attn.res_conv(v)
+    out = attn.to_out(out.transpose(1, 2).reshape(1, n + pad, -1))[:, pad:]
+    row = (attn1[:, :, pad + query_row:pad + query_row + 1] @ pinv @ attn3)[0, :, 0, pad:].mean(0)
+    return out, row
+
+
+def test_key_and_query_blocks_equal_the_one_piece_formula(monkeypatch):
+    """softmax(Q~ K^T) V summed over key blocks with a shared log-sum-exp, and softmax(Q K~^T) in query
+    blocks (TransMIL at 50k within memory), give the one-piece formula's output, row and gradients,
+    with empty landmarks (n = 20, 16 landmarks: 12 padded positions) and without (n = 700)."""
+    import slidemil.nn.nystrom as ny
+
+    torch.manual_seed(0)
+    attn = ny.NystromAttention(32, heads=4, dim_head=8, landmarks=16).train()
+    attn.to_out[1].p = 0.0
+    monkeypatch.setattr(ny, "_QUERY_BLOCK", 64)
+    for n in (20, 700):
+        x = torch.randn(1, n, 32, requires_grad=True)
+        out, row = attn(x, query_row=0)
+        ref_out, ref_row = _one_piece_nystrom(attn, x, 0)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(row, ref_row, atol=1e-5, rtol=1e-5)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        ref_grad, = torch.autograd.grad(ref_out.square().sum(), x)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)

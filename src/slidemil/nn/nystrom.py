@@ -30,6 +30,34 @@ def _landmark_attend(q, k_l, has, mixed):
     return _landmark_softmax(q, k_l, has) @ mixed
 
 
+def _key_scores(q_l: torch.Tensor, k: torch.Tensor, has: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Landmark-to-key scores of one key block: padded keys masked for real landmarks; an empty
+    landmark's row is constant (0), so its softmax is uniform over all keys, as when all are masked."""
+    scores = q_l @ k.transpose(-1, -2)
+    scores = scores.masked_fill(has[:, None] & ~valid[None, :], -torch.finfo(scores.dtype).max)
+    return scores.masked_fill(~has[:, None], 0.0)
+
+
+def _block_lse(q_l, k, has, valid):
+    return torch.logsumexp(_key_scores(q_l, k, has, valid), -1)
+
+
+def _block_attend(q_l, k, v, has, valid, lse):
+    return (_key_scores(q_l, k, has, valid) - lse[..., None]).exp() @ v
+
+
+def _block_row(weights, q_l, k, has, valid, lse):
+    return weights @ (_key_scores(q_l, k, has, valid) - lse[..., None]).exp()
+
+
+def _runner(recompute: bool):
+    """Call a block function directly, or under activation checkpointing (inputs kept, the block's
+    intermediates recomputed in backward)."""
+    if recompute:
+        return lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
+    return lambda fn, *args: fn(*args)
+
+
 def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
     eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
     norm = a.abs().sum(-1).amax(-1, keepdim=True) * a.abs().sum(-2).amax(-1, keepdim=True)
@@ -73,24 +101,30 @@ class NystromAttention(nn.Module):
         # in-place fills: matmul's backward does not need the scores. Rows of padded queries are
         # dropped from the output, so only empty landmarks (columns) and padded keys need masking.
         sim2 = (q_l @ k_l.transpose(-1, -2)).masked_fill_(~(has[:, None] & has[None, :]), neg)
-        sim3 = (q_l @ k.transpose(-1, -2)).masked_fill_(~(has[:, None] & valid[None, :]), neg)
         pinv = iterative_pinv(sim2.softmax(-1), self.pinv_iterations)
-        attn3 = sim3.softmax(-1)
-        # softmax(Q K~^T) (pinv (attn3 V)), associated right to left: the [heads, n, m] product
-        # softmax(Q K~^T) pinv is never formed, and softmax(Q K~^T) is built a block of queries at a
-        # time (recomputed in backward when training), so no [heads, n, m] tensor lives at large n
-        mixed = pinv @ (attn3 @ v)                                            # [1, heads, m, d]
+        # softmax(Q K~^T) (pinv (softmax(Q~ K^T) V)), associated right to left, and neither [heads, n, m]
+        # nor [heads, m, n] is ever formed at large n: softmax(Q~ K^T) V is summed over blocks of keys
+        # as exp(scores - logsumexp) V, softmax(Q K~^T) is built a block of queries at a time, and both
+        # are recomputed in backward when training. Equal to the one-piece computation up to rounding.
+        key_blocks = list(zip(k.split(_QUERY_BLOCK, 2), v.split(_QUERY_BLOCK, 2), valid.split(_QUERY_BLOCK)))
+        run = _runner(torch.is_grad_enabled() and len(key_blocks) > 1)
+        lse = torch.logsumexp(torch.stack([run(_block_lse, q_l, kb, has, vb_mask)
+                                           for kb, _, vb_mask in key_blocks]), 0)          # [1, heads, m]
+        attn3_v = sum(run(_block_attend, q_l, kb, vb, has, vb_mask, lse) for kb, vb, vb_mask in key_blocks)
+        mixed = pinv @ attn3_v                                                # [1, heads, m, d]
         blocks = q.split(_QUERY_BLOCK, dim=2)
-        recompute = torch.is_grad_enabled() and len(blocks) > 1
-        parts = [checkpoint(_landmark_attend, b, k_l, has, mixed, use_reentrant=False) if recompute
-                 else _landmark_attend(b, k_l, has, mixed) for b in blocks]
+        run = _runner(torch.is_grad_enabled() and len(blocks) > 1)
+        parts = [run(_landmark_attend, b, k_l, has, mixed) for b in blocks]
         out = torch.cat(parts, 2) + self.res_conv(v)
         out = out.transpose(1, 2).reshape(1, n + pad, -1)
         out = self.to_out(out)[:, pad:]
         row = None
         if query_row is not None:
             first = _landmark_softmax(q[:, :, pad + query_row:pad + query_row + 1], k_l, has)  # [1, h, 1, m]
-            row = ((first @ pinv) @ attn3)[0, :, 0, pad:].sum(0) / self.heads
+            weights = first @ pinv
+            run = _runner(torch.is_grad_enabled() and len(key_blocks) > 1)
+            row = torch.cat([run(_block_row, weights, q_l, kb, has, vb_mask, lse) for kb, _, vb_mask in key_blocks],
+                            -1)[0, :, 0, pad:].sum(0) / self.heads
         return out, row
 
     def _exact(self, x: torch.Tensor, query_row: int | None):
