@@ -78,7 +78,8 @@ def main() -> None:
                               str(budget_gb)], capture_output=True, text=True, check=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rises[setting] = r["rise_mb"]
-        cache = f"   cache's share (rise - rise without cache) {r['rise_mb'] - rises['none']:5.0f} MB" if setting != "none" else ""
+        share = r["rise_mb"] - rises["none"]
+        cache = f"   cache's share (rise - rise without cache) {share:5.0f} MB" if setting != "none" else ""
         print(f"{setting:>10}: peak RSS rise {r['rise_mb']:6.0f} MB  {r['seconds']:6.1f} s (2 folds x 2 epochs){cache}")
 
 
