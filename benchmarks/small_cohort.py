@@ -14,6 +14,8 @@ import logging
 import time
 from pathlib import Path
 
+import yaml
+
 from slidemil.data.synthetic import make_feature_cohort
 from slidemil.models.registry import MODELS
 from slidemil.train.config import TrainConfig
@@ -27,10 +29,13 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=36)
     ap.add_argument("--out", type=Path, default=Path("/tmp/small_cohort"))
     ap.add_argument("--train", default="", help="extra TrainConfig fields as KEY=VALUE,KEY=VALUE")
+    ap.add_argument("--model-args", default="", help="model arguments as KEY=VALUE,KEY=VALUE (YAML values)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = MODELS.available() if args.models == "all" else args.models.split(",")
     extra = dict(kv.split("=", 1) for kv in args.train.split(",") if kv)
+    if args.model_args:
+        extra["model_args"] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_args.split(","))}
     print(f"{'model':>14} {'seed':>4} {'AUROC':>6} {'base':>6} {'diff':>6} {'epochs':>7} {'s':>5}", flush=True)
     for seed in (int(s) for s in args.seeds.split(",")):
         cohort = args.out / f"cohort_{seed}"

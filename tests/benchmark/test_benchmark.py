@@ -125,3 +125,20 @@ def test_torchrun_spreads_cells_over_ranks(encoders, tmp_path):
     ranks = {json.loads(p.read_text())["cell"]: json.loads(p.read_text())["rank"] for p in out.glob("cells/*/cell.json")}
     assert len(ranks) == 4 and sorted(ranks.values()) == [0, 0, 1, 1]     # cell i on rank i % 2
     assert len(pd.read_csv(out / "leaderboard.csv").query("cohort == 'cv' and metric == 'auroc'")) == 4
+
+
+def test_several_tasks_rank_over_tasks(encoders, tmp_path):
+    table = pd.read_csv(encoders / "strong" / "labels.csv")
+    table.assign(grade=table["label"].map({"negative": "low", "positive": "high"})).to_csv(tmp_path / "l.csv", index=False)
+    grid = _grid(encoders, tmp_path / "grid.yaml", labels=str(tmp_path / "l.csv"), seeds=[0],
+                 features={"strong": str(encoders / "strong" / "features")},
+                 tasks={"label": {"task": "classification"},
+                        "grade": {"task": "classification", "label_col": "grade"}})
+    out = tmp_path / "out"
+    run_benchmark(grid, out)
+    assert sorted(p.name for p in (out / "splits").glob("*.csv")) == ["grade.csv", "label.csv"]
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert set(board["task"]) == {"label", "grade"} and len(board.query("cohort == 'cv' and metric == 'auroc'")) == 4
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert {"label", "grade", "mean_rank"} <= set(ranking.columns) and len(ranking) == 2
+    assert "2 task(s)" in (out / "leaderboard.html").read_text()

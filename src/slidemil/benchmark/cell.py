@@ -25,7 +25,9 @@ def run_cell(cell_dir: Path) -> None:
     cfg = TrainConfig(**{**spec["config"], "out": str(run)})
     handlers = []
     try:
-        run_cv(cfg, resume=RunDir(run).has_config(), on_start=lambda r: handlers.append(_log_to(r.log_path)))
+        # the cell is this rank's piece of a torchrun grid: its run is trained here alone
+        run_cv(cfg, resume=RunDir(run).has_config(), on_start=lambda r: handlers.append(_log_to(r.log_path)),
+               ranks=(0, 1))
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)

@@ -101,7 +101,8 @@ def encoder_meta(cohort: Cohort) -> dict:
     return {k: attrs[k] for k in ENCODER_ATTRS if k in attrs}
 
 
-def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None) -> Path:
+def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
+           ranks: tuple[int, int] | None = None) -> Path:
     """Train every fold (skipping finished ones), then write pooled predictions and the evaluation.
 
     The label table, features and splits are validated before the run folder is created;
@@ -109,8 +110,9 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None)
     Under torchrun (`torchrun --nproc_per_node K -m slidemil train ...`) the folds are spread over the
     ranks (rank r trains folds r, r + K, ...; each fold is seeded by its number, so the results are the
     same as in one process); rank 0 owns the run folder: it writes the config and splits, then pools
-    and evaluates once every fold's done.json exists."""
-    rank, world = rank_world()
+    and evaluates once every fold's done.json exists. `ranks=(0, 1)` runs alone whatever the environment
+    says (a benchmark cell, which is itself one rank's piece of work)."""
+    rank, world = ranks or rank_world()
     if rank > 0:
         return _follow(cfg, progress, rank, world)
     run = _check_run_dir(cfg, resume)
