@@ -122,3 +122,17 @@ def test_demo_survival(demo_run):
     assert (out / "run_survival" / "plots" / "km.png").exists()
     assert len(list((out / "run_survival" / "heatmaps").glob("*_heatmap.png"))) >= 1
     assert json.loads((out / "external_survival" / "metrics.json").read_text())["task"] == "survival"
+
+
+def test_survival_runs_report_a_ridge_cox_baseline_on_the_same_folds(survival_run):
+    """The reference baseline of survival runs: a ridge Cox model on mean-pooled features, fitted per fold
+    on the training part, scored like the model (its C-index in metrics.json and the report)."""
+    root, run = survival_run
+    base = pd.read_csv(run / "baseline_predictions.csv")
+    preds = pd.read_csv(run / "predictions.csv")
+    assert sorted(base["slide_id"]) == sorted(preds["slide_id"]) and (
+        base.set_index("slide_id")["fold"] == preds.set_index("slide_id")["fold"]).all()
+    metrics = json.loads((run / "metrics.json").read_text())
+    c = metrics["baseline"]["pooled"]["c_index"]
+    assert c["value"] > 0.6 and "ridge Cox" in metrics["baseline"]["name"]      # measured 0.78, the model 0.80
+    assert "Reference baseline" in (run / "report.html").read_text()

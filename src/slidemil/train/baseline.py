@@ -1,5 +1,6 @@
 """The reference baseline every run reports beside its model: a tuned linear model on mean-pooled features,
-trained and tested on the run's own folds (logistic regression for classification, ridge for regression).
+trained and tested on the run's own folds (logistic regression for classification, ridge for regression,
+a ridge Cox model for survival).
 Reviewers ask for it, and a MIL model below it is a warning sign (protocol: docs/protocol.md)."""
 
 from __future__ import annotations
