@@ -3,7 +3,9 @@
 1. raw JPEG decode of the same tiles (tifffile's stored bytes -> imagecodecs), the decode floor;
 2. a bare loop of OpenSlide `read_region` calls (what every WSI tool pays at least);
 3. slidemil's extraction path: PatchDataset (read at the best level + resize to the encoder's input +
-   tensor conversion) through a DataLoader with 0, 1 and 2 worker processes, encoder excluded.
+   tensor conversion) through a DataLoader with 0, 1 and 2 worker processes, encoder excluded;
+4. end to end through an encoder (`embed_patches`, 2 workers): handcrafted and resnet50_trunc (random
+   weights: the speed is the architecture's), so the bottleneck is visible.
 
     python benchmarks/read_speed.py [--tiles 600] [--size 6144 8192]
 
@@ -24,6 +26,7 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader
 
+from slidemil.features.extract import embed_patches
 from slidemil.slides.synthetic import render_slide, write_pyramidal_tiff
 from slidemil.slides.tiles import PatchDataset
 
@@ -72,6 +75,15 @@ def main() -> None:
                 next(iter(DataLoader(PatchDataset(path, coords[:2], 256, args.out_size, backend=backend))))  # warm
                 results[(backend, workers)] = rate(lambda: [b for b in loader], len(coords))
 
+        encoders = {}
+        for name in ("handcrafted", "resnet50_trunc"):
+            enc = _encoder(name, Path(tmp))
+            ds = PatchDataset(path, coords, 256, enc.spec.input_size)
+            embed_patches(enc, PatchDataset(path, coords[:8], 256, enc.spec.input_size), torch.device("cpu"), 8)
+            torch.set_num_threads(2)          # the encoder gets the cores, as in `slidemil extract`
+            encoders[name] = rate(lambda: embed_patches(enc, ds, torch.device("cpu"), 64, 2), len(coords))
+            torch.set_num_threads(1)
+
     print(f"{args.tiles} random 256x256 level-0 tiles (tile-aligned) of a {w}x{h} JPEG pyramidal TIFF, "
           f"resized to {args.out_size}\n")
     print("| path | tiles/s | vs bare OpenSlide |")
@@ -82,6 +94,22 @@ def main() -> None:
         label = "main process" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"
         name = "default (auto: tifffile for tiled TIFF/SVS)" if backend == "auto" else "forced OpenSlide backend"
         print(f"| slidemil PatchDataset, {name}, {label} | {r:.0f} | {r / bare:.2f} |")
+    for name, r in encoders.items():
+        print(f"| end to end: tiles -> {name} features (embed_patches, 2 workers, CPU) | {r:.0f} | {r / bare:.2f} |")
+
+
+def _encoder(name: str, tmp: Path):
+    """The encoder, with random weights for those that need a file (speed does not depend on them)."""
+    from safetensors.torch import save_file
+
+    from slidemil.features.encoders import create_encoder, get_spec
+
+    spec = get_spec(name)
+    if not spec.needs_weights:
+        return create_encoder(name)
+    weights = tmp / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in spec.builder().state_dict().items()}, str(weights))
+    return create_encoder(name, weights=str(weights))
 
 
 if __name__ == "__main__":
