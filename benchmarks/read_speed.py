@@ -5,7 +5,9 @@
 3. slidemil's extraction path: PatchDataset (read at the best level + resize to the encoder's input +
    tensor conversion) through a DataLoader with 0, 1 and 2 worker processes, encoder excluded;
 4. end to end through an encoder (`embed_patches`, 2 workers): handcrafted and resnet50_trunc (random
-   weights: the speed is the architecture's), so the bottleneck is visible.
+   weights: the speed is the architecture's), so the bottleneck is visible;
+5. many small slides (40 x 16 tiles, 2 workers): a DataLoader started per slide vs `TileStream`, whose
+   workers live across slides (what `slidemil extract` uses).
 
     python benchmarks/read_speed.py [--tiles 600] [--size 6144 8192]
 
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from slidemil.features.extract import embed_patches
 from slidemil.slides.synthetic import render_slide, write_pyramidal_tiff
-from slidemil.slides.tiles import PatchDataset
+from slidemil.slides.tiles import PatchDataset, TileStream
 
 
 def rate(fn, n: int) -> float:
@@ -75,6 +77,13 @@ def main() -> None:
                 next(iter(DataLoader(PatchDataset(path, coords[:2], 256, args.out_size, backend=backend))))  # warm
                 results[(backend, workers)] = rate(lambda: [b for b in loader], len(coords))
 
+        small = [(path, coords[i * 16:(i + 1) * 16]) for i in range(40)]
+        per_slide = rate(lambda: [b for p, c in small for b in DataLoader(PatchDataset(p, c, 256, args.out_size),
+                                                                            batch_size=64, num_workers=2)], 640)
+        stream = TileStream(64, 2)
+        persistent = rate(lambda: [b for p, c in small for b in stream.batches(PatchDataset(p, c, 256, args.out_size))],
+                          640)
+
         encoders = {}
         for name in ("handcrafted", "resnet50_trunc"):
             enc = _encoder(name, Path(tmp))
@@ -94,6 +103,9 @@ def main() -> None:
         label = "main process" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"
         name = "default (auto: tifffile for tiled TIFF/SVS)" if backend == "auto" else "forced OpenSlide backend"
         print(f"| slidemil PatchDataset, {name}, {label} | {r:.0f} | {r / bare:.2f} |")
+    print(f"| 40 slides x 16 tiles, a DataLoader per slide, 2 workers | {per_slide:.0f} | {per_slide / bare:.2f} |")
+    print(f"| 40 slides x 16 tiles, TileStream (workers live across slides), 2 workers | {persistent:.0f} | "
+          f"{persistent / bare:.2f} |")
     for name, r in encoders.items():
         print(f"| end to end: tiles -> {name} features (embed_patches, 2 workers, CPU) | {r:.0f} | {r / bare:.2f} |")
 

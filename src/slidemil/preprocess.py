@@ -24,12 +24,12 @@ from pydantic import ConfigDict, Field
 from slidemil import __version__
 from slidemil.errors import InputError
 from slidemil.features.encoders import create_encoder
-from slidemil.features.extract import ExtractConfig, embed_patches
+from slidemil.features.extract import ExtractConfig, embed_batches
 from slidemil.features.store import write_features
 from slidemil.slides.patching import PatchConfig, make_grid, read_coords, write_coords
 from slidemil.slides.reader import Slide, list_slides, open_slide
 from slidemil.slides.stain import StainNormalizer
-from slidemil.slides.tiles import PatchDataset
+from slidemil.slides.tiles import PatchDataset, TileStream
 from slidemil.slides.tissue import TissueConfig, load_tissue_geojson, mask_to_geojson, save_segmentation, segment_tissue
 from slidemil.utils.device import resolve_device
 from slidemil.utils.io import safe_child, sha256_file, write_csv
@@ -99,6 +99,7 @@ class Pipeline:
         self.mpp_override = read_mpp_csv(cfg.mpp_csv)
         self._encoder = None
         self._stain = None
+        self._tiles = None
         self._stage = "open"                      # the stage a failing slide was in, for failures.csv
         self.failures: dict[str, tuple[str, str]] = {}
 
@@ -147,6 +148,12 @@ class Pipeline:
             self._encoder = create_encoder(self.o.encoder, self.o.weights, self.o.download)
         return self._encoder
 
+    def tiles(self, device) -> TileStream:
+        """One tile stream for the whole batch of slides: its worker processes start once."""
+        if self._tiles is None:
+            self._tiles = TileStream(self.o.batch_size, self.o.num_workers, pin_memory=device.type == "cuda")
+        return self._tiles
+
     def stain(self) -> StainNormalizer | None:
         """The stain normaliser (fitted once on --stain-target), or None."""
         if self.o.stain_norm != "none" and self._stain is None:
@@ -171,7 +178,7 @@ class Pipeline:
                           slide.mpp)
         if self.stain() is not None:
             ds.transform = self.slide_stain(ds, slide.slide_id)
-        feats = embed_patches(enc, ds, device, self.o.batch_size, self.o.num_workers, progress)
+        feats = embed_batches(enc, self.tiles(device).batches(ds), device, progress)
         meta = {k: attrs[k] for k in ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp",
                                       "target_magnification", "level0_magnification", "overlap", "patch_level",
                                       "downsample", "level0_width", "level0_height") if k in attrs}

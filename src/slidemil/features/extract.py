@@ -1,11 +1,13 @@
 """Feature extraction: batched encoder inference over a dataset of uint8 tiles, bf16 on GPU.
 
 The tiles come from any `Dataset` of uint8 [3, S, S] images (`slidemil.slides.tiles.PatchDataset` for
+slides) or any iterable of such batches (`slidemil.slides.tiles.TileStream`, whose workers live across
 slides); this module knows encoders, not slides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal, Optional
 
 import numpy as np
@@ -44,15 +46,20 @@ class ExtractConfig(BaseModel):
         return self
 
 
-@torch.no_grad()
 def embed_patches(encoder: Encoder, dataset: Dataset, device: torch.device, batch_size: int = 64,
                   num_workers: int = 0, on_batch=None) -> np.ndarray:
-    """[N, dim] float32 features of every tile, in the dataset's order."""
+    """[N, dim] float32 features of every tile of `dataset`, in its order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda")
+    return embed_batches(encoder, loader, device, on_batch)
+
+
+@torch.no_grad()
+def embed_batches(encoder: Encoder, batches: Iterable[torch.Tensor], device: torch.device, on_batch=None) -> np.ndarray:
+    """[N, dim] float32 features of uint8 [B, 3, S, S] tile batches, in their order."""
     encoder = encoder.to(device).eval()
     out = []
-    for batch in loader:
+    for batch in batches:
         images = batch.to(device, non_blocking=True).float().div_(255)
         with autocast(device):
             feats = encoder(images)
