@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from slidemil.slides.reader import SlideReadError
 from slidemil.slides.tiles import PatchDataset, TileStream
 
 
@@ -36,7 +37,7 @@ def test_a_broken_slide_raises_and_the_next_slide_still_streams(slide_cohort, tm
     bad.write_bytes(b"not a tiff at all")
     stream = TileStream(batch_size=4, num_workers=1)
     coords = np.array([[0, 0], [256, 256], [512, 0]])
-    with pytest.raises(Exception):
+    with pytest.raises(SlideReadError, match="bad.tif"):     # re-raised from the worker, naming the file
         list(stream.batches(PatchDataset(bad, coords, 256, 32)))
     ds = PatchDataset(good, coords, 256, 32)
     torch.testing.assert_close(torch.cat(list(stream.batches(ds))), torch.stack([ds[i] for i in range(3)]))
