@@ -2,6 +2,7 @@
 instances (D = 1024), each configuration in a fresh process so memory peaks do not mix.
 
     python benchmarks/models.py [--sizes 1000 10000 50000] [--models abmil transmil ...] [--timeout S]
+                                [--device cuda]
 
 A step is forward + the model's loss + backward + AdamW update on one bag; time is the median of 3
 steps after a warm-up (one step when the warm-up took over 30 s); memory is the process's peak RSS
@@ -19,26 +20,32 @@ import sys
 import time
 
 
-def measure(name: str, n: int, dim: int) -> dict:
+def measure(name: str, n: int, dim: int, device: str = "cpu") -> dict:
     import resource
 
     import torch
     import torch.nn.functional as F
 
     from slidemil import models
+    from slidemil.utils.device import autocast
 
     torch.manual_seed(0)
-    model = models.create(name, dim, 2).train()
+    dev = torch.device(device)
+    model = models.create(name, dim, 2).train().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.randn(1, n, dim), torch.tensor([1])
+    x, y = torch.randn(1, n, dim, device=dev), torch.tensor([1], device=dev)
     with open("/proc/self/status") as fh:
         rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        model.loss(out, y, F.cross_entropy).backward()
+        with autocast(dev):                                   # bf16 on a GPU, as the trainer runs
+            out = model(x)
+            loss = model.loss(out, y, F.cross_entropy)
+        loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     t0 = time.perf_counter()
     step()
@@ -48,8 +55,11 @@ def measure(name: str, n: int, dim: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"params": sum(p.numel() for p in model.parameters()), "seconds": statistics.median(times),
-            "peak_mb": peak, "rise_mb": peak - rss}
+    result = {"params": sum(p.numel() for p in model.parameters()), "seconds": statistics.median(times),
+              "peak_mb": peak, "rise_mb": peak - rss}
+    if dev.type == "cuda":                                    # on a GPU the memory that matters is the device's
+        result.update(peak_mb=torch.cuda.max_memory_allocated() / 2**20, rise_mb=float("nan"))
+    return result
 
 
 def main() -> None:
@@ -58,10 +68,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration before it is cut")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast; memory = peak CUDA allocation)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.dim)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.dim, args.device)))
         return
     from slidemil.models import available, info
 
@@ -72,7 +83,8 @@ def main() -> None:
         cells, params = [], 0
         for n in args.sizes:
             try:
-                res = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--dim", str(args.dim)],
+                res = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--dim", str(args.dim),
+                                      "--device", args.device],
                                      capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 cells.append(f"cut after {args.timeout} s (warm-up + one step)")
