@@ -63,3 +63,19 @@ def test_one_centre_is_an_input_error(shifted_and_clean, tmp_path):
     with pytest.raises(InputError, match="one centre"):
         run_robustness({"x": shifted_and_clean / "clean" / "features"}, tmp_path / "one.csv", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_compares_folders_and_names_a_missing_one(shifted_and_clean, tmp_path):
+    from conftest import runner
+    from slidemil.cli import app
+
+    root = shifted_and_clean
+    ok = runner.invoke(app, ["robustness", "--features", f"shifted={root / 'shifted' / 'features'}", "--features",
+                             str(root / "clean" / "features"), "--labels", str(root / "clean" / "labels.csv"),
+                             "--out", str(tmp_path / "r"), "--k-slide", "5", "--k-patch", "10", "--bootstrap", "10"])
+    assert ok.exit_code == 0, ok.output
+    assert "shifted" in ok.output and "features" in ok.output           # the second folder is named after itself
+    bad = runner.invoke(app, ["robustness", "--features", str(tmp_path / "nowhere"), "--labels",
+                              str(root / "clean" / "labels.csv"), "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 1 and "nowhere" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "r2").exists()
