@@ -41,3 +41,10 @@ def test_a_broken_slide_raises_and_the_next_slide_still_streams(slide_cohort, tm
         list(stream.batches(PatchDataset(bad, coords, 256, 32)))
     ds = PatchDataset(good, coords, 256, 32)
     torch.testing.assert_close(torch.cat(list(stream.batches(ds))), torch.stack([ds[i] for i in range(3)]))
+
+
+def test_an_unpicklable_transform_is_an_error_not_a_hang(slide_cohort):
+    path = sorted((slide_cohort / "slides").glob("*.tif"))[0]
+    stream = TileStream(batch_size=4, num_workers=1)
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
+        stream.batches(PatchDataset(path, np.array([[0, 0]]), 256, 32, transform=lambda t: t))

@@ -8,6 +8,7 @@ straight to the encoder's input size.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,5 +109,11 @@ class TileStream:
 
     def batches(self, dataset: PatchDataset):
         src = dataset.source()
+        if self.loader.num_workers:      # an item that cannot be pickled would hang the worker queue silently
+            try:
+                pickle.dumps(src)
+            except Exception as exc:
+                raise TypeError(f"the tile transform {src.transform!r} cannot be sent to worker processes "
+                                f"({exc}); use a picklable (module-level) transform or --num-workers 0") from None
         self._items.items = [(src, int(x), int(y)) for x, y in dataset.coords]
         return iter(self.loader)
