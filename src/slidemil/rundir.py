@@ -52,6 +52,7 @@ class RunDir:
     attention_dir = _child("attention")
     heatmaps_dir = _child("heatmaps")
     log_path = _child("train.log")
+    launch_path = _child(".launch")   # torchrun's run id, written by rank 0 once config and splits are in place
 
     @property
     def name(self) -> str:

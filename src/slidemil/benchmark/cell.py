@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from slidemil.benchmark.grid import RUN_DIR
 from slidemil.predict import predict, validate_external
 from slidemil.rundir import RunDir
 from slidemil.train.config import TrainConfig
@@ -21,7 +22,7 @@ CELL_FILE = "cell.yaml"          # what the grid asks of the cell: {config, exte
 
 def run_cell(cell_dir: Path) -> None:
     spec = yaml.safe_load((cell_dir / CELL_FILE).read_text())
-    run = cell_dir / "run"
+    run = cell_dir / RUN_DIR
     cfg = TrainConfig(**{**spec["config"], "out": str(run)})
     handlers = []
     try:

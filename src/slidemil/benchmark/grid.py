@@ -91,6 +91,10 @@ class GridConfig(BaseModel):
         return value
 
 
+RUN_DIR = "run"           # the cell's `slidemil train` run folder
+DONE_FILE = "cell.json"   # status, seconds, peak_mb; written last: a cell is done when it says so
+
+
 class Cell(BaseModel):
     task: str
     encoder: str
@@ -102,6 +106,16 @@ class Cell(BaseModel):
     @property
     def name(self) -> str:
         return f"{self.task}__{self.encoder}__{self.model.replace('+', '-')}__s{self.seed}"
+
+    # the cell's folder under the grid's --out: cell.yaml, cell.log, RUN_DIR/, external/<name>/, DONE_FILE
+    def folder(self, out: Path) -> Path:
+        return out / "cells" / self.name
+
+    def run_dir(self, out: Path) -> Path:
+        return self.folder(out) / RUN_DIR
+
+    def done_path(self, out: Path) -> Path:
+        return self.folder(out) / DONE_FILE
 
 
 def read_grid(path: str | Path) -> GridConfig:
@@ -160,7 +174,7 @@ def expand(grid: GridConfig, out: Path, path: Path | None = None) -> list[Cell]:
                     cell = Cell(task=task, encoder=encoder, model=spec.key, strategy=spec.strategy, seed=seed,
                                 config=cfg)
                     try:
-                        TrainConfig(**{**cfg, "out": str(out / "cells" / cell.name)})
+                        TrainConfig(**{**cfg, "out": str(cell.run_dir(out))})
                     except ValidationError as exc:
                         err = exc.errors()[0]
                         raise InputError(f"{where}: cell {cell.name}: {'.'.join(map(str, err['loc'])) or 'train'}: "

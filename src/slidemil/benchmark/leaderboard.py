@@ -16,7 +16,6 @@ from sklearn.metrics import roc_auc_score
 from slidemil.evaluate.compare import average_ranks, delong, nemenyi_cd, paired_bootstrap
 from slidemil.evaluate.report import img_tag
 from slidemil.rundir import RunDir
-from slidemil.tasks import create_task
 from slidemil.utils.figures import new_figure, save_figure
 from slidemil.utils.io import write_csv, write_text
 
@@ -37,11 +36,11 @@ def collect(out: Path, cells, results) -> pd.DataFrame:
             continue
         base = {"task": cell.task, "encoder": cell.encoder, "model": cell.model, "strategy": cell.strategy or "",
                 "seed": cell.seed, "seconds": res["seconds"], "peak_mb": res["peak_mb"]}
-        metrics = RunDir(out / "cells" / cell.name / "run").metrics()
+        metrics = RunDir(cell.run_dir(out)).metrics()
         rows += _rows(base, "cv", metrics["pooled"])
         for site, m in metrics.get("sites", {}).items():
             rows += _rows(base, f"cv:{site}", m["pooled"])
-        for ext in sorted((out / "cells" / cell.name / "external").glob("*/metrics.json")):
+        for ext in sorted((cell.folder(out) / "external").glob("*/metrics.json")):
             rows += _rows(base, ext.parent.name, json.loads(ext.read_text())["pooled"])
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -66,14 +65,12 @@ def compare_cells(out: Path, cells, board: pd.DataFrame, n_boot: int) -> pd.Data
     same out-of-fold patients (the grid's shared splits make the predictions paired)."""
     rows = []
     head = board[(board["cohort"] == "cv") & (board["metric"] == "auroc")]
-    by_name = {c.name: c for c in cells}
     for task, part in head.groupby("task"):
         keyed = {(r.encoder, r.model, r.seed): r.value for r in part.itertuples()}
         task_cells = [c for c in cells if c.task == task and (c.encoder, c.model, c.seed) in keyed]
         best = max(task_cells, key=lambda c: keyed[(c.encoder, c.model, c.seed)])
-        preds = {c.name: RunDir(out / "cells" / c.name / "run").predictions().set_index("slide_id")
-                 for c in task_cells}
-        classes = RunDir(out / "cells" / best.name / "run").metrics()["classes"]
+        preds = {c.name: RunDir(c.run_dir(out)).predictions().set_index("slide_id") for c in task_cells}
+        classes = RunDir(best.run_dir(out)).metrics()["classes"]
         ref = preds[best.name]
         y = ref["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
         groups = ref["case_id"].to_numpy()
@@ -86,20 +83,24 @@ def compare_cells(out: Path, cells, board: pd.DataFrame, n_boot: int) -> pd.Data
             boot = _paired_auroc(y, pa, pb, groups, n_boot)
             dl = delong(y, pa[:, 1], pb[:, 1]) if len(classes) == 2 else {"p": float("nan")}
             rows.append({"task": task, "encoder": c.encoder, "model": c.model, "strategy": c.strategy or "",
-                         "seed": c.seed, "vs": by_name[best.name].name, "metric": "auroc", "diff": boot["diff"],
+                         "seed": c.seed, "vs": best.name, "metric": "auroc", "diff": boot["diff"],
                          "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "p_bootstrap": boot["p"],
                          "p_delong": dl["p"]})
     return pd.DataFrame(rows, columns=["task", "encoder", "model", "strategy", "seed", "vs", "metric", "diff",
                                        "ci_low", "ci_high", "p_bootstrap", "p_delong"])
 
 
+def headline_rows(board: pd.DataFrame) -> pd.DataFrame:
+    """Each task's rows of its headline metric (the first of its metrics: `collect` keeps the task's order)."""
+    first = board.groupby("task", sort=False)["metric"].first()
+    return board[board["metric"] == board["task"].map(first)]
+
+
 def rank_configs(board: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     """Average rank over tasks of each (encoder, model) by its task's headline metric (mean over seeds),
     and the Nemenyi critical difference at alpha 0.05."""
-    heads = []
-    for task, part in board[board["cohort"] == "cv"].groupby("task"):
-        metric = part["metric"].iloc[0]          # the task's first metric is its headline
-        heads.append(part[part["metric"] == metric].groupby(["encoder", "model"])["value"].mean().rename(task))
+    heads = [part.groupby(["encoder", "model"])["value"].mean().rename(task)
+             for task, part in headline_rows(board[board["cohort"] == "cv"]).groupby("task")]
     if not heads:
         return pd.DataFrame(columns=["encoder", "model", "mean_rank"]), float("nan")
     table = pd.concat(heads, axis=1)
@@ -146,14 +147,14 @@ def write_leaderboard(out: Path, cells, results, n_boot: int, robustness: dict |
     failed = [r for r in results if r.get("status") != "done"]
     if failed:
         parts.append("<h2>Failed cells</h2>" + _table(pd.DataFrame(failed)[["cell", "error"]]))
-    for task, part in board[board["cohort"] == "cv"].groupby("task"):
-        metric = create_task({"task": next(c for c in cells if c.task == task).config.get("task",
-                                                                                          "classification")}).metric_names[0]
-        view = part[part["metric"] == metric].sort_values("value", ascending=False)
+    heads = headline_rows(board)
+    for task, part in heads[heads["cohort"] == "cv"].groupby("task"):
+        metric = part["metric"].iloc[0]
+        view = part.sort_values("value", ascending=False)
         parts.append(f"<h2>{html.escape(task)}: pooled out-of-fold {html.escape(metric)} (95% patient-bootstrap CI)"
                      f"</h2>" + _table(view[["encoder", "model", "strategy", "seed", "value", "ci_low", "ci_high",
                                              "seconds", "peak_mb"]]))
-    others = board[(board["cohort"] != "cv") & board["metric"].isin(["auroc", "c_index", "pearson_r", "qwk"])]
+    others = heads[heads["cohort"] != "cv"]
     if len(others):
         parts.append("<h2>Per site and external cohorts</h2>" + _table(
             others[["task", "cohort", "encoder", "model", "seed", "metric", "value", "ci_low", "ci_high"]]))

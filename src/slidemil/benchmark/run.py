@@ -26,6 +26,7 @@ import yaml
 from slidemil.benchmark.cell import CELL_FILE, run_cell
 from slidemil.benchmark.grid import Cell, GridConfig, expand, read_grid, task_options
 from slidemil.benchmark.leaderboard import write_leaderboard
+from slidemil.data.cohort import Cohort
 from slidemil.data.splits import make_splits
 from slidemil.errors import InputError
 from slidemil.robustness import read_cohorts, run_robustness
@@ -36,21 +37,21 @@ from slidemil.utils.dist import rank_world, wait_for
 from slidemil.utils.io import ensure_writable, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
-CELL_DONE = "cell.json"
 
 
-def validate(grid: GridConfig, cells: list[Cell], out: Path) -> dict[str, TrainConfig]:
+def validate(grid: GridConfig, cells: list[Cell], out: Path) -> dict[str, tuple[TrainConfig, Cohort]]:
     """Every (task, encoder) cohort with its features, every external folder, the robustness columns:
-    checked before anything is written. Returns each task's first cell config (the splits' settings)."""
-    first: dict[str, TrainConfig] = {}
+    checked before anything is written. Returns each task's first cell config (the splits' settings)
+    with its cohort."""
+    first: dict[str, tuple[TrainConfig, Cohort]] = {}
     seen = set()
     for cell in cells:
         if (cell.task, cell.encoder) in seen:
             continue
         seen.add((cell.task, cell.encoder))
-        cfg = TrainConfig(**{**cell.config, "out": str(out / "cells" / cell.name / "run")})
-        load_cohort(cfg)                                   # label table + this encoder's feature files
-        first.setdefault(cell.task, cfg)
+        cfg = TrainConfig(**{**cell.config, "out": str(cell.run_dir(out))})
+        cohort = load_cohort(cfg)                          # label table + this encoder's feature files
+        first.setdefault(cell.task, (cfg, cohort))
     for name, ext in grid.external.items():
         if not Path(ext.labels).is_file():
             raise InputError(f"external {name}: label table {ext.labels} does not exist")
@@ -70,7 +71,7 @@ def _robustness_settings(grid: GridConfig):
                                               "label_col": opts.get("label_col", grid.robustness.label_col)})
 
 
-def _claim_folder(grid_path: Path, grid: GridConfig, out: Path) -> None:
+def _claim_folder(grid: GridConfig, out: Path) -> None:
     """DIR/grid.yaml: written by the first run; a rerun must bring the same grid."""
     saved = out / "grid.yaml"
     text = yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=True)
@@ -82,14 +83,13 @@ def _claim_folder(grid_path: Path, grid: GridConfig, out: Path) -> None:
     write_text(saved, text)
 
 
-def write_splits(first: dict[str, TrainConfig], out: Path) -> None:
+def write_splits(first: dict[str, tuple[TrainConfig, Cohort]], out: Path) -> None:
     """One splits.csv per task (the first seed's, grouped by patient), unless it exists (resume)."""
-    for task_name, cfg in first.items():
+    for task_name, (cfg, cohort) in first.items():
         path = out / "splits" / f"{task_name}.csv"
         if path.is_file():
             continue
         task = create_task(cfg)
-        cohort = task.read(cfg.labels)
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site,
                              task.strata(cohort.table, cfg.folds), cfg.cv)
         task.check_splits(splits, cohort.table)
@@ -99,10 +99,9 @@ def write_splits(first: dict[str, TrainConfig], out: Path) -> None:
 def run_cell_process(cell: Cell, grid: GridConfig, out: Path, rank: int = 0) -> dict:
     """Run one cell (in a child process unless the grid says `isolate: false`); its status, wall seconds
     and the child's own peak RSS."""
-    folder = out / "cells" / cell.name
-    done = folder / CELL_DONE
-    if done.is_file() and json.loads(done.read_text()).get("status") == "done":
-        return {**json.loads(done.read_text()), "skipped": True}
+    folder, done = cell.folder(out), cell.done_path(out)
+    if done.is_file() and (previous := json.loads(done.read_text())).get("status") == "done":
+        return {**previous, "skipped": True}
     external = {name: {"labels": ext.labels, "features": ext.features[cell.encoder]}
                 for name, ext in grid.external.items()}
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +150,7 @@ def run_benchmark(grid_path: str | Path, out: str | Path, progress=None, rank: i
     ensure_writable(out)
     split_paths = [out / "splits" / f"{t}.csv" for t in first]
     if rank == 0:
-        _claim_folder(grid_path, grid, out)
+        _claim_folder(grid, out)
         write_splits(first, out)
     else:
         wait_for(split_paths, "splits", poll=1.0)
@@ -162,8 +161,8 @@ def run_benchmark(grid_path: str | Path, out: str | Path, progress=None, rank: i
         results.append(run_cell_process(cell, grid, out, rank))
     if rank != 0:
         return {"cells": results, "leaderboard": None}
-    wait_for([out / "cells" / c.name / CELL_DONE for c in cells], "cells", poll=5.0)
-    results = [json.loads((out / "cells" / c.name / CELL_DONE).read_text()) for c in cells]
+    wait_for([c.done_path(out) for c in cells], "cells", poll=5.0)
+    results = [json.loads(c.done_path(out).read_text()) for c in cells]
     robustness = None
     if grid.robustness is not None:
         robustness = run_robustness(grid.features, grid.labels, out / "robustness", _robustness_settings(grid))

@@ -3,9 +3,19 @@ of a drawn patient come along), recompute the metric set, take percentiles."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
+
+
+def patient_resamples(groups: np.ndarray, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """`n_boot` row-index arrays, each drawing as many patients as there are, with replacement; all rows
+    of a drawn patient come along."""
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
 
 
 def patient_bootstrap(metric_fn: Callable[[np.ndarray], dict[str, float]], groups: np.ndarray, n_boot: int = 1000,
@@ -16,13 +26,8 @@ def patient_bootstrap(metric_fn: Callable[[np.ndarray], dict[str, float]], group
     is skipped, and so are non-finite values; `n_boot` reports how many resamples each CI rests on."""
     groups = np.asarray(groups)
     point = metric_fn(np.arange(len(groups)))
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     samples = {k: [] for k in point}
-    for _ in range(n_boot):
-        drawn = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in drawn])
+    for idx in patient_resamples(groups, n_boot, seed):
         if usable is not None and not usable(idx):
             continue
         for k, v in metric_fn(idx).items():

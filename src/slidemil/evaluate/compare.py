@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
+from slidemil.evaluate.bootstrap import patient_resamples
+
 
 def paired_bootstrap(metric_a: Callable[[np.ndarray], float], metric_b: Callable[[np.ndarray], float],
                      groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -16,12 +18,8 @@ def paired_bootstrap(metric_a: Callable[[np.ndarray], float], metric_b: Callable
     share of resampled differences on either side of 0, counted as (k + 1) / (n + 1))."""
     groups = np.asarray(groups)
     point = metric_a(np.arange(len(groups))) - metric_b(np.arange(len(groups)))
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in patient_resamples(groups, n_boot, seed):
         d = metric_a(idx) - metric_b(idx)
         if np.isfinite(d):
             diffs.append(d)

@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
+from slidemil.evaluate.bootstrap import patient_resamples
 from slidemil.utils.figures import new_figure, save_figure
 
 
@@ -26,12 +27,8 @@ def curve_bands(truth, score, groups, n_boot: int = 200, seed: int = 0):
     """95% bands of the ROC (TPR at a fixed FPR grid) and PR (precision at a fixed recall grid) curves,
     from a bootstrap over patients."""
     grid = np.linspace(0, 1, 101)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     rocs, prs = [], []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in patient_resamples(groups, n_boot, seed):
         t, s = truth[idx], score[idx]
         if t.min() == t.max():
             continue

@@ -246,10 +246,9 @@ class Survival(Task):
             scores.append(np.nanmean(cs) if cs else np.nan)
         best = alphas[int(np.nanargmax(scores))] if np.isfinite(scores).any() else 1.0
         model = cox(best, np.arange(len(xs)))
-        fitted, risk = model.predict(xs), model.predict(xt)
-        ref = {"median": float(np.median(fitted)), "std": float(np.std(fitted)) or 1.0}
-        return {"risk": risk, "risk_pooled": (risk - ref["median"]) / ref["std"],
-                "risk_group": np.where(risk > ref["median"], "high", "low").astype(object)}
+        # the model's own risk columns, the Cox scores playing its logits: pooled and cut by the training risks
+        state = self.after_fit({"loss": "cox"}, model.predict(xs)[:, None])
+        return self.columns(state, model.predict(xt)[:, None], meta)
 
     # -- predictions --------------------------------------------------------------------------------
     def columns(self, state, logits, meta) -> dict:

@@ -148,14 +148,11 @@ def _follow(cfg: TrainConfig, progress, rank: int, world: int) -> Path:
     task = create_task(cfg)
     cohort = load_cohort(cfg, task)
     run = RunDir(cfg.out)
-    wait_for([run.path / LAUNCH_FILE], "the run folder", poll=1.0, ready=lambda p: p.read_text() == launch_id())
+    wait_for([run.launch_path], "the run folder", poll=1.0, ready=lambda p: p.read_text() == launch_id())
     splits = read_splits(run.splits_path, cohort)
     folds = sorted(int(k) for k in splits["fold"].unique())
     _train_folds(cfg, run, cohort, splits, folds[rank::world], progress, task)
     return run.path
-
-
-LAUNCH_FILE = ".launch"   # torchrun's run id, written by rank 0 once the config and splits are in place
 
 
 def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame) -> None:
@@ -166,7 +163,7 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     config = dict(sorted(config.items(), key=lambda kv: kv[0] not in ("features", "labels", "out")))  # inputs first
     config["slidemil"] = provenance(cohort)
     run.write_config(config)
-    write_text(run.path / LAUNCH_FILE, launch_id())
+    write_text(run.launch_path, launch_id())
 
 
 def _train_folds(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, folds: list[int], progress,
