@@ -175,6 +175,7 @@ def train(
     class_weights: Optional[str] = _opt(TrainConfig, "class_weights"),
     balanced_sampling: Optional[bool] = _opt(TrainConfig, "balanced_sampling", "--balanced-sampling"),
     max_instances: Optional[int] = _opt(TrainConfig, "max_instances"),
+    pack_len: Optional[int] = _opt(TrainConfig, "pack_len"),
     batch_size: Optional[int] = _opt(TrainConfig, "batch_size"),
     accum_steps: Optional[int] = _opt(TrainConfig, "accum_steps"),
     bag_unit: Optional[str] = _opt(TrainConfig, "bag_unit"),
@@ -322,12 +323,13 @@ def models():
 
     table = Table(title="slidemil models")
     table.add_column("name", no_wrap=True)
-    for col in ("paper", "complexity", "summary", "arguments"):
+    for col in ("paper", "complexity", "packs", "summary", "arguments"):
         table.add_column(col, overflow="fold")
     for e in MODELS:
-        table.add_row(e.name, e.paper, e.complexity, e.summary, args(e))
+        table.add_row(e.name, e.paper, e.complexity, "yes" if e.cls.packable else "", e.summary, args(e))
     out_console.print(table)
-    out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes).")
+    out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes). "
+                      "'packs': trains with --pack-len (pooling kept inside each bag of a pack).")
     extra = Table(title="training strategies (--strategy) and re-embeddings (--reembed)")
     extra.add_column("name", no_wrap=True)
     for col in ("kind", "paper", "summary", "arguments"):

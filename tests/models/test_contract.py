@@ -70,7 +70,11 @@ def test_every_parameter_gets_a_gradient(name):
     x = torch.randn(2, 300, 16)
     out = model(x)
     model.loss(out, torch.tensor([0, 1]), F.cross_entropy).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    # ABMIL's attention bias (kept for its checkpoints) shifts every logit equally, which the softmax ignores:
+    # its gradient is 0 up to round-off, sometimes exactly 0, so only its presence in the graph is checked
+    shift_only = {"attention.w.bias"}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and
+               (p.grad is None or (not p.grad.abs().sum() and n not in shift_only))]
     assert not missing, f"no gradient reached {missing}"
 
 

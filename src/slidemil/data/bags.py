@@ -165,6 +165,11 @@ def collate_bags(bags: list[Bag]) -> dict:
             "y": _stack_targets([b.y for b in bags])}
 
 
+def collate_list(bags: list[Bag]) -> dict:
+    """The bags as a list of [n_i, D] tensors, unpadded (`xs`), for training on packs."""
+    return {"ids": [b.unit_id for b in bags], "xs": [b.x for b in bags], "y": _stack_targets([b.y for b in bags])}
+
+
 def _stack_targets(ys: list[Target]) -> torch.Tensor:
     """Class indices as int64 [B] (cross-entropy); anything else as float32 [B] or [B, k]."""
     y = torch.as_tensor(np.asarray(ys))

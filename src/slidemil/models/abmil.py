@@ -8,6 +8,7 @@ from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer, mlp_embed
 from slidemil.nn.masked import full_mask, masked_softmax
+from slidemil.nn.segments import segment_softmax, segment_sum
 
 
 @register("abmil", paper="Ilse et al., ICML 2018 (arXiv 1802.04712)",
@@ -25,6 +26,7 @@ class ABMIL(MILModel):
 
     attention_scores = True
     embedding_module = "embed"
+    packable = True
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 128,
                  gated: bool = True, dropout: float = 0.25, attn_dropout: float = 0.0):
@@ -39,4 +41,12 @@ class ABMIL(MILModel):
         raw = self.attention(h)[..., 0]                    # [B, N]
         a = masked_softmax(raw, mask)
         z = (a.unsqueeze(1) @ h)[:, 0]                     # [B, hidden]
+        return MILOutput(self.classifier(z), a, {"attention_logits": raw}, bag_embedding=z, instance_embeddings=h)
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        """PackMIL's pack-aware ABMIL: the softmax runs within each bag's tokens of the pack."""
+        h = self.embed(x)
+        raw = self.attention(h)[..., 0]                    # [P, L]
+        a = segment_softmax(raw, segments)
+        z = segment_sum(a.unsqueeze(-1) * h, segments)     # [n, hidden]
         return MILOutput(self.classifier(z), a, {"attention_logits": raw}, bag_embedding=z, instance_embeddings=h)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slidemil.nn.segments import Segments, pack_bags
+
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -40,6 +42,8 @@ class MILModel(nn.Module):
     # the submodule that embeds each instance before anything mixes them (None: no such layer); strategies that
     # work in the embedding space (MHIM-v2 merge, the MHIM student init) find it here
     embedding_module: str | None = None
+    # True when `forward_packed` keeps every pooling inside its own bag (`--pack-len`, nn/segments.py)
+    packable = False
 
     def __init__(self, in_dim: int, n_outputs: int):
         super().__init__()
@@ -48,6 +52,17 @@ class MILModel(nn.Module):
 
     def loss(self, out: MILOutput, target: torch.Tensor, task_loss: TaskLoss) -> torch.Tensor:
         return task_loss(out.logits, target)
+
+    def forward_packed(self, x: torch.Tensor, segments: Segments) -> MILOutput:
+        """Packed bags: x [P, L, D], `segments` naming each token's bag. Returns logits [n_bags, C] equal to
+        running each bag alone; instance_scores and instance_embeddings stay in the packed [P, L] layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pool inside each bag of a pack")
+
+    def forward_bags(self, bags: list[torch.Tensor], pack_len: int) -> MILOutput:
+        """Training on a list of bags ([n_i, D] each) packed into packs of `pack_len` tokens: one prediction
+        per bag. Strategies that pack their own way (PackMIL) override this."""
+        packed = pack_bags(bags, pack_len)
+        return self.forward_packed(packed.x, packed.segments)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters the optimizer must not decay (as timm's `model.no_weight_decay()`): those a
@@ -80,9 +95,13 @@ class Wrapped(MILModel):
         super().__init__(model.in_dim if in_dim is None else in_dim, model.n_outputs)
         self.model = model
         self.attention_scores = model.attention_scores
+        self.packable = model.packable
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         return self.model(x, mask, coords)
+
+    def forward_packed(self, x, segments: Segments) -> MILOutput:
+        return self.model.forward_packed(x, segments)
 
     def loss(self, out: MILOutput, target: torch.Tensor, task_loss: TaskLoss) -> torch.Tensor:
         return self.model.loss(out, target, task_loss)
@@ -109,3 +128,13 @@ def pick_class(per_class: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return per_class[:, -1]
     idx = logits.argmax(1).view(-1, 1, 1).expand(-1, 1, per_class.shape[2])
     return per_class.gather(1, idx)[:, 0]
+
+
+def pick_class_packed(per_class: torch.Tensor, logits: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """`pick_class` for packed per-class scores [P, L, C]: each token takes its own bag's class; 0 at padding."""
+    if per_class.shape[-1] == 1:
+        return per_class[..., 0]
+    if logits.shape[1] == 2:
+        return per_class[..., -1]
+    cls = logits.argmax(1)[segments.ids.clamp_min(0)]
+    return per_class.gather(-1, cls[..., None])[..., 0].masked_fill(~segments.mask, 0.0)

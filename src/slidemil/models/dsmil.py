@@ -8,9 +8,10 @@ import math
 import torch
 from torch import nn
 
-from slidemil.models.base import MILModel, MILOutput, pick_class
+from slidemil.models.base import MILModel, MILOutput, pick_class, pick_class_packed
 from slidemil.models.registry import register
 from slidemil.nn.masked import full_mask, masked_max, masked_softmax
+from slidemil.nn.segments import segment_max, segment_softmax, segment_sum
 
 
 @register("dsmil", paper="Li et al., CVPR 2021 (arXiv 2011.08939)",
@@ -30,6 +31,7 @@ class DSMIL(MILModel):
     """
 
     attention_scores = True
+    packable = True
 
     def __init__(self, in_dim: int, n_outputs: int, q_dim: int = 128, passing_v: bool = False,
                  dropout_v: float = 0.0, average: bool = False):
@@ -60,11 +62,26 @@ class DSMIL(MILModel):
         att = masked_softmax(att, mask[:, None])
         bag = att @ self.v(x)                                          # [B, C', D]
         s_bag = self.fcc(bag)[..., 0]                                  # [B, C']
+        logits, extras = self._heads(s_max, s_bag, c.transpose(1, 2))
+        return MILOutput(logits, pick_class(att, logits), extras)
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        """Both streams within each bag of the pack: the critical instance is the bag's own top instance, and the
+        attention softmax runs over the bag's tokens."""
+        c = self.instance_classifier(x)                               # [P, L, C']
+        s_max, crit = segment_max(c, segments)                         # [n, C'] values, flat token positions
+        q = self.q(x)                                                  # [P, L, Q]
+        q_crit = q.reshape(-1, q.shape[-1])[crit]                      # [n, C', Q]
+        q_at = q_crit[segments.ids.clamp_min(0)]                       # each token's own bag: [P, L, C', Q]
+        att = segment_softmax((q_at @ q.unsqueeze(-1))[..., 0] / math.sqrt(q.shape[-1]), segments)   # [P, L, C']
+        bag = segment_sum(att.unsqueeze(-1) * self.v(x).unsqueeze(-2), segments)    # [n, C', D]
+        logits, extras = self._heads(s_max, self.fcc(bag)[..., 0], c)
+        return MILOutput(logits, pick_class_packed(att, logits, segments), extras)
+
+    def _heads(self, s_max, s_bag, instance_logits) -> tuple[torch.Tensor, dict]:
         score = (s_bag + s_max) / 2 if self.average else s_bag
-        logits = self._as_logits(score)
-        return MILOutput(logits, pick_class(att, logits),
-                         {"max_logits": self._as_logits(s_max), "bag_logits": self._as_logits(s_bag),
-                          "instance_logits": c.transpose(1, 2)})
+        return self._as_logits(score), {"max_logits": self._as_logits(s_max), "bag_logits": self._as_logits(s_bag),
+                                        "instance_logits": instance_logits}
 
     def loss(self, out, target, task_loss):
         return 0.5 * task_loss(out.extras["max_logits"], target) + 0.5 * task_loss(out.extras["bag_logits"], target)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slidemil.models.base import MILModel, MILOutput, pick_class
+from slidemil.models.base import MILModel, MILOutput, pick_class, pick_class_packed
 from slidemil.models.registry import register
 from slidemil.nn.attention import mlp_embed
 from slidemil.nn.masked import full_mask, masked_max, masked_mean
+from slidemil.nn.segments import segment_max, segment_mean
 
 
 class _EmbeddingPool(MILModel):
@@ -16,6 +17,7 @@ class _EmbeddingPool(MILModel):
     then a linear classifier."""
 
     embedding_module = "embed"
+    packable = True
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
         super().__init__(in_dim, n_outputs)
@@ -38,6 +40,12 @@ class MeanPool(_EmbeddingPool):
         per_inst = (h @ self.classifier.weight.T).transpose(1, 2).masked_fill(~mask[:, None], 0.0)
         return MILOutput(logits, pick_class(per_inst, logits))
 
+    def forward_packed(self, x, segments) -> MILOutput:
+        h = self.embed(x)
+        logits = self.classifier(segment_mean(h, segments))
+        per_inst = (h @ self.classifier.weight.T).masked_fill(~segments.mask[..., None], 0.0)   # [P, L, C]
+        return MILOutput(logits, pick_class_packed(per_inst, logits, segments))
+
 
 @register("max_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, max pooling)",
           summary="embed each instance, element-wise max over the bag, linear classifier")
@@ -55,6 +63,13 @@ class MaxPool(_EmbeddingPool):
         share.scatter_add_(1, idx, torch.full_like(idx, 1.0 / idx.shape[1], dtype=h.dtype))
         return MILOutput(self.classifier(z), share)
 
+    def forward_packed(self, x, segments) -> MILOutput:
+        h = self.embed(x)
+        z, first = segment_max(h, segments)                  # [n, H] values and flat token positions
+        share = h.new_zeros(segments.ids.numel()).index_add(0, first.reshape(-1),
+                                                            h.new_full((first.numel(),), 1.0 / first.shape[1]))
+        return MILOutput(self.classifier(z), share.view(segments.ids.shape))
+
 
 @register("instance_max", paper="Wang et al., Pattern Recognition 2018 (mi-Net); Raff & Holt, NeurIPS 2023",
           summary="instance classifier, then max over instances (respects the standard MIL assumption)")
@@ -65,6 +80,8 @@ class InstanceMax(MILModel):
     softmax gives sigmoid(max_k s_k): only positive evidence can raise the bag, as the standard MIL
     assumption requires. With C > 2 classes each class logit is its own max over instances.
     """
+
+    packable = True
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
         super().__init__(in_dim, n_outputs)
@@ -79,3 +96,10 @@ class InstanceMax(MILModel):
         logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
         per_inst = s.transpose(1, 2).masked_fill(~mask[:, None], 0.0)
         return MILOutput(logits, pick_class(per_inst, logits), {"instance_logits": per_inst})
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        s = self.instance_net(x).masked_fill(~segments.mask[..., None], 0.0)    # [P, L, C']
+        top, _ = segment_max(s, segments)
+        logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
+        return MILOutput(logits, pick_class_packed(s, logits, segments), {"instance_logits": s})
+

@@ -73,3 +73,6 @@ class Standardized(Wrapped):
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         return self.model(self.scaling(x), mask, coords)
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        return self.model.forward_packed(self.scaling(x), segments)

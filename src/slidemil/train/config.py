@@ -75,6 +75,10 @@ class TrainConfig(TaskConfig):
     accum_steps: int = Field(1, ge=1, description="Gradient accumulation steps.")
     grad_clip: Optional[float] = Field(None, description="Clip the gradient norm to this value.")
     max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
+    pack_len: Optional[int] = Field(None, ge=1, description="Train on packs: the --batch-size bags of a step laid end "
+                                                          "to end in packs of this many instances, pooled per bag "
+                                                          "(PackMIL); a longer bag trains on a random subset of this "
+                                                          "size. Models that pool per bag only (see `slidemil models`).")
     balanced_sampling: bool = Field(False, description="Sample bags class-balanced.")
     seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
     # runtime (not part of the experiment's identity: may change on --resume)
@@ -111,6 +115,26 @@ class TrainConfig(TaskConfig):
         return self
 
     @model_validator(mode="after")
+    def _packing(self):
+        """--pack-len needs a model (and strategy) that keeps its pooling inside each bag of a pack."""
+        strategy = STRATEGIES.info(self.strategy).cls if self.strategy else None
+        if strategy is not None and getattr(strategy, "needs_packing", False) and not self.pack_len:
+            raise ValueError(f"strategy {self.strategy!r} trains on packs: give --pack-len (e.g. 2048)")
+        if not self.pack_len:
+            return self
+        packable = sorted(n for n in MODELS.available() if MODELS.info(n).cls.packable)
+        if not MODELS.info(self.model).cls.packable:
+            raise ValueError(f"--pack-len: model {self.model!r} cannot keep its attention inside each bag of a pack; "
+                             f"packable models: {', '.join(packable)} (or drop --pack-len)")
+        if self.reembed:
+            raise ValueError(f"--pack-len: re-embedding {self.reembed!r} mixes the whole sequence; drop --reembed or "
+                             f"--pack-len")
+        if strategy is not None and not strategy.supports_packing:
+            raise ValueError(f"--pack-len: strategy {self.strategy!r} reads whole bags; drop --strategy or --pack-len "
+                             f"(strategy packmil trains on packs)")
+        return self
+
+    @model_validator(mode="after")
     def _recipe(self):
         """The recipe's settings for every field the user did not give: the paper's (`--recipe paper`) or
         slidemil's measured per-model defaults."""
@@ -128,8 +152,9 @@ class TrainConfig(TaskConfig):
                 raise ValueError(f"--class-weights is for classification; task {self.task!r} has no class weights")
             if self.monitor == "val_auroc":
                 raise ValueError(f"--monitor val_auroc is for classification; use val_metric for task {self.task!r}")
-            if self.strategy == "sc":
-                raise ValueError("strategy sc contrasts bags of the same class; it needs --task classification")
+            if self.strategy in ("sc", "packmil"):
+                raise ValueError(f"strategy {self.strategy} mixes or contrasts class labels; it needs --task "
+                                 f"classification" + (" (--pack-len alone packs any task)" if self.strategy == "packmil" else ""))
         if self.cv == "leave-site-out" and not self.site_col:
             raise ValueError("--cv leave-site-out needs --site-col, the label-table column naming each slide's centre")
         if self.balanced_sampling and self.task in ("survival", "regression"):

@@ -1,6 +1,6 @@
 """Train one model on one fold: AdamW, warm-up + cosine (or plateau), epoch selection and early stopping
 on the inner validation split only (smoothed over epochs, never before min_epochs), gradient
-accumulation, bf16 autocast on GPU, padded mini-batches."""
+accumulation, bf16 autocast on GPU, padded mini-batches or packs (`--pack-len`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from slidemil.data.bags import BagDataset, collate_bags
+from slidemil.data.bags import BagDataset, collate_bags, collate_list
 from slidemil.errors import TrainingError
 from slidemil.models.base import MILModel
 from slidemil.rundir import RunDir
@@ -98,6 +98,13 @@ def param_groups(model: MILModel, weight_decay: float) -> list[dict]:
     return groups
 
 
+def _training_forward(model: MILModel, batch: dict, device, pack_len: int | None):
+    """One training forward: packed (`--pack-len`: one prediction per bag of the packs) or padded."""
+    if pack_len:
+        return model.forward_bags([x.to(device) for x in batch["xs"]], pack_len)
+    return model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
+
+
 @dataclass
 class FitResult:
     state: dict
@@ -123,8 +130,8 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     else:
         sampler, shuffle = None, True
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=shuffle, sampler=sampler,
-                        collate_fn=collate_bags, num_workers=cfg.num_workers, generator=generator,
-                        drop_last=False)
+                        collate_fn=collate_list if cfg.pack_len else collate_bags, num_workers=cfg.num_workers,
+                        generator=generator, drop_last=False)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps = math.ceil(len(loader) / cfg.accum_steps)
     sched = _scheduler(opt, cfg, steps)
@@ -141,7 +148,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         for i, batch in enumerate(loader):
             model.batch_start(batch["ids"])
             with autocast(device):
-                out = model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
+                out = _training_forward(model, batch, device, cfg.pack_len)
                 loss = model.loss(out, batch["y"].to(device), task_loss)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {float(loss.detach())} at epoch {epoch + 1} (bag(s) "

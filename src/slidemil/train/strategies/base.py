@@ -23,12 +23,14 @@ def register_strategy(name: str, paper: str, summary: str):
 
 class Strategy(Wrapped):
     requires_attention = True  # the strategy reads an attention distribution over the bag
+    supports_packing = False   # its loss and hooks read packed outputs (`--pack-len`) correctly
 
     def __init__(self, model: MILModel):
         if self.requires_attention and not model.attention_scores:
             raise ValueError(f"strategy {type(self).name!r} needs an attention model; {type(model).__name__} "
                              f"does not pool by attention (see `slidemil models`)")
         super().__init__(model)
+        self.packable = model.packable and self.supports_packing
 
 
 def needs(value, what: str, strategy: str, model: MILModel):
