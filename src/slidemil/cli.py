@@ -183,6 +183,7 @@ def train(
     skip_bad: Optional[bool] = _opt(TrainConfig, "skip_bad", "--skip-bad"),
     bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
     device: Optional[str] = _opt(TrainConfig, "device"),
+    ddp: Optional[str] = _opt(TrainConfig, "ddp"),
     num_workers: Optional[int] = _opt(TrainConfig, "num_workers"),
     cache_gb: Optional[float] = _opt(TrainConfig, "cache_gb"),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),

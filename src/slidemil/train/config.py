@@ -81,6 +81,10 @@ class TrainConfig(TaskConfig):
                                                           "size. Models that pool per bag only (see `slidemil models`).")
     balanced_sampling: bool = Field(False, description="Sample bags class-balanced.")
     seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
+    ddp: Literal["folds", "data"] = Field(
+        "folds", description="Under torchrun: folds = each rank trains whole folds (results as one process); data = "
+                             "all ranks train each fold together, each on its share of every step's bags, "
+                             "gradients averaged (a step sees ranks x --batch-size bags).")
     # runtime (not part of the experiment's identity: may change on --resume)
     device: str = Field("auto", description="auto | cpu | cuda.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")

@@ -110,8 +110,10 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
     Under torchrun (`torchrun --nproc_per_node K -m slidemil train ...`) the folds are spread over the
     ranks (rank r trains folds r, r + K, ...; each fold is seeded by its number, so the results are the
     same as in one process); rank 0 owns the run folder: it writes the config and splits, then pools
-    and evaluates once every fold's done.json exists. `ranks=(0, 1)` runs alone whatever the environment
-    says (a benchmark cell, which is itself one rank's piece of work)."""
+    and evaluates once every fold's done.json exists. With `--ddp data` all ranks train every fold together
+    (the trainer shares each step's bags out and averages the gradients) and only rank 0 writes.
+    `ranks=(0, 1)` runs alone whatever the environment says (a benchmark cell, which is itself one rank's
+    piece of work)."""
     rank, world = ranks or rank_world()
     if rank > 0:
         return _follow(cfg, progress, rank, world)
@@ -134,8 +136,8 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
         run.clean_temporaries()
         _prepare_run(cfg, run, cohort, splits)
         folds = sorted(int(k) for k in splits["fold"].unique())
-        _train_folds(cfg, run, cohort, splits, folds[0::world], progress, task)
-        if world > 1:
+        _train_folds(cfg, run, cohort, splits, _rank_folds(cfg, folds, 0, world), progress, task)
+        if world > 1 and cfg.ddp == "folds":
             wait_for([run.fold_dir(k) / "done.json" for k in folds], "folds")
         _pool(cfg, run, cohort, splits, task)
         evaluate_run(run, n_boot=cfg.bootstrap, seed=cfg.seed)
@@ -151,8 +153,13 @@ def _follow(cfg: TrainConfig, progress, rank: int, world: int) -> Path:
     wait_for([run.launch_path], "the run folder", poll=1.0, ready=lambda p: p.read_text() == launch_id())
     splits = read_splits(run.splits_path, cohort)
     folds = sorted(int(k) for k in splits["fold"].unique())
-    _train_folds(cfg, run, cohort, splits, folds[rank::world], progress, task)
+    _train_folds(cfg, run, cohort, splits, _rank_folds(cfg, folds, rank, world), progress, task)
     return run.path
+
+
+def _rank_folds(cfg: TrainConfig, folds: list[int], rank: int, world: int) -> list[int]:
+    """The folds this rank trains: folds r, r + K, ... (fold-parallel), or all of them (`--ddp data`)."""
+    return folds if cfg.ddp == "data" else folds[rank::world]
 
 
 def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame) -> None:
@@ -256,6 +263,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
 
     result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
                  fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
+    if rank_world()[0] > 0 and cfg.ddp == "data":      # rank 0 holds the same model and writes the fold
+        return
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
         whole = BagDataset(parts["train"].units, cache=cache, transform=scaling)   # whole bags (no --max-instances)
         state = task.after_fit(state, infer(model, whole, device).logits)

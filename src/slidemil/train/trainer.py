@@ -1,6 +1,7 @@
 """Train one model on one fold: AdamW, warm-up + cosine (or plateau), epoch selection and early stopping
 on the inner validation split only (smoothed over epochs, never before min_epochs), gradient
-accumulation, bf16 autocast on GPU, padded mini-batches or packs (`--pack-len`)."""
+accumulation, bf16 autocast on GPU, padded mini-batches or packs (`--pack-len`), data-parallel over
+torchrun's ranks (`--ddp data`: every rank validates alike, so all select and stop at the same epoch)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from slidemil.data.bags import BagDataset, collate_bags, collate_list
 from slidemil.errors import TrainingError
@@ -22,6 +23,7 @@ from slidemil.rundir import RunDir
 from slidemil.tasks import Task, create_task
 from slidemil.train.config import TrainConfig
 from slidemil.utils.device import autocast
+from slidemil.utils.dist import average_gradients, broadcast_parameters, join_process_group, rank_world
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,23 @@ def _training_forward(model: MILModel, batch: dict, device, pack_len: int | None
     return model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
 
 
+class RankShare(Sampler):
+    """Rank r's share of an epoch's order (`--ddp data`): every rank draws the same order from the same
+    seeded generator and takes items r, r + K, ...; the order is padded by repeating its start so that all
+    ranks take the same number of steps (as torch's DistributedSampler)."""
+
+    def __init__(self, order: Sampler, rank: int, world: int):
+        self.order, self.rank, self.world = order, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.world)
+
+    def __iter__(self):
+        order = list(self.order)
+        order += order[: len(self) * self.world - len(order)]
+        return iter(order[self.rank::self.world])
+
+
 @dataclass
 class FitResult:
     state: dict
@@ -129,6 +148,12 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         sampler, shuffle = WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator), None
     else:
         sampler, shuffle = None, True
+    rank, world = rank_world() if cfg.ddp == "data" else (0, 1)
+    if world > 1:   # data-parallel: the same model on every rank, each rank on its share of every step
+        join_process_group(device)
+        broadcast_parameters(model)
+        torch.manual_seed(cfg.seed + fold + 100_003 * rank)     # each rank its own dropout and masking draws
+        sampler, shuffle = RankShare(sampler or RandomSampler(train_ds, generator=generator), rank, world), None
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=shuffle, sampler=sampler,
                         collate_fn=collate_list if cfg.pack_len else collate_bags, num_workers=cfg.num_workers,
                         generator=generator, drop_last=False)
@@ -157,6 +182,8 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
             total += float(loss.detach()) * len(batch["ids"])
             n_seen += len(batch["ids"])
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
+                if world > 1:
+                    average_gradients([p for p in model.parameters() if p.requires_grad])
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
