@@ -185,6 +185,7 @@ def train(
     device: Optional[str] = _opt(TrainConfig, "device"),
     ddp: Optional[str] = _opt(TrainConfig, "ddp"),
     num_workers: Optional[int] = _opt(TrainConfig, "num_workers"),
+    max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
     cache_gb: Optional[float] = _opt(TrainConfig, "cache_gb"),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),
     quiet: Optional[bool] = _opt(TrainConfig, "quiet", "--quiet"),
@@ -286,6 +287,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             labels: Optional[Path] = typer.Option(None, help="Label table of this cohort (the run's columns): also "
                                                   "write its metrics with CIs to metrics.json beside --out."),
             bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
+            max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
             device: str = typer.Option("auto", help="auto | cpu | cuda.")):
     """Apply a run's fold ensemble to new features (the run's task decides the columns); with --labels,
     validate it on this cohort."""
@@ -300,7 +302,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         if labels is not None and not labels.is_file():
             raise InputError(f"--labels {labels} does not exist")
         ensure_writable(out.parent)
-        frame = run_predict(run, features, ids, device, skip_missing)
+        frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer)
         metrics = None
         if labels is not None:
             n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap

@@ -33,10 +33,10 @@ def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
 
 
 def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | None = None, device: str = "auto",
-            skip_missing: bool = False) -> pd.DataFrame:
+            skip_missing: bool = False, max_instances: int | None = None) -> pd.DataFrame:
     """One row per slide: slide_id, then the run task's fold-ensemble columns (classification:
     prob_<class>, pred, fold<k>_prob_<class>; survival: risk, risk_group, fold<k>_risk; regression:
-    pred, fold<k>_pred)."""
+    pred, fold<k>_pred). Bags over `max_instances` are scored chunk by chunk where the model can."""
     run, feature_dir = RunDir(run), Path(feature_dir)
     dev = resolve_device(device)
     if slide_ids is None:
@@ -65,7 +65,7 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
         check_compatible(meta, read_attrs(p), p)
     units = [(sid, [str(p)], 0) for sid, p in paths.items()]
     dataset = BagDataset(units, cache=len(models) > 1)
-    folds = [(m, infer(model, dataset, dev).logits) for model, m in models]
+    folds = [(m, infer(model, dataset, dev, chunk=max_instances).logits) for model, m in models]
     frame = model_task(meta).ensemble(folds)
     frame.insert(0, "slide_id", list(paths))
     return frame

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput
@@ -27,6 +28,7 @@ class ABMIL(MILModel):
     attention_scores = True
     embedding_module = "embed"
     packable = True
+    streams = True
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, attn_dim: int = 128,
                  gated: bool = True, dropout: float = 0.25, attn_dropout: float = 0.0):
@@ -50,3 +52,25 @@ class ABMIL(MILModel):
         a = segment_softmax(raw, segments)
         z = segment_sum(a.unsqueeze(-1) * h, segments)     # [n, hidden]
         return MILOutput(self.classifier(z), a, {"attention_logits": raw}, bag_embedding=z, instance_embeddings=h)
+
+    def forward_stream(self, chunks) -> MILOutput:
+        """The attention softmax and the pooled z accumulated over chunks with a running maximum (the online
+        softmax): z = sum_k exp(s_k - m) h_k / sum_k exp(s_k - m), rescaled whenever m grows. Only the raw
+        scores [N] are kept whole, for the instance scores."""
+        top, total, z, raws = None, None, None, []
+        for x in chunks:
+            h = self.embed(x)
+            raw = self.attention(h)[:, 0]
+            new_top = raw.max() if top is None else torch.maximum(top, raw.max())
+            e = torch.exp(raw - new_top)
+            if top is None:
+                total, z = e.sum(), e @ h
+            else:
+                scale = torch.exp(top - new_top)
+                total, z = total * scale + e.sum(), z * scale + e @ h
+            top = new_top
+            raws.append(raw)
+        raw = torch.cat(raws)
+        z = (z / total)[None]
+        return MILOutput(self.classifier(z), (torch.exp(raw - top) / total)[None], {"attention_logits": raw[None]},
+                         bag_embedding=z)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,8 @@ class MILModel(nn.Module):
     embedding_module: str | None = None
     # True when `forward_packed` keeps every pooling inside its own bag (`--pack-len`, nn/segments.py)
     packable = False
+    # True when `forward_stream` scores a bag chunk by chunk (`--max-instances-infer`)
+    streams = False
 
     def __init__(self, in_dim: int, n_outputs: int):
         super().__init__()
@@ -57,6 +59,11 @@ class MILModel(nn.Module):
         """Packed bags: x [P, L, D], `segments` naming each token's bag. Returns logits [n_bags, C] equal to
         running each bag alone; instance_scores and instance_embeddings stay in the packed [P, L] layout."""
         raise NotImplementedError(f"{type(self).__name__} cannot pool inside each bag of a pack")
+
+    def forward_stream(self, chunks: Iterable[torch.Tensor]) -> MILOutput:
+        """One bag given as consecutive chunks of instances ([n_i, D] each), for inference on bags too large
+        for one pass: equal to `forward` on the whole bag (batch of one), holding one chunk's activations."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score a bag chunk by chunk")
 
     def forward_bags(self, bags: list[torch.Tensor], pack_len: int) -> MILOutput:
         """Training on a list of bags ([n_i, D] each) packed into packs of `pack_len` tokens: one prediction
@@ -96,12 +103,16 @@ class Wrapped(MILModel):
         self.model = model
         self.attention_scores = model.attention_scores
         self.packable = model.packable
+        self.streams = model.streams
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         return self.model(x, mask, coords)
 
     def forward_packed(self, x, segments: Segments) -> MILOutput:
         return self.model.forward_packed(x, segments)
+
+    def forward_stream(self, chunks) -> MILOutput:
+        return self.model.forward_stream(chunks)
 
     def loss(self, out: MILOutput, target: torch.Tensor, task_loss: TaskLoss) -> torch.Tensor:
         return self.model.loss(out, target, task_loss)

@@ -40,6 +40,19 @@ class MeanPool(_EmbeddingPool):
         per_inst = (h @ self.classifier.weight.T).transpose(1, 2).masked_fill(~mask[:, None], 0.0)
         return MILOutput(logits, pick_class(per_inst, logits))
 
+    streams = True
+
+    def forward_stream(self, chunks) -> MILOutput:
+        """The mean accumulated chunk by chunk; instance scores W_c h_k per chunk."""
+        total, n, per_inst = None, 0, []
+        for x in chunks:
+            h = self.embed(x)
+            total = h.sum(0) if total is None else total + h.sum(0)
+            n += len(h)
+            per_inst.append(h @ self.classifier.weight.T)
+        logits = self.classifier((total / n)[None])
+        return MILOutput(logits, pick_class(torch.cat(per_inst).T[None], logits))
+
     def forward_packed(self, x, segments) -> MILOutput:
         h = self.embed(x)
         logits = self.classifier(segment_mean(h, segments))

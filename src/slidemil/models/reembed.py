@@ -24,7 +24,7 @@ class Reembedded(Wrapped):
     def __init__(self, encoder, model: MILModel, in_dim: int):
         super().__init__(model, in_dim)
         self.encoder = encoder
-        self.packable = False   # R²T's regional attention spans the whole sequence
+        self.packable = self.streams = False   # R²T's regional attention spans the whole sequence
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)

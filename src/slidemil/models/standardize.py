@@ -76,3 +76,6 @@ class Standardized(Wrapped):
 
     def forward_packed(self, x, segments) -> MILOutput:
         return self.model.forward_packed(self.scaling(x), segments)
+
+    def forward_stream(self, chunks) -> MILOutput:
+        return self.model.forward_stream(self.scaling(c) for c in chunks)

@@ -88,6 +88,9 @@ class TrainConfig(TaskConfig):
     # runtime (not part of the experiment's identity: may change on --resume)
     device: str = Field("auto", description="auto | cpu | cuda.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    max_instances_infer: Optional[int] = Field(None, ge=1, description="Score bags larger than this chunk by chunk "
+                                                                     "at validation and test (models that can: "
+                                                                     "abmil, mean_pool; same outputs, less memory).")
     cache_features: bool = Field(True, description="Keep bags in memory between epochs (up to --cache-gb).")
     cache_gb: Optional[float] = Field(None, ge=0, description="Memory for cached bags, shared by all folds (float16 "
                                                             "files stay float16); bags beyond it are read from "
@@ -96,7 +99,7 @@ class TrainConfig(TaskConfig):
     quiet: bool = Field(False, description="No progress bar.")
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "cache_gb", "quiet",
-                                                  "out")
+                                                  "out", "max_instances_infer")
 
     @field_validator("model", "strategy", "reembed")
     @classmethod

@@ -267,8 +267,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
         return
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
         whole = BagDataset(parts["train"].units, cache=cache, transform=scaling)   # whole bags (no --max-instances)
-        state = task.after_fit(state, infer(model, whole, device).logits)
-    res = infer(model, parts["test"], device, keep_scores=True)
+        state = task.after_fit(state, infer(model, whole, device, chunk=cfg.max_instances_infer).logits)
+    res = infer(model, parts["test"], device, keep_scores=True, chunk=cfg.max_instances_infer)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
             "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__,

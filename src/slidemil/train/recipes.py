@@ -52,8 +52,9 @@ RECIPES: dict[str, Recipe] = {
                       "batch_size": 16}),
     "ins": Recipe("INS feature script: SGD lr 0.01, momentum 0.9, wd 1e-3, 150 epochs (SGD not reproduced: AdamW "
                   "at slidemil's lr)", {"weight_decay": 1e-3, "epochs": 150}),
-    "packmil": Recipe("PackMIL BRCA config: Adam lr 5e-4, wd 1e-5, <= 75 epochs, early stopping", {"lr": 5e-4, "weight_decay": 1e-5, "epochs": 75, "patience": 30,
-                                    "scheduler": "none", "warmup_epochs": 0}),
+    "packmil": Recipe("PackMIL BRCA config: Adam lr 5e-4, wd 1e-5, <= 75 epochs, early stopping",
+                      {"lr": 5e-4, "weight_decay": 1e-5, "epochs": 75, "patience": 30, "scheduler": "none",
+                       "warmup_epochs": 0}),
     "mhim": Recipe("MHIM-MIL v1: Adam lr 2e-4, wd 1e-5, cosine, <= 200 epochs",
                    {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "scheduler": "cosine", "warmup_epochs": 0}),
 }

@@ -41,15 +41,21 @@ class Inference:
 
 
 @torch.no_grad()
-def infer(model: MILModel, dataset: BagDataset, device, keep_scores: bool = False, num_workers: int = 0) -> Inference:
-    """Whole bags, one at a time, eval mode."""
+def infer(model: MILModel, dataset: BagDataset, device, keep_scores: bool = False, num_workers: int = 0,
+          chunk: int | None = None) -> Inference:
+    """Whole bags, one at a time, eval mode. A bag of more than `chunk` instances is scored chunk by chunk
+    (`--max-instances-infer`) when the model can (`model.streams`; the same outputs, one chunk's activations
+    at a time); other models take it whole."""
     model.eval()
     loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_bags, num_workers=num_workers)
     ids, logits, scores = [], [], []
     for batch in loader:
         x = batch["x"].to(device)
         with autocast(device):
-            out = model(x, batch["mask"].to(device), batch["coords"])
+            if chunk and model.streams and x.shape[1] > chunk:
+                out = model.forward_stream(x[0].split(chunk))
+            else:
+                out = model(x, batch["mask"].to(device), batch["coords"])
         ids += batch["ids"]
         logits.append(out.logits.float().cpu().numpy())
         if keep_scores:
@@ -198,7 +204,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
                      task_loss.empty_batches)
             task_loss.empty_batches = 0
         if val_ds is not None and len(val_ds):
-            res = infer(model, val_ds, device)
+            res = infer(model, val_ds, device, chunk=cfg.max_instances_infer)
             row["val_loss"] = task.val_loss(task_loss, torch.from_numpy(res.logits).to(device), val_ds.labels())
             row["val_metric"] = task.val_metric(state, res.logits, val_ds.labels())
             if sched is not None and cfg.scheduler == "plateau":
