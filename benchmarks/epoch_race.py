@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--torchmil-site", type=Path, default=Path(".bench/torchmil"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/epoch_race"))
     ap.add_argument("--contender", choices=CONTENDERS, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated contenders to (re)run; the others' results are "
+                                                "read from --out/results.json")
     args = ap.parse_args()
     if args.contender:
         return child(args)
@@ -168,19 +170,21 @@ def main() -> None:
     split = json.loads((args.out / "split.json").read_text())
     print(f"cohort: {args.bags} bags ({len(split['train'])} train / {len(split['val'])} val), "
           f"{split['instances']} instances, D = {args.dim}, {args.epochs} epochs, {os.cpu_count()} CPU(s)")
-    results = {}
-    for name in CONTENDERS:
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if args.only and results_path.is_file() else {}
+    for name in args.only.split(",") if args.only else CONTENDERS:
         if name == "torchmil" and not (args.torchmil_site / "torchmil").is_dir():
             print(f"torchmil: not installed under {args.torchmil_site} (see this script's docstring); skipped")
             continue
-        cmd = [sys.executable, __file__, "--contender", name] + [a for a in sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--contender", name] + _without_only(sys.argv[1:])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"{name}: failed\n{proc.stderr[-2000:]}")
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n{'contender':18s} {'first epoch s':>13s} {'later epochs s':>14s} {'peak RSS MB':>11s} {'val AUROC':>9s}")
-    for name, r in results.items():
+    for name in (n for n in CONTENDERS if n in results):
+        r = results[name]
         secs = r["epoch_seconds"]
         later = float(np.mean(secs[1:])) if len(secs) > 1 else secs[0]
         r["later_mean"] = later
@@ -192,7 +196,19 @@ def main() -> None:
                 r = results[name]
                 print(f"{name} vs torchmil: {ref['later_mean'] / r['later_mean']:.2f}x faster per epoch, "
                       f"AUROC difference {r['val_auroc'] - ref['val_auroc']:+.3f}")
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results_path.write_text(json.dumps(results, indent=1))
+
+
+def _without_only(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--only":
+            skip = True
+        elif not a.startswith("--only="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer, mlp_embed
 from slidemil.nn.masked import full_mask, masked_softmax
-from slidemil.nn.segments import segment_softmax, segment_sum
+from slidemil.nn.segments import segment_pool, segment_softmax
 
 
 @register("abmil", paper="Ilse et al., ICML 2018 (arXiv 1802.04712)",
@@ -47,10 +47,10 @@ class ABMIL(MILModel):
 
     def forward_packed(self, x, segments) -> MILOutput:
         """PackMIL's pack-aware ABMIL: the softmax runs within each bag's tokens of the pack."""
-        h = self.embed(x)
-        raw = self.attention(h)[..., 0]                    # [P, L]
+        h = self.embed(x)                                  # [T, hidden]
+        raw = self.attention(h)[:, 0]                      # [T]
         a = segment_softmax(raw, segments)
-        z = segment_sum(a.unsqueeze(-1) * h, segments)     # [n, hidden]
+        z = segment_pool(a, h, segments)                   # [n, hidden]
         return MILOutput(self.classifier(z), a, {"attention_logits": raw}, bag_embedding=z, instance_embeddings=h)
 
     def forward_stream(self, chunks) -> MILOutput:

@@ -56,8 +56,8 @@ class MILModel(nn.Module):
         return task_loss(out.logits, target)
 
     def forward_packed(self, x: torch.Tensor, segments: Segments) -> MILOutput:
-        """Packed bags: x [P, L, D], `segments` naming each token's bag. Returns logits [n_bags, C] equal to
-        running each bag alone; instance_scores and instance_embeddings stay in the packed [P, L] layout."""
+        """Packed bags: their tokens end to end, x [T, D], `segments` naming each token's bag. Returns logits
+        [n_bags, C] equal to running each bag alone, and instance_scores [T] in token order."""
         raise NotImplementedError(f"{type(self).__name__} cannot pool inside each bag of a pack")
 
     def forward_stream(self, chunks: Iterable[torch.Tensor]) -> MILOutput:
@@ -69,7 +69,7 @@ class MILModel(nn.Module):
         """Training on a list of bags ([n_i, D] each) packed into packs of `pack_len` tokens: one prediction
         per bag. Strategies that pack their own way (PackMIL) override this."""
         packed = pack_bags(bags, pack_len)
-        return self.forward_packed(packed.x, packed.segments)
+        return self.forward_packed(packed.tokens, packed.segments)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters the optimizer must not decay (as timm's `model.no_weight_decay()`): those a
@@ -142,10 +142,9 @@ def pick_class(per_class: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def pick_class_packed(per_class: torch.Tensor, logits: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """`pick_class` for packed per-class scores [P, L, C]: each token takes its own bag's class; 0 at padding."""
+    """`pick_class` for packed per-class scores [T, C]: each token takes its own bag's class."""
     if per_class.shape[-1] == 1:
-        return per_class[..., 0]
+        return per_class[:, 0]
     if logits.shape[1] == 2:
-        return per_class[..., -1]
-    cls = logits.argmax(1)[segments.ids.clamp_min(0)]
-    return per_class.gather(-1, cls[..., None])[..., 0].masked_fill(~segments.mask, 0.0)
+        return per_class[:, -1]
+    return per_class.gather(1, logits.argmax(1)[segments.ids(per_class.device)][:, None])[:, 0]

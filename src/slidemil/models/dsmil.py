@@ -11,7 +11,7 @@ from torch import nn
 from slidemil.models.base import MILModel, MILOutput, pick_class, pick_class_packed
 from slidemil.models.registry import register
 from slidemil.nn.masked import full_mask, masked_max, masked_softmax
-from slidemil.nn.segments import segment_max, segment_softmax, segment_sum
+from slidemil.nn.segments import segment_max, segment_pool, segment_softmax
 
 
 @register("dsmil", paper="Li et al., CVPR 2021 (arXiv 2011.08939)",
@@ -68,13 +68,12 @@ class DSMIL(MILModel):
     def forward_packed(self, x, segments) -> MILOutput:
         """Both streams within each bag of the pack: the critical instance is the bag's own top instance, and the
         attention softmax runs over the bag's tokens."""
-        c = self.instance_classifier(x)                               # [P, L, C']
-        s_max, crit = segment_max(c, segments)                         # [n, C'] values, flat token positions
-        q = self.q(x)                                                  # [P, L, Q]
-        q_crit = q.reshape(-1, q.shape[-1])[crit]                      # [n, C', Q]
-        q_at = q_crit[segments.ids.clamp_min(0)]                       # each token's own bag: [P, L, C', Q]
-        att = segment_softmax((q_at @ q.unsqueeze(-1))[..., 0] / math.sqrt(q.shape[-1]), segments)   # [P, L, C']
-        bag = segment_sum(att.unsqueeze(-1) * self.v(x).unsqueeze(-2), segments)    # [n, C', D]
+        c = self.instance_classifier(x)                               # [T, C']
+        s_max, crit = segment_max(c, segments)                         # [n, C'] values and token indices
+        q = self.q(x)                                                  # [T, Q]
+        q_at = q[crit][segments.ids(q.device)]                         # each token's own bag's critical q: [T, C', Q]
+        att = segment_softmax((q_at @ q.unsqueeze(-1))[..., 0] / math.sqrt(q.shape[-1]), segments)   # [T, C']
+        bag = segment_pool(att, self.v(x), segments)                   # [n, C', D]
         logits, extras = self._heads(s_max, self.fcc(bag)[..., 0], c)
         return MILOutput(logits, pick_class_packed(att, logits, segments), extras)
 

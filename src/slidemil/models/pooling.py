@@ -56,8 +56,7 @@ class MeanPool(_EmbeddingPool):
     def forward_packed(self, x, segments) -> MILOutput:
         h = self.embed(x)
         logits = self.classifier(segment_mean(h, segments))
-        per_inst = (h @ self.classifier.weight.T).masked_fill(~segments.mask[..., None], 0.0)   # [P, L, C]
-        return MILOutput(logits, pick_class_packed(per_inst, logits, segments))
+        return MILOutput(logits, pick_class_packed(h @ self.classifier.weight.T, logits, segments))
 
 
 @register("max_pool", paper="Wang et al., Pattern Recognition 2018 (MI-Net, max pooling)",
@@ -78,10 +77,9 @@ class MaxPool(_EmbeddingPool):
 
     def forward_packed(self, x, segments) -> MILOutput:
         h = self.embed(x)
-        z, first = segment_max(h, segments)                  # [n, H] values and flat token positions
-        share = h.new_zeros(segments.ids.numel()).index_add(0, first.reshape(-1),
-                                                            h.new_full((first.numel(),), 1.0 / first.shape[1]))
-        return MILOutput(self.classifier(z), share.view(segments.ids.shape))
+        z, first = segment_max(h, segments)                  # [n, H] values and token indices
+        share = h.new_zeros(len(h)).index_add(0, first.reshape(-1), h.new_full((first.numel(),), 1.0 / first.shape[1]))
+        return MILOutput(self.classifier(z), share)
 
 
 @register("instance_max", paper="Wang et al., Pattern Recognition 2018 (mi-Net); Raff & Holt, NeurIPS 2023",
@@ -111,7 +109,7 @@ class InstanceMax(MILModel):
         return MILOutput(logits, pick_class(per_inst, logits), {"instance_logits": per_inst})
 
     def forward_packed(self, x, segments) -> MILOutput:
-        s = self.instance_net(x).masked_fill(~segments.mask[..., None], 0.0)    # [P, L, C']
+        s = self.instance_net(x)                     # [T, C']
         top, _ = segment_max(s, segments)
         logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
         return MILOutput(logits, pick_class_packed(s, logits, segments), {"instance_logits": s})

@@ -1,10 +1,14 @@
-"""Packed bags: several variable-length bags laid end to end in fixed-length packs, with a per-token bag id.
+"""Packed bags: several variable-length bags laid end to end, with a per-token bag id.
 
-PackMIL (Tang et al. 2025, arXiv 2509.20923, "Packing") trains on packs instead of one bag per step: a
-dense [P, L, D] tensor with no padding waste, where every pooling must stay inside its own bag ("without
-per-slide masking inside a pack, the main branch silently becomes multi-slide MIL"). The reductions here
-are those per-bag poolings: a softmax, sum, mean or max over the tokens that share a bag id, never across
-ids and never over padding (id -1).
+PackMIL (Tang et al. 2025, arXiv 2509.20923, "Packing") trains on packs instead of one bag per step,
+where every pooling must stay inside its own bag ("without per-slide masking inside a pack, the main
+branch silently becomes multi-slide MIL"). The reductions here are those per-bag poolings: a softmax,
+sum, mean or max over the tokens of one bag, never across bags. Sequential packing keeps the bags' order
+and each bag's tokens together, so the tokens of all packs are the bags concatenated: models that only
+pool per bag (attention, mean, max) run on that [T, D] token matrix with no padding at all, and each
+per-bag reduction is a reduction over one contiguous run of tokens (split by the bags' sizes: no
+scatter, no [T, E] products kept for backward). The packs bound what one pack holds and group PackMIL's
+hyperslides.
 """
 
 from __future__ import annotations
@@ -16,41 +20,42 @@ import torch
 
 @dataclass
 class Segments:
-    """Which bag each token of a pack belongs to: `ids` [P, L] int64, -1 at padding; `n` bags in all."""
+    """Consecutive runs of tokens, one per bag: bag i holds the next `sizes[i]` tokens."""
 
-    ids: torch.Tensor
-    n: int
+    sizes: list[int]
 
     @property
-    def mask(self) -> torch.Tensor:
-        """[P, L] True for real tokens."""
-        return self.ids >= 0
+    def n(self) -> int:
+        return len(self.sizes)
 
-    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions of the real tokens in the flattened [P*L] layout, their bag ids)."""
-        ids = self.ids.reshape(-1)
-        where = (ids >= 0).nonzero()[:, 0]
-        return where, ids[where]
-
-    def counts(self) -> torch.Tensor:
-        """[n] tokens per bag."""
-        _, ids = self.flat()
-        return torch.bincount(ids, minlength=self.n)
+    def ids(self, device=None) -> torch.Tensor:
+        """[T] the bag of each token."""
+        return torch.repeat_interleave(torch.arange(self.n, device=device), torch.tensor(self.sizes, device=device))
 
 
 @dataclass
 class Packed:
-    """Packs built by `pack_bags`: x [P, L, D] (zeros at padding) and the token-to-bag `segments`."""
+    """Bags packed by `pack_bags`: their tokens end to end [T, D], each bag's run (`segments`) and each
+    bag's pack (`pack_of`, non-decreasing)."""
 
-    x: torch.Tensor
+    tokens: torch.Tensor
     segments: Segments
+    pack_of: list[int]
+
+    @property
+    def packs(self) -> Segments:
+        """The packs as runs of tokens (PackMIL's hyperslides: each pack one bag)."""
+        sizes = [0] * (self.pack_of[-1] + 1)
+        for p, n in zip(self.pack_of, self.segments.sizes):
+            sizes[p] += n
+        return Segments(sizes)
 
 
 def pack_bags(bags: list[torch.Tensor], pack_len: int, generator: torch.Generator | None = None) -> Packed:
     """Lay `bags` ([n_i, D] each) end to end, in order, into packs of at most `pack_len` tokens (PackMIL's
     "sequential" grouping: a bag goes into the current pack unless it would overflow it, then a new pack
     starts). A bag longer than `pack_len` is cut to a random `pack_len` of its instances (training only: the
-    callers never pack at inference). Packs are padded to the longest one."""
+    callers never pack at inference)."""
     if pack_len < 1:
         raise ValueError(f"pack_len must be at least 1, not {pack_len}")
     parts = []
@@ -59,75 +64,38 @@ def pack_bags(bags: list[torch.Tensor], pack_len: int, generator: torch.Generato
             keep = torch.randperm(len(b), generator=generator)[:pack_len].sort().values.to(b.device)
             b = b[keep]
         parts.append(b)
-    groups, current, used = [], [], 0
+    pack_of, current, used = [], 0, 0
     for i, b in enumerate(parts):
-        if current and used + len(b) > pack_len:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
+        if i and used + len(b) > pack_len:
+            current, used = current + 1, 0
+        pack_of.append(current)
         used += len(b)
-    groups.append(current)
-    length = max(sum(len(parts[i]) for i in g) for g in groups)
-    ref = parts[0]
-    x = ref.new_zeros(len(groups), length, ref.shape[1])
-    ids = torch.full((len(groups), length), -1, dtype=torch.long, device=ref.device)
-    for p, g in enumerate(groups):
-        at = 0
-        for i in g:
-            n = len(parts[i])
-            x[p, at:at + n] = parts[i]
-            ids[p, at:at + n] = i
-            at += n
-    return Packed(x, Segments(ids, len(bags)))
-
-
-def _flatten(values: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the real tokens' values [T, ...], their bag ids [T], their flat positions [T])."""
-    where, ids = segments.flat()
-    return values.reshape(-1, *values.shape[2:])[where], ids, where
-
-
-def _unflatten(rows: torch.Tensor, where: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Rows back into the [P, L, ...] layout, zeros at padding."""
-    out = rows.new_zeros(segments.ids.numel(), *rows.shape[1:])
-    out = out.index_copy(0, where, rows)
-    return out.view(*segments.ids.shape, *rows.shape[1:])
+    return Packed(torch.cat(parts), Segments([len(b) for b in parts]), pack_of)
 
 
 def segment_softmax(logits: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Softmax of `logits` [P, L, ...] over the tokens of each bag (trailing axes, e.g. heads, kept apart);
-    exactly 0 at padding."""
-    vals, ids, where = _flatten(logits, segments)
-    shape = (segments.n, *vals.shape[1:])
-    index = ids.view(-1, *([1] * (vals.dim() - 1))).expand_as(vals)
-    top = vals.new_full(shape, float("-inf")).scatter_reduce(0, index, vals.detach(), "amax", include_self=True)
-    e = torch.exp(vals - top.gather(0, index))
-    total = vals.new_zeros(shape).index_add(0, ids, e)
-    return _unflatten(e / total.gather(0, index), where, segments)
+    """Softmax of `logits` [T, ...] over the tokens of each bag (trailing axes, e.g. heads, kept apart)."""
+    return torch.cat([torch.softmax(part, 0) for part in logits.split(segments.sizes)])
 
 
-def segment_sum(values: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """[n, ...]: the sum of `values` [P, L, ...] over each bag's tokens."""
-    vals, ids, _ = _flatten(values, segments)
-    return vals.new_zeros(segments.n, *vals.shape[1:]).index_add(0, ids, vals)
+def segment_pool(weights: torch.Tensor, values: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """[n, ..., E]: sum_k weights_k values_k over each bag's tokens, weights [T, ...], values [T, E]."""
+    return torch.stack([torch.einsum("t...,te->...e", w, v)
+                        for w, v in zip(weights.split(segments.sizes), values.split(segments.sizes))])
 
 
 def segment_mean(values: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """[n, ...]: the mean of `values` [P, L, ...] over each bag's tokens."""
-    counts = segments.counts().clamp_min(1).to(values.dtype)
-    return segment_sum(values, segments) / counts.view(-1, *([1] * (values.dim() - 2)))
+    """[n, ...]: the mean of `values` [T, ...] over each bag's tokens."""
+    return torch.stack([part.mean(0) for part in values.split(segments.sizes)])
 
 
 def segment_max(values: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maxima [n, ...] over each bag's tokens, the flat [P*L] position of the first token attaining each),
-    as `max` over one bag returns its first arg-max."""
-    vals, ids, where = _flatten(values, segments)
-    index = ids.view(-1, *([1] * (vals.dim() - 1))).expand_as(vals)
-    shape = (segments.n, *vals.shape[1:])
-    top = vals.new_full(shape, float("-inf")).scatter_reduce(0, index, vals, "amax", include_self=True)
-    hit = vals == top.gather(0, index)
-    pos = where.view(-1, *([1] * (vals.dim() - 1))).expand_as(vals)
-    last = segments.ids.numel()
-    first = torch.full(shape, last, dtype=torch.long, device=vals.device).scatter_reduce(
-        0, index, torch.where(hit, pos, last), "amin", include_self=True)
-    return top, first
+    """(maxima [n, ...] over each bag's tokens, the token index of each bag's first arg-max, as `max` over
+    one bag returns)."""
+    tops, firsts, start = [], [], 0
+    for part in values.split(segments.sizes):
+        top, idx = part.max(0)
+        tops.append(top)
+        firsts.append(idx + start)
+        start += len(part)
+    return torch.stack(tops), torch.stack(firsts)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.loss import AsymmetricLossSingleLabel
 
 from slidemil.models.base import MILOutput
-from slidemil.nn.segments import Segments, pack_bags
+from slidemil.nn.segments import pack_bags
 from slidemil.train.strategies.base import Strategy, register_strategy
 
 RESIDUAL_LOSSES = ("focal", "asl", "bce", "ce")
@@ -68,14 +68,13 @@ class PackMIL(Strategy):
         main, residual = zip(*(self.split(b) for b in bags))
         length = pack_len * 2 if max(len(m) for m in main) > pack_len else pack_len
         packed = pack_bags(list(main), length)
-        out = self.model.forward_packed(packed.x, packed.segments)
+        out = self.model.forward_packed(packed.tokens, packed.segments)
         res = pack_bags(list(residual), length)
-        ids = res.segments.ids
-        pack_of = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)
-        hyper = Segments(torch.where(ids >= 0, pack_of, -1), len(ids))       # each pack is one bag
-        members = torch.zeros(len(ids), len(bags), device=ids.device)         # [hyperslides, bags]: token counts
-        members.index_put_((pack_of[ids >= 0], ids[ids >= 0]), torch.ones((), device=ids.device), accumulate=True)
-        out.extras["residual"] = self.model.forward_packed(res.x, hyper)
+        hyper = res.packs                                                    # each pack is one bag
+        members = torch.zeros(hyper.n, len(bags), device=res.tokens.device)  # [hyperslides, bags]: token counts
+        for i, (p, n) in enumerate(zip(res.pack_of, res.segments.sizes)):
+            members[p, i] = n
+        out.extras["residual"] = self.model.forward_packed(res.tokens, hyper)
         out.extras["members"] = members if self.ps_weight else (members > 0).float()
         return out
 
