@@ -21,17 +21,27 @@ import time
 
 
 def measure(name: str, n: int, dim: int, device: str = "cpu") -> dict:
-    import resource
-
     import torch
     import torch.nn.functional as F
 
     from slidemil import models
-    from slidemil.utils.device import autocast
 
     torch.manual_seed(0)
+    model = models.create(name, dim, 2)
+    return measure_steps(model, lambda out, y: model.loss(out, y, F.cross_entropy), n, dim, device)
+
+
+def measure_steps(model, loss_fn, n: int, dim: int, device: str = "cpu") -> dict:
+    """Train `model` on one random bag [1, n, dim] with label 1 (loss_fn(model(x), y)): seconds per step
+    and peak memory, as the module docstring says."""
+    import resource
+
+    import torch
+
+    from slidemil.utils.device import autocast
+
     dev = torch.device(device)
-    model = models.create(name, dim, 2).train().to(dev)
+    model = model.train().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(1, n, dim, device=dev), torch.tensor([1], device=dev)
     with open("/proc/self/status") as fh:
@@ -40,8 +50,7 @@ def measure(name: str, n: int, dim: int, device: str = "cpu") -> dict:
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast(dev):                                   # bf16 on a GPU, as the trainer runs
-            out = model(x)
-            loss = model.loss(out, y, F.cross_entropy)
+            loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         if dev.type == "cuda":

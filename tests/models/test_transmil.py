@@ -1,4 +1,4 @@
-"""TransMIL and Nyström attention: pseudo-inverse, checkpointing and query blocks change nothing but memory."""
+"""TransMIL and Nyström attention: pseudo-inverse; token blocks, streaming and row bands change nothing but memory."""
 
 from __future__ import annotations
 
@@ -14,24 +14,36 @@ def test_nystrom_pinv_converges():
     torch.testing.assert_close(iterative_pinv(a, 30), torch.linalg.pinv(a), atol=1e-6, rtol=1e-6)
 
 
-def test_transmil_checkpointing_changes_nothing_but_memory():
+def test_transmil_streaming_changes_nothing_but_memory(monkeypatch):
+    """Above `checkpoint_above` the layers and PPEG run in token blocks / row bands recomputed in backward
+    (TransMIL at 50k within memory): logits, attention scores and every parameter's gradient are those
+    of the whole-sequence computation."""
+    import slidemil.models.transmil as tm
+    import slidemil.nn.nystrom as ny
+
+    monkeypatch.setattr(ny, "_BLOCK", 64)        # several token blocks ...
+    monkeypatch.setattr(tm, "_BAND_TOKENS", 40)  # ... and row bands (side 18: bands of 2 rows)
     model = models.create("transmil", in_dim=16, n_outputs=2, checkpoint_above=10).train()
     x = torch.randn(1, 300, 16)
-    grads = []
+    runs = []
     for threshold in (10, 10**9):
         model.checkpoint_above = threshold
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks in both runs
         out = model(x)
-        out.logits.sum().backward()
-        grads.append((out.logits.detach(), model.fc1[0].weight.grad.clone()))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
+        (out.logits.sum() + out.instance_scores.square().sum()).backward()
+        runs.append((out.logits.detach(), out.instance_scores.detach(),
+                     {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (logits, scores, grads), (ref_logits, ref_scores, ref_grads) = runs
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(scores, ref_scores)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_nystrom_query_blocks_change_nothing(monkeypatch):
-    """Building softmax(Q K~^T) a block of queries at a time (memory at N = 50k) gives the same output,
-    attention row and gradients as one block."""
+def test_nystrom_blocks_change_nothing(monkeypatch):
+    """Blocks of tokens, and blocks recomputed in backward (`stream`), give the same output, attention row
+    and gradients as one block."""
     import slidemil.nn.nystrom as ny
 
     torch.manual_seed(0)
@@ -39,13 +51,14 @@ def test_nystrom_query_blocks_change_nothing(monkeypatch):
     attn.to_out[1].p = 0.0
     x = torch.randn(1, 700, 32, requires_grad=True)
     results = []
-    for block in (10**9, 64):
-        monkeypatch.setattr(ny, "_QUERY_BLOCK", block)
-        out, row = attn(x, query_row=0)
+    for block, stream in ((10**9, False), (64, False), (64, True)):
+        monkeypatch.setattr(ny, "_BLOCK", block)
+        out, row = attn(x, query_row=0, stream=stream)
         grad, = torch.autograd.grad(out.square().sum(), x)
         results.append((out.detach(), row.detach(), grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert abs(float(results[0][1].sum()) - 1.0) < 1e-3, "the class token's attention row sums to one"
 
 
@@ -79,19 +92,25 @@ def _one_piece_nystrom(attn, x, query_row):
 def test_key_and_query_blocks_equal_the_one_piece_formula(monkeypatch):
     """softmax(Q~ K^T) V summed over key blocks with a shared log-sum-exp, and softmax(Q K~^T) in query
     blocks (TransMIL at 50k within memory), give the one-piece formula's output, row and gradients,
-    with empty landmarks (n = 20, 16 landmarks: 12 padded positions) and without (n = 700)."""
+    with empty landmarks (n = 20, 16 landmarks: 12 padded positions; n = 145 in 3 blocks: the first landmark is all
+    padding) and without (n = 700), streamed or not, alone and as the pre-norm residual block."""
     import slidemil.nn.nystrom as ny
 
     torch.manual_seed(0)
     attn = ny.NystromAttention(32, heads=4, dim_head=8, landmarks=16).train()
     attn.to_out[1].p = 0.0
-    monkeypatch.setattr(ny, "_QUERY_BLOCK", 64)
-    for n in (20, 700):
+    norm = torch.nn.LayerNorm(32)
+    monkeypatch.setattr(ny, "_BLOCK", 64)
+    for n in (20, 145, 700):
         x = torch.randn(1, n, 32, requires_grad=True)
-        out, row = attn(x, query_row=0)
-        ref_out, ref_row = _one_piece_nystrom(attn, x, 0)
-        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(row, ref_row, atol=1e-5, rtol=1e-5)
-        grad, = torch.autograd.grad(out.square().sum(), x)
-        ref_grad, = torch.autograd.grad(ref_out.square().sum(), x)
-        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)
+        for stream in (False, True):
+            for prenorm in (None, norm):
+                out, row = attn(x, query_row=0, prenorm=prenorm, stream=stream)
+                ref_out, ref_row = _one_piece_nystrom(attn, x if prenorm is None else norm(x), 0)
+                if prenorm is not None:
+                    ref_out = x + ref_out
+                torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(row, ref_row, atol=1e-5, rtol=1e-5)
+                grad, = torch.autograd.grad(out.square().sum(), x)
+                ref_grad, = torch.autograd.grad(ref_out.square().sum(), x)
+                torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
-from slidemil.nn.masked import full_mask
+from slidemil.nn.masked import full_mask, real_rows
 
 
 def similarity_pool(q, k, v, chunk: int = 2048):
@@ -75,7 +75,7 @@ class ABMILX(MILModel):
         mask = full_mask(x, mask)
         pooled, scores = [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         for b in range(x.shape[0]):
-            f = self.feature(x[b][mask[b]])                          # [N, inner]
+            f = self.feature(real_rows(x, mask, b))                          # [N, inner]
             xh = f.view(-1, self.h, self.d).transpose(0, 1)          # [H, N, d]
             _, a_plus = self.head_scores(xh)
             att = torch.softmax(a_plus, -1)                          # [H, N]

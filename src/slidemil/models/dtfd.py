@@ -9,7 +9,7 @@ from torch import nn
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer
-from slidemil.nn.masked import full_mask
+from slidemil.nn.masked import full_mask, real_rows
 
 
 class _AttentionHead(nn.Module):
@@ -84,7 +84,7 @@ class DTFD(MILModel):
         mask = full_mask(x, mask)
         logits, pseudo, scores = [], [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         for b in range(x.shape[0]):
-            lg, ps, cam = self._one(x[b][mask[b]])
+            lg, ps, cam = self._one(real_rows(x, mask, b))
             logits.append(lg)
             pseudo.append(ps)
             c = -1 if self.n_outputs == 2 else int(lg.argmax())

@@ -10,7 +10,7 @@ from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
-from slidemil.nn.masked import full_mask
+from slidemil.nn.masked import full_mask, real_rows
 from slidemil.nn.sinkhorn import semi_relaxed_sinkhorn
 
 
@@ -84,7 +84,7 @@ class OTSurv(MILModel):
         per_instance = torch.zeros(x.shape[0], self.n_outputs, x.shape[1], device=x.device)
         slides = []
         for b in range(x.shape[0]):
-            h = torch.nan_to_num(self.patch_encoder(x[b][mask[b]]))
+            h = torch.nan_to_num(self.patch_encoder(real_rows(x, mask, b)))
             plan = self.transport(h, rho)                                 # [N_b, K]
             z = self.linear((plan.t() @ h).t())[:, 0]                     # [d]
             slides.append(z)

@@ -8,8 +8,11 @@ from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
-from slidemil.nn.masked import full_mask
+from slidemil.nn.blocks import Blocks, recompute
+from slidemil.nn.masked import full_mask, real_rows
 from slidemil.nn.nystrom import NystromAttention, square_side
+
+_BAND_TOKENS = 8192  # PPEG rows per band when streaming: about this many tokens
 
 
 class TransLayer(nn.Module):
@@ -20,23 +23,36 @@ class TransLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(dim, heads=heads, dim_head=dim // heads, landmarks=landmarks, dropout=dropout)
 
-    def forward(self, x, query_row=None):
-        out, row = self.attn(self.norm(x), query_row)
-        return x + out, row
+    def forward(self, x, query_row=None, stream=False):
+        return self.attn(x, query_row, prenorm=self.norm, stream=stream)
 
 
 class PPEG(nn.Module):
-    """Pyramid position encoding generator: x + DWConv7(x) + DWConv5(x) + DWConv3(x) on the token grid."""
+    """Pyramid position encoding generator: x + DWConv7(x) + DWConv5(x) + DWConv3(x) on the token grid.
+    The grid is convolved in bands of rows (each with the 3 rows either side its kernels reach), recomputed
+    in backward when `stream`, so no grid-sized intermediate is kept."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
+        self.reach = max(conv.kernel_size[0] for conv in self.convs) // 2
 
-    def forward(self, x, side: int):
-        cls, tokens = x[:, :1], x[:, 1:]
-        grid = tokens.transpose(1, 2).reshape(1, -1, side, side)
+    def _band(self, rows, side: int, r0: int, r1: int):
+        """Grid rows r0..r1-1 after the convolutions; `rows(lo, hi)` gives tokens lo..hi-1."""
+        a, b = max(0, r0 - self.reach), min(side, r1 + self.reach)
+        grid = rows(a * side, b * side).transpose(1, 2).reshape(1, -1, b - a, side)
         grid = grid + sum(conv(grid) for conv in self.convs)
-        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1)
+        return grid[:, :, r0 - a:r1 - a].flatten(2).transpose(1, 2)
+
+    def forward(self, x, side: int, stream: bool = False):
+        cls, tokens = x[:, :1], x[:, 1:]
+        if not stream:
+            return torch.cat([cls, self._band(lambda lo, hi: tokens[:, lo:hi], side, 0, side)], 1)
+        band = max(1, _BAND_TOKENS // side)
+        rows = Blocks(tokens, band * side).rows
+        bands = [recompute(self._band, rows, side, r0, min(r0 + band, side))
+                 for r0 in range(0, side, band)]
+        return torch.cat([cls, *bands], 1)
 
 
 @register("transmil", paper="Shao et al., NeurIPS 2021 (arXiv 2106.00908)",
@@ -60,7 +76,7 @@ class TransMIL(MILModel):
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, heads: int = 8,
                  landmarks: int = 256, dropout: float = 0.1, checkpoint_above: int = 16384):
         super().__init__(in_dim, n_outputs)
-        self.checkpoint_above = checkpoint_above  # recompute layers in backward for bags this large
+        self.checkpoint_above = checkpoint_above  # stream bags this large (see nn/nystrom.py)
         self.fc1 = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
         self.layer1 = TransLayer(hidden_dim, heads, landmarks, dropout)
@@ -75,18 +91,12 @@ class TransMIL(MILModel):
         side = square_side(n)
         source = torch.arange(side * side, device=x.device) % n   # position -> instance it copies
         h = torch.cat([self.cls_token.to(h.dtype), h[:, source]], 1)
-        if self.training and torch.is_grad_enabled() and n > self.checkpoint_above:
-            # activation checkpointing keeps a 50k-instance step within 4 GB on CPU (6 GB without)
-            from torch.utils.checkpoint import checkpoint
-
-            h, _ = checkpoint(self.layer1, h, use_reentrant=False)
-            h = checkpoint(self.ppeg, h, side, use_reentrant=False)
-            h, row = checkpoint(self.layer2, h, 0, use_reentrant=False)
-        else:
-            h, _ = self.layer1(h)
-            h = self.ppeg(h, side)
-            h, row = self.layer2(h, query_row=0)
-        z = self.norm(h)[:, 0]
+        # bags this large are streamed: blocks of tokens recomputed in backward (memory, not results)
+        stream = self.training and torch.is_grad_enabled() and n > self.checkpoint_above
+        h, _ = self.layer1(h, stream=stream)
+        h = self.ppeg(h, side, stream=stream)
+        h, row = self.layer2(h, query_row=0, stream=stream)
+        z = self.norm(h[:, 0].clone())   # a view would keep all of h alive for the norm's backward
         scores = torch.zeros(n, dtype=row.dtype, device=x.device).index_add_(0, source, row[1:])
         return self.classifier(z), scores, z
 
@@ -94,7 +104,7 @@ class TransMIL(MILModel):
         mask = full_mask(x, mask)
         logits, embeddings, scores = [], [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         for b in range(x.shape[0]):
-            lg, sc, z = self._one(x[b][mask[b]])
+            lg, sc, z = self._one(real_rows(x, mask, b))
             logits.append(lg)
             embeddings.append(z)
             scores[b, mask[b]] = sc.to(x.dtype)

@@ -30,6 +30,12 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> tuple[torch
     return x.masked_fill(~m, float("-inf")).max(dim=dim)
 
 
+def real_rows(x: torch.Tensor, mask: torch.Tensor, b: int) -> torch.Tensor:
+    """Bag b's real rows: a view when it has no padding. A boolean index copies the bag, and that copy is
+    what a first layer keeps for backward (200 MB at 50k x 1024)."""
+    return x[b] if bool(mask[b].all()) else x[b][mask[b]]
+
+
 def per_bag(fn, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Apply `fn` ([n, C] -> [n, C']) to each bag's real rows alone and put zeros at padded rows: for
     modules whose output depends on the whole sequence (scans, regions, grids), so padding can never
@@ -37,7 +43,7 @@ def per_bag(fn, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if bool(mask.all()):
         outs = [fn(h[b]) for b in range(len(h))]
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
-    rows = [fn(h[b][mask[b]]) for b in range(len(h))]
+    rows = [fn(real_rows(h, mask, b)) for b in range(len(h))]
     out = rows[0].new_zeros(*mask.shape, rows[0].shape[-1])
     for b, r in enumerate(rows):
         out[b, mask[b]] = r

@@ -1,0 +1,59 @@
+"""Rows of a long sequence in fixed blocks, for layers that stream a large bag a block at a time, each
+block recomputed in backward."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Block-sized
+    tensors (4-32 MB) live on the heap, and glibc keeps what they free resident and fragmented: TransMIL's
+    streamed 50k step peaked at 1.56 GB of RSS above the process with 0.98 GB live, 1.16 GB when trimmed
+    as each block starts."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def recompute(fn, *args):
+    """fn(*args) under activation checkpointing: only the inputs are kept, the block is run again in
+    backward. The heap is trimmed as the block starts, in forward and in the recomputation."""
+    def trimmed(*a):
+        release_free_heap()
+        return fn(*a)
+
+    return checkpoint(trimmed, *args, use_reentrant=False)
+
+
+class Blocks:
+    """x [1, n, ...] split once along dim 1 into views of `size` rows. Rows taken through these pieces
+    (rather than sliced from x) get gradients of block size in backward: every slice of x would get a
+    gradient as large as all of x, zero-filled, and one more full-size addition."""
+
+    def __init__(self, x: torch.Tensor, size: int):
+        self.size = size
+        self.pieces = x.split(size, 1)
+        self.bounds = [(i * size, i * size + p.shape[1]) for i, p in enumerate(self.pieces)]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1, which may span neighbouring pieces (a halo)."""
+        parts = []
+        for j in range(lo // self.size, (hi - 1) // self.size + 1):
+            start, end = self.bounds[j]
+            a, b = max(lo, start) - start, min(hi, end) - start
+            parts.append(self.pieces[j] if (a, b) == (0, end - start) else self.pieces[j][:, a:b])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
