@@ -186,6 +186,7 @@ def train(
     ddp: Optional[str] = _opt(TrainConfig, "ddp"),
     num_workers: Optional[int] = _opt(TrainConfig, "num_workers"),
     max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
+    compile: Optional[bool] = _opt(TrainConfig, "compile", "--compile"),
     cache_gb: Optional[float] = _opt(TrainConfig, "cache_gb"),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),
     quiet: Optional[bool] = _opt(TrainConfig, "quiet", "--quiet"),

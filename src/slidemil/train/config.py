@@ -91,6 +91,8 @@ class TrainConfig(TaskConfig):
     max_instances_infer: Optional[int] = Field(None, ge=1, description="Score bags larger than this chunk by chunk "
                                                                      "at validation and test (models that can: "
                                                                      "abmil, mean_pool; same outputs, less memory).")
+    compile: bool = Field(False, description="torch.compile the model's forward (faster steps on a GPU after one "
+                                             "compilation per new bag shape; on CPU it needs a C++ compiler).")
     cache_features: bool = Field(True, description="Keep bags in memory between epochs (up to --cache-gb).")
     cache_gb: Optional[float] = Field(None, ge=0, description="Memory for cached bags, shared by all folds (float16 "
                                                             "files stay float16); bags beyond it are read from "
@@ -99,7 +101,7 @@ class TrainConfig(TaskConfig):
     quiet: bool = Field(False, description="No progress bar.")
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "cache_gb", "quiet",
-                                                  "out", "max_instances_infer")
+                                                  "out", "max_instances_infer", "compile")
 
     @field_validator("model", "strategy", "reembed")
     @classmethod

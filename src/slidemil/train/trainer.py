@@ -146,6 +146,8 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     task = task or create_task(cfg)
     state = task_state or {}
     model.to(device)
+    if cfg.compile:   # in place: the weights keep their names, so checkpoints load without the compiler
+        model.compile(dynamic=True)
     model.fit_start(FitContext(train_ds, cfg, device, fold, run_dir, encoder))
     labels = train_ds.labels()
     task_loss = task.loss(state, labels, device, model.n_outputs)
