@@ -15,8 +15,9 @@ from torch.utils.checkpoint import checkpoint
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer
+from slidemil.nn.blocks import recompute
 from slidemil.nn.masked import full_mask, masked_softmax, per_bag
-from slidemil.nn.ssm import recompute, selective_scan
+from slidemil.nn.ssm import selective_scan
 
 
 class S6Branch(nn.Module):
@@ -68,7 +69,7 @@ class S6Branch(nn.Module):
         # would write a gradient the size of the whole sequence
         for piece in seq.split(chunk, 1):
             args = (piece, in_proj, context, h, window)
-            y, h, context = recompute(self._piece, *args) if checkpointed else self._piece(*args)
+            y, h, context = recompute(self._piece, *args, loop=True) if checkpointed else self._piece(*args)
             ys.append(y)
         return torch.cat(ys, 1)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidemil.nn.blocks import Blocks, recompute
+from slidemil.nn.blocks import Blocks, recompute, spans
 
 _BLOCK = 8192  # tokens per block
 
@@ -105,7 +105,7 @@ class NystromAttention(nn.Module):
 
             def run(fn, *args):
                 return fn(*args)
-        blocks = [(lo, min(lo + _BLOCK, n)) for lo in range(0, n, _BLOCK)]
+        blocks = spans(n, _BLOCK)
         segment = torch.div(torch.arange(n, device=x.device) + pad, seg, rounding_mode="floor")
         counts = torch.bincount(segment, minlength=m).to(x.dtype)
         has = counts > 0

@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from slidemil.nn.blocks import recompute
 
 try:  # optional CUDA kernel (mamba-ssm); the pure-PyTorch scan below is the reference path
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_scan
 except Exception:  # noqa: BLE001 - any import failure (missing package, ABI mismatch) means "not available"
     _cuda_scan = None
-
-
-def recompute(fn, *args):
-    """torch.utils.checkpoint for functions that loop over many small steps. The re-entrant variant
-    runs the forward without building a graph; the non-re-entrant one keeps a graph node per step
-    with a placeholder for each saved tensor, which for a 1024-step scan piece held ~20 MB per piece
-    (13 GB at N = 50k with 256-row pieces). Re-entrant needs an input that requires grad to route
-    gradients to the parameters used inside; without one, use the non-re-entrant variant."""
-    reentrant = any(torch.is_tensor(a) and a.requires_grad for a in args)
-    return checkpoint(fn, *args, use_reentrant=reentrant)
 
 
 def _prepare(delta, delta_bias, delta_softplus):
@@ -115,7 +106,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ys = []
     for pieces in zip(*(t.split(chunk) for t in (dl, ul, Bl, Cl))):   # split: one-concatenation backward
         args = pieces + (Af, h, window)
-        y, h = recompute(_segment, *args) if checkpointed else _segment(*args)
+        y, h = recompute(_segment, *args, loop=True) if checkpointed else _segment(*args)
         ys.append(y)
     y = _finish(torch.cat(ys).permute(1, 2, 0), u, D, z)
     return (y, h) if return_state else y
