@@ -9,6 +9,7 @@ from torch import nn
 
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
+from slidemil.nn.blocks import recompute
 from slidemil.nn.masked import full_mask, real_rows
 
 
@@ -19,10 +20,7 @@ def similarity_pool(q, k, v, chunk: int = 2048):
     n = q.shape[-2]
     if n <= chunk:
         return F.scaled_dot_product_attention(q, k, v)
-    from torch.utils.checkpoint import checkpoint
-
-    parts = [checkpoint(F.scaled_dot_product_attention, q[..., i:i + chunk, :], k, v, use_reentrant=False)
-             for i in range(0, n, chunk)]
+    parts = [recompute(F.scaled_dot_product_attention, q[..., i:i + chunk, :], k, v) for i in range(0, n, chunk)]
     return torch.cat(parts, -2)
 
 

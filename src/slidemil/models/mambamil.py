@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
@@ -148,7 +147,7 @@ class _MambaMILBase(MILModel):
         big = self.training and torch.is_grad_enabled() and h.shape[1] > self.checkpoint_above
         for i in range(len(self.blocks)):
             # large bags: keep only each layer's input and recompute the layer in backward (4 GB at 50k)
-            h = checkpoint(self._layer, h, i, use_reentrant=False) if big else self._layer(h, i)
+            h = recompute(self._layer, h, i) if big else self._layer(h, i)
         return self.norm(h)[0]
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:

@@ -11,11 +11,11 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from slidemil.models.base import MILModel, MILOutput
 from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer, Dropout
+from slidemil.nn.blocks import recompute
 from slidemil.nn.masked import full_mask, masked_softmax, per_bag
 
 # Regions are attended a group at a time so the attention logits stay under this many elements:
@@ -75,9 +75,9 @@ class InnerAttention(nn.Module):
         step = max(1, _MAX_ATTN_ELEMENTS // (self.heads * n * n))
         if step >= g:
             return self._attend(x)
-        recompute = self.training and torch.is_grad_enabled()
-        parts = [checkpoint(self._attend, x[i:i + step], use_reentrant=False) if recompute
-                 else self._attend(x[i:i + step]) for i in range(0, g, step)]
+        stream = self.training and torch.is_grad_enabled()
+        parts = [recompute(self._attend, x[i:i + step]) if stream else self._attend(x[i:i + step])
+                 for i in range(0, g, step)]
         return torch.cat(parts)
 
 
