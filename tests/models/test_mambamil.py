@@ -23,18 +23,31 @@ def test_chunked_scan_matches_the_naive_loop(window, chunk):
     from slidemil.nn.ssm import selective_scan, selective_scan_reference
 
     inp = _scan_inputs()
-    for k in ("u", "delta", "B"):
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    for k in names:
         inp[k].requires_grad_(True)
     grads = []
     for scan in (lambda: selective_scan_reference(**inp, window=window),
                  lambda: selective_scan(**inp, window=window, chunk=chunk)):
         y = scan()
         (y * torch.cos(y)).sum().backward()   # .backward(): the chunks are re-entrant checkpoints
-        grads.append((y.detach(), *(inp[k].grad.clone() for k in ("u", "delta", "B"))))
-        for k in ("u", "delta", "B"):
+        grads.append((y.detach(), *(inp[k].grad.clone() for k in names)))
+        for k in names:
             inp[k].grad = None
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_scan_gradients_are_exact():
+    """The hand-written backward of h_t = a_t h_{t-1} + b_t (a reverse scan) against finite differences,
+    in float64, for a, b and the initial state (broadcast over a batch dimension)."""
+    from slidemil.nn.ssm import linear_scan
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(9, 2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(9, 2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    h0 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(linear_scan, (a, b, h0))
 
 
 def test_scan_carries_state_between_calls():
