@@ -6,11 +6,15 @@ once per session and shared by every test that reads them.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -111,14 +115,38 @@ def trained(feature_cohort, tmp_path_factory):
     return root, out
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once per test session: under pytest-xdist the workers share one
+    (a file lock in the session's common temp folder; the first worker builds, the others wait and
+    reuse it) instead of each building its own copy on the same cores."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The demo's whole pipeline on 8 patients of smaller slides (trained run, heatmaps, report)."""
+    """The demo's whole pipeline on 8 patients of smaller slides (trained run, heatmaps, report), built
+    once for all workers: tests read it and write their own outputs elsewhere (or, like the survival
+    demo, to names no other test reads)."""
     from slidemil.demo import run_demo
 
-    out = tmp_path_factory.mktemp("demo")
-    metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072), bootstrap=100)
-    return out, metrics
+    def build(out):
+        metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072), bootstrap=100)
+        (out / "demo_metrics.json").write_text(json.dumps(metrics))
+
+    out = built_once(tmp_path_factory, "demo", build)
+    return out, json.loads((out / "demo_metrics.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -145,15 +173,17 @@ def processed(slide_cohort, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def generator(demo_run, tmp_path_factory):
-    """A small HistAug generator fit with `slidemil histaug fit` on the demo slides."""
+    """A small HistAug generator fit with `slidemil histaug fit` on the demo slides (once for all workers)."""
     from slidemil.cli import app
 
     root, _ = demo_run
-    out = tmp_path_factory.mktemp("histaug") / "gen"
-    res = runner.invoke(app, ["histaug", "fit", "--slides", str(root / "cohort" / "slides"),
-                              "--patches", str(root / "cohort" / "preprocessed" / "patches"), "--out", str(out),
-                              "--encoder", "handcrafted", "--patches-per-slide", "24", "--augmentations", "3",
-                              "--epochs", "30", "--depth", "2", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    assert "held-out cosine similarity" in res.stdout
-    return out
+
+    def build(folder):
+        res = runner.invoke(app, ["histaug", "fit", "--slides", str(root / "cohort" / "slides"),
+                                  "--patches", str(root / "cohort" / "preprocessed" / "patches"),
+                                  "--out", str(folder / "gen"), "--encoder", "handcrafted", "--patches-per-slide",
+                                  "24", "--augmentations", "3", "--epochs", "30", "--depth", "2", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        assert "held-out cosine similarity" in res.stdout
+
+    return built_once(tmp_path_factory, "histaug", build) / "gen"

@@ -76,15 +76,16 @@ def test_missing_scores_and_no_tissue_are_reported(demo_run, tmp_path):
     import shutil
 
     run_dir, cohort = demo_run / "run", demo_run / "cohort"
-    # a slide of the folder without features: no scores to paint
-    src = next((cohort / "slides").glob("*.tif"))
-    shutil.copy(src, cohort / "slides" / "unseen.tif")
-    hm = HeatmapRun(run_dir, cohort / "slides", tmp_path / "hm")
+    # a slide of the folder without features: no scores to paint (a folder of its own: the demo's
+    # cohort is shared with tests running at the same time)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(next((cohort / "slides").glob("*.tif")), slides / "unseen.tif")
+    hm = HeatmapRun(run_dir, slides, tmp_path / "hm")
     with pytest.raises(NoScoresError, match="unseen: no features .* no scores to paint"):
         hm.make("unseen")
     table = hm.make_all(["unseen"])
     assert table.loc[0, "status"] == "failed" and "no scores" in table.loc[0, "error"]
-    (cohort / "slides" / "unseen.tif").unlink()
     # a slide whose scored patches lie where there is no tissue
     from slidemil.slides.synthetic import write_pyramidal_tiff
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sksurv.metrics import concordance_index_censored
-from tests.conftest import runner
+from tests.conftest import built_once, runner
 
 from slidemil.cli import app
 from slidemil.data.synthetic import make_outcome_cohort
@@ -33,9 +33,12 @@ def train(root, out, *args):
 
 @pytest.fixture(scope="module")
 def survival_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("surv")
-    make_outcome_cohort(root, "survival", n_patients=120, slides_per_patient=(1, 2), seed=4, **COHORT)
-    return root, train(root, root / "run", "--task", "survival", "--time-col", "time", "--event-col", "event")
+    def build(root):
+        make_outcome_cohort(root, "survival", n_patients=120, slides_per_patient=(1, 2), seed=4, **COHORT)
+        train(root, root / "run", "--task", "survival", "--time-col", "time", "--event-col", "event")
+
+    root = built_once(tmp_path_factory, "survival_run", build)
+    return root, root / "run"
 
 
 def test_survival_learns_a_planted_hazard(survival_run):
