@@ -144,3 +144,20 @@ def test_lbmamba_two_layers_carry_context_both_ways_beyond_the_window():
         (model._encode(h)[0] * torch.randn(16)).sum().backward()    # (a plain sum is flat through the LayerNorm)
         assert h.grad[1].abs().sum() > 1e-6
         assert (h.grad[32:].abs().sum() > 1e-6) == reaches, flip_every
+
+
+def test_dt_init_follows_mamba_or_the_official_mil_code():
+    """dt_init="mamba" (default): softplus(dt bias) log-uniform in [1e-3, 0.1] (Gu & Dao); "mil": the MambaMIL
+    code's `initialize_weights` also resets dt_proj (zero bias, so every step size starts at softplus(0) = ln 2)."""
+    import math
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    ours = models.create("mambamil", 16, 2, dim=32).blocks[0].forward_branch.dt_proj
+    dt = F.softplus(ours.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6 and dt.std() > 0
+    official = models.create("lbmamba", 16, 2, dim=32, dt_init="mil").blocks[0].forward_branch.dt_proj
+    torch.testing.assert_close(F.softplus(official.bias), torch.full_like(official.bias, math.log(2)))
+    with pytest.raises(ValueError, match="dt_init"):
+        models.create("mambamil", 16, 2, dim=32, dt_init="zero")
