@@ -135,9 +135,9 @@ class TrainConfig(TaskConfig):
         if not MODELS.info(self.model).cls.packable:
             raise ValueError(f"--pack-len: model {self.model!r} cannot keep its attention inside each bag of a pack; "
                              f"packable models: {', '.join(packable)} (or drop --pack-len)")
-        if self.reembed:
+        if self.reembed and not getattr(REEMBEDDINGS.info(self.reembed).cls, "packable", False):
             raise ValueError(f"--pack-len: re-embedding {self.reembed!r} mixes the whole sequence; drop --reembed or "
-                             f"--pack-len")
+                             f"--pack-len (re-embedding ads packs)")
         if strategy is not None and not strategy.supports_packing:
             raise ValueError(f"--pack-len: strategy {self.strategy!r} reads whole bags; drop --strategy or --pack-len "
                              f"(strategy packmil trains on packs)")

@@ -31,8 +31,11 @@ class PackMIL(Strategy):
     default) or `ce` (arg-max class). Loss = main_alpha * main + aux_alpha * residual (0.2 in both configs).
     Inference: each bag alone, unpacked.
 
-    Differences from the official code: ADS (attention-driven downsampling of the parts, optional there, off in
-    the PANDA config) is not implemented; bags of fewer than 2 instances (or under `min_seq_len`) go whole to
+    ADS (`--reembed ads`, the BRCA config's r = 4; `slidemil.models.ads`): each main and residual part is
+    downsampled r-fold before packing (the pack length doubles when the longest main part exceeds it after
+    downsampling), and at inference every bag goes through ADS's token-wise map, which the saved model keeps.
+
+    Differences from the official code: bags of fewer than 2 instances (or under `min_seq_len`) go whole to
     both branches, and a split keeps at least one instance on each side (the official split can leave a main
     part empty); classification only (the survival mixtures are not reproduced).
     """
@@ -66,16 +69,32 @@ class PackMIL(Strategy):
 
     def forward_bags(self, bags: list[torch.Tensor], pack_len: int) -> MILOutput:
         main, residual = zip(*(self.split(b) for b in bags))
-        length = pack_len * 2 if max(len(m) for m in main) > pack_len else pack_len
+        ads = getattr(self.model, "encoder", None)                           # `--reembed ads`
+        r = ads.r if hasattr(ads, "reduce") else 1
+        length = pack_len * 2 if max(len(m) for m in main) / r > pack_len else pack_len
+        aggregator = self.model
+        if r > 1:   # each part downsampled r-fold before packing (official `get_packs`), then the aggregator alone
+            main, residual = (self._downsampled(ads, parts, length) for parts in (main, residual))
+            aggregator = self.model.model
         packed = pack_bags(list(main), length)
-        out = self.model.forward_packed(packed.tokens, packed.segments)
+        out = aggregator.forward_packed(packed.tokens, packed.segments)
         res = pack_bags(list(residual), length)
         hyper = res.packs                                                    # each pack is one bag
         members = torch.zeros(hyper.n, len(bags), device=res.tokens.device)  # [hyperslides, bags]: token counts
         for i, (p, n) in enumerate(zip(res.pack_of, res.segments.sizes)):
             members[p, i] = n
-        out.extras["residual"] = self.model.forward_packed(res.tokens, hyper)
+        out.extras["residual"] = aggregator.forward_packed(res.tokens, hyper)
         out.extras["members"] = members if self.ps_weight else (members > 0).float()
+        return out
+
+    def _downsampled(self, ads, parts, length: int) -> list[torch.Tensor]:
+        """Each part cut to a random `length * r` instances (official `max_pre_len`), then reduced r-fold by
+        ADS; a part of at most `min_seq_len * r` instances only gets ADS's token-wise map."""
+        out = []
+        for part in parts:
+            if len(part) > length * ads.r:
+                part = part[torch.randperm(len(part), device=part.device)[:length * ads.r]]
+            out.append(ads.reduce(part) if len(part) > self.min_seq_len * ads.r else ads(part[None])[0])
         return out
 
     def loss(self, out, target, task_loss):
