@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from slidemil.nn.blocks import recompute
 
@@ -78,6 +79,7 @@ class _LinearScan(torch.autograd.Function):
         return hs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         a, h0, hs = ctx.saved_tensors
         g = grad.clone()
@@ -110,7 +112,7 @@ def _segment(delta, u, B, C, A, h0, window: int):
     else:
         out = hs
     y = (out @ C[..., None])[..., 0]                                              # [S, Bt, D]
-    return y, hs[-1]
+    return y, hs[-1].clone()   # a copy: a view would keep this segment's [S, Bt, D, N] states alive in the next
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, window: int = 1,
