@@ -125,13 +125,13 @@ def test_packed_cv_run_learns_the_planted_task(feature_cohort, tmp_path, strateg
 
     out = tmp_path / "run"
     root, _ = feature_cohort
-    extra = {"reembed": reembed, "reembed_args": {"r": 2}} if reembed else {}
+    extra = {"reembed": reembed, "reembed_args": {"r": 2}, "epochs": 3} if reembed else {}
     run_cv(run_config(root, out, model="abmil", pack_len=256, batch_size=6, strategy=strategy, **extra))
     preds = pd.read_csv(out / "predictions.csv")
     auc = roc_auc_score(preds["label"] == "positive", preds["prob_positive"])
     # ADS learns slowly: its dimension drop feeds the Linear a different random selection every step, and on
-    # this cohort the training loss only starts to fall after ~50 epochs (docs/models.md); its run is checked
-    # for what the saved model carries, not for learning within 15 epochs
+    # this cohort the training loss only starts to fall after ~50 epochs (docs/models.md); its (3-epoch) run is
+    # checked for what the saved model carries, not for learning
     assert auc >= 0.85 or reembed == "ads", auc
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["pack_len"] == 256 and cfg["strategy"] == strategy and cfg["reembed"] == reembed
