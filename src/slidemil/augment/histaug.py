@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
 
 from slidemil.errors import InputError
 from slidemil.utils.io import atomic_path, write_json
@@ -65,6 +64,8 @@ def _crop(img: torch.Tensor, code: int) -> torch.Tensor:
     """codes 1-5: torchvision's five_crop order (top-left, top-right, bottom-left, bottom-right, centre) of a
     crop 4/7 of the side (128 of 224 px, official); resized back to the tile size, as the encoder's own
     transform would resize the 128 px crop."""
+    from torchvision.transforms.v2 import functional as TF
+
     s = img.shape[-1]
     c = round(s * CROP_SHARE)
     top, left = {1: (0, 0), 2: (0, s - c), 3: (s - c, 0), 4: (s - c, s - c), 5: ((s - c) // 2, (s - c) // 2)}[code]
@@ -86,6 +87,8 @@ def _morph(img: torch.Tensor, sign: float) -> torch.Tensor:
 
 def apply_transforms(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) -> torch.Tensor:
     """The i-th parameter set applied to one float image [3, H, W] in [0, 1], in its sampled order."""
+    from torchvision.transforms.v2 import functional as TF  # on first use (seconds at import; see foundation.py)
+
     for pos in params["order"][i].argsort().tolist():       # transform index applied at each position
         name = TRANSFORMS[pos]
         v = params[name][i].item()

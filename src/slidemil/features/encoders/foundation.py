@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 
-import timm
 import torch
 from torch import nn
 
@@ -21,12 +20,20 @@ from slidemil.features.encoders.registry import ENCODERS, IMAGENET_MEAN, IMAGENE
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 
 
+def create_timm_model(name: str, **kwargs) -> nn.Module:
+    """timm.create_model, with timm imported on first use: it pulls in torchvision, seconds of start-up
+    that every `slidemil` command would pay otherwise."""
+    import timm
+
+    return timm.create_model(name, **kwargs)
+
+
 class ResNet50Trunc(nn.Module):
     """timm `resnet50.tv_in1k` up to layer3, then global average pooling: 1024-d (CLAM)."""
 
     def __init__(self, pretrained: bool = False):
         super().__init__()
-        self.net = timm.create_model("resnet50.tv_in1k", pretrained=pretrained, features_only=True, out_indices=(3,))
+        self.net = create_timm_model("resnet50.tv_in1k", pretrained=pretrained, features_only=True, out_indices=(3,))
 
     def forward(self, x):
         return self.net(x)[-1].mean((2, 3))
@@ -45,7 +52,7 @@ class ClassAndMeanTokens(nn.Module):
 
 
 def _vit(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    return create_timm_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
 
 
 def _swiglu():
@@ -121,10 +128,10 @@ _spec("phikon_v2", 1024, functools.partial(_vit, "vit_large_patch16_224", img_si
 def timm_spec(model_name: str) -> EncoderSpec:
     """`timm:<name>`: any timm model as a pooled feature extractor; weights from --weights or the hub."""
     def build(pretrained: bool = False):
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        return create_timm_model(model_name, pretrained=pretrained, num_classes=0)
 
     try:
-        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+        probe = create_timm_model(model_name, pretrained=False, num_classes=0)
     except Exception as exc:
         raise InputError(f"timm has no model {model_name!r} ({exc})") from None
     cfg = probe.pretrained_cfg or {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.loss import AsymmetricLossSingleLabel
 
 from slidemil.models.base import MILOutput
 from slidemil.nn.segments import pack_bags
@@ -106,6 +105,7 @@ class PackMIL(Strategy):
         if self.residual_loss == "ce":
             aux = F.cross_entropy(logits, mix.argmax(1))
         elif self.residual_loss == "asl":
+            from timm.loss import AsymmetricLossSingleLabel  # on first use: timm pulls in torchvision
             aux = AsymmetricLossSingleLabel(gamma_pos=1, gamma_neg=4, eps=0.0)(logits, mix.argmax(1))
         else:
             soft = mix / mix.amax(1, keepdim=True).clamp_min(1e-12)
