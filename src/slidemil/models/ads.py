@@ -40,21 +40,30 @@ class ADS(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        weights = masked_softmax(self.attention(x)[..., 0], full_mask(x, mask))
-        return self.downsample(self.embed(x + weights[..., None] * x))
+        return self._token_map(x, masked_softmax(self._scores(x), full_mask(x, mask)))
 
     def packed(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         """[T, D] tokens of packed bags: the forward with each bag's softmax over its own tokens."""
-        weights = segment_softmax(self.attention(x)[:, 0], segments)
-        return self.downsample(self.embed(x + weights[:, None] * x))
+        return self._token_map(x, segment_softmax(self._scores(x), segments))
 
     def reduce(self, part: torch.Tensor) -> torch.Tensor:
         """One bag part [N, D] -> [ceil(N / r), D] (training): shortcut, pad, shuffle, embed, group r tokens,
         keep a random D of their r * D values, Linear."""
         n, d = part.shape
-        x = part + torch.softmax(self.attention(part)[:, 0], 0)[:, None] * part
+        x = _shortcut(part, torch.softmax(self._scores(part), 0))
         x = torch.cat([x, x.new_zeros(-n % self.r, d)])
         x = self.embed(x[torch.randperm(len(x), device=x.device)])
         grouped = x.view(-1, self.r, d).transpose(1, 2).reshape(-1, d * self.r)     # [N / r, D * r], D-major
         keep = torch.randperm(d * self.r, device=x.device)[:d].sort().values
         return self.downsample(grouped[:, keep])
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)[..., 0]
+
+    def _token_map(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.embed(_shortcut(x, weights)))
+
+
+def _shortcut(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x + softmax-weights * x: the attention shortcut every ADS path starts with."""
+    return x + weights[..., None] * x
