@@ -30,7 +30,7 @@ def test_chunked_scan_matches_the_naive_loop(window, chunk):
     for scan in (lambda: selective_scan_reference(**inp, window=window),
                  lambda: selective_scan(**inp, window=window, chunk=chunk)):
         y = scan()
-        (y * torch.cos(y)).sum().backward()   # .backward(): the chunks are re-entrant checkpoints
+        (y * torch.cos(y)).sum().backward()
         grads.append((y.detach(), *(inp[k].grad.clone() for k in names)))
         for k in names:
             inp[k].grad = None

@@ -74,7 +74,7 @@ class S6Branch(nn.Module):
         # would write a gradient the size of the whole sequence
         for piece in seq.split(chunk, 1):
             args = (piece, in_proj, context, h, window)
-            y, h, context = recompute(self._piece, *args, loop=True) if checkpointed else self._piece(*args)
+            y, h, context = recompute(self._piece, *args) if checkpointed else self._piece(*args)
             ys.append(y)
         return torch.cat(ys, 1)
 

@@ -29,21 +29,17 @@ def release_free_heap() -> None:
         trim(0)
 
 
-def recompute(fn, *args, loop: bool = False):
+def recompute(fn, *args):
     """fn(*args) under activation checkpointing: only the inputs are kept, the block is run again in
-    backward, and the heap is trimmed as it starts (in forward and in the recomputation).
-
-    `loop`: fn loops over many small steps (a scan piece). The non-re-entrant variant keeps a graph node
-    per op with a placeholder for each saved tensor, which for a 1024-step scan piece held ~20 MB (13 GB
-    at N = 50k with 256-row pieces); the re-entrant one runs the forward without a graph. Re-entrant needs
-    an input that requires grad to route gradients to the parameters used inside (and rules out
-    torch.autograd.grad), so it is taken only for loops with such an input."""
+    backward, and the heap is trimmed as it starts (in forward and in the recomputation). Non-re-entrant:
+    it works with torch.autograd.grad and needs no grad-requiring input. (A scan used to need the
+    re-entrant variant: an autograd node per position kept ~20 MB of placeholders per piece; the scan is
+    one node now, `ssm.linear_scan`.)"""
     def trimmed(*a):
         release_free_heap()
         return fn(*a)
 
-    reentrant = loop and any(torch.is_tensor(a) and a.requires_grad for a in args)
-    return checkpoint(trimmed, *args, use_reentrant=reentrant)
+    return checkpoint(trimmed, *args, use_reentrant=False)
 
 
 def spans(n: int, size: int) -> list[tuple[int, int]]:

@@ -136,7 +136,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ys = []
     for pieces in zip(*(t.split(chunk) for t in (dl, ul, Bl, Cl))):   # split: one-concatenation backward
         args = pieces + (Af, h, window)
-        y, h = recompute(_segment, *args, loop=True) if checkpointed else _segment(*args)
+        y, h = recompute(_segment, *args) if checkpointed else _segment(*args)
         ys.append(y)
     y = _finish(torch.cat(ys).permute(1, 2, 0), u, D, z)
     return (y, h) if return_state else y
