@@ -62,6 +62,40 @@ def test_scan_carries_state_between_calls():
     torch.testing.assert_close(torch.cat([y1, y2], -1), whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [1, 8])
+@pytest.mark.parametrize("chunk", [1024, 8])
+def test_packed_scan_runs_each_bag_as_if_alone(window, chunk):
+    """`segments`: one scan over bags laid end to end equals scanning each bag alone (state reset at each
+    bag's start, LBMamba's windows aligned to it; sizes that are not multiples of the window), values and
+    gradients; a bag's backward window state still reads its own first position."""
+    from slidemil.nn.segments import Segments
+    from slidemil.nn.ssm import selective_scan
+
+    sizes = [5, 9, 3, 12, 7, 1]
+    inp = _scan_inputs(b=1, L=sum(sizes))
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    for k in names:
+        inp[k].requires_grad_(True)
+
+    def alone():
+        parts, lo = [], 0
+        for n in sizes:
+            part = {k: (v[..., lo:lo + n] if torch.is_tensor(v) and v.dim() == 3 else v) for k, v in inp.items()}
+            parts.append(selective_scan(**part, window=window))
+            lo += n
+        return torch.cat(parts, -1)
+
+    results = []
+    for scan in (alone, lambda: selective_scan(**inp, window=window, chunk=chunk, segments=Segments(sizes))):
+        y = scan()
+        (y * torch.cos(y)).sum().backward()
+        results.append((y.detach(), *(inp[k].grad.clone() for k in names)))
+        for k in names:
+            inp[k].grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_lbmamba_window_one_is_the_forward_scan():
     from slidemil.nn.ssm import selective_scan, selective_scan_reference
 
@@ -161,3 +195,22 @@ def test_dt_init_follows_mamba_or_the_official_mil_code():
     torch.testing.assert_close(F.softplus(official.bias), torch.full_like(official.bias, math.log(2)))
     with pytest.raises(ValueError, match="dt_init"):
         models.create("mambamil", 16, 2, dim=32, dt_init="zero")
+
+
+def test_attention_head_keeps_torch_init_unless_asked_for_the_official_xavier():
+    """The official `initialize_weights` makes every Linear Xavier-normal with zero bias; we keep PyTorch's
+    default init in the attention pooling head only (`attn_init="torch"`): Xavier's head starts with
+    attention logits ~3x wider on the LayerNorm-ed tokens, and memorised a 36-bag cohort (docs/protocol.md)."""
+    torch.manual_seed(0)
+    ours = models.create("mambamil", 16, 2, dim=64)
+    official = models.create("mambamil", 16, 2, dim=64, attn_init="xavier")
+    for model in (ours, official):          # everything else is the official Xavier-normal, zero bias
+        assert model.embed[0].bias.abs().sum() == 0 and model.classifier.bias.abs().sum() == 0
+    v_ours, v_official = ours.attention.VU, official.attention.VU
+    assert v_ours.bias.abs().sum() > 0 and v_ours.weight.abs().max() <= 64 ** -0.5       # kaiming-uniform bound
+    assert v_official.bias.abs().sum() == 0
+    assert abs(v_official.weight.std().item() - (2 / (64 + 128)) ** 0.5) < 0.01          # Xavier-normal std
+    tokens = torch.randn(500, 64)                      # unit-scale, as after the LayerNorm
+    assert official.attention(tokens).std() > 2 * ours.attention(tokens).std()
+    with pytest.raises(ValueError, match="attn_init"):
+        models.create("lbmamba", 16, 2, dim=32, attn_init="zero")

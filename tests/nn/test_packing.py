@@ -81,15 +81,28 @@ def test_neighbours_never_leak_across_segments(name):
     assert not torch.allclose(moved[1], base[1])
 
 
+@pytest.mark.parametrize("reembed", ["rrt", "ads"])
+def test_reembedded_packs_equal_each_bag_alone(reembed):
+    """R²T runs each bag of a pack alone (PackMIL's packed RRTMIL), ADS pools its attention per bag."""
+    from slidemil.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"model": "abmil", "reembed": reembed}, 16, 2).eval()
+    bags = _bags()
+    packed = pack_bags(bags, 16)
+    ref = torch.cat([model(b[None]).logits for b in bags])
+    torch.testing.assert_close(model.forward_packed(packed.tokens, packed.segments).logits, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_models_that_cannot_pack_are_refused_with_the_packable_list():
     from conftest import fit_config
 
-    with pytest.raises(ValueError, match="transmil.*packable models: .*abmil"):
-        fit_config(model="transmil", pack_len=256)
+    assert {"transmil", "rrt", "mambamil", "lbmamba"} <= set(PACKABLE)   # transformer and SSM models pack
+    with pytest.raises(ValueError, match="clam_sb.*packable models: .*abmil"):
+        fit_config(model="clam_sb", pack_len=256)
     with pytest.raises(ValueError, match="strategy 'mhim' reads whole bags"):
         fit_config(model="abmil", strategy="mhim", pack_len=256)
-    with pytest.raises(ValueError, match="re-embedding 'rrt'"):
-        fit_config(model="abmil", reembed="rrt", pack_len=256)
+    assert fit_config(model="transmil", reembed="rrt", pack_len=256).reembed == "rrt"
     with pytest.raises(ValueError, match="packmil.*give --pack-len"):
         fit_config(model="abmil", strategy="packmil")
     with pytest.raises(ValueError, match="packmil.*needs --task classification"):

@@ -16,6 +16,7 @@ from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer
 from slidemil.nn.blocks import recompute
 from slidemil.nn.masked import full_mask, masked_softmax, per_bag
+from slidemil.nn.segments import Segments, segment_pool, segment_softmax
 from slidemil.nn.ssm import selective_scan
 
 
@@ -46,34 +47,58 @@ class S6Branch(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
 
-    def _piece(self, seq, in_proj, context, h, window: int):
+    def _conv(self, history: torch.Tensor, segments: Segments | None) -> torch.Tensor:
+        """The causal depth-wise conv of x [B, n, d] given with its d_conv - 1 rows of history first, ->
+        [B, d, n]. Packed bags: a tap that would reach into the previous bag reads zero instead, as the
+        zero history a bag alone starts from."""
+        if segments is None:
+            return self.conv1d(history.transpose(1, 2))
+        k = self.conv1d.kernel_size[0]
+        n = history.shape[1] - (k - 1)
+        pos = torch.cat([torch.arange(size, device=history.device) for size in segments.sizes])
+        out = self.conv1d.bias
+        for i, w in enumerate(self.conv1d.weight[:, 0].unbind(1)):        # tap i reads k - 1 - i rows back
+            back = k - 1 - i
+            tap = history[:, i:i + n] * w
+            out = out + (tap * (pos >= back)[:, None] if back else tap)
+        return out.transpose(1, 2)
+
+    def _piece(self, seq, in_proj, context, h, window: int, chunk: int, segments: Segments | None = None):
         """One stretch of the block's input: in_proj, then conv (`context` = the d_conv - 1 rows of x
         before it, the causal conv's history), SSM from state `h`, gating. Returns y, the last state
         and the next piece's context."""
         x, z = in_proj(seq).chunk(2, dim=-1)
-        xc = F.silu(self.conv1d(torch.cat([context, x], 1).transpose(1, 2)))   # [B, d_inner, n]
+        xc = F.silu(self._conv(torch.cat([context, x], 1), segments))     # [B, d_inner, n]
         dt, b, c = self.x_proj(xc.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)                  # bias added inside the scan
-        y, h = selective_scan(xc, dt, -torch.exp(self.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), self.D,
-                              z.transpose(1, 2), self.dt_proj.bias, delta_softplus=True, window=window,
-                              chunk=x.shape[1], h0=h, return_state=True)
+        scan = dict(window=window, chunk=chunk, segments=segments)
+        if segments is None:
+            scan.update(h0=h, return_state=True)
+        y = selective_scan(xc, dt, -torch.exp(self.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), self.D,
+                           z.transpose(1, 2), self.dt_proj.bias, delta_softplus=True, **scan)
+        if segments is None:
+            y, h = y
         return y.transpose(1, 2).to(x.dtype), h, torch.cat([context, x], 1)[:, -context.shape[1]:]
 
-    def forward(self, seq: torch.Tensor, in_proj: nn.Linear, window: int, chunk: int) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, in_proj: nn.Linear, window: int, chunk: int,
+                segments: Segments | None = None) -> torch.Tensor:
         """seq [B, L, d_model] in scan order -> gated y [B, L, d_inner]. The sequence is streamed in
         pieces of `chunk` rows (conv history and scan state carried over) and, in training, each piece
         is recomputed in backward, in_proj included: memory is O(chunk * d_inner * d_state) plus the
-        output, at any L."""
-        chunk = max(window, chunk - chunk % max(window, 1))
-        checkpointed = self.training and torch.is_grad_enabled() and seq.shape[1] > chunk
+        output, at any L. Packed bags (`segments`, one pack of at most --pack-len rows) run as one piece,
+        each bag's conv and scan starting afresh; the scan still bounds its states by `chunk`."""
         d_inner = self.conv1d.in_channels
         h = seq.new_zeros(seq.shape[0], d_inner, self.d_state, dtype=torch.float32)
         context = seq.new_zeros(seq.shape[0], self.conv1d.kernel_size[0] - 1, d_inner)
+        if segments is not None:
+            return self._piece(seq, in_proj, context, h, window, chunk, segments)[0]
+        chunk = max(window, chunk - chunk % max(window, 1))
+        checkpointed = self.training and torch.is_grad_enabled() and seq.shape[1] > chunk
         ys = []
         # split, not slicing: a split's backward is one concatenation, while each slice's backward
         # would write a gradient the size of the whole sequence
         for piece in seq.split(chunk, 1):
-            args = (piece, in_proj, context, h, window)
+            args = (piece, in_proj, context, h, window, piece.shape[1])
             y, h, context = recompute(self._piece, *args) if checkpointed else self._piece(*args)
             ys.append(y)
         return torch.cat(ys, 1)
@@ -86,6 +111,30 @@ def reorder_index(n: int, rate: int, device=None) -> tuple[torch.Tensor, torch.T
     padded = n + (-n % rate)
     order = torch.arange(padded, device=device).view(-1, rate).T.reshape(-1)
     return order, torch.argsort(order), padded
+
+
+def reorder_packed(segments: Segments, rate: int, device=None) -> tuple[torch.Tensor, torch.Tensor, Segments]:
+    """`reorder_index` for packed bags, each reordered within itself. Returns (for each row of the reordered
+    sequence the packed row it reads, T meaning a zero padding row; for each packed row its place in the
+    reordered sequence; the reordered bags' padded sizes)."""
+    total, reads, places, sizes, start = sum(segments.sizes), [], [], [], 0
+    for offset, n in zip(torch.tensor([0] + segments.sizes[:-1]).cumsum(0).tolist(), segments.sizes):
+        order, inverse, padded = reorder_index(n, rate, device)
+        reads.append(torch.where(order < n, order + offset, total))
+        places.append(inverse[:n] + start)
+        sizes.append(padded)
+        start += padded
+    return torch.cat(reads), torch.cat(places), Segments(sizes)
+
+
+def reverse_each(t: torch.Tensor, segments: Segments | None) -> torch.Tensor:
+    """t [B, L, ...] with its rows in reverse order, within each packed bag when `segments` is given."""
+    if segments is None:
+        return t.flip(1)
+    ends = torch.tensor(segments.sizes, device=t.device).cumsum(0)
+    starts = ends - torch.tensor(segments.sizes, device=t.device)
+    ids = segments.ids(t.device)
+    return t[:, starts[ids] + ends[ids] - 1 - torch.arange(t.shape[1], device=t.device)]
 
 
 class MambaBlock(nn.Module):
@@ -103,34 +152,52 @@ class MambaBlock(nn.Module):
         self.reordered_branch = S6Branch(d_inner, d_state, d_conv, dt_rank, dt_init) if rate > 0 else None
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:                   # [B, L, d_model]
-        y = self.forward_branch(h, self.in_proj, self.window, self.chunk)
+    def forward(self, h: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:   # [B, L, d_model]
+        """`segments`: h is one pack of bags (batch of one), each scanned and reordered as if alone."""
+        y = self.forward_branch(h, self.in_proj, self.window, self.chunk, segments)
         if self.reordered_branch is not None:
             # reorder the zero-padded sequence; in_proj has no bias, so padding rows of h give the
             # zero in_proj output rows that the official code pads with
             n = h.shape[1]
-            order, inverse, padded = reorder_index(n, self.rate, h.device)
-            seq = F.pad(h, (0, 0, 0, padded - n))[:, order]
-            y = y + self.reordered_branch(seq, self.in_proj, self.window, self.chunk)[:, inverse][:, :n]
+            if segments is None:
+                order, inverse, padded = reorder_index(n, self.rate, h.device)
+                seq = F.pad(h, (0, 0, 0, padded - n))[:, order]
+                y = y + self.reordered_branch(seq, self.in_proj, self.window, self.chunk)[:, inverse][:, :n]
+            else:
+                reads, places, padded = reorder_packed(segments, self.rate, h.device)
+                seq = F.pad(h, (0, 0, 0, 1))[:, reads]
+                y = y + self.reordered_branch(seq, self.in_proj, self.window, self.chunk, padded)[:, places]
         return self.out_proj(y)
 
 
 class _MambaMILBase(MILModel):
     """x -> Linear(E, 512), GELU, Dropout -> n_layers x [h + block(LN(h))] -> LN -> attention pooling
     (Linear 512->128, tanh, Linear 128->1, softmax) -> Linear(512, C). Each bag's real rows are scanned
-    alone (a scan reads every earlier row, so padding must never enter it). Linear weights are
-    Xavier-normal as the official `initialize_weights`, except the SSM's dt_proj by default: the official
-    call also resets it (zero dt bias, so delta = softplus(0) = 0.69 at init), undoing Mamba's dt
-    initialisation, which we keep (`dt_init="mamba"`); `dt_init="mil"` reproduces the official code's.
-    On the 36-patient small-cohort check the official init memorised the training bags as fast (training
-    loss < 1e-3 by epoch 3) and scored no better (per-fold AUROC 0.57-0.73; docs/protocol.md)."""
+    alone (a scan reads every earlier row, so padding must never enter it).
+
+    Initialisation. The official `initialize_weights` makes every Linear Xavier-normal with zero bias. We
+    deliberately differ in two places, each switchable back:
+    - the attention pooling head keeps PyTorch's default init (`attn_init="torch"`; "xavier" is the
+      official). Its scores read LayerNorm-ed (unit-scale) tokens, where Xavier's larger V and w give
+      initial attention logits ~3x wider than PyTorch's: the softmax starts peaked on arbitrary instances
+      and the model memorises a small cohort by them before it finds the signal. Measured on 36 planted
+      training bags (80 validation bags, lr 2e-4): validation AUROC 0.76 with the official init (training
+      loss 0.007 after two epochs), 0.96-0.98 with the head's default init; the same happens with no
+      Mamba layer at all (0.52 vs 0.99), so the cause is the head, not the scan (docs/protocol.md).
+    - the SSM's dt_proj keeps Mamba's step-size init (`dt_init="mamba"`); the official call resets it too
+      (zero dt bias, so delta = softplus(0) = 0.69 at init); `dt_init="mil"` reproduces it."""
 
     attention_scores = True
     embedding_module = "embed"
+    packable = True
 
     checkpoint_above = 4096
 
-    def __init__(self, in_dim, n_outputs, dim, dropout, n_layers, blocks: list[nn.Module], flips: list[bool]):
+    def __init__(self, in_dim, n_outputs, dim, dropout, n_layers, blocks: list[nn.Module], flips: list[bool],
+                 attn_init: str = "torch"):
+        if attn_init not in ("torch", "xavier"):
+            raise ValueError(f"attn_init must be 'torch' (PyTorch's default, ours) or 'xavier' (the official code's), "
+                             f"not {attn_init!r}")
         super().__init__(in_dim, n_outputs)
         self.embed = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(n_layers))
@@ -139,23 +206,26 @@ class _MambaMILBase(MILModel):
         self.norm = nn.LayerNorm(dim)
         self.attention = AttentionScorer(dim, 128, 1, gated=False, w_bias=False)
         self.classifier = nn.Linear(dim, n_outputs)
+        kept = ("attention.",) if attn_init == "torch" else ()
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and not name.endswith("dt_proj"):
+            if isinstance(m, nn.Linear) and not name.endswith("dt_proj") and not name.startswith(kept):
                 nn.init.xavier_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def _layer(self, h: torch.Tensor, i: int) -> torch.Tensor:
+    def _layer(self, h: torch.Tensor, i: int, segments: Segments | None = None) -> torch.Tensor:
         inner = self.norms[i](h)
-        out = self.blocks[i](inner.flip(1) if self.flips[i] else inner)
-        return h + (out.flip(1) if self.flips[i] else out)
+        if self.flips[i]:
+            return h + reverse_each(self.blocks[i](reverse_each(inner, segments), segments), segments)
+        return h + self.blocks[i](inner, segments)
 
-    def _encode(self, h: torch.Tensor) -> torch.Tensor:                   # [n, dim], one bag
+    def _encode(self, h: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        """[n, dim] rows of one bag, or of a pack of bags (`segments`) -> the encoded rows."""
         h = h[None]
         big = self.training and torch.is_grad_enabled() and h.shape[1] > self.checkpoint_above
         for i in range(len(self.blocks)):
             # large bags: keep only each layer's input and recompute the layer in backward (4 GB at 50k)
-            h = recompute(self._layer, h, i) if big else self._layer(h, i)
+            h = recompute(self._layer, h, i, segments) if big else self._layer(h, i, segments)
         return self.norm(h)[0]
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
@@ -163,6 +233,15 @@ class _MambaMILBase(MILModel):
         enc = per_bag(self._encode, self.embed(x), mask)
         a = masked_softmax(self.attention(enc)[..., 0], mask)
         z = (a.unsqueeze(1) @ enc)[:, 0]
+        return MILOutput(self.classifier(z), a, bag_embedding=z)
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        """One pack of bags as one sequence: every scan restarts at each bag's first row (state and conv
+        history zero, LBMamba's windows aligned to the bag), SR-Mamba reorders each bag within itself, the
+        flipped layers reverse each bag in place, and the attention softmax runs within each bag."""
+        enc = self._encode(self.embed(x), segments)                          # [T, dim]
+        a = segment_softmax(self.attention(enc)[:, 0], segments)
+        z = segment_pool(a, enc, segments)
         return MILOutput(self.classifier(z), a, bag_embedding=z)
 
 
@@ -177,10 +256,10 @@ class MambaMIL(_MambaMILBase):
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, dropout: float = 0.0, n_layers: int = 2,
                  rate: int = 5, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_chunk: int = 1024,
-                 dt_init: str = "mamba"):
+                 dt_init: str = "mamba", attn_init: str = "torch"):
         blocks = [MambaBlock(dim, d_state, d_conv, expand, rate=rate, chunk=scan_chunk, dt_init=dt_init)
                   for _ in range(n_layers)]
-        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, [False] * n_layers)
+        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, [False] * n_layers, attn_init)
 
 
 @register("lbmamba", paper="Zhang et al., TMLR 2025 (arXiv 2506.15976), in MambaMIL",
@@ -196,8 +275,8 @@ class LBMambaMIL(_MambaMILBase):
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, dropout: float = 0.0, n_layers: int = 2,
                  window: int = 8, flip_every: int = 1, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 scan_chunk: int = 1024, dt_init: str = "mamba"):
+                 scan_chunk: int = 1024, dt_init: str = "mamba", attn_init: str = "torch"):
         blocks = [MambaBlock(dim, d_state, d_conv, expand, window=window, chunk=scan_chunk, dt_init=dt_init)
                   for _ in range(n_layers)]
         flips = [(i // flip_every) % 2 == 1 for i in range(n_layers)]
-        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, flips)
+        super().__init__(in_dim, n_outputs, dim, dropout, n_layers, blocks, flips, attn_init)

@@ -28,7 +28,7 @@ class Reembedded(Wrapped):
     def __init__(self, encoder, model: MILModel, in_dim: int):
         super().__init__(model, in_dim)
         self.encoder = encoder
-        # R²T's regional attention spans the whole sequence; ADS pools its attention per bag
+        # both encoders keep to each bag of a pack: R²T runs each bag alone, ADS pools its attention per bag
         self.packable = model.packable and getattr(encoder, "packable", False)
         self.streams = False
 

@@ -17,6 +17,7 @@ from slidemil.models.registry import register
 from slidemil.nn.attention import AttentionScorer, Dropout
 from slidemil.nn.blocks import recompute
 from slidemil.nn.masked import full_mask, masked_softmax, per_bag
+from slidemil.nn.segments import Segments, segment_pool, segment_softmax
 
 # Regions are attended a group at a time so the attention logits stay under this many elements:
 # memory is bounded at any N (the official README reports ~10 GB at N = 9000 without it).
@@ -144,6 +145,8 @@ class RRTReembed(nn.Module):
     and one CR-MSA layer, each x + MSA(LN(x)) without FFN, optional global shortcut, final LayerNorm.
     Each bag is processed alone (regions come from list order; padded rows never join a region)."""
 
+    packable = True   # `packed` runs each bag of a pack alone
+
     def __init__(self, in_dim: int, dim: int = 512, dropout: float = 0.25, n_layers: int = 2, heads: int = 8,
                  attn_dropout: float = 0.1, region_num: int = 8, region_size: int = 0, epeg_k: int = 15,
                  crmsa_k: int = 3, crmsa_heads: int = 8, crmsa_mlp: bool = False, all_shortcut: bool = False):
@@ -162,6 +165,12 @@ class RRTReembed(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, N, E] -> [B, N, dim]; padded rows come out as zeros."""
         return per_bag(self._encode, self.project(x), mask)
+
+    def packed(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """[T, E] tokens of packed bags -> [T, dim]: each bag's regions are its own, so its encoder runs on
+        its tokens alone, as PackMIL's official packed R²T (`pack_baseline.RRTMIL`, one encoder call per
+        image of the pack)."""
+        return torch.cat([self._encode(part) for part in self.project(x).split(segments.sizes)])
 
     def _encode(self, h: torch.Tensor) -> torch.Tensor:
         y = self.cr_msa(self.layers(h))
@@ -188,6 +197,7 @@ class RRTMIL(MILModel):
     backward), a memory bound the official code lacks, with identical results."""
 
     attention_scores = True
+    packable = True
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, dropout: float = 0.25, n_layers: int = 2,
                  heads: int = 8, attn_dropout: float = 0.1, region_num: int = 8, region_size: int = 0,
@@ -206,4 +216,11 @@ class RRTMIL(MILModel):
         h = self.reembed(x, mask)
         a = masked_softmax(self.attention(h)[..., 0], mask)
         z = (a.unsqueeze(1) @ h)[:, 0]
+        return MILOutput(self.classifier(z), a, bag_embedding=z)
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        """Each bag's R²T encoder on its own tokens (`RRTReembed.packed`), the attention softmax per bag."""
+        h = self.reembed.packed(x, segments)
+        a = segment_softmax(self.attention(h)[:, 0], segments)
+        z = segment_pool(a, h, segments)
         return MILOutput(self.classifier(z), a, bag_embedding=z)

@@ -72,6 +72,7 @@ class TransMIL(MILModel):
 
     attention_scores = True
     embedding_module = "fc1"
+    packable = True
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, heads: int = 8,
                  landmarks: int = 256, dropout: float = 0.1, checkpoint_above: int = 16384):
@@ -99,6 +100,14 @@ class TransMIL(MILModel):
         z = self.norm(h[:, 0].clone())   # a view would keep all of h alive for the norm's backward
         scores = torch.zeros(n, dtype=row.dtype, device=x.device).index_add_(0, source, row[1:])
         return self.classifier(z), scores, z
+
+    def forward_packed(self, x, segments) -> MILOutput:
+        """A pack of bags: each bag's squaring, Nyström landmarks and PPEG grid are its own, so each bag runs
+        the layers on its own tokens, as PackMIL's official packed TransMIL (`pack_baseline.SAttention` with
+        attn_type "ntrans" loops over the images of a pack; block-diagonal masks serve only its exact-
+        attention ViT). The pack is still one step: one loss and one optimizer update for all its bags."""
+        logits, scores, embeddings = zip(*(self._one(part) for part in x.split(segments.sizes)))
+        return MILOutput(torch.cat(logits), torch.cat(scores).to(x.dtype), bag_embedding=torch.cat(embeddings))
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)

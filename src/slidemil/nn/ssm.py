@@ -8,15 +8,21 @@ B, C [B, N, L]; D [D]. Recurrence per channel d and state n:
 LBMamba (window M > 1) adds, inside each aligned window of M positions, a backward state
     hb_t = exp(delta_t A) hb_{t+1} + delta_t B_t u_t   (reset at the window's right edge)
 and uses h_t + hb_t - delta_t B_t u_t in place of h_t.
+Packed bags (`segments`): every bag's scan starts from a zero state (a_t = 0 at its first position) and its
+windows are aligned to its own start (each bag padded to a multiple of M with delta = 0, which adds nothing
+to any state), so one scan over a pack equals scanning each bag alone.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from slidemil.nn.blocks import recompute
+from slidemil.nn.segments import Segments
 
 try:  # optional CUDA kernel (mamba-ssm); the pure-PyTorch scan below is the reference path
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_scan
@@ -94,14 +100,16 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     return _LinearScan.apply(a, b, h0)
 
 
-def _segment(delta, u, B, C, A, h0, window: int):
-    """One segment, position-major ([S, Bt, ...]): the forward recurrence on [Bt, D, N] states
-    (cache-sized steps), and LBMamba's windowed backward state as the same scan over positions within
-    a window, all windows at once, in reverse. Returns y [S, Bt, D] and the last state."""
+def _chunk(delta, u, B, C, reset, A, h0, window: int):
+    """One chunk of positions, position-major ([S, Bt, ...]): the forward recurrence on [Bt, D, N] states
+    (cache-sized steps), restarted from zero where `reset` [S] (or None) is set, and LBMamba's windowed
+    backward state as the same scan over positions within a window, all windows at once, in reverse.
+    Returns y [S, Bt, D] and the last state."""
     s = delta.shape[0]
     a = torch.exp(delta[..., None] * A)                                          # [S, Bt, D, N]
     bu = (delta * u)[..., None] * B[:, :, None]                                   # [S, Bt, D, N]
-    hs = linear_scan(a, bu, h0)
+    # a reset cuts the forward recurrence only: the backward window state still reads a_t at a bag's start
+    hs = linear_scan(a if reset is None else a.masked_fill(reset[:, None, None, None], 0.0), bu, h0)
     if window > 1:
         pad = -s % window
         # [M, S/M, ...]: position within the window first, reversed (the window's last position first)
@@ -115,28 +123,53 @@ def _segment(delta, u, B, C, A, h0, window: int):
     return y, hs[-1].clone()   # a copy: a view would keep this segment's [S, Bt, D, N] states alive in the next
 
 
+def _aligned(segments: Segments, window: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each bag padded at its end to a multiple of `window`: (the padded position of every real position,
+    the padded positions where a bag starts, the padded length)."""
+    padded = [n + (-n % window) for n in segments.sizes]
+    starts = torch.tensor([0] + padded[:-1], device=device).cumsum(0)
+    real = torch.cat([torch.arange(n, device=device) + s for n, s in zip(segments.sizes, starts.tolist())])
+    return real, starts, sum(padded)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, window: int = 1,
-                   chunk: int = 1024, h0: torch.Tensor | None = None, return_state: bool = False):
+                   chunk: int = 1024, h0: torch.Tensor | None = None, return_state: bool = False,
+                   segments: Segments | None = None):
     """y [B, D, L], scanned in chunks of `chunk` positions (rounded up to a multiple of `window`, so windows
     stay aligned) with the state carried between them; in training each chunk is recomputed in backward
     (checkpointing), so memory is O(chunk * D * N) + O(L * D) at any L. Uses mamba-ssm's kernel for the
     plain forward scan on CUDA when it is installed. `h0` / `return_state` carry the state [B, D, N]
-    across calls (a caller streaming a long sequence in pieces)."""
-    if _cuda_scan is not None and u.is_cuda and window <= 1 and h0 is None and not return_state:
+    across calls (a caller streaming a long sequence in pieces). `segments` (batch of one): the L
+    positions are packed bags, each scanned as if alone (module docstring)."""
+    if (_cuda_scan is not None and u.is_cuda and window <= 1 and h0 is None and not return_state
+            and segments is None):
         return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     delta = _prepare(delta, delta_bias, delta_softplus)
     bt, d, L = u.shape
-    chunk += -chunk % max(window, 1)   # up, so a caller's whole piece stays one chunk (no recompute)
+    w = max(window, 1)
+    chunk += -chunk % w   # up, so a caller's whole piece stays one chunk (no recompute)
+    scanned = (delta, u, B, C)
+    reset = None
+    if segments is not None:
+        if bt != 1 or h0 is not None or return_state:
+            raise ValueError("a packed scan takes one sequence of bags, each starting from a zero state")
+        real, starts, length = _aligned(segments, w, u.device)
+        scanned = tuple(t.new_zeros(*t.shape[:-1], length).index_copy_(-1, real, t.float()) for t in scanned)
+        reset = torch.zeros(length, dtype=torch.bool, device=u.device).index_fill_(0, starts, True)
     # position-major and contiguous: a permuted view would give a, bu its strides (a position's state
     # scattered L floats apart), making every step of the scan a strided gather
-    dl, ul, Bl, Cl = (t.float().permute(2, 0, 1).contiguous() for t in (delta, u, B, C))
+    dl, ul, Bl, Cl = (t.float().permute(2, 0, 1).contiguous() for t in scanned)
     Af = A.float()
     h = torch.zeros(bt, d, A.shape[1], dtype=torch.float32, device=u.device) if h0 is None else h0
-    checkpointed = torch.is_grad_enabled() and L > chunk
+    checkpointed = torch.is_grad_enabled() and dl.shape[0] > chunk
+    resets = itertools.repeat(None) if reset is None else reset.split(chunk)
     ys = []
-    for pieces in zip(*(t.split(chunk) for t in (dl, ul, Bl, Cl))):   # split: one-concatenation backward
-        args = pieces + (Af, h, window)
-        y, h = recompute(_segment, *args) if checkpointed else _segment(*args)
+    for *pieces, r in zip(*(t.split(chunk) for t in (dl, ul, Bl, Cl)), resets):   # split: one-concat backward
+        args = (*pieces, r, Af, h, window)
+        y, h = recompute(_chunk, *args) if checkpointed else _chunk(*args)
         ys.append(y)
-    y = _finish(torch.cat(ys).permute(1, 2, 0), u, D, z)
+    y = torch.cat(ys).permute(1, 2, 0)
+    if segments is not None:
+        y = y[..., real]
+    y = _finish(y, u, D, z)
     return (y, h) if return_state else y
