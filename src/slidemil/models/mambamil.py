@@ -71,13 +71,9 @@ class S6Branch(nn.Module):
         xc = F.silu(self._conv(torch.cat([context, x], 1), segments))     # [B, d_inner, n]
         dt, b, c = self.x_proj(xc.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)                  # bias added inside the scan
-        scan = dict(window=window, chunk=chunk, segments=segments)
-        if segments is None:
-            scan.update(h0=h, return_state=True)
-        y = selective_scan(xc, dt, -torch.exp(self.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), self.D,
-                           z.transpose(1, 2), self.dt_proj.bias, delta_softplus=True, **scan)
-        if segments is None:
-            y, h = y
+        y, h = selective_scan(xc, dt, -torch.exp(self.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), self.D,
+                              z.transpose(1, 2), self.dt_proj.bias, delta_softplus=True, window=window, chunk=chunk,
+                              h0=None if segments is not None else h, return_state=True, segments=segments)
         return y.transpose(1, 2).to(x.dtype), h, torch.cat([context, x], 1)[:, -context.shape[1]:]
 
     def forward(self, seq: torch.Tensor, in_proj: nn.Linear, window: int, chunk: int,

@@ -139,8 +139,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     stay aligned) with the state carried between them; in training each chunk is recomputed in backward
     (checkpointing), so memory is O(chunk * D * N) + O(L * D) at any L. Uses mamba-ssm's kernel for the
     plain forward scan on CUDA when it is installed. `h0` / `return_state` carry the state [B, D, N]
-    across calls (a caller streaming a long sequence in pieces). `segments` (batch of one): the L
-    positions are packed bags, each scanned as if alone (module docstring)."""
+    across calls (a caller streaming a long sequence in pieces). `segments` (batch of one, no `h0`): the
+    L positions are packed bags, each scanned as if alone (module docstring)."""
     if (_cuda_scan is not None and u.is_cuda and window <= 1 and h0 is None and not return_state
             and segments is None):
         return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -151,7 +151,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     scanned = (delta, u, B, C)
     reset = None
     if segments is not None:
-        if bt != 1 or h0 is not None or return_state:
+        if bt != 1 or h0 is not None:
             raise ValueError("a packed scan takes one sequence of bags, each starting from a zero state")
         real, starts, length = _aligned(segments, w, u.device)
         scanned = tuple(t.new_zeros(*t.shape[:-1], length).index_copy_(-1, real, t.float()) for t in scanned)
