@@ -178,7 +178,7 @@ class _MambaMILBase(MILModel):
       initial attention logits ~3x wider than PyTorch's: the softmax starts peaked on arbitrary instances
       and the model memorises a small cohort by them before it finds the signal. Measured on 36 planted
       training bags (80 validation bags, lr 2e-4): validation AUROC 0.76 with the official init (training
-      loss 0.007 after two epochs), 0.96-0.98 with the head's default init; the same happens with no
+      loss 0.007 after two epochs), 0.92-0.98 with the head's default init; the same happens with no
       Mamba layer at all (0.52 vs 0.99), so the cause is the head, not the scan (docs/protocol.md).
     - the SSM's dt_proj keeps Mamba's step-size init (`dt_init="mamba"`); the official call resets it too
       (zero dt bias, so delta = softplus(0) = 0.69 at init); `dt_init="mil"` reproduces it."""
