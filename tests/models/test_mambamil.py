@@ -15,6 +15,16 @@ def _scan_inputs(b=2, d=6, n=4, L=53, seed=0):
                 D=r(d), z=r(b, d, L), delta_bias=r(d), delta_softplus=True)
 
 
+def _values_and_grads(scan, inp, names):
+    """(y, then the gradient of each input in `names`) for a non-linear loss of scan()'s output."""
+    y = scan()
+    (y * torch.cos(y)).sum().backward()
+    out = (y.detach(), *(inp[k].grad.clone() for k in names))
+    for k in names:
+        inp[k].grad = None
+    return out
+
+
 @pytest.mark.parametrize("window", [1, 5, 8])
 @pytest.mark.parametrize("chunk", [1024, 16, 7, 1])
 def test_chunked_scan_matches_the_naive_loop(window, chunk):
@@ -26,15 +36,9 @@ def test_chunked_scan_matches_the_naive_loop(window, chunk):
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     for k in names:
         inp[k].requires_grad_(True)
-    grads = []
-    for scan in (lambda: selective_scan_reference(**inp, window=window),
-                 lambda: selective_scan(**inp, window=window, chunk=chunk)):
-        y = scan()
-        (y * torch.cos(y)).sum().backward()
-        grads.append((y.detach(), *(inp[k].grad.clone() for k in names)))
-        for k in names:
-            inp[k].grad = None
-    for a, b in zip(*grads):
+    ref = _values_and_grads(lambda: selective_scan_reference(**inp, window=window), inp, names)
+    ours = _values_and_grads(lambda: selective_scan(**inp, window=window, chunk=chunk), inp, names)
+    for a, b in zip(ref, ours):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -85,14 +89,9 @@ def test_packed_scan_runs_each_bag_as_if_alone(window, chunk):
             lo += n
         return torch.cat(parts, -1)
 
-    results = []
-    for scan in (alone, lambda: selective_scan(**inp, window=window, chunk=chunk, segments=Segments(sizes))):
-        y = scan()
-        (y * torch.cos(y)).sum().backward()
-        results.append((y.detach(), *(inp[k].grad.clone() for k in names)))
-        for k in names:
-            inp[k].grad = None
-    for a, b in zip(*results):
+    packed = _values_and_grads(lambda: selective_scan(**inp, window=window, chunk=chunk, segments=Segments(sizes)),
+                               inp, names)
+    for a, b in zip(_values_and_grads(alone, inp, names), packed):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

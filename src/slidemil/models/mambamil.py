@@ -114,7 +114,7 @@ def reorder_packed(segments: Segments, rate: int, device=None) -> tuple[torch.Te
     sequence the packed row it reads, T meaning a zero padding row; for each packed row its place in the
     reordered sequence; the reordered bags' padded sizes)."""
     total, reads, places, sizes, start = sum(segments.sizes), [], [], [], 0
-    for offset, n in zip(torch.tensor([0] + segments.sizes[:-1]).cumsum(0).tolist(), segments.sizes):
+    for offset, n in zip(segments.starts, segments.sizes):
         order, inverse, padded = reorder_index(n, rate, device)
         reads.append(torch.where(order < n, order + offset, total))
         places.append(inverse[:n] + start)
@@ -127,10 +127,11 @@ def reverse_each(t: torch.Tensor, segments: Segments | None) -> torch.Tensor:
     """t [B, L, ...] with its rows in reverse order, within each packed bag when `segments` is given."""
     if segments is None:
         return t.flip(1)
-    ends = torch.tensor(segments.sizes, device=t.device).cumsum(0)
-    starts = ends - torch.tensor(segments.sizes, device=t.device)
+    starts = torch.tensor(segments.starts, device=t.device)
     ids = segments.ids(t.device)
-    return t[:, starts[ids] + ends[ids] - 1 - torch.arange(t.shape[1], device=t.device)]
+    # a token at start + k of a bag of n goes to start + n - 1 - k
+    return t[:, 2 * starts[ids] + torch.tensor(segments.sizes, device=t.device)[ids] - 1
+             - torch.arange(t.shape[1], device=t.device)]
 
 
 class MambaBlock(nn.Module):

@@ -28,6 +28,15 @@ class Segments:
     def n(self) -> int:
         return len(self.sizes)
 
+    @property
+    def starts(self) -> list[int]:
+        """The token index where each bag begins."""
+        out, total = [], 0
+        for n in self.sizes:
+            out.append(total)
+            total += n
+        return out
+
     def ids(self, device=None) -> torch.Tensor:
         """[T] the bag of each token."""
         return torch.repeat_interleave(torch.arange(self.n, device=device), torch.tensor(self.sizes, device=device))

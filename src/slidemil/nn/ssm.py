@@ -126,10 +126,9 @@ def _chunk(delta, u, B, C, reset, A, h0, window: int):
 def _aligned(segments: Segments, window: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Each bag padded at its end to a multiple of `window`: (the padded position of every real position,
     the padded positions where a bag starts, the padded length)."""
-    padded = [n + (-n % window) for n in segments.sizes]
-    starts = torch.tensor([0] + padded[:-1], device=device).cumsum(0)
-    real = torch.cat([torch.arange(n, device=device) + s for n, s in zip(segments.sizes, starts.tolist())])
-    return real, starts, sum(padded)
+    padded = Segments([n + (-n % window) for n in segments.sizes])
+    real = torch.cat([torch.arange(n, device=device) + s for n, s in zip(segments.sizes, padded.starts)])
+    return real, torch.tensor(padded.starts, device=device), sum(padded.sizes)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, window: int = 1,
