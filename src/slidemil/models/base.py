@@ -93,6 +93,10 @@ class MILModel(nn.Module):
     def step_end(self) -> None:
         """After each optimizer step, e.g. for EMA teachers."""
 
+    def fit_end(self, context) -> None:
+        """Once after the selected epoch's weights are back in place (the `fit_start` context), e.g. to fit an
+        output calibration to the training bags."""
+
 
 class Wrapped(MILModel):
     """A model around another (`.model`): the same forward, loss, attention flag and training hooks, which
@@ -128,6 +132,9 @@ class Wrapped(MILModel):
 
     def step_end(self) -> None:
         self.model.step_end()
+
+    def fit_end(self, context) -> None:
+        self.model.fit_end(context)
 
 
 def pick_class(per_class: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

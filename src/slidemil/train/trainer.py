@@ -151,7 +151,8 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     model.to(device)
     if cfg.compile:   # in place: the weights keep their names, so checkpoints load without the compiler
         model.compile(dynamic=True)
-    model.fit_start(FitContext(train_ds, cfg, device, fold, run_dir, encoder))
+    context = FitContext(train_ds, cfg, device, fold, run_dir, encoder)
+    model.fit_start(context)
     labels = train_ds.labels()
     task_loss = task.loss(state, labels, device, model.n_outputs)
     if cfg.balanced_sampling:
@@ -237,4 +238,5 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
     if best_state is None:   # --select last, or no validation split: the last epoch
         best_state, best_epoch = copy.deepcopy(model.state_dict()), len(rows)
     model.load_state_dict(best_state)
-    return FitResult(best_state, pd.DataFrame(rows), best_epoch)
+    model.fit_end(context)
+    return FitResult(model.state_dict(), pd.DataFrame(rows), best_epoch)
