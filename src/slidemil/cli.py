@@ -175,6 +175,7 @@ def train(
     class_weights: Optional[str] = _opt(TrainConfig, "class_weights"),
     balanced_sampling: Optional[bool] = _opt(TrainConfig, "balanced_sampling", "--balanced-sampling"),
     max_instances: Optional[int] = _opt(TrainConfig, "max_instances"),
+    instance_dropout: Optional[float] = _opt(TrainConfig, "instance_dropout"),
     pack_len: Optional[int] = _opt(TrainConfig, "pack_len"),
     batch_size: Optional[int] = _opt(TrainConfig, "batch_size"),
     accum_steps: Optional[int] = _opt(TrainConfig, "accum_steps"),

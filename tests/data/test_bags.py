@@ -44,3 +44,20 @@ def test_datasets_share_one_cache_by_feature_file(tmp_path):
     [test[i] for i in range(3)]                                # two of its bags were already read by train
     assert len(cache.items) == 4
     assert BagCache.of_size(0).budget == 0 and BagCache.of_size(None).budget > 0
+
+
+def test_instance_dropout_keeps_a_fresh_random_share_of_each_bag():
+    """DSMIL's dropout_patches: int(N (1 - p)) distinct rows of the bag, drawn anew at every access; with
+    --max-instances as well, the smaller of the two."""
+    bag = np.arange(100, dtype=np.float32)[:, None].repeat(4, 1)
+    ds = BagDataset.from_arrays([bag], [1])
+    ds.instance_dropout = 0.6
+    first, second = ds[0].x, ds[0].x
+    assert len(first) == len(second) == 40
+    assert len(set(first[:, 0].tolist())) == 40                 # distinct rows of the bag, in bag order
+    assert torch.equal(first[:, 0], first[:, 0].sort().values)
+    assert not torch.equal(first, second)                      # a new draw at every access
+    ds.max_instances = 25
+    assert len(ds[0].x) == 25
+    ds.instance_dropout, ds.max_instances = 0.0, None
+    assert torch.equal(ds[0].x, torch.from_numpy(bag))         # off: the whole bag

@@ -74,7 +74,7 @@ def test_ins_refuses_other_tasks_and_instance_subsampling():
 
     model = models.create("ins", 8, 2)
     ds = bag_dataset(planted_bags(4, dim=8))
-    for bad in ({"task": "regression", "target_col": "t"}, {"max_instances": 10}):
+    for bad in ({"task": "regression", "target_col": "t"}, {"max_instances": 10}, {"instance_dropout": 0.5}):
         cfg = TrainConfig(features="-", labels="-", out="-", **bad)
         with pytest.raises(InputError, match="ins"):
             model.fit_start(FitContext(ds, cfg, torch.device("cpu")))

@@ -104,3 +104,24 @@ def test_measured_per_model_defaults_apply_unless_given():
     assert TrainConfig(**base, model="dsmil").lr == 5e-3                    # docs/protocol.md: 0.42 -> 0.77
     assert TrainConfig(**base, model="dsmil", lr=1e-4).lr == 1e-4
     assert TrainConfig(**base, model="abmil").lr == 2e-4
+    assert TrainConfig(**base, model="dsmil").instance_dropout == 0.6       # docs/protocol.md: 2 -> 4 of 5 seeds
+    assert TrainConfig(**base, model="dsmil", instance_dropout=0).instance_dropout == 0
+    assert TrainConfig(**base, model="dsmil", recipe="paper").instance_dropout == 0   # the official default
+    assert TrainConfig(**base, model="abmil").instance_dropout == 0
+
+
+def test_instance_dropout_reaches_the_training_bags_only(feature_cohort, tmp_path):
+    from conftest import run_config
+    from slidemil.data.bags import BagCache
+    from slidemil.data.splits import make_splits
+    from slidemil.train.cv import _datasets, load_cohort
+
+    root, _ = feature_cohort
+    cfg = run_config(root, tmp_path / "run", instance_dropout=0.5)
+    cohort = load_cohort(cfg)
+    splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed)
+    parts, _ = _datasets(cfg, cohort, splits[splits["fold"] == 0], 0, BagCache())
+    whole = {r: [len(ds._load(i)[0]) for i in range(len(ds))] for r, ds in parts.items()}
+    assert [len(parts["train"][i].x) for i in range(len(parts["train"]))] == [n // 2 for n in whole["train"]]
+    for r in ("val", "test"):
+        assert [len(parts[r][i].x) for i in range(len(parts[r]))] == whole[r]

@@ -86,15 +86,17 @@ class BagDataset(Dataset):
     """Reads each bag from its feature file(s); keeps them in `cache` (a `BagCache`, or True for an
     unbounded one) when given.
 
-    `max_instances` draws a random subset of a bag's instances on every access (training only: the
-    caller never sets it for validation, test or prediction, so those always see the whole bag).
+    `max_instances` draws a random subset of a bag's instances on every access, and `instance_dropout` p
+    keeps a random int(N (1 - p)) of them (at least one), as DSMIL's `dropout_patches` (training only: the
+    caller never sets either for validation, test or prediction, so those always see the whole bag).
     `transform` maps each bag's features on access (the fold's standardisation); the cache keeps them raw.
     """
 
     def __init__(self, units, max_instances: int | None = None, cache: BagCache | bool = True, seed: int = 0,
-                 transform=None):
+                 transform=None, instance_dropout: float = 0.0):
         self.units = list(units)
         self.max_instances = max_instances
+        self.instance_dropout = instance_dropout
         self.cache = BagCache() if cache is True else (cache or None)
         self.rng = np.random.default_rng(seed)
         self.transform = transform
@@ -138,8 +140,13 @@ class BagDataset(Dataset):
     def __getitem__(self, i: int) -> Bag:
         x, coords = self._load(i)
         x = x.float()                                    # float16 in memory, float32 for the model
-        if self.max_instances and len(x) > self.max_instances:
-            keep = np.sort(self.rng.choice(len(x), self.max_instances, replace=False))
+        n = len(x)
+        if self.instance_dropout:
+            n = max(1, int(n * (1 - self.instance_dropout)))
+        if self.max_instances:
+            n = min(n, self.max_instances)
+        if n < len(x):
+            keep = np.sort(self.rng.choice(len(x), n, replace=False))
             keep_t = torch.from_numpy(keep)
             x = x[keep_t]
             coords = coords[keep_t] if coords is not None else None

@@ -162,9 +162,9 @@ class INS(MILModel):
         if getattr(cfg, "task", "classification") not in ("classification",):
             raise InputError(f"--model ins learns an instance classifier from class labels; task {cfg.task!r} "
                              f"is not supported (use --task classification)")
-        if cfg.max_instances:
-            raise InputError("--model ins keeps a label confidence per instance of each bag; --max-instances "
-                             "draws different instances every epoch: leave it out")
+        if cfg.max_instances or cfg.instance_dropout:
+            raise InputError("--model ins keeps a label confidence per instance of each bag; --max-instances and "
+                             "--instance-dropout draw different instances every epoch: leave them out")
         self.n_epochs = cfg.epochs
         self.prot_start = self.prot_start_arg if self.prot_start_arg is not None else max(1, round(cfg.epochs * 2 / 15))
         self._new_key()

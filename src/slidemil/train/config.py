@@ -75,6 +75,10 @@ class TrainConfig(TaskConfig):
     accum_steps: int = Field(1, ge=1, description="Gradient accumulation steps.")
     grad_clip: Optional[float] = Field(None, description="Clip the gradient norm to this value.")
     max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
+    instance_dropout: float = Field(0.0, ge=0, lt=1, description="Drop this fraction of each training bag's "
+                                                                 "instances, drawn anew at every access (DSMIL's "
+                                                                 "--dropout_patch; dsmil defaults to 0.6); never at "
+                                                                 "validation, test or prediction.")
     pack_len: Optional[int] = Field(None, ge=1, description="Train on packs: the --batch-size bags of a step laid end "
                                                           "to end in packs of this many instances, pooled per bag "
                                                           "(PackMIL); a longer bag trains on a random subset of this "

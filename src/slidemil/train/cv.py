@@ -209,6 +209,7 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
         sub = cohort.subset([s for s, v in role.items() if v == r])
         parts[r] = BagDataset(bag_units(sub, cfg.bag_unit),
                               max_instances=cfg.max_instances if r == "train" else None,
+                              instance_dropout=cfg.instance_dropout if r == "train" else 0.0,
                               cache=cache, seed=cfg.seed + fold)
     scaling = None
     if cfg.standardize != "off":

@@ -64,9 +64,11 @@ RECIPES: dict[str, Recipe] = {
 # small-cohort protocol (docs/protocol.md, benchmarks/small_cohort.py; 36 patients, 5 folds, 30 epochs):
 # models without an embedding layer or with hard max pooling move slowly at 2e-4 (dsmil 0.42, max_pool 0.72,
 # acmil 0.87 pooled AUROC) and reach 0.77 / 0.94 / 0.96 at the rates below; attention models lose at 1e-3
-# (abmil 0.98 -> 0.92, clam_sb 0.97 -> 0.89), so the global default stays 2e-4.
+# (abmil 0.98 -> 0.92, clam_sb 0.97 -> 0.89), so the global default stays 2e-4. dsmil fits its ~35 training
+# bags by whichever instance tops each one; dropping 60% of a bag's instances at every epoch (the official
+# `--dropout_patch`, default 0 there) takes that away: 2 -> 10 of 10 cohort seeds meet the target.
 DEFAULTS: dict[str, dict] = {
-    "dsmil": {"lr": 5e-3},
+    "dsmil": {"lr": 5e-3, "instance_dropout": 0.6},
     "max_pool": {"lr": 5e-3},
     "acmil": {"lr": 1e-3},
 }
