@@ -108,6 +108,8 @@ def test_measured_per_model_defaults_apply_unless_given():
     assert TrainConfig(**base, model="dsmil", instance_dropout=0).instance_dropout == 0
     assert TrainConfig(**base, model="dsmil", recipe="paper").instance_dropout == 0   # the official default
     assert TrainConfig(**base, model="abmil").instance_dropout == 0
+    im = TrainConfig(**base, model="instance_max")                           # 1 -> 5 of 10 seeds
+    assert (im.instance_dropout, im.epochs, im.lr) == (0.8, 60, 2e-4)
 
 
 def test_instance_dropout_reaches_the_training_bags_only(feature_cohort, tmp_path):

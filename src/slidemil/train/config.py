@@ -50,7 +50,8 @@ class TrainConfig(TaskConfig):
         "default", description="default: slidemil's settings (measured on small cohorts, docs/protocol.md); "
                                "paper: the model's (and strategy's) paper recipe (docs/models.md); given "
                                "flags still win.")
-    epochs: int = Field(30, ge=1, description="Maximum epochs per fold.")
+    epochs: int = Field(30, ge=1, description="Maximum epochs per fold (instance_max defaults to 60: measured, "
+                                              "docs/protocol.md).")
     lr: float = Field(2e-4, gt=0, description="Learning rate (dsmil and max_pool default to 5e-3, acmil to 1e-3: "
                                               "measured, docs/protocol.md).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
@@ -77,7 +78,8 @@ class TrainConfig(TaskConfig):
     max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
     instance_dropout: float = Field(0.0, ge=0, lt=1, description="Drop this fraction of each training bag's "
                                                                  "instances, drawn anew at every access (DSMIL's "
-                                                                 "--dropout_patch; dsmil defaults to 0.6); never at "
+                                                                 "--dropout_patch; dsmil defaults to 0.6, "
+                                                                 "instance_max to 0.8); never at "
                                                                  "validation, test or prediction.")
     pack_len: Optional[int] = Field(None, ge=1, description="Train on packs: the --batch-size bags of a step laid end "
                                                           "to end in packs of this many instances, pooled per bag "
