@@ -18,6 +18,18 @@ def test_cli_models_lists_registry():
     assert "Ilse" in res.stdout
 
 
+def test_every_training_setting_is_a_flag_or_documented_as_yaml_only():
+    import inspect
+
+    from slidemil.cli import train
+    from slidemil.train.config import TrainConfig
+
+    missing = set(TrainConfig.model_fields) - set(inspect.signature(train).parameters)
+    # given as repeated KEY=VALUE flags (--model-arg, ...) or in the YAML config only
+    assert missing == {"model_args", "strategy_args", "reembed_args", "cache_features", "grad_clip", "warmup_epochs"}
+    assert "instance_dropout" in inspect.signature(train).parameters
+
+
 @pytest.mark.slow
 def test_cli_train_config_file_and_flag_override(feature_cohort, tmp_path):
     root, _ = feature_cohort
