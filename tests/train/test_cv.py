@@ -83,6 +83,23 @@ def test_resume_with_other_settings_is_refused(trained, tmp_path):
         run_cv(run_config(root, copy, lr=1e-2), resume=True)
 
 
+def test_resume_of_a_run_older_than_a_per_model_default_is_refused(tmp_path):
+    """A run saved before `instance_dropout` existed trained dsmil without it; resuming at today's dsmil default
+    (0.6) would change the remaining folds, so it is refused, and --instance-dropout 0 resumes it."""
+    from slidemil.rundir import RunDir
+    from slidemil.train.config import TrainConfig
+    from slidemil.train.cv import _check_run_dir
+
+    cfg = TrainConfig(features="f", labels="l", out=str(tmp_path / "run"), model="dsmil")
+    saved = cfg.model_dump()
+    saved.pop("instance_dropout")
+    RunDir(cfg.out).path.mkdir(parents=True)
+    RunDir(cfg.out).write_config(saved)
+    with pytest.raises(InputError, match=r"different configuration \(instance_dropout\)"):
+        _check_run_dir(cfg, resume=True)
+    _check_run_dir(TrainConfig(features="f", labels="l", out=cfg.out, model="dsmil", instance_dropout=0), resume=True)
+
+
 def test_nan_loss_stops_and_names_the_epoch(feature_cohort, tmp_path, monkeypatch):
     root, _ = feature_cohort
     from slidemil.models.abmil import ABMIL

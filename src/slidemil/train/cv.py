@@ -88,7 +88,11 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
             raise InputError(f"{run.path} already holds a run; pass --resume to finish it, or choose another --out")
         old = run.config()
         old.pop("slidemil", None)
-        old_cfg = TrainConfig(**{**old, "out": cfg.out})
+        # a field the saved config lacks did not exist when the run started: it ran as that field's global
+        # default (not a per-model default added since, which would silently change the remaining folds)
+        absent = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()
+                  if k not in old and not f.is_required()}
+        old_cfg = TrainConfig(**{**absent, **old, "out": cfg.out})
         changed = sorted(k for k, v in cfg.identity().items() if old_cfg.identity().get(k) != v)
         if changed:
             raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
