@@ -31,11 +31,14 @@ def test_preprocess_config_is_the_stage_configs_together():
             assert PreprocessConfig.model_fields[name].default == field.default, name
 
 
+EPOCHS_HELP = "Maximum epochs per fold (instance_max defaults to 60: measured, docs/protocol.md). (default: 30)"
+
+
 def test_flag_help_shows_the_field_default():
-    assert field_help(TrainConfig, "epochs") == "Maximum epochs per fold. (default: 30)"
+    assert field_help(TrainConfig, "epochs") == EPOCHS_HELP
     assert field_help(PatchConfig, "min_tissue").endswith("(default: 0.25)")
     train = typer.main.get_command(app).commands["train"]
-    assert next(p.help for p in train.params if p.name == "epochs") == "Maximum epochs per fold. (default: 30)"
+    assert next(p.help for p in train.params if p.name == "epochs") == EPOCHS_HELP
 
 
 def test_model_strategy_and_reembedding_arguments_are_checked_up_front():
