@@ -108,3 +108,23 @@ def test_models_that_cannot_pack_are_refused_with_the_packable_list():
     with pytest.raises(ValueError, match="packmil.*needs --task classification"):
         fit_config(model="abmil", strategy="packmil", pack_len=256, task="regression", target_col="y")
     assert fit_config(model="abmil", pack_len=256, task="regression", target_col="y").pack_len == 256
+
+
+@pytest.mark.parametrize("name", ["feature_noise", "feature_dropout", "instance_mixup"])
+def test_feature_augmentations_pack_bag_by_bag(name):
+    """A pack is augmented one bag at a time: under the same random draws, the packed training forward equals
+    the bags' own training forwards (so the noise scale and the mixup partners are each bag's own)."""
+    from conftest import fit_config
+    from slidemil.train.strategies.base import apply_strategy
+
+    torch.manual_seed(0)
+    model = apply_strategy(models.create("abmil", 8, 2, dropout=0.0), name).train()
+    bags = [torch.randn(n, 8) * (1 + i) for i, n in enumerate((5, 9, 3))]
+    torch.manual_seed(1)
+    packed = model.forward_bags(bags, pack_len=64).logits
+    torch.manual_seed(1)
+    alone = torch.cat([model(b[None]).logits for b in bags])
+    torch.testing.assert_close(packed, alone)
+    clean = torch.cat([model.model(b[None]).logits for b in bags])
+    assert not torch.allclose(packed, clean)                           # the augmentation did act
+    assert fit_config(model="transmil", strategy=name, pack_len=256).pack_len == 256

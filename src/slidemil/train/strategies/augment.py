@@ -12,9 +12,11 @@ from slidemil.train.strategies.base import Strategy, register_strategy
 
 
 class FeatureAugmentation(Strategy):
-    """Transforms the bag's features in training forwards, then calls the model."""
+    """Transforms the bag's features in training forwards, then calls the model. Each transform sees one bag at
+    a time (its statistics, its partners), so a pack (`--pack-len`) is augmented bag by bag."""
 
     requires_attention = False
+    supports_packing = True
 
     def augment(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -24,6 +26,11 @@ class FeatureAugmentation(Strategy):
             mask = full_mask(x, mask)
             x = torch.where(mask[..., None], self.augment(x, mask), x)
         return self.model(x, mask, coords)
+
+    def forward_packed(self, x, segments):
+        if self.training and torch.is_grad_enabled():
+            x = torch.cat([self.augment(part[None], full_mask(part[None], None))[0] for part in x.split(segments.sizes)])
+        return self.model.forward_packed(x, segments)
 
 
 @register_strategy("histaug", paper="Boutaj et al., ICCV 2025 (arXiv 2508.14588)",
