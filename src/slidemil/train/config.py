@@ -43,7 +43,8 @@ class TrainConfig(TaskConfig):
     reembed: Optional[str] = Field(None, description="Re-embedding module in front of the aggregator (rrt).")
     reembed_args: dict = Field(default_factory=dict, description="Re-embedding argument KEY=VALUE; repeatable.")
     strategy: Optional[str] = Field(None, description="Training strategy around the model (aem, mhim, sc, histaug, "
-                                                      "feature_noise, ...).")
+                                                      "feature_noise, ...; transmil defaults to feature_noise, "
+                                                      "none turns that off).")
     strategy_args: dict = Field(default_factory=dict, description="Strategy argument KEY=VALUE; repeatable.")
     # optimisation
     recipe: Literal["default", "paper"] = Field(
@@ -78,8 +79,8 @@ class TrainConfig(TaskConfig):
     max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
     instance_dropout: float = Field(0.0, ge=0, lt=1, description="Drop this fraction of each training bag's "
                                                                  "instances, drawn anew at every access (DSMIL's "
-                                                                 "--dropout_patch; dsmil defaults to 0.6, "
-                                                                 "instance_max to 0.8); never at "
+                                                                 "--dropout_patch; dsmil and transmil default "
+                                                                 "to 0.6, instance_max to 0.8); never at "
                                                                  "validation, test or prediction.")
     pack_len: Optional[int] = Field(None, ge=1, description="Train on packs: the --batch-size bags of a step laid end "
                                                           "to end in packs of this many instances, pooled per bag "
@@ -112,7 +113,9 @@ class TrainConfig(TaskConfig):
     @field_validator("model", "strategy", "reembed")
     @classmethod
     def _registered(cls, value, info):
-        """Names must be in their registry."""
+        """Names must be in their registry; `--strategy none` turns off a model's default strategy."""
+        if info.field_name == "strategy" and value == "none":
+            return None
         if value is not None:
             _REGISTRIES[info.field_name].info(value)
         return value

@@ -72,6 +72,10 @@ RECIPES: dict[str, Recipe] = {
 DEFAULTS: dict[str, dict] = {
     "dsmil": {"lr": 5e-3, "instance_dropout": 0.6},
     "instance_max": {"instance_dropout": 0.8, "epochs": 60},
+    # transmil memorises a fold's training bags in 3 epochs; Gaussian feature noise (0.1 of each bag's spread)
+    # with 60% instance dropout: 4 -> 8 of 10 seeds meet the target, mean 0.76 -> 0.80 (`--strategy none`,
+    # `--instance-dropout 0` undo it)
+    "transmil": {"strategy": "feature_noise", "instance_dropout": 0.6},
     "max_pool": {"lr": 5e-3},
     "acmil": {"lr": 1e-3},
 }
