@@ -31,12 +31,13 @@ def test_preprocess_config_is_the_stage_configs_together():
             assert PreprocessConfig.model_fields[name].default == field.default, name
 
 
-EPOCHS_HELP = "Maximum epochs per fold (instance_max defaults to 60: measured, docs/protocol.md). (default: 30)"
+EPOCHS_HELP = "Maximum epochs per fold. (default: 30; instance_max: 60)"   # a model's measured default is named too
 
 
 def test_flag_help_shows_the_field_default():
     assert field_help(TrainConfig, "epochs") == EPOCHS_HELP
     assert field_help(PatchConfig, "min_tissue").endswith("(default: 0.25)")
+    assert field_help(TrainConfig, "strategy").endswith("(default: none; transmil: feature_noise)")
     train = typer.main.get_command(app).commands["train"]
     assert next(p.help for p in train.params if p.name == "epochs") == EPOCHS_HELP
 

@@ -14,6 +14,7 @@ hyperslides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -31,11 +32,7 @@ class Segments:
     @property
     def starts(self) -> list[int]:
         """The token index where each bag begins."""
-        out, total = [], 0
-        for n in self.sizes:
-            out.append(total)
-            total += n
-        return out
+        return list(accumulate(self.sizes[:-1], initial=0))
 
     def ids(self, device=None) -> torch.Tensor:
         """[T] the bag of each token."""

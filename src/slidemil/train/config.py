@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from slidemil.models.reembed import REEMBEDDINGS
 from slidemil.models.registry import MODELS
 from slidemil.tasks import TaskConfig
-from slidemil.train.recipes import default_settings, paper_settings
+from slidemil.train.recipes import DEFAULTS, default_settings, paper_settings
 from slidemil.train.strategies import STRATEGIES
 
 
@@ -43,18 +43,15 @@ class TrainConfig(TaskConfig):
     reembed: Optional[str] = Field(None, description="Re-embedding module in front of the aggregator (rrt).")
     reembed_args: dict = Field(default_factory=dict, description="Re-embedding argument KEY=VALUE; repeatable.")
     strategy: Optional[str] = Field(None, description="Training strategy around the model (aem, mhim, sc, histaug, "
-                                                      "feature_noise, ...; transmil defaults to feature_noise, "
-                                                      "none turns that off).")
+                                                      "feature_noise, ...; none turns a model's default off).")
     strategy_args: dict = Field(default_factory=dict, description="Strategy argument KEY=VALUE; repeatable.")
     # optimisation
     recipe: Literal["default", "paper"] = Field(
         "default", description="default: slidemil's settings (measured on small cohorts, docs/protocol.md); "
                                "paper: the model's (and strategy's) paper recipe (docs/models.md); given "
                                "flags still win.")
-    epochs: int = Field(30, ge=1, description="Maximum epochs per fold (instance_max defaults to 60: measured, "
-                                              "docs/protocol.md).")
-    lr: float = Field(2e-4, gt=0, description="Learning rate (dsmil and max_pool default to 5e-3, acmil to 1e-3: "
-                                              "measured, docs/protocol.md).")
+    epochs: int = Field(30, ge=1, description="Maximum epochs per fold.")
+    lr: float = Field(2e-4, gt=0, description="Learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "plateau", "none"] = Field("cosine", description="cosine | plateau | none.")
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
@@ -79,9 +76,8 @@ class TrainConfig(TaskConfig):
     max_instances: Optional[int] = Field(None, ge=1, description="Random subset of instances per bag, training only.")
     instance_dropout: float = Field(0.0, ge=0, lt=1, description="Drop this fraction of each training bag's "
                                                                  "instances, drawn anew at every access (DSMIL's "
-                                                                 "--dropout_patch; dsmil and transmil default "
-                                                                 "to 0.6, instance_max to 0.8); never at "
-                                                                 "validation, test or prediction.")
+                                                                 "--dropout_patch); never at validation, test or "
+                                                                 "prediction.")
     pack_len: Optional[int] = Field(None, ge=1, description="Train on packs: the --batch-size bags of a step laid end "
                                                           "to end in packs of this many instances, pooled per bag "
                                                           "(PackMIL); a longer bag trains on a random subset of this "
@@ -181,6 +177,11 @@ class TrainConfig(TaskConfig):
             raise ValueError("--survival-loss cox compares the bags of a batch with each other: use --batch-size 2 "
                              "or more (OTSurv trains with 16)")
         return self
+
+    @staticmethod
+    def default_overrides(name: str) -> dict:
+        """The models whose measured default for this field differs (train/recipes.py, docs/protocol.md)."""
+        return {model: settings[name] for model, settings in DEFAULTS.items() if name in settings}
 
     def identity(self) -> dict:
         """The fields that define the experiment (what --resume must not change)."""

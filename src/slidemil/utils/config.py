@@ -36,14 +36,21 @@ def load_config(cls: type[BaseModel], path: str | os.PathLike | None, overrides:
 
 
 def field_help(cls: type[BaseModel], name: str) -> str:
-    """A field's description followed by its default, for a CLI flag's help."""
+    """A field's description followed by its default, for a CLI flag's help, and the defaults some choices
+    override it with when the config class names them (`cls.default_overrides(name)`: {"dsmil": 0.6})."""
     f = cls.model_fields[name]
     text = f.description or name.replace("_", " ")
+    overrides = getattr(cls, "default_overrides", lambda _: {})(name)
+    others = "".join(f"; {who}: {value}" for who, value in overrides.items())
     default = f.get_default(call_default_factory=True)
-    if default is None or default == {} or f.is_required():
+    if f.is_required() or (default is None or default == {}) and not others:
         return text
-    if isinstance(default, bool):
-        return text if not default else f"{text} (default: on)"
-    if isinstance(default, (list, tuple)):
+    if default is None:
+        default = "none"
+    elif isinstance(default, bool):
+        if not default and not others:
+            return text
+        default = "on" if default else "off"
+    elif isinstance(default, (list, tuple)):
         default = ",".join(map(str, default))
-    return f"{text} (default: {default})"
+    return f"{text} (default: {default}{others})"
