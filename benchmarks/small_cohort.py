@@ -30,12 +30,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/small_cohort"))
     ap.add_argument("--train", default="", help="extra TrainConfig fields as KEY=VALUE,KEY=VALUE")
     ap.add_argument("--model-args", default="", help="model arguments as KEY=VALUE,KEY=VALUE (YAML values)")
+    ap.add_argument("--strategy-args", default="", help="strategy arguments as KEY=VALUE,KEY=VALUE (YAML values)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = MODELS.available() if args.models == "all" else args.models.split(",")
     extra = dict(kv.split("=", 1) for kv in args.train.split(",") if kv)
-    if args.model_args:
-        extra["model_args"] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_args.split(","))}
+    for field in ("model_args", "strategy_args"):
+        if getattr(args, field):
+            extra[field] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in getattr(args, field).split(","))}
     print(f"{'model':>14} {'seed':>4} {'AUROC':>6} {'base':>6} {'diff':>6} {'epochs':>7} {'s':>5}", flush=True)
     for seed in (int(s) for s in args.seeds.split(",")):
         cohort = args.out / f"cohort_{seed}"

@@ -12,7 +12,9 @@ from slidemil.certify.generators import false_frequency, single_concept, thresho
 from slidemil.certify.run import CertifySettings, certify, combine, seed_verdict
 from slidemil.cli import app
 
-FAST = CertifySettings(n_train=300, n_test=200, epochs=6, seeds=1)
+# 8 epochs: instance_max pools by the mean for its first 5 training epochs and needs a few by the max after
+# them (at 6 epochs it reached train / test AUROC 0.91 / 0.89, at 8 0.97 / 0.98; without the warm-up 0.99 / 0.98)
+FAST = CertifySettings(n_train=300, n_test=200, epochs=8, seeds=1)
 
 
 def _kinds(bag):

@@ -31,15 +31,16 @@ def test_preprocess_config_is_the_stage_configs_together():
             assert PreprocessConfig.model_fields[name].default == field.default, name
 
 
-EPOCHS_HELP = "Maximum epochs per fold. (default: 30; instance_max: 60)"   # a model's measured default is named too
+LR_HELP = "Learning rate. (default: 0.0002; dsmil: 0.005; max_pool: 0.005; acmil: 0.001)"   # models' measured defaults too
 
 
 def test_flag_help_shows_the_field_default():
-    assert field_help(TrainConfig, "epochs") == EPOCHS_HELP
+    assert field_help(TrainConfig, "lr") == LR_HELP
+    assert field_help(TrainConfig, "epochs") == "Maximum epochs per fold. (default: 30)"
     assert field_help(PatchConfig, "min_tissue").endswith("(default: 0.25)")
     assert field_help(TrainConfig, "strategy").endswith("(default: none; transmil: feature_noise)")
     train = typer.main.get_command(app).commands["train"]
-    assert next(p.help for p in train.params if p.name == "epochs") == EPOCHS_HELP
+    assert next(p.help for p in train.params if p.name == "lr") == LR_HELP
 
 
 def test_model_strategy_and_reembedding_arguments_are_checked_up_front():

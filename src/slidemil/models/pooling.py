@@ -90,27 +90,44 @@ class InstanceMax(MILModel):
     Binary tasks score one positive logit per instance and return logits [0, max_k s_k], so that
     softmax gives sigmoid(max_k s_k): only positive evidence can raise the bag, as the standard MIL
     assumption requires. With C > 2 classes each class logit is its own max over instances.
+
+    `mean_warmup_epochs` (slidemil's default 5; 0 is the paper's mi-Net): the first training epochs pool
+    by the mean of the instance logits (mi-Net's mean-pooling variant) before the max takes over, much as
+    mi-SVM (Andrews et al. 2002) starts by giving every instance its bag's label. A hard max from the first
+    step trains only each bag's top instance, which an untrained scorer picks at random, so a small cohort
+    is fitted by those instances; the mean first finds the direction that separates positive bags' instances
+    from negative ones (docs/protocol.md: 1 -> 10 of 10 small-cohort seeds). Evaluation always takes the max.
     """
 
     packable = True
 
-    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25):
+    def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25,
+                 mean_warmup_epochs: int = 5):
         super().__init__(in_dim, n_outputs)
         self.binary = n_outputs == 2
         self.instance_net = nn.Sequential(mlp_embed(in_dim, hidden_dim, dropout),
                                           nn.Linear(hidden_dim, 1 if self.binary else n_outputs))
+        self.mean_warmup_epochs = mean_warmup_epochs
+        self._warming_up = False
+
+    def epoch_start(self, epoch: int, n_epochs: int) -> None:
+        self._warming_up = epoch < self.mean_warmup_epochs
+
+    def _pool(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean(s, mask) if self.training and self._warming_up else masked_max(s, mask)[0]
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
         s = self.instance_net(x)                     # [B, N, C']
-        top, _ = masked_max(s, mask)                 # [B, C']
+        top = self._pool(s, mask)                    # [B, C']
         logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
         per_inst = s.transpose(1, 2).masked_fill(~mask[:, None], 0.0)
         return MILOutput(logits, pick_class(per_inst, logits), {"instance_logits": per_inst})
 
     def forward_packed(self, x, segments) -> MILOutput:
         s = self.instance_net(x)                     # [T, C']
-        top, _ = segment_max(s, segments)
+        warm = self.training and self._warming_up
+        top = segment_mean(s, segments) if warm else segment_max(s, segments)[0]
         logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
         return MILOutput(logits, pick_class_packed(s, logits, segments), {"instance_logits": s})
 
