@@ -11,3 +11,4 @@ def test_report_shows_heatmap_gallery_and_bands(demo_run):
     demo_run = demo_run[0]
     html = (demo_run / "run" / "report.html").read_text()
     assert "Best true positives" in html and "Heatmaps" in html and html.count("data:image/png;base64,") >= 6
+    assert "built_with:" in html and "gated: true" in html     # the model's arguments as built, defaults included

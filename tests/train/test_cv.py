@@ -100,6 +100,30 @@ def test_resume_of_a_run_older_than_a_per_model_default_is_refused(tmp_path):
     _check_run_dir(TrainConfig(features="f", labels="l", out=cfg.out, model="dsmil", instance_dropout=0), resume=True)
 
 
+def test_resume_after_a_model_default_changed_is_refused_and_the_flag_named(tmp_path, monkeypatch):
+    """config.yaml records every model argument the run was built with; a later release whose default differs
+    (instance_max's mean warm-up came in 2026-12-03) must not finish the run's folds another way."""
+    from slidemil.models.pooling import InstanceMax
+    from slidemil.rundir import RunDir
+    from slidemil.train.config import TrainConfig
+    from slidemil.train.cv import _check_run_dir
+
+    cfg = TrainConfig(features="f", labels="l", out=str(tmp_path / "run"), model="instance_max")
+    assert cfg.resolved_arguments()["model_args"] == {"hidden_dim": 512, "dropout": 0.25, "mean_warmup_epochs": 5}
+    saved = cfg.model_dump() | {"slidemil": {"arguments": cfg.resolved_arguments()}}
+    RunDir(cfg.out).path.mkdir(parents=True)
+    RunDir(cfg.out).write_config(saved)
+    _check_run_dir(cfg, resume=True)                                      # nothing changed: resumes
+    monkeypatch.setattr(InstanceMax.__init__, "__defaults__", (512, 0.25, 0))   # a release with another default
+    with pytest.raises(InputError, match=r"with model_args.mean_warmup_epochs=5, .*; pass --model-arg mean_warmup_epochs=5 "):
+        _check_run_dir(cfg, resume=True)
+    again = TrainConfig(features="f", labels="l", out=cfg.out, model="instance_max", model_args={"mean_warmup_epochs": 5})
+    _check_run_dir(again, resume=True)
+    other = TrainConfig(features="f", labels="l", out=cfg.out, model="instance_max", model_args={"mean_warmup_epochs": 3})
+    with pytest.raises(InputError, match=r"with model_args.mean_warmup_epochs=5"):    # a flag given differently
+        _check_run_dir(other, resume=True)
+
+
 def test_nan_loss_stops_and_names_the_epoch(feature_cohort, tmp_path, monkeypatch):
     root, _ = feature_cohort
     from slidemil.models.abmil import ABMIL

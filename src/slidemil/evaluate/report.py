@@ -93,7 +93,8 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
            or "<p class=note>none</p>")
         for title, items in (gallery or []))
     gallery_html = f"<h2>Heatmaps</h2>{sections}" if sections else ""
-    config_text = html.escape(yaml.safe_dump({k: v for k, v in cfg.items() if k != "slidemil"}, sort_keys=False))
+    shown = {k: v for k, v in cfg.items() if k != "slidemil"} | ({"built_with": prov["arguments"]} if "arguments" in prov else {})
+    config_text = html.escape(yaml.safe_dump(shown, sort_keys=False))   # built_with: every argument, defaults too
     body = _TEMPLATE.substitute(
         run_name=html.escape(run.name), model=html.escape(str(cfg.get("model"))), n_slides=metrics["n_slides"],
         n_patients=metrics["n_patients"],

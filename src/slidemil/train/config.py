@@ -4,6 +4,7 @@ re-embeddings and strategies are checked against their registries here, before a
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar, Literal, Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -186,6 +187,18 @@ class TrainConfig(TaskConfig):
     def identity(self) -> dict:
         """The fields that define the experiment (what --resume must not change)."""
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+    def resolved_arguments(self) -> dict:
+        """Every argument the model, re-embedding and strategy are built with, their defaults filled in (as
+        JSON values): `model_args` records only what the user gave, so a default changed by a later release
+        would otherwise go unnoticed when a run is resumed (config.yaml keeps these under `slidemil`)."""
+        out = {}
+        for field, registry in _REGISTRIES.items():
+            name = getattr(self, field)
+            if name is not None:
+                args = {**registry.info(name).arguments(), **getattr(self, f"{field}_args")}
+                out[f"{field}_args"] = json.loads(json.dumps(args, default=str))
+        return out
 
 
 _REGISTRIES = {"model": MODELS, "reembed": REEMBEDDINGS, "strategy": STRATEGIES}

@@ -7,6 +7,7 @@ test predictions and attention files, so a run killed mid-fold redoes that fold 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -87,17 +88,34 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
         if not resume:
             raise InputError(f"{run.path} already holds a run; pass --resume to finish it, or choose another --out")
         old = run.config()
-        old.pop("slidemil", None)
+        started_with = (old.pop("slidemil", None) or {}).get("arguments")
         # a field the saved config lacks did not exist when the run started: it ran as that field's global
         # default (not a per-model default added since, which would silently change the remaining folds)
         absent = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()
                   if k not in old and not f.is_required()}
         old_cfg = TrainConfig(**{**absent, **old, "out": cfg.out})
-        changed = sorted(k for k, v in cfg.identity().items() if old_cfg.identity().get(k) != v)
+        # with the built arguments on record, the *_args fields compare as built, defaults included
+        as_built = set(SPEC_KEYS[1::2]) if started_with is not None else set()
+        changed = sorted(k for k, v in cfg.identity().items() if k not in as_built and old_cfg.identity().get(k) != v)
         if changed:
             raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
                              "use the original settings or a new --out")
+        _check_built_arguments(run, cfg, started_with or {})
     return run
+
+
+def _check_built_arguments(run: RunDir, cfg: TrainConfig, started_with: dict) -> None:
+    """Refuse to finish a run whose model, re-embedding or strategy would be built with other arguments than
+    its first folds were: a flag given differently, or a default that a newer slidemil changed. The message
+    names the flags that finish it as it began."""
+    now = cfg.resolved_arguments()
+    changed = [(field, k, v if isinstance(v, str) else json.dumps(v)) for field, args in started_with.items()
+               for k, v in args.items() if now.get(field, {}).get(k, v) != v]
+    if changed:
+        was = ", ".join(f"{field}.{k}={v}" for field, k, v in changed)
+        flags = " ".join(f"--{field.removesuffix('_args')}-arg {k}={v}" for field, k, v in changed)
+        raise InputError(f"{run.path}: its folds were trained with {was}, which this run would now build "
+                         f"differently; pass {flags} to finish it as it started, or use a new --out")
 
 
 def encoder_meta(cohort: Cohort) -> dict:
@@ -172,7 +190,7 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     run.write_excluded(cohort.excluded)
     config = cfg.model_dump()
     config = dict(sorted(config.items(), key=lambda kv: kv[0] not in ("features", "labels", "out")))  # inputs first
-    config["slidemil"] = provenance(cohort)
+    config["slidemil"] = provenance(cohort) | {"arguments": cfg.resolved_arguments()}
     run.write_config(config)
     write_text(run.launch_path, launch_id())
 
