@@ -49,3 +49,20 @@ def test_a_strategy_trained_checkpoint_loads_as_its_aggregator(tmp_path, strateg
     x = torch.randn(1, 30, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, wrapped(x).logits)
+
+
+def test_a_fold_loads_with_the_arguments_it_was_built_with_after_a_default_changed(tmp_path):
+    """acmil's width floor went from 128 to 512 (2026-12-03): a 64-d fold saved with `built_with` still loads
+    at the width it was trained at; the arguments given win; one this version no longer has is dropped."""
+    torch.manual_seed(0)
+    old = models.create("acmil", in_dim=64, n_outputs=2, hidden_dim=128).eval()
+    built = {"model_args": {**models.info("acmil").arguments(), "hidden_dim": 128, "retired_option": 1}}
+    save_model(tmp_path, old, {"model": "acmil", "model_args": {}, "in_dim": 64, "n_outputs": 2, "built_with": built})
+    loaded, _ = load_model(tmp_path)
+    assert loaded.embed[0].out_features == 128
+    x = torch.randn(1, 30, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, old(x).logits)
+    save_model(tmp_path, old, {"model": "acmil", "model_args": {}, "in_dim": 64, "n_outputs": 2})   # no record
+    with pytest.raises(InputError, match="does not fit the model"):
+        load_model(tmp_path)

@@ -295,7 +295,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
             "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__,
-            "standardized": scaling is not None, "warnings": warnings, "recipe": cfg.recipe}
+            "standardized": scaling is not None, "warnings": warnings, "recipe": cfg.recipe,
+            "built_with": cfg.resolved_arguments()}
     if cfg.recipe == "paper":
         meta["recipe_sources"] = paper_settings(cfg.model, cfg.strategy)[1]
     if task.name != "classification":
