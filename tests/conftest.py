@@ -50,6 +50,24 @@ def bag_dataset(bags) -> BagDataset:
     return BagDataset.from_arrays([b[0] for b in bags], [b[1] for b in bags])
 
 
+def small_cohort_auroc(name: str, seed: int, epochs: int = 15, lr: float = 2e-4, **model_args) -> float:
+    """Test AUROC (100 bags) of `name` trained on 36 bags of the small-cohort kind (64-d, 40-120 instances,
+    10% witnesses at signal 1.5: `benchmarks/small_cohort.py`'s cohorts in memory), one bag per step."""
+    from sklearn.metrics import roc_auc_score
+
+    from slidemil import models
+    from slidemil.train.trainer import fit, infer
+
+    torch.manual_seed(seed)
+    train = planted_bags(36, dim=64, seed=10 + seed, signal=1.5, bag_size=(40, 120))
+    test = planted_bags(100, dim=64, seed=500 + seed, signal=1.5, bag_size=(40, 120))
+    model = models.create(name, in_dim=64, n_outputs=2, **model_args)
+    fit(model, bag_dataset(train), None, fit_config(epochs=epochs, lr=lr), torch.device("cpu"),
+        torch.Generator().manual_seed(seed))
+    probs = infer(model, bag_dataset(test), torch.device("cpu")).probs[:, 1]
+    return roc_auc_score([b[1] for b in test], probs)
+
+
 def fit_config(**kw) -> TrainConfig:
     """Trainer settings for in-memory bags (no run folder)."""
     return TrainConfig(features="-", labels="-", out="-", warmup_epochs=0, **kw)

@@ -36,8 +36,8 @@ def stochastic_topk_mask(raw: torch.Tensor, mask: torch.Tensor, n_masked: int, d
           complexity="O(K*N)")
 class ACMIL(MILModel):
     """ACMIL (Zhang et al., ECCV 2024; official ACMIL_GA). h = ReLU(W x) (no bias, D_feat -> D_feat / 2, at
-    least 512: `MIN_WIDTH`); K gated attention branches A (hidden 128); MBA: branch k pools z_k = softmax(A_k) h and predicts
-    g_k(z_k); STKIM (training only) hides a random `mask_drop` share of each branch's top-`n_masked_patch`
+    least `MIN_WIDTH` 512); K gated attention branches A (hidden 128); MBA: branch k pools z_k = softmax(A_k) h
+    and predicts g_k(z_k); STKIM (training only) hides a random `mask_drop` share of each branch's top-`n_masked_patch`
     instances before the softmax; the slide head classifies (mean_k softmax(A_k)) h. Loss = CE(slide) + mean_k
     CE(g_k) + mean pairwise cosine similarity of the branches' attention (the diversity term); all weights 1.
     `instance_scores` are the branch-averaged attention. """

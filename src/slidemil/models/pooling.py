@@ -113,21 +113,21 @@ class InstanceMax(MILModel):
     def epoch_start(self, epoch: int, n_epochs: int) -> None:
         self._warming_up = epoch < self.mean_warmup_epochs
 
-    def _pool(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mean(s, mask) if self.training and self._warming_up else masked_max(s, mask)[0]
+    @property
+    def _mean_now(self) -> bool:
+        return self.training and self._warming_up
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         mask = full_mask(x, mask)
         s = self.instance_net(x)                     # [B, N, C']
-        top = self._pool(s, mask)                    # [B, C']
+        top = masked_mean(s, mask) if self._mean_now else masked_max(s, mask)[0]    # [B, C']
         logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
         per_inst = s.transpose(1, 2).masked_fill(~mask[:, None], 0.0)
         return MILOutput(logits, pick_class(per_inst, logits), {"instance_logits": per_inst})
 
     def forward_packed(self, x, segments) -> MILOutput:
         s = self.instance_net(x)                     # [T, C']
-        warm = self.training and self._warming_up
-        top = segment_mean(s, segments) if warm else segment_max(s, segments)[0]
+        top = segment_mean(s, segments) if self._mean_now else segment_max(s, segments)[0]
         logits = torch.cat([torch.zeros_like(top), top], 1) if self.binary else top
         return MILOutput(logits, pick_class_packed(s, logits, segments), {"instance_logits": s})
 
