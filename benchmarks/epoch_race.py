@@ -7,7 +7,9 @@ split 80/20 into training and validation bags (stratified). Every contender runs
 dropout 0.25, attention 128, linear head), AdamW lr 2e-4 wd 1e-4, no scheduler, batch of one bag (packed:
 --batch-size bags in packs of --pack-len), for --epochs epochs, in its own process. Prints, per contender,
 seconds per epoch (training + the validation pass; the first epoch, which reads the files, apart), peak RSS,
-and the validation AUROC of the last epoch's model (no selection), then the speed ratio to torchmil.
+and the validation AUROC of the last epoch's model (no selection), then the speed ratios to torchmil and to
+the `floor`: the same model and optimiser in a bare loop over bags already on the device (plus, on a GPU,
+the time one host -> device copy of the whole cohort takes from pinned memory), measured in the same run.
 
 torchmil is never a slidemil dependency: install it for this benchmark only, beside the venv, e.g.
     pip install --target .bench/torchmil --no-deps torchmil tensordict torchmetrics einops lightning-utilities pyvers
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONTENDERS = ("slidemil", "slidemil-packed", "torchmil")
+CONTENDERS = ("floor", "slidemil", "slidemil-packed", "torchmil")
 
 
 def make_cohort(args) -> None:
@@ -70,15 +72,18 @@ def run_slidemil(args, packed: bool) -> dict:
     import torch
 
     import slidemil.models as models
-    from slidemil.data.bags import BagDataset
+    from slidemil.data.bags import BagCache, BagDataset
     from slidemil.train.config import TrainConfig
     from slidemil.train.trainer import fit, infer
 
     split = json.loads((args.out / "split.json").read_text())
     table = pd.read_csv(args.out / "labels.csv").set_index("slide_id")
+    device = torch.device(args.device)
+    cache = BagCache.for_run(None, device, args.cache_device)     # as `slidemil train` builds it
 
     def dataset(ids):
-        return BagDataset([(s, [str(args.out / "features" / f"{s}.h5")], int(table.loc[s, "y"])) for s in ids])
+        return BagDataset([(s, [str(args.out / "features" / f"{s}.h5")], int(table.loc[s, "y"])) for s in ids],
+                          cache=cache, device=device)
 
     train, val = dataset(split["train"]), dataset(split["val"])
     cfg = TrainConfig(features="-", labels="-", out="-", epochs=args.epochs, lr=2e-4, weight_decay=1e-4,
@@ -86,10 +91,65 @@ def run_slidemil(args, packed: bool) -> dict:
                       batch_size=args.batch_size if packed else 1, pack_len=args.pack_len if packed else None)
     torch.manual_seed(args.seed)
     model = models.create("abmil", args.dim, 2)
-    device = torch.device(args.device)
     res = fit(model, train, val, cfg, device, torch.Generator().manual_seed(args.seed))
     probs = infer(model, val, device).probs[:, 1]
     return {"epoch_seconds": res.history["seconds"].tolist(), "val_auroc": _auroc(val.labels(), probs)}
+
+
+def run_floor(args) -> dict:
+    """The hardware floor of an epoch: the same ABMIL, optimiser and autocast as slidemil's contender, on bags
+    already on the device (not timed), in a bare loop with no data pipeline and no host sync until the epoch's
+    end. Also times one pass of the cohort's bytes host -> device from pinned memory (the floor when the bags
+    cannot stay on the GPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    import slidemil.models as models
+    from slidemil.features.store import read_features
+    from slidemil.utils.device import autocast
+
+    split = json.loads((args.out / "split.json").read_text())
+    device = torch.device(args.device)
+    labels = {sid: int(sid[3:]) % 2 for sid in split["train"] + split["val"]}
+
+    def load(ids):
+        return [(torch.from_numpy(read_features(args.out / "features" / f"{s}.h5").features), labels[s]) for s in ids]
+
+    train, val = load(split["train"]), load(split["val"])
+    copy_seconds = float("nan")
+    if device.type == "cuda":
+        pinned = [x.pin_memory() for x, _ in train + val]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        moved = [x.to(device, non_blocking=True) for x in pinned]
+        torch.cuda.synchronize()
+        copy_seconds = time.perf_counter() - t0
+        train = [(x, y) for x, (_, y) in zip(moved[: len(train)], train)]
+        val = [(x, y) for x, (_, y) in zip(moved[len(train):], val)]
+        del pinned
+    torch.manual_seed(args.seed)
+    model = models.create("abmil", args.dim, 2).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, fused=device.type == "cuda")
+    targets = {y: torch.tensor([y], device=device) for y in (0, 1)}
+    gen = torch.Generator().manual_seed(args.seed)
+    seconds, probs = [], []
+    for _ in range(args.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for i in torch.randperm(len(train), generator=gen).tolist():
+            x, y = train[i]
+            with autocast(device):
+                loss = F.cross_entropy(model(x[None]).logits.float(), targets[y])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            probs = [torch.softmax(model(x[None]).logits.float(), -1)[0, 1] for x, _ in val]
+        probs = torch.stack(probs).cpu().numpy()       # the epoch's one host sync
+        seconds.append(time.perf_counter() - t0)
+    return {"epoch_seconds": seconds, "val_auroc": _auroc(np.array([y for _, y in val]), probs),
+            "copy_seconds": copy_seconds}
 
 
 def run_torchmil(args) -> dict:
@@ -125,8 +185,12 @@ def run_torchmil(args) -> dict:
     train = torch.utils.data.DataLoader(dataset(split["train"]), batch_size=1, shuffle=True, collate_fn=collate_fn,
                                         generator=g)
     val = torch.utils.data.DataLoader(dataset(split["val"]), batch_size=1, shuffle=False, collate_fn=collate_fn)
+    import torchmetrics
+
+    # the Trainer's default metrics are built on the CPU at import time; on a GPU they must be handed over there
+    metrics = {"accuracy": torchmetrics.Accuracy(task="binary").to(args.device)}
     trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4), device=args.device,
-                      logger=Clock(), disable_pbar=True, verbose=False)
+                      metrics_dict=metrics, logger=Clock(), disable_pbar=True, verbose=False)
     start = time.perf_counter()
     trainer.train(args.epochs, train, val)
     seconds = np.diff([start] + stamps).tolist()
@@ -146,7 +210,12 @@ def _auroc(labels, probs) -> float:
 
 
 def child(args) -> None:
-    out = run_torchmil(args) if args.contender == "torchmil" else run_slidemil(args, args.contender == "slidemil-packed")
+    if args.contender == "torchmil":
+        out = run_torchmil(args)
+    elif args.contender == "floor":
+        out = run_floor(args)
+    else:
+        out = run_slidemil(args, args.contender == "slidemil-packed")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device.startswith("cuda"):
         import torch
@@ -166,6 +235,8 @@ def main() -> None:
     ap.add_argument("--pack-len", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: every contender trains there")
+    ap.add_argument("--cache-device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="slidemil's --cache-device (cpu on a GPU: pinned host memory, side-stream copies)")
     ap.add_argument("--torchmil-site", type=Path, default=Path(".bench/torchmil"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/epoch_race"))
     ap.add_argument("--contender", choices=CONTENDERS, default=None)
@@ -199,6 +270,15 @@ def main() -> None:
         r["later_mean"] = later
         gpu = f" {r['peak_gpu_mb']:11.0f} MB GPU" if "peak_gpu_mb" in r else ""
         print(f"{name:18s} {secs[0]:13.1f} {later:14.1f} {r['peak_rss_mb']:11.0f} {r['val_auroc']:9.3f}{gpu}")
+    if "floor" in results:
+        ref = results["floor"]
+        copy = ref.get("copy_seconds", float("nan"))
+        if copy == copy:
+            print(f"host -> device copy of every bag from pinned memory: {copy:.2f} s (the floor when bags stay "
+                  f"in host memory: floor epoch + copy = {ref['later_mean'] + copy:.2f} s)")
+        for name in ("slidemil", "slidemil-packed"):
+            if name in results:
+                print(f"{name} vs the floor: {results[name]['later_mean'] / ref['later_mean']:.2f}x the floor's epoch")
     if "torchmil" in results:
         ref = results["torchmil"]
         for name in ("slidemil", "slidemil-packed"):

@@ -30,6 +30,22 @@ runner = CliRunner()
 SLIDE_SIZE = (1536, 2048)
 
 
+# The device tests/gpu runs on: CUDA; SLIDEMIL_GPU_TEST_DEVICE=cpu dry-runs the same tests on the CPU (their
+# logic, before device time is spent on them).
+GPU_TEST_DEVICE = torch.device(os.environ.get("SLIDEMIL_GPU_TEST_DEVICE", "cuda"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: where torch sees no GPU (CI, laptops) they are reported as skipped with
+    the command that runs them (`bash scripts/gpu_check.sh` on a GPU machine)."""
+    if GPU_TEST_DEVICE.type != "cuda" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run `bash scripts/gpu_check.sh` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 def planted_bags(n_bags: int, dim: int = 32, n_classes: int = 2, seed: int = 0, witness_rate: float = 0.1,

@@ -189,6 +189,7 @@ def train(
     max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
     compile: Optional[bool] = _opt(TrainConfig, "compile", "--compile"),
     cache_gb: Optional[float] = _opt(TrainConfig, "cache_gb"),
+    cache_device: Optional[str] = _opt(TrainConfig, "cache_device"),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, skipping finished folds."),
     quiet: Optional[bool] = _opt(TrainConfig, "quiet", "--quiet"),
 ):
@@ -514,6 +515,7 @@ def certify(models: Optional[str] = typer.Option(None, help="Comma-separated reg
             n_test: Optional[int] = _opt(CertifySettings, "n_test"),
             epochs: Optional[int] = _opt(CertifySettings, "epochs"),
             min_size: Optional[int] = _opt(CertifySettings, "min_size"),
+            device: Optional[str] = _opt(CertifySettings, "device"),
             standard: bool = typer.Option(False, "--standard", help="Unpoisoned sanity variants instead."),
             json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
             task: str = typer.Option("classification", help="Only classification: the tests are binary MIL "

@@ -4,9 +4,11 @@ and from disk."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from slidemil.data.bags import BagCache, BagDataset
+from slidemil.errors import InputError
 from slidemil.features.store import write_features
 
 
@@ -61,3 +63,30 @@ def test_instance_dropout_keeps_a_fresh_random_share_of_each_bag():
     assert len(ds[0].x) == 25
     ds.instance_dropout, ds.max_instances = 0.0, None
     assert torch.equal(ds[0].x, torch.from_numpy(bag))         # off: the whole bag
+
+
+def test_a_full_cache_spills_to_the_next_tier_and_serves_from_both(tmp_path):
+    """--cache-device cuda keeps bags on the GPU up to its budget and the rest in (pinned) host memory: two
+    tiers with one interface; here both tiers are host memory, so the test runs without a GPU."""
+    units = _bags(tmp_path, n=5)
+    one_bag = 100 * 32 * 2 + 100 * 2 * 8
+    host = BagCache()
+    first = BagCache(budget=2.5 * one_bag, spill=host)
+    ds = BagDataset(units, cache=first)
+    values = [ds[i].x for i in range(5)]
+    assert len(first.items) == 2 and len(host.items) == 3     # the first two in the first tier, the rest spilled
+    for i in range(5):                                          # every bag served from memory, unchanged
+        assert first.get(ds._key(i)) is not None
+        assert torch.equal(ds[i].x, values[i])
+
+
+def test_run_cache_on_a_cpu_run(tmp_path):
+    """On a CPU run `auto` and `cpu` keep bags in (unpinned) host memory, `--cache-gb 0` keeps none, and
+    `--cache-device cuda` is refused with the flags that work."""
+    cpu = torch.device("cpu")
+    for where in ("auto", "cpu"):
+        cache = BagCache.for_run(2.0, cpu, where)
+        assert cache.device is None and not cache.pin and cache.spill is None and cache.budget == 2e9
+    assert BagCache.for_run(0, cpu).budget == 0
+    with pytest.raises(InputError, match="--cache-device cpu or auto"):
+        BagCache.for_run(None, cpu, "cuda")

@@ -139,3 +139,17 @@ def test_patient_bag_unit(feature_cohort, tmp_path):
     run = run_cv(run_config(root, tmp_path / "pat", bag_unit="patient", epochs=3))
     preds = pd.read_csv(run / "predictions.csv")
     assert len(preds) == table["case_id"].nunique() and (preds["slide_id"] == preds["case_id"]).all()
+
+
+def test_a_non_finite_loss_names_the_bags_of_its_step():
+    """On a GPU the step losses are read once per epoch (no host sync per step); the first non-finite one
+    still stops training with the bags of its step named."""
+    import torch
+
+    from slidemil.train.trainer import _epoch_loss
+
+    losses = [torch.tensor(1.0), torch.tensor(3.0), torch.tensor(float("nan")), torch.tensor(float("inf"))]
+    ids = [["a"], ["b", "c"], ["d"], ["e"]]
+    assert _epoch_loss(losses[:2], ids[:2], 0) == pytest.approx((1.0 + 2 * 3.0) / 3)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 4 \(bag\(s\) d\)"):
+        _epoch_loss(losses, ids, 3)

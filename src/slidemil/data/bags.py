@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from slidemil.data.cohort import Cohort
+from slidemil.errors import InputError
 from slidemil.features.store import read_features
 
 Target = int | float | tuple[float, ...]
@@ -57,15 +58,33 @@ def available_memory() -> int:
         return 0
 
 
+GPU_CACHE_FRACTION = 0.6   # share of the GPU's free memory bags may take (the rest: activations, optimizer)
+
+
+def free_gpu_memory(device: torch.device) -> int:
+    """Bytes free on `device` now (0 when it is not a CUDA device)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 class BagCache:
     """Bags kept in memory up to `budget` bytes, shared by the datasets of a run (keyed by feature files,
     so the train, validation and test parts and every fold reuse one read). Bags are kept as stored
     (float16 stays float16) in the order they are first read; once the budget is full, further bags
-    are read from disk on every access. Under uniform random access a fixed set serves as many hits as
-    any eviction policy, without churn; memory stays at the budget however large the cohort."""
+    go to the `spill` cache if there is one, else are read from disk on every access. Under uniform random
+    access a fixed set serves as many hits as any eviction policy, without churn; memory stays at the
+    budget however large the cohort.
 
-    def __init__(self, budget: float = float("inf")):
+    `device`: where the features live. A CUDA device keeps them on the GPU (no copy per step); `pin` keeps
+    host-memory features in page-locked memory, so that their copy to a GPU runs asynchronously. Coordinates
+    always stay in host memory (they only go to files)."""
+
+    def __init__(self, budget: float = float("inf"), device: torch.device | None = None, pin: bool = False,
+                 spill: BagCache | None = None):
         self.budget, self.used, self.items = budget, 0, {}
+        self.device, self.pin, self.spill = device, pin, spill
 
     @classmethod
     def of_size(cls, gigabytes: float | None) -> BagCache:
@@ -73,13 +92,47 @@ class BagCache:
         budget = gigabytes * 1e9 if gigabytes is not None else 0.5 * available_memory()
         return cls(budget)
 
-    def get(self, key):
-        return self.items.get(key)
+    @classmethod
+    def for_run(cls, gigabytes: float | None, device: torch.device, where: str = "auto") -> BagCache:
+        """The cache of a training run on `device`. `where` (--cache-device): `cuda` keeps bags on the GPU up
+        to GPU_CACHE_FRACTION of its free memory (also capped by `gigabytes` when given), then spills to
+        pinned host memory; `cpu` keeps them in host memory (pinned when training on a GPU); `auto` is `cuda`
+        when training on a GPU, else `cpu`. `gigabytes` 0 turns caching off."""
+        if where == "cuda" and device.type != "cuda":
+            raise InputError(f"--cache-device cuda needs training on a GPU; the run trains on {device} "
+                             f"(use --cache-device cpu or auto)")
+        host = cls.of_size(gigabytes)
+        if gigabytes == 0:
+            return host
+        on_gpu = device.type == "cuda" and where in ("auto", "cuda")
+        host.pin = device.type == "cuda"
+        if not on_gpu:
+            return host
+        budget = GPU_CACHE_FRACTION * free_gpu_memory(device)
+        if gigabytes is not None:
+            budget = min(budget, gigabytes * 1e9)
+        return cls(budget, device=device, spill=host)
 
-    def put(self, key, value: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    def get(self, key):
+        hit = self.items.get(key)
+        if hit is None and self.spill is not None:
+            return self.spill.get(key)
+        return hit
+
+    def put(self, key, value: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keep `value` if it fits (else offer it to the spill cache); returns the bag as kept."""
+        x, coords = value
         size = sum(t.numel() * t.element_size() for t in value if t is not None)
-        if key not in self.items and self.used + size <= self.budget:
-            self.items[key], self.used = value, self.used + size
+        if key in self.items:
+            return self.items[key]
+        if self.used + size > self.budget:
+            return self.spill.put(key, value) if self.spill is not None else value
+        if self.device is not None:
+            x = x.to(self.device)
+        elif self.pin and not x.is_pinned():
+            x = x.pin_memory()
+        self.items[key], self.used = (x, coords), self.used + size
+        return x, coords
 
 
 class BagDataset(Dataset):
@@ -90,11 +143,16 @@ class BagDataset(Dataset):
     keeps a random int(N (1 - p)) of them (at least one), as DSMIL's `dropout_patches` (training only: the
     caller never sets either for validation, test or prediction, so those always see the whole bag).
     `transform` maps each bag's features on access (the fold's standardisation); the cache keeps them raw.
+    `device`: where bags are handed out. A bag in host memory goes there as stored (float16 stays float16:
+    half the bytes over the bus) on a side stream, so that its copy overlaps the GPU's work on the bag
+    before; it is converted and transformed on the device.
     """
 
     def __init__(self, units, max_instances: int | None = None, cache: BagCache | bool = True, seed: int = 0,
-                 transform=None, instance_dropout: float = 0.0):
+                 transform=None, instance_dropout: float = 0.0, device: torch.device | None = None):
         self.units = list(units)
+        self.device = device if device is not None and device.type == "cuda" else None
+        self._copy_stream = None
         self.max_instances = max_instances
         self.instance_dropout = instance_dropout
         self.cache = BagCache() if cache is True else (cache or None)
@@ -134,12 +192,27 @@ class BagDataset(Dataset):
         if all(b.coords is not None for b in bags):
             coords = torch.from_numpy(np.concatenate([b.coords for b in bags]))
         if self.cache is not None:
-            self.cache.put(self._key(i), (x, coords))
+            x, coords = self.cache.put(self._key(i), (x, coords))
         return x, coords
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on the dataset's GPU: copied on a side stream the compute stream then waits for (the host runs
+        ahead of the GPU, so the copy of the next bag overlaps the current step). Not in DataLoader workers:
+        they hand host tensors to the main process, which moves them."""
+        if self.device is None or x.device == self.device or get_worker_info() is not None:
+            return x
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = x.to(self.device, non_blocking=x.is_pinned())
+        compute.wait_stream(self._copy_stream)
+        moved.record_stream(compute)
+        return moved
 
     def __getitem__(self, i: int) -> Bag:
         x, coords = self._load(i)
-        x = x.float()                                    # float16 in memory, float32 for the model
+        x = self._to_device(x).float()                   # float16 in memory, float32 for the model
         n = len(x)
         if self.instance_dropout:
             n = max(1, int(n * (1 - self.instance_dropout)))
@@ -148,7 +221,7 @@ class BagDataset(Dataset):
         if n < len(x):
             keep = np.sort(self.rng.choice(len(x), n, replace=False))
             keep_t = torch.from_numpy(keep)
-            x = x[keep_t]
+            x = x[keep_t.to(x.device)]
             coords = coords[keep_t] if coords is not None else None
         if self.transform is not None:
             x = self.transform(x)
@@ -159,12 +232,13 @@ def collate_bags(bags: list[Bag]) -> dict:
     """Pad bags to the longest one; `mask` is True for real instances."""
     n = max(len(b.x) for b in bags)
     d = bags[0].x.shape[1]
-    x = torch.zeros(len(bags), n, d, dtype=bags[0].x.dtype)
-    mask = torch.zeros(len(bags), n, dtype=torch.bool)
+    device = bags[0].x.device          # bags kept on a GPU are padded there
+    x = torch.zeros(len(bags), n, d, dtype=bags[0].x.dtype, device=device)
+    mask = torch.zeros(len(bags), n, dtype=torch.bool, device=device)
     have_coords = all(b.coords is not None for b in bags)
     coords = torch.zeros(len(bags), n, 2, dtype=torch.long) if have_coords else None
     for i, b in enumerate(bags):
-        x[i, : len(b.x)] = b.x
+        x[i, : len(b.x)] = b.x.to(device)
         mask[i, : len(b.x)] = True
         if have_coords:
             coords[i, : len(b.x)] = b.coords

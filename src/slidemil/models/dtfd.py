@@ -64,12 +64,13 @@ class DTFD(MILModel):
     def _one(self, x: torch.Tensor):
         h = self.reduce(x)
         pseudo_logits, distilled = [], []
-        cam = torch.zeros(len(x), self.n_outputs, device=x.device, dtype=h.dtype)
+        # float32 whatever the autocast: CUDA's bf16 autocast returns softmax in float32, CPU's in bf16
+        cam = torch.zeros(len(x), self.n_outputs, device=x.device)
         for idx in self._split(len(x), x.device):
             logits, f, a = self.tier1(h[idx])
             pseudo_logits.append(logits)
             probs = torch.softmax((a[:, None] * h[idx]) @ self.tier1.classifier.weight.T, -1)
-            cam[idx] = probs
+            cam[idx] = probs.float()
             if self.distill == "AFS":
                 distilled.append(f[None])
             else:

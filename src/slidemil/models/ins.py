@@ -30,7 +30,8 @@ def update_confidence(confidence: torch.Tensor, proto_scores: torch.Tensor, cand
     pseudo = F.one_hot((proto_scores * candidates).argmax(-1), n_classes).to(confidence.dtype)
     updated = momentum * confidence + (1 - momentum) * pseudo
     if negative_bag:
-        updated = F.one_hot(torch.zeros(len(confidence), dtype=torch.long), n_classes).to(confidence.dtype)
+        negative = torch.zeros(len(confidence), dtype=torch.long, device=confidence.device)
+        updated = F.one_hot(negative, n_classes).to(confidence.dtype)
     return updated
 
 

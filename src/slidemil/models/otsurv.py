@@ -90,8 +90,8 @@ class OTSurv(MILModel):
             slides.append(z)
             logits.append(self.classifier(z))
             alpha = plan @ self.linear.weight[0]                          # [N_b]
-            scores[b, mask[b]] = alpha
-            per_instance[b, :, mask[b]] = (alpha[:, None] * (h @ self.classifier.weight.t())).t()
+            scores[b, mask[b]] = alpha.float()      # bf16 under autocast (the matmul), float32 buffers
+            per_instance[b, :, mask[b]] = (alpha[:, None] * (h @ self.classifier.weight.t())).t().float()
         return MILOutput(torch.stack(logits), scores, {"instance_logits": per_instance},
                          bag_embedding=torch.stack(slides))
 

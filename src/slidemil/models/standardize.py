@@ -36,7 +36,7 @@ class Scaling:
         mean = total / max(n, 1)
         std = (squares / max(n, 1) - mean * mean).clamp_min(0).sqrt()
         floor = max(float(std.max()) * 1e-6, 1e-8)
-        return cls(mean.float(), std.clamp_min(floor).float())
+        return cls(mean.float().cpu(), std.clamp_min(floor).float().cpu())   # bags may live on a GPU
 
     def far_from_unit(self) -> bool:
         """True when the features are far from unit scale: RMS value outside UNIT_RANGE, or one dimension's

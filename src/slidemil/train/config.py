@@ -101,10 +101,14 @@ class TrainConfig(TaskConfig):
     cache_gb: Optional[float] = Field(None, ge=0, description="Memory for cached bags, shared by all folds (float16 "
                                                             "files stay float16); bags beyond it are read from "
                                                             "disk each time. Default: half the available memory.")
+    cache_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where cached bags live when training on a GPU: cuda = on the GPU, up to 60% of its free "
+                            "memory (then pinned host memory); cpu = pinned host memory, each bag copied on a side "
+                            "stream while the step before runs; auto = cuda on a GPU, cpu otherwise.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples over patients for the CIs.")
     quiet: bool = Field(False, description="No progress bar.")
 
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "cache_gb", "quiet",
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "cache_gb", "cache_device", "quiet",
                                                   "out", "max_instances_infer", "compile")
 
     @field_validator("model", "strategy", "reembed")

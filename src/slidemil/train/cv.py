@@ -201,7 +201,8 @@ def _train_folds(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     device = resolve_device(cfg.device)
     enc = encoder_meta(cohort)
     in_dim = int(enc.get("embedding_dim") or _first_dim(cohort))
-    cache = BagCache.of_size(cfg.cache_gb if cfg.cache_features else 0)    # one budget for all folds
+    # one budget for all folds; on a GPU the bags live there when they fit (--cache-device)
+    cache = BagCache.for_run(cfg.cache_gb if cfg.cache_features else 0, device, cfg.cache_device)
     for fold in folds:
         if run.is_fold_done(fold):
             log.info("fold %d already finished: skipped", fold)
@@ -223,7 +224,8 @@ def _first_dim(cohort: Cohort) -> int:
     return read_features(cohort.table["feature_path"].iloc[0]).dim
 
 
-def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int, cache: BagCache):
+def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int, cache: BagCache,
+              device: torch.device | None = None):
     """The fold's train/val/test bags and the input standardisation fitted on its training bags (or None)."""
     role = dict(zip(fold_splits["slide_id"], fold_splits["role"]))
     parts = {}
@@ -232,7 +234,7 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
         parts[r] = BagDataset(bag_units(sub, cfg.bag_unit),
                               max_instances=cfg.max_instances if r == "train" else None,
                               instance_dropout=cfg.instance_dropout if r == "train" else 0.0,
-                              cache=cache, seed=cfg.seed + fold)
+                              cache=cache, seed=cfg.seed + fold, device=device)
     scaling = None
     if cfg.standardize != "off":
         fitted = Scaling.fit(parts["train"].raw_bags())                  # training bags only
@@ -271,7 +273,7 @@ def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minim
 def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress, task: Task,
                 cache: BagCache) -> None:
     gen = seed_everything(cfg.seed + fold)
-    parts, scaling = _datasets(cfg, cohort, fold_splits, fold, cache)
+    parts, scaling = _datasets(cfg, cohort, fold_splits, fold, cache, device)
     warnings = small_validation(cohort, fold_splits, fold) if cfg.select == "best" else []
     for text in warnings:
         log.warning(text)
@@ -289,7 +291,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     if rank_world()[0] > 0 and cfg.ddp == "data":      # rank 0 holds the same model and writes the fold
         return
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
-        whole = BagDataset(parts["train"].units, cache=cache, transform=scaling)   # whole bags (no --max-instances)
+        # whole bags (no --max-instances)
+        whole = BagDataset(parts["train"].units, cache=cache, transform=scaling, device=device)
         state = task.after_fit(state, infer(model, whole, device, chunk=cfg.max_instances_infer).logits)
     res = infer(model, parts["test"], device, keep_scores=True, chunk=cfg.max_instances_infer)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check of issue 27, as ONE prepared run on the device machine (<= 8 minutes): installs the wheels
+# its image lacks, runs `pytest -m gpu`, the 48-patient CV timing, the per-model step table and the epoch
+# race against torchmil, and writes one log per stage under $OUT (docs/benchmarks.md, H200 section, keeps
+# the numbers). Each stage has its own time limit, so a slow stage cannot starve the others.
+#
+#   here:    bash scripts/gpu_wheels.sh                       (wheels into the git-ignored .whl/)
+#   device:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   dry run on a CPU (the script's logic, small sizes): DEVICE=cpu OUT=/tmp/gpu_check PY=.venv/bin/python \
+#            bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$DEVICE" = cpu ]; then        # dry run: the same stages at toy sizes
+  RACE=(--bags 12 --min-size 200 --max-size 2000 --dim 64 --epochs 2); SIZES=(2000); PT_DEVICE=cpu; WORKERS=2
+  PT_SELECT=(-k "not every_model_and_task and not demo")
+else
+  RACE=(--bags 200 --min-size 1000 --max-size 50000 --dim 1024 --epochs 5); SIZES=(10000 50000); PT_DEVICE=cuda
+  WORKERS=8; PT_SELECT=()
+fi
+
+stage() {   # stage NAME SECONDS CMD...: run CMD under a time limit, output to $OUT/NAME.log, one line here
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
+}
+
+: > "$OUT/summary.txt"
+if [ "$DEVICE" != cpu ] && ls .whl/*.whl > /dev/null 2>&1; then   # (a dry run uses the venv)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" | tee -a "$OUT/summary.txt"; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
+'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+  "$PY" -c "import slidemil, sksurv, lifelines, pydantic, sklearn; print('imports ok; sklearn', sklearn.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  nproc
+} > "$OUT/env.log" 2>&1
+cat "$OUT/env.log" >> "$OUT/summary.txt"
+
+# 1. the GPU tests (every model x task from the CLI, bf16 vs float32, packing, data path, strategies, demo)
+stage pytest_gpu 200 env SLIDEMIL_GPU_TEST_DEVICE="$PT_DEVICE" "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider \
+  -n "$WORKERS" --timeout 180 "${PT_SELECT[@]}"
+tail -3 "$OUT/pytest_gpu.log" >> "$OUT/summary.txt"
+
+# 2. small bags: a 48-patient cohort (D 256, ~200 instances a bag), 3 folds of abmil at defaults, wall time
+stage small_cv 60 bash -c "
+  \"$PY\" -c \"from slidemil.data.synthetic import make_feature_cohort as m; m('/tmp/cv48', n_patients=48, dim=256, bag_size=(150, 250), seed=0)\" &&
+  TIMEFORMAT='wall seconds (3 folds, evaluation included): %R' &&
+  time \"$PY\" -m slidemil train --features /tmp/cv48/features --labels /tmp/cv48/labels.csv --out /tmp/cv48/run \
+      --model abmil --folds 3 --device $DEVICE --quiet"
+grep -h "wall seconds" "$OUT/small_cv.log" >> "$OUT/summary.txt"
+
+# 3. seconds per training step of every model (bf16 on the GPU)
+stage models 110 "$PY" benchmarks/models.py --device "$DEVICE" --sizes "${SIZES[@]}" --timeout 45
+grep -h "^|" "$OUT/models.log" >> "$OUT/summary.txt"
+
+# 4. the epoch race: the floor, slidemil (bags on the GPU), packed, and torchmil's Trainer, one cohort
+stage race 170 "$PY" benchmarks/epoch_race.py --device "$DEVICE" --torchmil-site /tmp/site --out /tmp/race "${RACE[@]}"
+tail -12 "$OUT/race.log" >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"
