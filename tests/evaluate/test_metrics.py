@@ -45,3 +45,49 @@ def test_delong_matches_the_pairwise_definition_and_paired_bootstrap_sees_a_real
     assert same["diff"] == 0 and same["p"] == 1.0
     assert nemenyi_cd(4, 10) == pytest.approx(2.569 * np.sqrt(20 / 60), abs=1e-3)    # Demsar 2006, table 5
     assert list(average_ranks(np.array([[0.9, 0.8, 0.7], [0.6, 0.9, np.nan]]))) == [1.5, 1.5, 3.0]
+
+
+def test_numpy_metrics_equal_scikit_learns_on_random_samples_with_ties_and_missing_classes():
+    """classification_metrics computes in numpy what scikit-learn computes (a bootstrap calls it 1000 times
+    per run, and scikit-learn's input checks made that 7 s); the two must agree on every kind of sample."""
+    import warnings
+
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        balanced_accuracy_score,
+        f1_score,
+        roc_auc_score,
+    )
+
+    from slidemil.evaluate.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(300):
+        c = [2, 3, 4][trial % 3]
+        n = int(rng.integers(2, 40))
+        y = rng.integers(0, c, n)
+        if trial % 7 == 0:
+            y[:] = y[0]                                   # one class only: AUROC/AUPRC undefined
+        probs = rng.dirichlet(np.ones(c), n)
+        if trial % 2:
+            probs = np.round(probs, 1)                    # ties in scores and in the argmax
+        ours = classification_metrics(y, probs)
+        pred = probs.argmax(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+                   "macro_f1": f1_score(y, pred, average="macro", labels=list(range(c)), zero_division=0)}
+        if len(np.unique(y)) < 2:
+            ref["auroc"] = ref["auprc"] = np.nan
+        elif c == 2:
+            ref["auroc"], ref["auprc"] = roc_auc_score(y, probs[:, 1]), average_precision_score(y, probs[:, 1])
+        else:
+            cols = [k for k in range(c) if 0 < (y == k).sum() < n]
+            ref["auroc"] = np.mean([roc_auc_score(y == k, probs[:, k]) for k in cols])
+            ref["auprc"] = np.mean([average_precision_score(y == k, probs[:, k]) for k in cols])
+        for name, value in ref.items():
+            np.testing.assert_allclose(ours[name], value, rtol=1e-12, atol=1e-12, err_msg=f"{name}, trial {trial}")
+            checked += 1
+    assert checked == 1500
