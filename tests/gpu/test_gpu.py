@@ -121,8 +121,11 @@ def test_every_strategy_free_model_trains_one_epoch_on_cuda(name):
 
 
 def test_selective_scan_on_cuda_matches_the_reference_in_values_and_gradients():
+    """On a GPU the scan's recurrence runs as slidemil's Triton kernel (nn/triton_scan.py)."""
+    from slidemil.nn import triton_scan
     from slidemil.nn.ssm import selective_scan, selective_scan_reference
 
+    assert triton_scan.usable(torch.zeros(1, device=CUDA)) == ON_GPU
     torch.manual_seed(0)
     b, d, n, L = 2, 8, 4, 96
     args = [torch.randn(b, d, L), torch.randn(b, d, L).mul(0.5), -torch.rand(d, n).add(0.1), torch.randn(b, n, L),

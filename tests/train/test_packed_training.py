@@ -140,3 +140,26 @@ def test_packed_cv_run_learns_the_planted_task(feature_cohort, tmp_path, strateg
         for fold, part in preds.groupby("fold"):
             assert np.allclose(frame.loc[part["slide_id"], f"fold{fold}_prob_positive"], part["prob_positive"],
                                atol=1e-5)
+
+
+def test_a_gpu_packs_steps_of_several_bags_at_the_longest_bag_and_equals_padded_training():
+    """On a GPU (`device.type == "cuda"`: the choice reads only the type, so it is checked here without
+    one) steps of several bags train on packs as long as the longest training bag; training at that pack
+    length is the padded training (test above); one-bag steps, CPUs and models that read whole bags keep
+    padded batches; an explicit --pack-len wins."""
+    from slidemil.train.trainer import auto_pack_len
+
+    ds = bag_dataset(planted_bags(12, seed=3))
+    longest = max(len(ds[i].x) for i in range(len(ds)))
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    abmil, clam = models.create("abmil", 32, 2), models.create("clam_sb", 32, 2)
+    assert auto_pack_len(abmil, ds, fit_config(batch_size=6), gpu) == longest
+    assert auto_pack_len(abmil, ds, fit_config(batch_size=6, max_instances=20), gpu) == 20
+    assert auto_pack_len(abmil, ds, fit_config(batch_size=6), cpu) is None
+    assert auto_pack_len(abmil, ds, fit_config(batch_size=1), gpu) is None
+    assert auto_pack_len(clam, ds, fit_config(batch_size=6), gpu) is None
+    assert auto_pack_len(abmil, ds, fit_config(batch_size=6, pack_len=64), gpu) == 64
+    padded, packed = _fit_state(None), _fit_state(longest)
+    for k, v in padded.items():
+        if k != "attention.w.bias":
+            torch.testing.assert_close(packed[k], v, atol=1e-5, rtol=1e-4, msg=k)

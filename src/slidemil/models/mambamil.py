@@ -189,6 +189,9 @@ class _MambaMILBase(MILModel):
     packable = True
 
     checkpoint_above = 4096
+    # on a GPU whole layers are recomputed in backward only above this many instances: below it the memory
+    # (~4 GB at 50k) is there, and the recomputation is a second forward of every layer
+    gpu_checkpoint_above = 65_536
 
     def __init__(self, in_dim, n_outputs, dim, dropout, n_layers, blocks: list[nn.Module], flips: list[bool],
                  attn_init: str = "torch"):
@@ -219,7 +222,8 @@ class _MambaMILBase(MILModel):
     def _encode(self, h: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
         """[n, dim] rows of one bag, or of a pack of bags (`segments`) -> the encoded rows."""
         h = h[None]
-        big = self.training and torch.is_grad_enabled() and h.shape[1] > self.checkpoint_above
+        limit = self.gpu_checkpoint_above if h.is_cuda else self.checkpoint_above
+        big = self.training and torch.is_grad_enabled() and h.shape[1] > limit
         for i in range(len(self.blocks)):
             # large bags: keep only each layer's input and recompute the layer in backward (4 GB at 50k)
             h = recompute(self._layer, h, i, segments) if big else self._layer(h, i, segments)

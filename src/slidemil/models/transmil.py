@@ -13,6 +13,10 @@ from slidemil.nn.masked import full_mask, real_rows
 from slidemil.nn.nystrom import NystromAttention, square_side
 
 _BAND_TOKENS = 8192  # PPEG rows per band when streaming: about this many tokens
+# On a GPU bags up to this size are not streamed: recomputing every block in backward costs a second forward
+# and a host call per block (246 ms a 50k step on the H200, issue 27), to save memory a GPU has: unstreamed,
+# a 50k bag keeps ~1 GB of bf16 activations
+GPU_STREAM_ABOVE = 262_144
 
 
 class TransLayer(nn.Module):
@@ -93,7 +97,8 @@ class TransMIL(MILModel):
         source = torch.arange(side * side, device=x.device) % n   # position -> instance it copies
         h = torch.cat([self.cls_token.to(h.dtype), h[:, source]], 1)
         # bags this large are streamed: blocks of tokens recomputed in backward (memory, not results)
-        stream = self.training and torch.is_grad_enabled() and n > self.checkpoint_above
+        limit = self.checkpoint_above if not x.is_cuda else max(self.checkpoint_above, GPU_STREAM_ABOVE)
+        stream = self.training and torch.is_grad_enabled() and n > limit
         h, _ = self.layer1(h, stream=stream)
         h = self.ppeg(h, side, stream=stream)
         h, row = self.layer2(h, query_row=0, stream=stream)

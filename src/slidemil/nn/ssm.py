@@ -1,5 +1,6 @@
-"""Selective state-space scan (Mamba's S6) in pure PyTorch, memory-bounded, with LBMamba's local
-backward window; the `mamba-ssm` CUDA kernel is used when installed and the tensors are on a GPU.
+"""Selective state-space scan (Mamba's S6) in PyTorch, memory-bounded, with LBMamba's local backward
+window; on a GPU its recurrence runs as slidemil's Triton kernel (`nn/triton_scan.py`), or the whole
+plain scan as the `mamba-ssm` CUDA kernel when that package is installed.
 
 Gu & Dao, "Mamba" (arXiv 2312.00752), Sec. 3.2 and Algorithm 2 (the selective scan); LBMamba's local
 backward scan as in its paper. Layouts follow mamba-ssm: u, delta, z [B, D, L]; A [D, N] (negative);
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from slidemil.nn import triton_scan
 from slidemil.nn.blocks import recompute
 from slidemil.nn.segments import Segments
 
@@ -96,7 +98,11 @@ class _LinearScan(torch.autograd.Function):
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """Every state of h_t = a_t * h_{t-1} + b_t (dim 0 is time, h_{-1} = h0), differentiable in all three."""
+    """Every state of h_t = a_t * h_{t-1} + b_t (dim 0 is time, h_{-1} = h0), differentiable in all three: one
+    Triton kernel per direction on a GPU (`nn/triton_scan.py`: the loop below would launch a kernel per
+    position there), the in-place loop on a CPU."""
+    if triton_scan.usable(b):
+        return triton_scan.triton_linear_scan(a, b, h0)
     return _LinearScan.apply(a, b, h0)
 
 

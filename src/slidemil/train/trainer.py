@@ -124,6 +124,17 @@ def _training_forward(model: MILModel, batch: dict, device, pack_len: int | None
     return model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
 
 
+def auto_pack_len(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, device: torch.device) -> int | None:
+    """On a GPU, steps of several bags (`--batch-size` > 1) train on packs when the model (and strategy) can:
+    the pack length is the longest training bag, so no bag is cut and the results equal padded training
+    (each bag pooled within its own tokens; tests/nn/test_packing.py) on dense tensors without the padding.
+    None (padded batches) on a CPU, with one bag a step, or for a model that reads whole bags."""
+    if cfg.pack_len or device.type != "cuda" or cfg.batch_size < 2 or not model.packable or not len(train_ds):
+        return cfg.pack_len
+    longest = max(len(train_ds._load(i)[0]) for i in range(len(train_ds)))
+    return min(longest, cfg.max_instances) if cfg.max_instances else longest
+
+
 class RankShare(Sampler):
     """Rank r's share of an epoch's order (`--ddp data`): every rank draws the same order from the same
     seeded generator and takes items r, r + K, ...; the order is padded by repeating its start so that all
@@ -189,8 +200,12 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         broadcast_parameters(model)
         torch.manual_seed(cfg.seed + fold + 100_003 * rank)     # each rank its own dropout and masking draws
         sampler, shuffle = RankShare(sampler or RandomSampler(train_ds, generator=generator), rank, world), None
+    pack_len = auto_pack_len(model, train_ds, cfg, device)
+    if pack_len and not cfg.pack_len:
+        log.info("training on packs of %d instances (--batch-size %d on a GPU; results as padded batches)", pack_len,
+                 cfg.batch_size)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=shuffle, sampler=sampler,
-                        collate_fn=collate_list if cfg.pack_len else collate_bags,
+                        collate_fn=collate_list if pack_len else collate_bags,
                         num_workers=loader_workers(train_ds, cfg.num_workers),
                         generator=generator, drop_last=False)
     # the fused kernel updates every tensor in one pass; the same update rule, 5x faster than the default
@@ -214,7 +229,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         for i, batch in enumerate(loader):
             model.batch_start(batch["ids"])
             with autocast(device):
-                out = _training_forward(model, batch, device, cfg.pack_len)
+                out = _training_forward(model, batch, device, pack_len)
                 loss = model.loss(out, batch["y"].to(device, non_blocking=True), task_loss)
             (loss / cfg.accum_steps).backward()
             losses.append(loss.detach().float())
