@@ -291,11 +291,12 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
                                                   "write its metrics with CIs to metrics.json beside --out."),
             bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
             max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
-            device: str = typer.Option("auto", help="auto | cpu | cuda.")):
+            device: str = typer.Option("auto", help="auto | cpu | cuda."),
+            force: bool = typer.Option(False, "--force", help="Write --out even inside a run folder or over an input.")):
     """Apply a run's fold ensemble to new features (the run's task decides the columns); with --labels,
     validate it on this cohort."""
+    from slidemil.predict import check_output, validate_external
     from slidemil.predict import predict as run_predict
-    from slidemil.predict import validate_external
     from slidemil.tasks import summary_line
     from slidemil.utils.io import write_csv, write_json
 
@@ -304,6 +305,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
         if labels is not None and not labels.is_file():
             raise InputError(f"--labels {labels} does not exist")
+        check_output(out, run, {"--labels": labels, "--features": features}, force)
         ensure_writable(out.parent)
         frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer)
         metrics = None

@@ -15,6 +15,7 @@ from slidemil.rundir import RunDir
 from slidemil.tasks import create_task, model_task, site_metrics
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
+from slidemil.utils.io import SAFE_ID_RULE, is_safe_id
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,22 @@ def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
                          "extract them with the run's encoder")
 
 
+def check_output(out: Path, run: str | Path, inputs: dict[str, Path | None], force: bool = False) -> None:
+    """Refuse an --out that would overwrite a run's own files (predictions, metrics, splits: `evaluate` then
+    fails) or an input, before anything is computed; `force` allows it. metrics.json is written beside --out,
+    so a folder that holds a run is refused too."""
+    if force:
+        return
+    target, run_dir = out.expanduser().resolve(), Path(run).expanduser().resolve()
+    for flag, path in inputs.items():
+        if path is not None and target == Path(path).expanduser().resolve():
+            raise InputError(f"--out {out} is the {flag} input; write the predictions elsewhere (or pass --force)")
+    if target.is_relative_to(run_dir) or (target.parent / "config.yaml").is_file():
+        holder = run_dir if target.is_relative_to(run_dir) else target.parent
+        raise InputError(f"--out {out} is inside the run folder {holder}, whose predictions, metrics and splits "
+                         f"it would overwrite; write it elsewhere (or pass --force)")
+
+
 def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | None = None, device: str = "auto",
             skip_missing: bool = False, max_instances: int | None = None) -> pd.DataFrame:
     """One row per slide: slide_id, then the run task's fold-ensemble columns (classification:
@@ -39,15 +56,21 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
     pred, fold<k>_pred). Bags over `max_instances` are scored chunk by chunk where the model can."""
     run, feature_dir = RunDir(run), Path(feature_dir)
     dev = resolve_device(device)
+    if not feature_dir.is_dir():
+        raise InputError(f"--features {feature_dir} is not a folder")
     if slide_ids is None:
-        files = sorted(p for p in feature_dir.iterdir() if p.suffix in (".h5", ".pt"))
+        # hidden files are not slides: macOS leaves `._X.h5` (AppleDouble) beside every X.h5 it copies
+        files = sorted(p for p in feature_dir.iterdir() if p.suffix in (".h5", ".pt") and not p.name.startswith("."))
         if not files and (feature_dir / "pt_files").is_dir():
-            files = sorted((feature_dir / "pt_files").glob("*.pt"))
+            files = sorted(p for p in (feature_dir / "pt_files").glob("*.pt") if not p.name.startswith("."))
         slide_ids = [p.stem for p in files]
     if not slide_ids:
         raise InputError(f"{feature_dir} holds no feature files (.h5 or .pt)")
     paths, missing = {}, {}
     for sid in slide_ids:
+        if not is_safe_id(sid):
+            missing[sid] = f"not usable as a slide id ({SAFE_ID_RULE}): rename the file"
+            continue
         p = find_feature_file(feature_dir, sid)
         if p is None:
             missing[sid] = f"no feature file under {feature_dir}"

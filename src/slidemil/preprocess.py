@@ -27,12 +27,12 @@ from slidemil.features.encoders import create_encoder
 from slidemil.features.extract import ExtractConfig, embed_batches
 from slidemil.features.store import write_features
 from slidemil.slides.patching import PatchConfig, make_grid, read_coords, write_coords
-from slidemil.slides.reader import Slide, list_slides, open_slide
+from slidemil.slides.reader import Slide, list_slides, open_slide, slide_id_of
 from slidemil.slides.stain import StainNormalizer
 from slidemil.slides.tiles import PatchDataset, TileStream
 from slidemil.slides.tissue import TissueConfig, load_tissue_geojson, mask_to_geojson, save_segmentation, segment_tissue
 from slidemil.utils.device import resolve_device
-from slidemil.utils.io import safe_child, sha256_file, write_csv
+from slidemil.utils.io import read_csv_text, safe_child, sha256_file, write_csv
 from slidemil.utils.lock import Lock, LockedError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def read_mpp_csv(path: str | None) -> dict[str, float]:
     if not path:
         return {}
     try:
-        table = pd.read_csv(path, dtype={"slide_id": str})
+        table = read_csv_text(path, dtype={"slide_id": str})
     except Exception as exc:
         raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
     for col in ("slide_id", "mpp"):
@@ -117,7 +117,7 @@ class Pipeline:
                 "extract": safe_child(self.feature_dir, slide_id, ".h5")}
 
     def open(self, path: Path) -> Slide:
-        return open_slide(path, self.o.backend, self.mpp_override.get(path.stem, self.o.mpp))
+        return open_slide(path, self.o.backend, self.mpp_override.get(slide_id_of(path), self.o.mpp))
 
     # ----- stages ------------------------------------------------------------------------------
     def segment(self, slide: Slide) -> None:
@@ -196,8 +196,8 @@ class Pipeline:
         path = p[stage]
         if not path.is_file():
             return False
-        if stage == "segment":
-            return True
+        if stage == "segment":   # a GeoJSON of an older run may lack its QC picture (written after it then)
+            return path.with_name(f"{slide_id}_qc.png").is_file()
         try:
             with h5py.File(path, "r") as fh:
                 if stage == "patch":
@@ -217,7 +217,7 @@ class Pipeline:
             self.encoder()
         rows = []
         for path in slide_paths:
-            sid = path.stem if not path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.name.split(".ome.")[0]
+            sid = slide_id_of(path)
             self._stage = "open"
             try:
                 safe_child(self.out, sid)

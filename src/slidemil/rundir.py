@@ -22,7 +22,7 @@ import yaml
 
 from slidemil.errors import InputError
 from slidemil.models.checkpoint import load_model
-from slidemil.utils.io import write_csv, write_json, write_text
+from slidemil.utils.io import read_csv_text, write_csv, write_json, write_text
 from slidemil.utils.lock import Lock
 
 
@@ -110,7 +110,7 @@ class RunDir:
 
     def test_ids(self, fold: int) -> set[str]:
         """The slides that fold `fold` reported on (never trained or validated on)."""
-        df = pd.read_csv(self.splits_path, dtype={"slide_id": str})
+        df = read_csv_text(self.splits_path, dtype={"slide_id": str})
         return set(df.loc[(df["fold"] == fold) & (df["role"] == "test"), "slide_id"])
 
     def predictions(self) -> pd.DataFrame:
@@ -154,4 +154,4 @@ def _read_predictions(path: Path) -> pd.DataFrame:
     a number otherwise (regression)."""
     header = pd.read_csv(path, nrows=0).columns
     text = ["slide_id", "case_id", "label"] + (["pred"] if any(c.startswith("prob_") for c in header) else [])
-    return pd.read_csv(path, dtype={c: str for c in text})
+    return read_csv_text(path, dtype={c: str for c in text})

@@ -186,7 +186,13 @@ class BagDataset(Dataset):
         """A bag as stored (float16 stays float16) with its coords, from the cache or the files."""
         if self.cache is not None and (hit := self.cache.get(self._key(i))) is not None:
             return hit
-        bags = [read_features(p, keep_float16=True) for p in self.units[i][1]]
+        try:
+            bags = [read_features(p, keep_float16=True) for p in self.units[i][1]]
+        except Exception as exc:   # every file was checked before the run: it changed or vanished since
+            why = str(exc).split(": ", 1)[-1] if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            raise InputError(f"feature file(s) of {self.units[i][0]} ({', '.join(self.units[i][1])}) could not be read "
+                             f"during the run ({why}): changed or removed since it started? Restore them and "
+                             f"finish the run with --resume") from exc
         x = torch.from_numpy(np.concatenate([b.features for b in bags]))
         coords = None
         if all(b.coords is not None for b in bags):

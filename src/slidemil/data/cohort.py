@@ -6,6 +6,7 @@ user opens in their editor.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections import Counter
@@ -17,7 +18,7 @@ import pandas as pd
 
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file
-from slidemil.utils.io import is_safe_id
+from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,12 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
     if not path.is_file():
         raise InputError(f"label table {path} does not exist")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
+        # only an empty cell is missing: pandas' default would also read "NA", "None", "nan", "null" ... as
+        # missing, so a patient called NA lost its id (its slides split over folds) and a class "None" vanished
+        raw = read_csv_text(path, dtype=str, skipinitialspace=True)
     except Exception as exc:  # pandas raises many kinds for a broken CSV
         raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
+    _refuse_repeated_columns(path)
     raw.columns = [str(c).strip() for c in raw.columns]
     found = ", ".join(raw.columns)
     for col, flag in ((slide_col, "--slide-col"), *(needed or {}).items()):
@@ -101,8 +105,7 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
     if unsafe.any():
         ids = ", ".join(repr(s) for s in table.loc[unsafe, "slide_id"][:10])
         raise InputError(f"{path}: column {slide_col!r} has slide id(s) {ids} in row(s) {row_list(table.index[unsafe])} "
-                         "that cannot be file names: use letters, digits, '.', '_', '-' and spaces only "
-                         "(no path separators or '..')")
+                         f"that cannot be file names: use {SAFE_ID_RULE}")
     dup = table["slide_id"].duplicated(keep=False)
     if dup.any():
         ids = ", ".join(sorted(table.loc[dup, "slide_id"].unique())[:10])
@@ -126,6 +129,21 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
     if split_col in raw.columns:
         table["split"] = raw[split_col].str.strip().str.lower()
     return raw, table
+
+
+def _refuse_repeated_columns(path: Path) -> None:
+    """A header naming one column twice is an error: pandas would rename the second ("label.1") and every
+    reader would silently take the first."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        header = [c.strip() for c in next(csv.reader(fh), [])]
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(header, 1):
+        seen.setdefault(name, []).append(i)
+    repeated = {name: cols for name, cols in seen.items() if len(cols) > 1 and name}
+    if repeated:
+        which = "; ".join(f"{name!r} in columns {', '.join(map(str, cols))}" for name, cols in repeated.items())
+        raise InputError(f"{path}: the header names a column more than once ({which}); keep one of each, or "
+                         f"rename the others")
 
 
 def parse_class_labels(raw: pd.DataFrame, table: pd.DataFrame, path: Path, label_col: str = "label",

@@ -16,6 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from slidemil.data.cohort import Cohort
 from slidemil.errors import InputError
+from slidemil.utils.io import read_csv_text
 
 log = logging.getLogger(__name__)
 ROLES = ("train", "val", "test")
@@ -139,7 +140,7 @@ def read_splits(path: str | os.PathLike, cohort: Cohort) -> pd.DataFrame:
     """Read a ``splits.csv`` (slide_id, fold, role[, case_id]) and check it against the cohort."""
     path = Path(path)
     try:
-        splits = pd.read_csv(path, dtype={"slide_id": str, "case_id": str, "role": str})
+        splits = read_csv_text(path, dtype={"slide_id": str, "case_id": str, "role": str})
     except Exception as exc:
         raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
     for col in ("slide_id", "fold", "role"):

@@ -27,7 +27,7 @@ from slidemil.features.extract import embed_patches
 from slidemil.features.store import find_feature_file, read_features
 from slidemil.rundir import RunDir
 from slidemil.slides.patching import PatchConfig, make_grid
-from slidemil.slides.reader import list_slides, open_slide
+from slidemil.slides.reader import list_slides, open_slide, slide_id_of
 from slidemil.slides.tiles import PatchDataset
 from slidemil.slides.tissue import TissueConfig, segment_tissue
 from slidemil.tasks import model_task
@@ -65,7 +65,7 @@ class HeatmapRun:
         self.run, self.out, self.o = RunDir(run), Path(out), opts or HeatmapOptions()
         self.cfg = self.run.config()
         self.features = Path(self.cfg["features"])
-        self.slides = {p.stem: p for p in list_slides(slides_dir)}
+        self.slides = {slide_id_of(p): p for p in list_slides(slides_dir)}
         self.models = self.run.fold_models(fold=self.o.fold)
         self.task = model_task(self.models[0][1])
         self._encoder = None

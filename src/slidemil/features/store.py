@@ -112,6 +112,8 @@ def check_feature_file(path: str | os.PathLike, chunk_rows: int = 65536) -> tupl
         with h5py.File(path, "r") as fh:
             if "features" not in fh:
                 return None, f"no 'features' dataset (found: {', '.join(fh.keys()) or 'nothing'})"
+            if (problem := _outside_storage(fh)) is not None:
+                return None, problem
             ds = fh["features"]
             shape = ds.shape[1:] if len(ds.shape) == 3 and ds.shape[0] == 1 else ds.shape
             if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
@@ -120,21 +122,52 @@ def check_feature_file(path: str | os.PathLike, chunk_rows: int = 65536) -> tupl
                 return None, f"features have dtype {ds.dtype}, not a number type"
             for start in range(0, shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                block = np.asarray(ds[0, rows] if len(ds.shape) == 3 else ds[rows], dtype=np.float32)
-                if not np.isfinite(block).all():
-                    row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
+                native = np.asarray(ds[0, rows] if len(ds.shape) == 3 else ds[rows])
+                if not np.isfinite(native).all():
+                    row = start + int(np.argwhere(~np.isfinite(native))[0, 0])
                     return int(shape[1]), f"features contain NaN or infinite values (first at row {row})"
+                beyond = np.abs(native) > np.finfo(np.float32).max     # float64 values float32 cannot hold
+                if beyond.any():
+                    row = start + int(np.argwhere(beyond)[0, 0])
+                    return int(shape[1]), (f"features exceed float32's range (|x| > 3.4e38, first at row {row}); "
+                                           f"rescale them")
             if "coords" in fh:
-                cshape = fh["coords"].shape
+                coords = fh["coords"]
+                cshape = coords.shape
                 if len(cshape) != 2 or cshape[1] != 2:
                     return int(shape[1]), f"coords must be [N, 2], got shape {cshape}"
                 if cshape[0] != shape[0]:
                     return int(shape[1]), f"{cshape[0]} coords but {shape[0]} feature rows"
+                if coords.dtype.kind not in "iuf":
+                    return int(shape[1]), f"coords have dtype {coords.dtype}, not numbers (pixel x, y)"
+                for start in range(0, cshape[0], chunk_rows):
+                    block = np.asarray(coords[start:start + chunk_rows])
+                    if block.dtype.kind == "f" and not np.isfinite(block).all():
+                        row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
+                        return int(shape[1]), f"coords contain NaN or infinite values (first at row {row})"
             return int(shape[1]), None
     except ValueError as exc:
         return None, str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # truncated or foreign files raise many kinds
         return None, f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def _outside_storage(fh: h5py.File) -> str | None:
+    """Datasets whose bytes live outside the file are refused: HDF5 external storage and virtual datasets can
+    map any file on the machine (/etc/passwd, another patient's features) into `features`, and an external
+    link points into another file."""
+    for name in ("features", "coords"):
+        if name not in fh:
+            continue
+        link = fh.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            return f"{name!r} is a link to {link.filename}; copy the data into the file itself"
+        ds = fh[name]
+        if isinstance(ds, h5py.Dataset) and ds.external:
+            return f"{name!r} keeps its values in external file(s) {', '.join(str(e[0]) for e in ds.external)}; refused"
+        if isinstance(ds, h5py.Dataset) and ds.is_virtual:
+            return f"{name!r} is a virtual dataset mapping other files; refused (copy the data into the file)"
+    return None
 
 
 def _check_2d(feats: np.ndarray, path: Path) -> np.ndarray:

@@ -331,6 +331,12 @@ def require_mpp(slide: Slide) -> float:
     return slide.mpp
 
 
+def slide_id_of(path: Path) -> str:
+    """A slide's id: its file name without the extension (`X.ome.tif` -> `X`)."""
+    name = path.name
+    return name.split(".ome.")[0] if name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
+
+
 def list_slides(folder: str | os.PathLike) -> list[Path]:
     """Slide files in a folder (masks and thumbnails written beside synthetic slides are not slides)."""
     folder = Path(folder)
@@ -345,4 +351,12 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
             continue
         if p.suffix.lower() in SLIDE_SUFFIXES:
             found.append(p)
+    by_id: dict[str, list[str]] = {}
+    for p in found:
+        by_id.setdefault(slide_id_of(p), []).append(p.name)
+    clashes = {sid: names for sid, names in by_id.items() if len(names) > 1}
+    if clashes:   # every output is named by the id: the second slide would be "complete" with the first's
+        which = "; ".join(f"{' and '.join(names)} -> {sid!r}" for sid, names in sorted(clashes.items()))
+        raise InputError(f"{folder}: slide files share an id ({which}); their outputs would be mixed. Keep one "
+                         f"file per slide id: move or rename the others")
     return found

@@ -174,6 +174,8 @@ def save_segmentation(folder: Path, slide_id: str, tissue: TissueMask, geo: dict
 
     folder.mkdir(parents=True, exist_ok=True)
     geo = dict(geo, properties={"slide_id": slide_id, "downsample": tissue.downsample, "params": params.model_dump(mode="json")})
-    write_text(safe_child(folder, slide_id, ".geojson"), json.dumps(geo))
+    # the QC picture first: the GeoJSON marks the stage complete, so a stop between the two (a full disk)
+    # leaves the slide to be segmented again
     with atomic_path(safe_child(folder, slide_id, "_qc.png")) as tmp:
         draw_qc(tissue, geo).save(tmp, format="PNG")
+    write_text(safe_child(folder, slide_id, ".geojson"), json.dumps(geo))

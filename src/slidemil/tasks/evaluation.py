@@ -12,7 +12,7 @@ from slidemil.errors import InputError
 from slidemil.evaluate.report import write_report
 from slidemil.rundir import RunDir
 from slidemil.tasks.base import Task, create_task
-from slidemil.utils.io import write_json
+from slidemil.utils.io import read_csv_text, write_json
 
 
 def run_task(run: RunDir) -> tuple[Task, dict, dict]:
@@ -38,7 +38,7 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     missing = [c for c in task.prediction_columns(meta) if c not in preds.columns]
     if missing:
         raise InputError(f"{run.predictions_path}: columns {', '.join(missing)} are missing")
-    splits = pd.read_csv(run.splits_path, dtype={"slide_id": str, "case_id": str}) if run.splits_path.is_file() else None
+    splits = read_csv_text(run.splits_path, dtype={"slide_id": str, "case_id": str}) if run.splits_path.is_file() else None
     metrics = task.evaluate(preds, splits, meta, n_boot, seed)
     baseline = run.baseline_predictions()
     if baseline is not None:   # a reference: its CIs take at most BASELINE_RESAMPLES resamples

@@ -5,6 +5,7 @@ re-embeddings and strategies are checked against their registries here, before a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -110,6 +111,15 @@ class TrainConfig(TaskConfig):
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "num_workers", "cache_features", "cache_gb", "cache_device", "quiet",
                                                   "out", "max_instances_infer", "compile")
+
+    @field_validator("features", "labels", "out", "splits")
+    @classmethod
+    def _absolute(cls, value):
+        """Input and output paths as absolute paths: config.yaml must name the same files whatever folder
+        `evaluate`, `heatmap` or `--resume` later run from ("-": no path, for in-memory training)."""
+        if value is None or value == "-":
+            return value
+        return str(Path(value).expanduser().absolute())
 
     @field_validator("model", "strategy", "reembed")
     @classmethod

@@ -74,11 +74,34 @@ def _git_commit() -> str | None:
         return None
 
 
+def labels_fingerprint(cohort: Cohort) -> str:
+    """The identity of what the run learns from: each slide's patient, targets and site, as parsed (so a
+    reformatted but equal table keeps it; a flipped label or a moved patient changes it)."""
+    cols = ["slide_id", "case_id", *cohort.target_cols, *(c for c in ("site",) if c in cohort.table.columns)]
+    rows = cohort.table[cols].sort_values("slide_id").astype(str)
+    return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()
+
+
 def provenance(cohort: Cohort) -> dict:
     return {"version": __version__, "git_commit": _git_commit(), "torch": str(torch.__version__),
             "python": platform.python_version(), "n_slides": len(cohort.table), "n_patients": cohort.n_patients,
             "classes": cohort.classes,
-            "features_sha256": features_fingerprint(cohort.table["feature_path"])}
+            "features_sha256": features_fingerprint(cohort.table["feature_path"]),
+            "labels_sha256": labels_fingerprint(cohort)}
+
+
+def _check_same_data(run: RunDir, cohort: Cohort) -> None:
+    """A resumed run must see the data its finished folds saw: the label table (as parsed) and the feature
+    files are compared with the fingerprints config.yaml recorded, and any change is refused (the pooled
+    predictions would mix two truths). A run from before labels were fingerprinted checks the features."""
+    recorded = run.config().get("slidemil") or {}
+    now = {"labels_sha256": labels_fingerprint(cohort), "features_sha256": features_fingerprint(cohort.table["feature_path"])}
+    what = {"labels_sha256": "the label table's slides, patients or targets",
+            "features_sha256": "the feature files"}
+    changed = [what[k] for k, v in now.items() if recorded.get(k) is not None and recorded[k] != v]
+    if changed:
+        raise InputError(f"{run.path}: --resume refused: {' and '.join(changed)} changed since the run started "
+                         f"(config.yaml records their fingerprints); restore them, or start a new --out")
 
 
 def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
@@ -142,6 +165,8 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
     run = _check_run_dir(cfg, resume)
     task = create_task(cfg)
     cohort = load_cohort(cfg, task)
+    if resume and run.has_config():
+        _check_same_data(run, cohort)
     if resume and run.splits_path.exists():
         splits = read_splits(run.splits_path, cohort)
     elif cfg.splits:

@@ -17,20 +17,32 @@ from pathlib import Path
 from slidemil.errors import InputError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
+# A file name may have 255 bytes; an id becomes `.<id><suffix>.tmp-<pid>` while written (suffixes such as
+# `_heatmap_fold0.png` or `.geojson`, a pid of up to 7 digits): 200 leaves room for all of them
+MAX_ID_BYTES = 200
+SAFE_ID_RULE = ("letters, digits, '.', '_', '-' and spaces only, at most 200 characters (no path separators "
+                "or '..')")
 
 
 def is_safe_id(name: str) -> bool:
-    """Whether an id can be a file name inside a folder: letters, digits, '.', '_', '-', spaces, no '..'."""
-    return bool(name) and bool(_SAFE_ID.match(name)) and ".." not in name
+    """Whether an id can be a file name inside a folder: letters, digits, '.', '_', '-', spaces, no '..', and
+    short enough that every file slidemil names after it (and its temporary name) fits the file system."""
+    return (bool(name) and bool(_SAFE_ID.match(name)) and ".." not in name
+            and len(name.encode("utf-8")) <= MAX_ID_BYTES)
+
+
+def read_csv_text(path: str | os.PathLike, **kwargs):
+    """A CSV as pandas reads it, except that only an empty cell is missing: "NA", "None", "null" and "nan"
+    are the text they are (a patient or class of that name), not a missing value."""
+    import pandas as pd
+
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], **kwargs)
 
 
 def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
     """`folder/name+suffix`, refusing ids that would escape `folder` (``..``, ``/``, absolute paths)."""
     if not is_safe_id(name):
-        raise ValueError(
-            f"slide id {name!r} cannot be used as a file name: use letters, digits, '.', '_', '-' "
-            "and spaces only (no path separators or '..')."
-        )
+        raise ValueError(f"slide id {name!r} cannot be used as a file name: use {SAFE_ID_RULE}.")
     path = Path(folder) / f"{name}{suffix}"
     if path.resolve().parent != Path(folder).resolve():
         raise ValueError(f"slide id {name!r} would write outside {folder}")
