@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +18,7 @@ from rich.text import Text
 
 from slidemil.augment.histaug import FitSettings
 from slidemil.certify.run import CertifySettings
-from slidemil.errors import InputError, SlidemilError
+from slidemil.errors import InputError, SlidemilError, disk_full
 from slidemil.explain.heatmap import HeatmapOptions
 from slidemil.features.extract import ExtractConfig
 from slidemil.preprocess import PreprocessConfig
@@ -83,6 +83,17 @@ def _errors():
         if _state["debug"]:
             console.print_exception()
         console.print(Text.assemble(("error: ", "bold red"), printable(exc)))
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        if _state["debug"]:
+            console.print_exception()
+        where = getattr(exc, "filename", None)
+        console.print(Text.assemble(("error: ", "bold red"), printable(
+            f"no space left on the device{f' writing {where}' if where else ''}: free space (or choose another "
+            f"--out), then run the same command again; finished outputs are kept and skipped (train: --resume), "
+            f"and nothing half-written was kept")))
         raise typer.Exit(1) from None
 
 
@@ -298,7 +309,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     from slidemil.predict import check_output, validate_external
     from slidemil.predict import predict as run_predict
     from slidemil.tasks import summary_line
-    from slidemil.utils.io import write_csv, write_json
+    from slidemil.utils.io import atomic_path, json_text
 
     _setup_logging(False)
     with _errors():
@@ -312,10 +323,14 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         if labels is not None:
             n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
             metrics = validate_external(run, frame, labels, n_boot=n_boot)
-        write_csv(out, frame)
+        # both files under temporary names first, renamed together: a full disk leaves neither, not one alone
+        with ExitStack() as both:
+            tmp_csv = both.enter_context(atomic_path(out))
+            if metrics is not None:
+                both.enter_context(atomic_path(out.parent / "metrics.json")).write_text(json_text(metrics), "utf-8")
+            frame.to_csv(tmp_csv, index=False)
         out_console.print(f"{len(frame)} slide(s) predicted -> {out}")
         if metrics is not None:
-            write_json(out.parent / "metrics.json", metrics)
             out_console.print(f"external validation: {summary_line(metrics)} -> {out.parent / 'metrics.json'}")
 
 

@@ -29,3 +29,20 @@ class MissingFeaturesError(InputError):
 
 class TrainingError(SlidemilError):
     """Training diverged or could not proceed."""
+
+
+_FULL = (28, 122)   # ENOSPC, EDQUOT
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True when `exc`, or an exception it was raised from, is a full disk or an exhausted quota (h5py and
+    safetensors wrap the OSError, sometimes only in their message)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

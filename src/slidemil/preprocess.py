@@ -22,7 +22,7 @@ import pandas as pd
 from pydantic import ConfigDict, Field
 
 from slidemil import __version__
-from slidemil.errors import InputError
+from slidemil.errors import InputError, disk_full
 from slidemil.features.encoders import create_encoder
 from slidemil.features.extract import ExtractConfig, embed_batches
 from slidemil.features.store import write_features
@@ -229,7 +229,9 @@ class Pipeline:
             except LockedError as exc:  # another process is on this slide: leave it to them
                 log.info("%s", exc)
                 rows.append({"slide_id": sid, "status": "busy", "stage": "", "error": ""})
-            except Exception as exc:  # one bad slide never stops the batch
+            except Exception as exc:  # one bad slide never stops the batch; a full disk stops it (all would fail)
+                if disk_full(exc):
+                    raise
                 msg = str(exc) if isinstance(exc, InputError) else f"{path}: {type(exc).__name__}: {exc}"
                 log.warning("%s failed at %s: %s", sid, self._stage, msg)
                 self.failures[sid] = (self._stage, msg)

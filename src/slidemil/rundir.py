@@ -22,6 +22,7 @@ import yaml
 
 from slidemil.errors import InputError
 from slidemil.models.checkpoint import load_model
+from slidemil.utils.config import read_yaml_mapping
 from slidemil.utils.io import read_csv_text, write_csv, write_json, write_text
 from slidemil.utils.lock import Lock
 
@@ -91,10 +92,15 @@ class RunDir:
 
     # -- config -------------------------------------------------------------------------------------
     def config(self) -> dict:
-        """config.yaml as written (with its `slidemil` provenance block)."""
+        """config.yaml as written (with its `slidemil` provenance block); an edited file that is no longer a
+        mapping of settings is one InputError naming it."""
         if not self.config_path.is_file():
             raise InputError(f"{self.path} is not a run folder (no config.yaml)")
-        return yaml.safe_load(self.config_path.read_text())
+        data = read_yaml_mapping(self.config_path, empty_ok=False)
+        if not isinstance(data.get("slidemil", {}), dict):
+            raise InputError(f"{self.config_path}: its `slidemil` block must be a mapping; restore the file that "
+                             f"`slidemil train` wrote")
+        return data
 
     def write_config(self, config: dict) -> None:
         write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))

@@ -26,10 +26,11 @@ def _bags(tmp_path, n=6, rows=100, dim=32, dtype="float16"):
 def test_cache_stays_within_its_byte_budget_and_keeps_float16(tmp_path):
     units = _bags(tmp_path)
     one_bag = 100 * 32 * 2 + 100 * 2 * 8                      # float16 features + int64 coords
-    cache = BagCache(budget=2.5 * one_bag)
+    in_use = 100 * 32 * 4                                      # the float32 copy of the bag in use
+    cache = BagCache(budget=2.5 * one_bag + in_use)
     ds = BagDataset(units, cache=cache)
     first = [ds[i].x for i in range(len(ds))]
-    assert len(cache.items) == 2 and cache.used == 2 * one_bag <= cache.budget
+    assert len(cache.items) == 2 and cache.used == 2 * one_bag and cache.used + cache.reserve <= cache.budget
     assert all(x.dtype == torch.float16 for x, _ in cache.items.values())     # as stored ...
     assert all(x.dtype == torch.float32 for x in first)                         # ... float32 for the model
     again = [ds[i].x for i in range(len(ds))]                 # 2 from memory, 4 from disk: the same values
@@ -71,7 +72,7 @@ def test_a_full_cache_spills_to_the_next_tier_and_serves_from_both(tmp_path):
     units = _bags(tmp_path, n=5)
     one_bag = 100 * 32 * 2 + 100 * 2 * 8
     host = BagCache()
-    first = BagCache(budget=2.5 * one_bag, spill=host)
+    first = BagCache(budget=2.5 * one_bag + 100 * 32 * 4, spill=host)
     ds = BagDataset(units, cache=first)
     values = [ds[i].x for i in range(5)]
     assert len(first.items) == 2 and len(host.items) == 3     # the first two in the first tier, the rest spilled

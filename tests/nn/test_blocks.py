@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from slidemil.nn.blocks import Blocks, recompute, release_free_heap
+from slidemil.nn.blocks import Blocks, recompute
 from slidemil.nn.masked import real_rows
+from slidemil.utils.memory import release_free_heap
 
 
 def test_rows_across_pieces_equal_the_slice_and_route_gradients():

@@ -54,9 +54,11 @@ class GridConfig(BaseModel):
     task: str = Field("classification", description="The task when `tasks` is not given.")
     tasks: dict[str, dict] = Field(default_factory=dict, description="name -> task options (task, label_col, "
                                                                      "time_col, ...): several tasks of one table.")
-    features: dict[str, str] = Field(description="encoder name -> feature folder.")
-    models: list[Union[str, ModelSpec]] = Field(description="Model names, or {name, args, strategy, label}.")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Training seeds (the splits use the first).")
+    features: dict[str, str] = Field(min_length=1, description="encoder name -> feature folder.")
+    models: list[Union[str, ModelSpec]] = Field(min_length=1, description="Model names, or {name, args, strategy, "
+                                                                         "label}.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="Training seeds (the splits use the first).")
     folds: int = Field(5, ge=2, description="Outer folds (kfold).")
     cv: Literal["kfold", "leave-site-out"] = Field("kfold", description="kfold | leave-site-out (needs site_col).")
     site_col: Optional[str] = Field(None, description="Centre column: per-site metrics, leave-site-out, robustness.")

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, get_worker_info
 from slidemil.data.cohort import Cohort
 from slidemil.errors import InputError
 from slidemil.features.store import read_features
+from slidemil.utils.memory import release_free_heap
 
 Target = int | float | tuple[float, ...]
 
@@ -75,7 +76,9 @@ class BagCache:
     (float16 stays float16) in the order they are first read; once the budget is full, further bags
     go to the `spill` cache if there is one, else are read from disk on every access. Under uniform random
     access a fixed set serves as many hits as any eviction policy, without churn; memory stays at the
-    budget however large the cohort.
+    budget however large the cohort. In host memory the budget also covers the float32 copy of the bag in
+    use (`reserve`: the largest bag seen, as float32), so that it bounds the bags the process holds, not only
+    the cached ones.
 
     `device`: where the features live. A CUDA device keeps them on the GPU (no copy per step); `pin` keeps
     host-memory features in page-locked memory, so that their copy to a GPU runs asynchronously. Coordinates
@@ -83,7 +86,7 @@ class BagCache:
 
     def __init__(self, budget: float = float("inf"), device: torch.device | None = None, pin: bool = False,
                  spill: BagCache | None = None):
-        self.budget, self.used, self.items = budget, 0, {}
+        self.budget, self.used, self.items, self.reserve = budget, 0, {}, 0
         self.device, self.pin, self.spill = device, pin, spill
 
     @classmethod
@@ -125,7 +128,9 @@ class BagCache:
         size = sum(t.numel() * t.element_size() for t in value if t is not None)
         if key in self.items:
             return self.items[key]
-        if self.used + size > self.budget:
+        if self.device is None:   # host memory also holds the float32 copy of the bag in use: keep room for it
+            self.reserve = max(self.reserve, x.numel() * 4)
+        if self.used + size + (self.reserve if self.device is None else 0) > self.budget:
             return self.spill.put(key, value) if self.spill is not None else value
         if self.device is not None:
             x = x.to(self.device)
@@ -176,8 +181,9 @@ class BagDataset(Dataset):
         return np.array([u[2] for u in self.units])
 
     def raw_bags(self):
-        """Every bag's whole feature matrix (float32), untransformed (to fit statistics on)."""
-        return (self._load(i)[0].float() for i in range(len(self)))
+        """Every bag's whole feature matrix as stored (float16 stays float16), untransformed (to fit statistics
+        on: reduce with a float64 accumulator, not a float64 copy of a 40k-instance bag)."""
+        return (self._load(i)[0] for i in range(len(self)))
 
     def _key(self, i: int):
         return tuple(self.units[i][1]) or ("array", id(self), i)
@@ -193,10 +199,12 @@ class BagDataset(Dataset):
             raise InputError(f"feature file(s) of {self.units[i][0]} ({', '.join(self.units[i][1])}) could not be read "
                              f"during the run ({why}): changed or removed since it started? Restore them and "
                              f"finish the run with --resume") from exc
-        x = torch.from_numpy(np.concatenate([b.features for b in bags]))
+        # one file (a slide bag) is taken as read; only a patient's several slides are concatenated
+        join = (lambda arrays: arrays[0]) if len(bags) == 1 else np.concatenate
+        x = torch.from_numpy(join([b.features for b in bags]))
         coords = None
         if all(b.coords is not None for b in bags):
-            coords = torch.from_numpy(np.concatenate([b.coords for b in bags]))
+            coords = torch.from_numpy(join([b.coords for b in bags]))
         if self.cache is not None:
             x, coords = self.cache.put(self._key(i), (x, coords))
         return x, coords
@@ -217,6 +225,9 @@ class BagDataset(Dataset):
         return moved
 
     def __getitem__(self, i: int) -> Bag:
+        # the step before freed its bag and activations (hundreds of MB for a 40k-instance bag): glibc keeps
+        # such memory resident unless told (a trim costs well under a millisecond next to the step)
+        release_free_heap()
         x, coords = self._load(i)
         x = self._to_device(x).float()                   # float16 in memory, float32 for the model
         n = len(x)
@@ -235,7 +246,12 @@ class BagDataset(Dataset):
 
 
 def collate_bags(bags: list[Bag]) -> dict:
-    """Pad bags to the longest one; `mask` is True for real instances."""
+    """Pad bags to the longest one; `mask` is True for real instances. A single bag is not copied (a view
+    with a batch axis: one bag of 40k x 1024 instances is 164 MB of float32)."""
+    if len(bags) == 1:
+        b = bags[0]
+        return {"ids": [b.unit_id], "x": b.x[None], "mask": torch.ones(1, len(b.x), dtype=torch.bool, device=b.x.device),
+                "coords": b.coords[None] if b.coords is not None else None, "y": _stack_targets([b.y])}
     n = max(len(b.x) for b in bags)
     d = bags[0].x.shape[1]
     device = bags[0].x.device          # bags kept on a GPU are padded there

@@ -19,6 +19,7 @@ import pandas as pd
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file
 from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text
+from slidemil.utils.memory import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
         table["case_id"] = table["slide_id"]
     if site_col:
         table["site"] = raw[site_col].str.strip()
+        no_site = table["site"].isna() | (table["site"] == "")
+        if no_site.any():
+            raise InputError(f"{path}: site column {site_col!r} is empty in row(s) {row_list(table.index[no_site])}; "
+                             f"give every slide its centre (a name such as 'unknown' is a centre of its own)")
     if split_col in raw.columns:
         table["split"] = raw[split_col].str.strip().str.lower()
     return raw, table
@@ -165,7 +170,8 @@ def parse_class_labels(raw: pd.DataFrame, table: pd.DataFrame, path: Path, label
             bad = ", ".join(sorted(table.loc[unknown, "label"].unique()))
             raise InputError(
                 f"{path}: column {label_col!r} has label(s) {bad} in row(s) {row_list(table.index[unknown])} "
-                f"that are not among --classes {','.join(classes)}"
+                f"that are not among the classes {', '.join(classes)} (given by --classes, or the classes a trained "
+                f"run predicts); correct those labels or leave their rows out"
             )
     else:
         _refuse_variants(table["label"], path, label_col)
@@ -293,6 +299,7 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
             missing[sid] = f"no {sid}.h5 or {sid}.pt under {feature_dir}"
             continue
         dim, problem = check_feature_file(path)
+        release_free_heap()     # the check's chunk buffers: glibc would keep them resident for the whole run
         if problem is not None:
             (missing if problem.startswith("unreadable") else bad)[sid] = f"{path}: {problem}"
             continue

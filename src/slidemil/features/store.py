@@ -170,10 +170,11 @@ def _outside_storage(fh: h5py.File) -> str | None:
     return None
 
 
-def _check_2d(feats: np.ndarray, path: Path) -> np.ndarray:
+def _check_2d(feats: np.ndarray, path: Path, rows: int = 4096) -> np.ndarray:
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise ValueError(f"{path}: features must be a non-empty [N, D] array, got shape {feats.shape}")
-    if not np.isfinite(feats).all():
+    # a block of rows at a time: a mask of the whole bag would be N x D bytes (40 MB at 40k x 1024)
+    if not all(np.isfinite(feats[i:i + rows]).all() for i in range(0, len(feats), rows)):
         raise ValueError(f"{path}: features contain NaN or infinite values")
     return feats
 

@@ -15,11 +15,12 @@ from typing import ClassVar, Literal, Optional
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slidemil.data.cohort import Cohort, read_table
 from slidemil.errors import InputError
 from slidemil.evaluate.bootstrap import fold_summary, patient_bootstrap
+from slidemil.utils.config import describe
 from slidemil.utils.registry import Registry
 
 TASKS = Registry("task")
@@ -207,10 +208,13 @@ def _fmt(v) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def create_task(options: TaskConfig | dict | None = None) -> Task:
-    """The task named by `options.task` (a `TaskConfig`, or a dict such as a run's config.yaml)."""
+def create_task(options: TaskConfig | dict | None = None, source=None) -> Task:
+    """The task named by `options.task` (a `TaskConfig`, or a dict such as a run's config.yaml, `source`)."""
     if isinstance(options, dict):
-        options = TaskConfig(**{k: v for k, v in options.items() if k in TaskConfig.model_fields})
+        try:
+            options = TaskConfig(**{k: v for k, v in options.items() if k in TaskConfig.model_fields})
+        except ValidationError as exc:
+            raise InputError(f"{source or 'task options'}: {describe(exc)}") from None
     options = options or TaskConfig()
     return TASKS.info(options.task).obj(options)
 

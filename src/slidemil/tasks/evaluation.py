@@ -21,8 +21,12 @@ def run_task(run: RunDir) -> tuple[Task, dict, dict]:
     if not run.predictions_path.is_file() or not run.config_path.is_file():
         raise InputError(f"{run.path} is not a finished run folder (needs predictions.csv and config.yaml)")
     cfg = run.config()
-    task = create_task(cfg)
-    meta = {"classes": [str(c) for c in cfg["slidemil"]["classes"]], "loss": cfg.get("survival_loss")}
+    task = create_task(cfg, source=run.config_path)
+    classes = (cfg.get("slidemil") or {}).get("classes")
+    if classes is None:
+        raise InputError(f"{run.config_path}: its `slidemil` block (classes, provenance) is missing; restore the file "
+                         f"that `slidemil train` wrote")
+    meta = {"classes": [str(c) for c in classes], "loss": cfg.get("survival_loss")}
     return task, cfg, meta
 
 

@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import torch
 
 from slidemil.data.bags import BagDataset, bag_units
 from slidemil.data.cohort import Cohort
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 def mean_pooled(cohort: Cohort, bag_unit: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(unit ids, [n, D] mean of each bag's instances, targets), read once from the feature files."""
     ds = BagDataset(bag_units(cohort, bag_unit), cache=False)
-    return [u[0] for u in ds.units], np.stack([x.double().mean(0).numpy() for x in ds.raw_bags()]), ds.labels()
+    means = np.stack([x.mean(0, dtype=torch.float64).numpy() for x in ds.raw_bags()])
+    return [u[0] for u in ds.units], means, ds.labels()
 
 
 def write_baseline(run: RunDir, cohort: Cohort, splits: pd.DataFrame, task: Task, bag_unit: str, seed: int,

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 
 from slidemil import __version__
 from slidemil.data.bags import BagCache, BagDataset, bag_units
@@ -35,6 +36,7 @@ from slidemil.train.config import TrainConfig
 from slidemil.train.recipes import paper_settings
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
+from slidemil.utils.config import describe
 from slidemil.utils.device import resolve_device
 from slidemil.utils.dist import launch_id, rank_world, wait_for
 from slidemil.utils.io import atomic_path, ensure_writable, safe_child, write_csv, write_text
@@ -116,7 +118,12 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
         # default (not a per-model default added since, which would silently change the remaining folds)
         absent = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()
                   if k not in old and not f.is_required()}
-        old_cfg = TrainConfig(**{**absent, **old, "out": cfg.out})
+        try:
+            old_cfg = TrainConfig(**{**absent, **old, "out": cfg.out})
+        except (ValidationError, TypeError) as exc:
+            why = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise InputError(f"{run.config_path}: {why}; it was edited since the run started: restore it, or start "
+                             f"a new --out") from None
         # with the built arguments on record, the *_args fields compare as built, defaults included
         as_built = set(SPEC_KEYS[1::2]) if started_with is not None else set()
         changed = sorted(k for k, v in cfg.identity().items() if k not in as_built and old_cfg.identity().get(k) != v)

@@ -51,18 +51,24 @@ def infer(model: MILModel, dataset: BagDataset, device, keep_scores: bool = Fals
                         num_workers=loader_workers(dataset, num_workers))
     ids, logits, scores = [], [], []
     for batch in loader:
-        x = batch["x"].to(device)
-        with autocast(device):
-            if chunk and model.streams and x.shape[1] > chunk:
-                out = model.forward_stream(x[0].split(chunk))
-            else:
-                out = model(x, batch["mask"].to(device), batch["coords"])
         ids += batch["ids"]
-        logits.append(out.logits.detach().float())      # kept on the device: one copy to the host at the end
-        if keep_scores:
-            s = out.instance_scores
-            scores.append(s[0].float().cpu().numpy() if s is not None else None)
-    return Inference(ids, torch.cat(logits).cpu().numpy(), scores)
+        lg, s = _score(model, batch, device, chunk, keep_scores)
+        logits.append(lg)      # kept on the device: one copy to the host at the end
+        scores.append(s)
+        del batch              # before the loader reads the next bag
+    return Inference(ids, torch.cat(logits).cpu().numpy(), scores if keep_scores else [])
+
+
+def _score(model: MILModel, batch: dict, device, chunk: int | None, keep_scores: bool):
+    """(logits, instance scores or None) of one bag; its activations are freed on return."""
+    x = batch["x"].to(device)
+    with autocast(device):
+        if chunk and model.streams and x.shape[1] > chunk:
+            out = model.forward_stream(x[0].split(chunk))
+        else:
+            out = model(x, batch["mask"].to(device), batch["coords"])
+    s = out.instance_scores
+    return out.logits.detach().float(), (s[0].float().cpu().numpy() if keep_scores and s is not None else None)
 
 
 def loader_workers(dataset: BagDataset, asked: int) -> int:
@@ -122,6 +128,17 @@ def _training_forward(model: MILModel, batch: dict, device, pack_len: int | None
     if pack_len:
         return model.forward_bags([x.to(device) for x in batch["xs"]], pack_len)
     return model(batch["x"].to(device), batch["mask"].to(device), batch["coords"])
+
+
+def _backward(model: MILModel, batch: dict, device, pack_len: int | None, task_loss, accum_steps: int) -> torch.Tensor:
+    """One step's forward and backward; returns its loss, detached. The outputs (instance-level tensors of
+    the bag's size) are freed on return, before the next bag is read or the validation pass runs."""
+    model.batch_start(batch["ids"])
+    with autocast(device):
+        out = _training_forward(model, batch, device, pack_len)
+        loss = model.loss(out, batch["y"].to(device, non_blocking=True), task_loss)
+    (loss / accum_steps).backward()
+    return loss.detach().float()
 
 
 def auto_pack_len(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, device: torch.device) -> int | None:
@@ -227,13 +244,9 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         losses, step_ids = [], []
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
-            model.batch_start(batch["ids"])
-            with autocast(device):
-                out = _training_forward(model, batch, device, pack_len)
-                loss = model.loss(out, batch["y"].to(device, non_blocking=True), task_loss)
-            (loss / cfg.accum_steps).backward()
-            losses.append(loss.detach().float())
             step_ids.append(batch["ids"])
+            losses.append(_backward(model, batch, device, pack_len, task_loss, cfg.accum_steps))
+            del batch         # before the loader reads the next bag: one bag in memory at a time, not two
             if device.type == "cpu" and not torch.isfinite(losses[-1]):   # free on a CPU: stop at once
                 _epoch_loss(losses, step_ids, epoch)
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):

@@ -160,6 +160,12 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, download
     if weights:
         raise InputError(f"weights file {weights} does not exist. {weights_help(spec)}")
     if download and spec.hub_id:
-        backbone = spec.extra["from_hub"]() if "from_hub" in spec.extra else spec.builder(pretrained=True)
+        try:
+            backbone = spec.extra["from_hub"]() if "from_hub" in spec.extra else spec.builder(pretrained=True)
+        except Exception as exc:   # offline, a gated model without a token, a moved repository: many kinds
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"encoder {spec.name}: --download from the hub ({spec.hub_id}) failed ({type(exc).__name__}: "
+                             f"{reason}). Check the network and, for a gated model, that access was granted and "
+                             f"HF_TOKEN is set; or fetch the file by hand: {weights_help(spec)}") from exc
         return Encoder(spec, backbone.eval(), f"hf-hub:{spec.hub_id}")
     raise InputError(weights_help(spec))
