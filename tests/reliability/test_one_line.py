@@ -201,9 +201,12 @@ def test_the_cache_budget_bounds_the_process_not_only_the_cache(tmp_path):
 def _peak_rss_child(root, cache_gb: float) -> float:
     """Peak RSS (MB) of one `slidemil train` child, read by the child itself at exit."""
     out = root / f"run{cache_gb}"
-    code = ("import resource, runpy, sys; sys.argv = ['slidemil'] + sys.argv[1:]\n"
+    # VmHWM, the high-water mark of this process's own memory: getrusage's ru_maxrss carries the forking
+    # parent's peak over into the child (a pytest-xdist worker's gigabytes), VmHWM starts afresh at exec
+    code = ("import re, runpy, sys; sys.argv = ['slidemil'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('slidemil', run_name='__main__')\n"
-            "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)")
+            "finally:\n    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+            "    print('PEAK', int(hwm) / 1024, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code, "train", "--features", str(root / "features"), "--labels",
                            str(root / "labels.csv"), "--out", str(out), *FAST, "--epochs", "1", "--model", "mean_pool",
                            "--cache-gb", str(cache_gb)],
@@ -211,3 +214,23 @@ def _peak_rss_child(root, cache_gb: float) -> float:
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK ")]
     assert proc.returncode == 0 and peak, proc.stderr[-2000:]
     return float(peak[-1].split()[1])
+
+
+def test_a_full_disk_stops_preprocess_with_one_line(tmp_path, monkeypatch):
+    """Every remaining slide would fail the same way: the batch stops at the first, not after failing all."""
+    from slidemil.preprocess import Pipeline
+
+    calls = []
+
+    def full(self, path, sid, stages, progress):
+        calls.append(sid)
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / f"{sid}.h5"))
+
+    monkeypatch.setattr(Pipeline, "_process", full)
+    (tmp_path / "slides").mkdir()
+    for sid in ("a", "b", "c"):
+        (tmp_path / "slides" / f"{sid}.svs").write_bytes(b"")
+    res = runner.invoke(app, ["preprocess", "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "out"),
+                              "--quiet"])
+    assert res.exit_code == 1 and "no space left on the device" in res.output and "Traceback" not in res.output
+    assert calls == ["a"]
