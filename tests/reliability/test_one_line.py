@@ -178,7 +178,7 @@ def test_an_unseen_class_in_external_labels_names_no_flag_predict_lacks(small, t
 def test_the_cache_budget_bounds_the_process_not_only_the_cache(tmp_path):
     """--cache-gb B adds at most B to the peak memory of a run without a cache (the constant: the libraries and
     one bag's training step), since the budget also covers the float32 copy of the bag in use. Measured on
-    24 bags of 40k x 1024 float16 at B = 0.5: 2.01 GB peak (2.40 before), 1.71-1.77 GB at B = 0
+    24 bags of 40k x 1024 float16 at B = 0.5: 1962-1993 MB peak (2401 before), 1.67-1.73 GB at B = 0
     (docs/reliability.md). Here 12 bags of 20k x 256 float16 (10 MB each), each run in its own process, one
     epoch of mean pooling (the model does not matter: the bags do)."""
     import numpy as np
