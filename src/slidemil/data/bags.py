@@ -128,9 +128,9 @@ class BagCache:
         size = sum(t.numel() * t.element_size() for t in value if t is not None)
         if key in self.items:
             return self.items[key]
-        if self.device is None:   # host memory also holds the float32 copy of the bag in use: keep room for it
-            self.reserve = max(self.reserve, x.numel() * 4)
-        if self.used + size + (self.reserve if self.device is None else 0) > self.budget:
+        if self.device is None and not self.pin:   # a CPU run's float32 copy of the bag in use is in host memory
+            self.reserve = max(self.reserve, x.numel() * 4)     # too (a GPU run's is on the GPU): keep room for it
+        if self.used + size + self.reserve > self.budget:
             return self.spill.put(key, value) if self.spill is not None else value
         if self.device is not None:
             x = x.to(self.device)

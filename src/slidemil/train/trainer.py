@@ -74,8 +74,7 @@ def _score(model: MILModel, batch: dict, device, chunk: int | None, keep_scores:
 def loader_workers(dataset: BagDataset, asked: int) -> int:
     """DataLoader workers: none when the dataset's bags live on a GPU (worker processes cannot hold CUDA
     tensors, and there is nothing left to read)."""
-    cache = dataset.cache
-    return 0 if cache is not None and getattr(cache, "device", None) is not None else asked
+    return 0 if dataset.cache is not None and dataset.cache.device is not None else asked
 
 
 def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
