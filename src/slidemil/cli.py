@@ -174,6 +174,8 @@ def train(
     bins: Optional[int] = _opt(TrainConfig, "bins"),
     alpha_surv: Optional[float] = _opt(TrainConfig, "alpha_surv"),
     eval_times: Optional[str] = _opt(TrainConfig, "eval_times"),
+    ibs_range: Optional[str] = _opt(TrainConfig, "ibs_range"),
+    eval_unit: Optional[str] = _opt(TrainConfig, "eval_unit"),
     regression_loss: Optional[str] = _opt(TrainConfig, "regression_loss"),
     slide_col: Optional[str] = _opt(TrainConfig, "slide_col"),
     case_col: Optional[str] = _opt(TrainConfig, "case_col"),
@@ -238,15 +240,19 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidem
              bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
              seed: int = typer.Option(0, help="Bootstrap seed."),
              heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery "
-                                                     "(default: RUN/heatmaps).")):
-    """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions."""
+                                                     "(default: RUN/heatmaps)."),
+             eval_unit: Optional[str] = _opt(TrainConfig, "eval_unit"),
+             ibs_range: Optional[str] = _opt(TrainConfig, "ibs_range")):
+    """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions (--eval-unit and
+    --ibs-range override the run's)."""
     from slidemil.rundir import RunDir
     from slidemil.tasks import evaluate_run, summary_line
 
     _setup_logging(False)
     with _errors():
         n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
-        metrics = evaluate_run(run, n_boot=n_boot, seed=seed, heatmaps=heatmaps)
+        options = {k: v for k, v in (("eval_unit", eval_unit), ("ibs_range", ibs_range)) if v is not None}
+        metrics = evaluate_run(run, n_boot=n_boot, seed=seed, heatmaps=heatmaps, options=options)
         out_console.print(f"{summary_line(metrics)}\nreport: {RunDir(run).report_path}")
 
 
@@ -255,7 +261,7 @@ def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil
            heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the gallery (default: RUN/heatmaps)."),
            bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap")):
     """(Re)build report.html: metrics with CIs, curves with CI bands, per-fold table, config, heatmap gallery."""
-    evaluate(run, bootstrap, 0, heatmaps)
+    evaluate(run, bootstrap, 0, heatmaps, None, None)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from sksurv.metrics import (
 )
 from sksurv.util import Surv
 
-from slidemil.evaluate.survival import survival_at, survival_metrics
+from slidemil.evaluate.survival import IBS_POINTS, survival_at, survival_metrics
 
 
 def cohort(n=150, seed=0):
@@ -35,7 +35,7 @@ def test_parity_with_scikit_survival():
     assert got["c_index"] == concordance_index_censored(event, time, risk)[0]
     assert got["c_index_uno"] == concordance_index_ipcw(y_train, y, risk, tau=15.0)[0]
     assert got["td_auc"] == cumulative_dynamic_auc(y_train, y, risk, times)[1]
-    grid = np.linspace(times.min(), times.max(), 20)
+    grid = np.linspace(times.min(), times.max(), IBS_POINTS)
     s_grid = np.stack([np.interp(grid, [0, *ends], [1, *row]) for row in s])
     assert abs(got["ibs"] - integrated_brier_score(y_train, y, s_grid, grid)) < 1e-12
     assert 0.6 < got["c_index"] < 0.9

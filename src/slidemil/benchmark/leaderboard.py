@@ -1,7 +1,12 @@
 """The benchmark's outputs from its finished cells: leaderboard.csv (one row per cell, cohort and
-metric), comparisons.csv (each cell against the task's best cell on the same patients: paired patient
-bootstrap of the AUROC difference and DeLong's test), ranking.csv/png (average ranks over tasks with the
-Nemenyi critical difference) and leaderboard.html."""
+metric), comparisons.csv (each cell against the task's best cell on the same units: paired patient
+bootstrap of the AUROC difference and DeLong's test, with Holm-adjusted p-values), ranking.csv/png
+(average ranks over tasks with the Nemenyi critical difference) and leaderboard.html.
+
+The AUROC of a comparison is the task's own (`classification_metrics` on the run's evaluation units, one
+row per patient by default), so the leaderboard and each run's metrics.json never disagree. The reference
+is the cell with the best pooled AUROC, chosen on these same predictions: that choice favours the
+reference, so even Holm's p-values are optimistic about a difference from it (docs/benchmarking.md)."""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
-
-from slidemil.evaluate.compare import average_ranks, delong, nemenyi_cd, paired_bootstrap
+from slidemil.evaluate.compare import average_ranks, delong, holm, nemenyi_cd, paired_bootstrap
+from slidemil.evaluate.metrics import classification_metrics
 from slidemil.evaluate.report import img_tag
 from slidemil.rundir import RunDir
+from slidemil.tasks.evaluation import run_task
 from slidemil.utils.figures import new_figure, save_figure
 from slidemil.utils.io import write_csv, write_text
 
@@ -46,48 +51,55 @@ def collect(out: Path, cells, results) -> pd.DataFrame:
 
 
 def _auroc(y: np.ndarray, probs: np.ndarray) -> float:
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    present = np.unique(y)
-    if len(present) < probs.shape[1]:
-        return float("nan")
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    return classification_metrics(y, probs)["auroc"]
 
 
 def _paired_auroc(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, groups: np.ndarray, n_boot: int) -> dict:
     return paired_bootstrap(lambda i: _auroc(y[i], pa[i]), lambda i: _auroc(y[i], pb[i]), groups, n_boot)
 
 
+def _units(run: RunDir) -> pd.DataFrame:
+    """The run's evaluation units (patients by default), keyed by patient and label."""
+    task, _, _ = run_task(run)
+    return task.units(run.predictions()).set_index(["case_id", "label"])
+
+
 def compare_cells(out: Path, cells, board: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Classification tasks: every cell against the cell with the best pooled AUROC of its task, on the
-    same out-of-fold patients (the grid's shared splits make the predictions paired)."""
+    same out-of-fold units (the grid's shared splits make the predictions paired); p-values Holm-adjusted
+    over the task's comparisons."""
     rows = []
     head = board[(board["cohort"] == "cv") & (board["metric"] == "auroc")]
     for task, part in head.groupby("task"):
         keyed = {(r.encoder, r.model, r.seed): r.value for r in part.itertuples()}
         task_cells = [c for c in cells if c.task == task and (c.encoder, c.model, c.seed) in keyed]
         best = max(task_cells, key=lambda c: keyed[(c.encoder, c.model, c.seed)])
-        preds = {c.name: RunDir(c.run_dir(out)).predictions().set_index("slide_id") for c in task_cells}
+        preds = {c.name: _units(RunDir(c.run_dir(out))) for c in task_cells}
         classes = RunDir(best.run_dir(out)).metrics()["classes"]
         ref = preds[best.name]
-        y = ref["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-        groups = ref["case_id"].to_numpy()
+        y = ref.index.get_level_values("label").map({c: i for i, c in enumerate(classes)}).to_numpy()
+        groups = ref.index.get_level_values("case_id").to_numpy()
         cols = [f"prob_{c}" for c in classes]
         pb = ref[cols].to_numpy(float)
+        task_rows = []
         for c in task_cells:
             if c.name == best.name:
                 continue
             pa = preds[c.name].loc[ref.index, cols].to_numpy(float)
             boot = _paired_auroc(y, pa, pb, groups, n_boot)
             dl = delong(y, pa[:, 1], pb[:, 1]) if len(classes) == 2 else {"p": float("nan")}
-            rows.append({"task": task, "encoder": c.encoder, "model": c.model, "strategy": c.strategy or "",
-                         "seed": c.seed, "vs": best.name, "metric": "auroc", "diff": boot["diff"],
-                         "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "p_bootstrap": boot["p"],
-                         "p_delong": dl["p"]})
+            task_rows.append({"task": task, "encoder": c.encoder, "model": c.model, "strategy": c.strategy or "",
+                              "seed": c.seed, "vs": best.name, "metric": "auroc", "diff": boot["diff"],
+                              "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "p_bootstrap": boot["p"],
+                              "p_delong": dl["p"]})
+        for key in ("p_bootstrap", "p_delong"):
+            adjusted = holm([r[key] for r in task_rows])
+            for r, p in zip(task_rows, adjusted):
+                r[f"{key}_holm"] = p
+        rows += task_rows
     return pd.DataFrame(rows, columns=["task", "encoder", "model", "strategy", "seed", "vs", "metric", "diff",
-                                       "ci_low", "ci_high", "p_bootstrap", "p_delong"])
+                                       "ci_low", "ci_high", "p_bootstrap", "p_delong", "p_bootstrap_holm",
+                                       "p_delong_holm"])
 
 
 def headline_rows(board: pd.DataFrame) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Comparing models on the same patients: the paired patient bootstrap, DeLong's test for two correlated
-AUROCs, and average ranks with the Nemenyi critical difference across tasks (Demsar 2006)."""
+AUROCs, Holm's adjustment of several p-values, and average ranks with the Nemenyi critical difference
+across tasks (Demsar 2006)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,21 @@ def delong(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict:
                 "p": 1.0 if diff == 0 else 0.0}
     z = diff / np.sqrt(var)
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "z": float(z), "p": float(2 * stats.norm.sf(abs(z)))}
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979) of m p-values for testing them together: the i-th smallest
+    becomes max_{j <= i} min(1, (m - j + 1) p_(j)); NaN stays NaN and does not count in m."""
+    p = np.asarray(p_values, float)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="mergesort")]
+    m = len(order)
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return [float(v) for v in out]
 
 
 def average_ranks(table: np.ndarray) -> np.ndarray:

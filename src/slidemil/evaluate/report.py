@@ -73,6 +73,15 @@ PROTOCOL = {"classification": "and predictions are the argmax of the probabiliti
             "regression": "and the target was standardised with each training fold's mean and SD."}
 
 
+def unit_note(metrics: dict) -> str:
+    """What one row of the metrics is: a patient (default) or a slide."""
+    n = metrics.get("n_units", metrics["n_slides"])
+    if metrics.get("unit", "slide") == "patient":
+        return (f"Metrics are per patient ({n} rows): a patient's slides are averaged (per label where they differ) "
+                f"and count once; --eval-unit slide scores slides instead.")
+    return f"Metrics are per slide ({n} rows): a patient with several slides counts several times."
+
+
 def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None,
                  notes: str = "") -> Path:
     """One HTML file with everything embedded: it opens from disk, e-mail or a browser with no server.
@@ -97,7 +106,7 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
     config_text = html.escape(yaml.safe_dump(shown, sort_keys=False))   # built_with: every argument, defaults too
     body = _TEMPLATE.substitute(
         run_name=html.escape(run.name), model=html.escape(str(cfg.get("model"))), n_slides=metrics["n_slides"],
-        n_patients=metrics["n_patients"],
+        n_patients=metrics["n_patients"], unit_note=html.escape(unit_note(metrics)),
         target=html.escape(f"classes {', '.join(metrics['classes'])}" if metrics.get("classes") else f"task {task}"),
         protocol=PROTOCOL.get(task, ""), task_notes=notes,
         version=html.escape(str(prov.get("version"))), torch=html.escape(str(prov.get("torch"))),

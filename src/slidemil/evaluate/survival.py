@@ -3,8 +3,10 @@
 Harrell's C counts concordant comparable pairs; Uno's C re-weights them by the inverse probability of
 censoring (IPCW) estimated on `train`, truncated at `tau`; the cumulative/dynamic AUC asks, at each time
 t, whether patients with an event by t got a higher risk than those still event-free; the integrated
-Brier score needs the survival function S(t) (discrete-time models give it, Cox does not). A metric
-the sample cannot support (no comparable pair, times outside the follow-up) is NaN, never an error.
+Brier score averages the IPCW Brier score of the predicted S(t) over an integration range (discrete-time
+models give S(t) directly, Cox models through a Breslow baseline hazard, `breslow`). A metric the sample
+cannot support (no comparable pair, times outside the follow-up) is NaN, never an error, and
+`survival_metrics` says why in `reasons`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from sksurv.util import Surv
 from slidemil.utils.figures import new_figure, save_figure
 
 SURVIVAL_METRICS = ("c_index", "c_index_uno", "td_auc", "ibs")
+IBS_POINTS = 50
+IBS_RANGES = ("follow-up", "event-iqr")
 
 
 def _structured(time, event):
@@ -62,22 +66,78 @@ def survival_at(times, ends, surv) -> np.ndarray:
                      for e, s in zip(ends, surv)])
 
 
+def ibs_window(ibs_range: str, time, event) -> tuple[float, float]:
+    """The integration range of the IBS in time units. "follow-up" (default): the whole observed follow-up,
+    as pycox (Kvamme, Borgan & Scheel, JMLR 2019) and most deep-survival papers integrate; "event-iqr": the
+    25th-75th percentile of the event times (slidemil's earlier range; not comparable with the literature);
+    "q0,q1": those quantiles of the event times."""
+    time, event = np.asarray(time, float), np.asarray(event, bool)
+    if ibs_range == "follow-up":
+        return float(time.min()), float(time.max())
+    q = (0.25, 0.75) if ibs_range == "event-iqr" else tuple(float(v) for v in str(ibs_range).split(","))
+    low, high = np.quantile(time[event], q)
+    return float(low), float(high)
+
+
+def breslow(train_time, train_event, train_risk, times) -> np.ndarray:
+    """Breslow's baseline cumulative hazard H0 at `times` from a Cox model's training log-risks r:
+    H0(t) = sum_{event times t_i <= t} d_i / sum_{j: t_j >= t_i} exp(r_j - c), with c = mean(r) so that
+    exp cannot overflow; S(t | r) = exp(-H0(t) exp(r - c)) (Breslow 1972; scikit-survival's
+    `BreslowEstimator`, pinned in tests/tasks/test_survival_ipcw_breslow.py)."""
+    t, e = np.asarray(train_time, float), np.asarray(train_event, bool)
+    w = np.exp(np.asarray(train_risk, float) - np.mean(train_risk))
+    event_times = np.unique(t[e])
+    at_risk = np.array([w[t >= u].sum() for u in event_times])
+    deaths = np.array([(t[e] == u).sum() for u in event_times])
+    cumhaz = np.cumsum(deaths / at_risk)
+    idx = np.searchsorted(event_times, np.asarray(times, float), side="right") - 1
+    return np.where(idx >= 0, cumhaz[np.clip(idx, 0, None)], 0.0)
+
+
 def survival_metrics(time, event, risk, train_time, train_event, eval_times, tau: float | None = None,
-                     survival=None) -> dict[str, float]:
+                     survival=None, ibs_range: tuple[float, float] | None = None,
+                     reasons: dict | None = None) -> dict[str, float]:
     """c_index (Harrell), c_index_uno (IPCW on the training part, truncated at `tau`), td_auc (mean
-    cumulative/dynamic AUC over the usable `eval_times`), ibs (integrated Brier score over 20 times
-    spanning the usable `eval_times`, only when `survival(times) -> S [n, len(times)]` is given)."""
+    cumulative/dynamic AUC over the usable `eval_times`), ibs (integrated Brier score over IBS_POINTS times
+    spanning `ibs_range` (default: the usable `eval_times`) inside this sample's follow-up, when
+    `survival(times) -> S [n, len(times)]` is given). Why a metric is NaN goes into `reasons`."""
     time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
-    test, train = _structured(time, event), _structured(train_time, train_event)
+    train = _structured(train_time, train_event)
+    # IPCW needs the training censoring curve at every test time: a test patient followed beyond the last
+    # training time is censored there (still event-free at every time the metrics look at; Uno's C is
+    # truncated at or before it, the td-AUC and IBS times lie before it)
+    limit = float(np.max(train_time))
+    tau = limit if tau is None else min(tau, limit)
+    test = _structured(np.minimum(time, limit), event & (time <= limit))
+    why = {}
     out = {"c_index": harrell_c(time, event, risk)}
+    if not np.isfinite(out["c_index"]):
+        why["c_index"] = "no comparable pair (needs an event before another patient's follow-up ends)"
     out["c_index_uno"] = _quiet(lambda: float(concordance_index_ipcw(train, test, risk, tau=tau)[0]))
+    if not np.isfinite(out["c_index_uno"]):
+        why["c_index_uno"] = ("the censoring distribution of the training patients is zero inside the test "
+                              "follow-up, or no comparable pair before tau")
     times = usable_times(eval_times, time, train_time)
     out["td_auc"] = _quiet(lambda: float(cumulative_dynamic_auc(train, test, risk, times)[1])) if len(times) else np.nan
+    if not len(times):
+        why["td_auc"] = (f"no evaluation time ({', '.join(f'{t:g}' for t in np.asarray(eval_times, float))}) lies "
+                         f"inside this sample's follow-up [{time.min():g}, {time.max():g}) and before the training "
+                         f"follow-up ends ({np.max(train_time):g})")
+    elif not np.isfinite(out["td_auc"]):
+        why["td_auc"] = "at the evaluation times no patient has an event yet, or none is still event-free"
     out["ibs"] = float("nan")
-    if survival is not None and len(times) >= 2:
-        grid = usable_times(np.linspace(times.min(), times.max(), 20), time, train_time)
+    if survival is None:
+        why["ibs"] = "the model gives no survival function S(t)"
+    else:
+        low, high = ibs_range if ibs_range is not None else (times.min(), times.max()) if len(times) else (0, 0)
+        grid = usable_times(np.linspace(low, high, IBS_POINTS), time, train_time)
         if len(grid) >= 2:
             out["ibs"] = _quiet(lambda: float(integrated_brier_score(train, test, survival(grid), grid)))
+        if not np.isfinite(out["ibs"]):
+            why["ibs"] = (f"fewer than 2 times of the integration range [{low:g}, {high:g}] lie inside this "
+                          f"sample's follow-up and before the training follow-up ends")
+    if reasons is not None:
+        reasons.update(why)
     return {k: float(out[k]) for k in SURVIVAL_METRICS}
 
 

@@ -50,6 +50,12 @@ class TaskConfig(BaseModel):
                                                                "(0 = plain likelihood, as Patch-GCN's runs).")
     eval_times: Optional[list[float]] = Field(None, description="Survival: times for the time-dependent AUC "
                                                                 "(default: quartiles of the event times).")
+    ibs_range: str = Field("follow-up", description="Survival: the integrated Brier score's time range: follow-up "
+                                                    "(the observed follow-up, as pycox and most papers), event-iqr "
+                                                    "(25th-75th percentile of event times), or two quantiles of "
+                                                    "the event times, e.g. 0.1,0.9.")
+    eval_unit: Literal["patient", "slide"] = Field("patient", description="Metrics per patient (a patient's slides "
+                                                   "averaged, per label) or per slide.")
     regression_loss: Literal["mse", "huber"] = Field("mse", description="Regression loss on the standardised target.")
     class_weights: Literal["none", "balanced"] = Field("none", description="none | balanced (classification).")
 
@@ -58,6 +64,19 @@ class TaskConfig(BaseModel):
     def _known(cls, value):
         TASKS.info(value)
         return value
+
+    @field_validator("ibs_range")
+    @classmethod
+    def _ibs_range(cls, value):
+        if value in ("follow-up", "event-iqr"):
+            return value
+        try:
+            q = [float(v) for v in str(value).split(",")]
+        except ValueError:
+            q = []
+        if len(q) != 2 or not 0 <= q[0] < q[1] <= 1:
+            raise ValueError(f"{value!r} is not follow-up, event-iqr or two quantiles such as 0.1,0.9")
+        return f"{q[0]:g},{q[1]:g}"
 
     @field_validator("classes", "eval_times", mode="before")
     @classmethod
@@ -122,8 +141,9 @@ class Task:
 
     uses_training_predictions: ClassVar[bool] = False
 
-    def after_fit(self, state: dict, train_logits: np.ndarray) -> dict:
-        """The state completed with what the trained model predicts on its own training rows."""
+    def after_fit(self, state: dict, train_logits: np.ndarray, train_targets: np.ndarray) -> dict:
+        """The state completed with what the trained model predicts on its own training rows (and their
+        targets: survival's Breslow baseline hazard needs both)."""
         return state
 
     def balanced_weights(self, targets: np.ndarray) -> np.ndarray:
@@ -150,7 +170,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, preds: pd.DataFrame, splits: pd.DataFrame | None, meta: dict, n_boot: int, seed: int) -> dict:
-        """metrics.json's body: per fold and pooled, each metric with a patient-bootstrap CI."""
+        """metrics.json's body: per fold and pooled, each metric with a patient-bootstrap CI, on `units`."""
         rows = self.units(preds)
         per_fold = {}
         if "fold" in rows.columns:
@@ -159,13 +179,34 @@ class Task:
                                        "n_slides": int(preds["fold"].eq(fold).sum())}
         pooled = patient_bootstrap(lambda idx: self.score(rows.iloc[idx], rows, meta), rows["case_id"].to_numpy(),
                                    n_boot, seed, usable=lambda idx: self.usable(rows.iloc[idx]))
-        return {"task": self.name, "n_slides": int(len(preds)), "n_patients": int(preds["case_id"].nunique()),
+        return {"task": self.name, **self.unit_counts(preds, rows),
                 "bootstrap": {"resamples": n_boot, "unit": "patient"}, "pooled": pooled, "folds": per_fold,
                 "fold_summary": fold_summary(per_fold, self.metric_names)}
 
+    def unit_counts(self, preds: pd.DataFrame, rows: pd.DataFrame) -> dict:
+        return {"unit": self.o.eval_unit, "n_units": int(len(rows)), "n_slides": int(len(preds)),
+                "n_patients": int(preds["case_id"].nunique())}
+
     def units(self, preds: pd.DataFrame) -> pd.DataFrame:
-        """The rows metrics are computed on (slides for classification; patients for outcomes)."""
-        return preds.reset_index(drop=True)
+        """The rows metrics are computed on. `--eval-unit patient` (default): one row per patient, its slides'
+        prediction columns averaged (as the fold ensemble averages fold models) and the decision taken
+        again on the average, so a patient with three slides counts once; slides of one patient with
+        different labels stay separate rows (one per patient and label). `--eval-unit slide`: one per slide."""
+        preds = preds.reset_index(drop=True)
+        if self.o.eval_unit == "slide" or preds["case_id"].is_unique:
+            return preds
+        keys = ["case_id", *[c for c in self.label_cols if c in preds.columns]]
+        mean = [c for c in preds.columns if c not in keys and self.averaged(c)]
+        agg = {c: "mean" for c in mean} | {c: "first" for c in preds.columns if c not in keys and c not in mean}
+        return self.decide_units(preds.groupby(keys, sort=False, dropna=False).agg(agg).reset_index())
+
+    def averaged(self, column: str) -> bool:
+        """Whether a prediction column is averaged over a patient's slides (else its first value is kept)."""
+        return False
+
+    def decide_units(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Columns decided from the averaged ones (the predicted class, the risk group), taken again."""
+        return rows
 
     def training_rows(self, rows: pd.DataFrame, splits: pd.DataFrame | None, fold: int) -> pd.DataFrame | None:
         return None

@@ -107,18 +107,29 @@ class Classification(Task):
         y = preds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
         return y, preds[[f"prob_{c}" for c in classes]].to_numpy(float)
 
+    def averaged(self, column) -> bool:
+        return column.startswith("prob_") or (column.startswith("fold") and "_prob_" in column)
+
+    def decide_units(self, rows) -> pd.DataFrame:
+        names = [c[len("prob_"):] for c in rows.columns if c.startswith("prob_")]
+        if "pred" in rows.columns and names:
+            rows["pred"] = np.array(names, dtype=object)[self.decide(rows[[f"prob_{n}" for n in names]].to_numpy(float))]
+        return rows
+
     def evaluate(self, preds, splits, meta, n_boot, seed) -> dict:
+        """Per fold and pooled with patient-bootstrap CIs, on `units` (one row per patient by default)."""
         classes = meta["classes"]
-        y, probs = self._truth(preds, classes)
+        rows = self.units(preds)
+        y, probs = self._truth(rows, classes)
         per_fold = {}
-        if "fold" in preds.columns:
-            for fold, part in preds.groupby("fold"):
+        if "fold" in rows.columns:
+            for fold, part in rows.groupby("fold"):
                 idx = part.index.to_numpy()
-                per_fold[int(fold)] = {**classification_metrics(y[idx], probs[idx]), "n_slides": int(len(idx))}
-        return {"task": self.name, "classes": classes, "n_slides": int(len(preds)),
-                "n_patients": int(preds["case_id"].nunique()),
+                per_fold[int(fold)] = {**classification_metrics(y[idx], probs[idx]),
+                                       "n_slides": int(preds["fold"].eq(fold).sum())}
+        return {"task": self.name, "classes": classes, **self.unit_counts(preds, rows),
                 "bootstrap": {"resamples": n_boot, "unit": "patient"},
-                "pooled": bootstrap_ci(y, probs, preds["case_id"].to_numpy(), n_boot=n_boot, seed=seed),
+                "pooled": bootstrap_ci(y, probs, rows["case_id"].to_numpy(), n_boot=n_boot, seed=seed),
                 "folds": per_fold, "fold_summary": fold_summary(per_fold, METRICS)}
 
     def prediction_columns(self, meta) -> list[str]:
@@ -129,5 +140,6 @@ class Classification(Task):
 
     def plots(self, preds, metrics, folder) -> dict:
         classes = metrics["classes"]
-        y, probs = self._truth(preds, classes)
-        return plot_all(y, probs, classes, folder, groups=preds["case_id"].to_numpy())
+        rows = self.units(preds)
+        y, probs = self._truth(rows, classes)
+        return plot_all(y, probs, classes, folder, groups=rows["case_id"].to_numpy())

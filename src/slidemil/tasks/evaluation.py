@@ -15,12 +15,16 @@ from slidemil.tasks.base import Task, create_task
 from slidemil.utils.io import read_csv_text, write_json
 
 
-def run_task(run: RunDir) -> tuple[Task, dict, dict]:
-    """(task, config.yaml, what the metrics need from it) of a finished run; runs from before tasks
-    existed are classification."""
+def run_task(run: RunDir, options: dict | None = None) -> tuple[Task, dict, dict]:
+    """(task, config.yaml, what the metrics need from it) of a finished run, `options` overriding its task
+    options (e.g. eval_unit); runs from before tasks existed are classification, and runs from before
+    --eval-unit are scored as they were (per slide, survival and regression per patient)."""
     if not run.predictions_path.is_file() or not run.config_path.is_file():
         raise InputError(f"{run.path} is not a finished run folder (needs predictions.csv and config.yaml)")
     cfg = run.config()
+    if "eval_unit" not in cfg and cfg.get("task", "classification") in ("classification", "ordinal"):
+        cfg["eval_unit"] = "slide"
+    cfg.update(options or {})
     task = create_task(cfg, source=run.config_path)
     classes = (cfg.get("slidemil") or {}).get("classes")
     if classes is None:
@@ -34,10 +38,10 @@ BASELINE_RESAMPLES = 200
 
 
 def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
-                 heatmaps: str | Path | None = None) -> dict:
+                 heatmaps: str | Path | None = None, options: dict | None = None) -> dict:
     """Pooled out-of-fold metrics with patient-bootstrap CIs, per-fold metrics, plots and the report."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    task, cfg, meta = run_task(run)
+    task, cfg, meta = run_task(run, options)
     preds = run.predictions()
     missing = [c for c in task.prediction_columns(meta) if c not in preds.columns]
     if missing:
@@ -64,7 +68,7 @@ def site_metrics(task: Task, preds: pd.DataFrame, meta: dict, metrics: dict, n_b
     """{site: {n_slides, n_patients, metrics with patient-bootstrap CIs}} of the out-of-fold predictions
     split by the label table's site (--site-col): where a model trained elsewhere works and where not.
     A site where a metric is undefined (one class, no event) reports NaN for it."""
-    shared = {k: metrics[k] for k in ("eval_times", "tau") if metrics.get(k) is not None}   # survival horizons
+    shared = {k: metrics[k] for k in ("eval_times", "tau", "ibs_window") if metrics.get(k) is not None}   # survival
     out = {}
     for site, part in preds.groupby("site", sort=True):
         part = part.drop(columns="fold", errors="ignore").reset_index(drop=True)

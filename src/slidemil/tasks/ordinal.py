@@ -101,5 +101,5 @@ class Ordinal(Classification):
 
     def plots(self, preds, metrics, folder) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
-        y, pred = self._indices(preds, metrics["classes"])
+        y, pred = self._indices(self.units(preds), metrics["classes"])
         return {"confusion": confusion_plot(y, pred, metrics["classes"], folder / "confusion.png")}

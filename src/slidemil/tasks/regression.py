@@ -94,9 +94,8 @@ class Regression(Task):
             frame[f"fold{meta['fold']}_pred"] = pred
         return frame
 
-    def units(self, preds) -> pd.DataFrame:
-        agg = {"pred": "mean"} | {c: "first" for c in ("target", "fold") if c in preds.columns}
-        return preds.groupby("case_id", sort=False).agg(agg).reset_index()
+    def averaged(self, column) -> bool:
+        return column == "pred" or (column.startswith("fold") and column.endswith("_pred"))
 
     def usable(self, rows) -> bool:
         return rows["target"].nunique() > 1

@@ -18,9 +18,12 @@ import torch
 
 from slidemil.data.cohort import Cohort, drop_empty, numeric_column, row_list, same_per_patient
 from slidemil.errors import InputError
+from slidemil.evaluate.bootstrap import fold_summary, patient_bootstrap
 from slidemil.evaluate.survival import (
     SURVIVAL_METRICS,
+    breslow,
     harrell_c,
+    ibs_window,
     km_plot,
     survival_at,
     survival_metrics,
@@ -31,6 +34,7 @@ from slidemil.tasks.base import TASKS, Task
 
 log = logging.getLogger(__name__)
 EPS = 1e-7
+COX_CURVE_POINTS = 20
 _EVENT_WORDS = {"1": True, "0": False, "1.0": True, "0.0": False, "true": True, "false": False}
 
 
@@ -205,11 +209,28 @@ class Survival(Task):
 
     uses_training_predictions = True
 
-    def after_fit(self, state, train_logits) -> dict:
-        """The training predictions' median and spread: the KM cut and the scale for pooling folds."""
+    def after_fit(self, state, train_logits, train_targets) -> dict:
+        """The training predictions' median and spread (the KM cut and the scale for pooling folds) and, for
+        Cox, Breslow's baseline cumulative hazard at up to COX_CURVE_POINTS quantiles of the training event
+        times, so that S(t | x) = exp(-H0(t) exp(r - c)) exists for the IBS and the curves."""
         risk = self.risk(state, train_logits)
         std = float(np.std(risk))
-        return {**state, "train_risk": {"median": float(np.median(risk)), "std": std if std > 0 else 1.0}}
+        state = {**state, "train_risk": {"median": float(np.median(risk)), "std": std if std > 0 else 1.0}}
+        if state["loss"] == "cox":
+            y = np.asarray(train_targets, float)
+            time, event = y[:, 0], y[:, 1].astype(bool)
+            ends = np.unique(np.quantile(time[event], np.linspace(0, 1, COX_CURVE_POINTS + 1)[1:]))
+            state["breslow"] = {"times": [float(t) for t in ends], "offset": float(np.mean(risk)),
+                                "cumhaz": [float(h) for h in breslow(time, event, risk, ends)]}
+        return state
+
+    def curve(self, state, logits) -> tuple[np.ndarray, np.ndarray]:
+        """(ends [K], S [n, K]): the predicted survival at K times: the NLL bin ends, or Cox's Breslow times."""
+        if state["loss"] == "nll":
+            return np.asarray(state["edges"][1:], float), nll_risk(logits)[1]
+        b = state["breslow"]
+        r = np.asarray(logits, float)[:, :1] - b["offset"]
+        return np.asarray(b["times"], float), np.exp(-np.asarray(b["cumhaz"])[None, :] * np.exp(r))
 
     # -- reference baseline -------------------------------------------------------------------------
     has_baseline = True
@@ -247,35 +268,35 @@ class Survival(Task):
         best = alphas[int(np.nanargmax(scores))] if np.isfinite(scores).any() else 1.0
         model = cox(best, np.arange(len(xs)))
         # the model's own risk columns, the Cox scores playing its logits: pooled and cut by the training risks
-        state = self.after_fit({"loss": "cox"}, model.predict(xs)[:, None])
+        state = self.after_fit({"loss": "cox"}, model.predict(xs)[:, None], y)
         return self.columns(state, model.predict(xt)[:, None], meta)
 
     # -- predictions --------------------------------------------------------------------------------
     def columns(self, state, logits, meta) -> dict:
         """risk (higher = worse, this fold's scale), risk_pooled ((risk - training median) / training SD:
-        comparable across folds), risk_group (high above the training median), and for NLL surv_j = S at
-        the end of bin j with its time surv_time_j."""
+        comparable across folds), risk_group (high above the training median), and surv_j = S at time
+        surv_time_j (NLL: the end of bin j; Cox: the Breslow times; Cox models trained before Breslow lack them)."""
         risk = self.risk(state, logits)
         ref = state["train_risk"]
         cols = {"risk": risk, "risk_pooled": (risk - ref["median"]) / ref["std"],
                 "risk_group": np.where(risk > ref["median"], "high", "low").astype(object)}
-        if state["loss"] == "nll":
-            _, s = nll_risk(logits)
+        if state["loss"] == "nll" or "breslow" in state:
+            ends, s = self.curve(state, logits)
             for j in range(s.shape[1]):
                 cols[f"surv_{j + 1}"] = s[:, j]
-                cols[f"surv_time_{j + 1}"] = np.full(len(s), state["edges"][j + 1])
+                cols[f"surv_time_{j + 1}"] = np.full(len(s), ends[j])
         return cols
 
     def ensemble(self, folds) -> pd.DataFrame:
         """risk = mean over folds of risk_pooled (each fold standardised by its own training risks);
-        NLL: S(t) of every fold at the first fold's evaluation times, averaged."""
+        S(t) of every fold at the first fold's evaluation times, averaged."""
         per_fold = [(meta, self.columns(meta["task_state"], logits, meta)) for meta, logits in folds]
         risk = np.mean([c["risk_pooled"] for _, c in per_fold], 0)
         frame = pd.DataFrame({"risk": risk, "risk_group": np.where(risk > 0, "high", "low")})
         state0 = folds[0][0]["task_state"]
-        if state0["loss"] == "nll":
+        if all(m["task_state"]["loss"] == "nll" or "breslow" in m["task_state"] for m, _ in folds):
             times = np.asarray(state0["eval_times"], float)
-            s = np.mean([survival_at(times, m["task_state"]["edges"][1:], nll_risk(lg)[1]) for m, lg in folds], 0)
+            s = np.mean([survival_at(times, *self.curve(m["task_state"], lg)) for m, lg in folds], 0)
             for j, t in enumerate(times):
                 frame[f"surv_{j + 1}"], frame[f"surv_time_{j + 1}"] = s[:, j], t
         for meta, cols in per_fold:
@@ -286,15 +307,16 @@ class Survival(Task):
     def prediction_columns(self, meta) -> list[str]:
         return ["time", "event", "risk"]
 
-    def units(self, preds) -> pd.DataFrame:
-        """One row per patient: slide risks and survival curves averaged."""
-        num = [c for c in preds.columns if c.startswith(("risk", "surv_")) and c != "risk_group"]
-        agg = {c: "mean" for c in num} | {c: "first" for c in ("time", "event", "fold") if c in preds.columns}
-        rows = preds.groupby("case_id", sort=False).agg(agg).reset_index()
+    def averaged(self, column) -> bool:
+        return column.startswith(("risk", "surv_", "fold")) and column not in ("risk_group", "fold")
+
+    def decide_units(self, rows) -> pd.DataFrame:
         rows["risk_group"] = np.where(rows["risk_pooled" if "risk_pooled" in rows else "risk"] > 0, "high", "low")
         return rows
 
-    def trainingrow_list(self, rows, splits, fold):
+    def training_rows(self, rows, splits, fold):
+        """The patients of fold `fold`'s training part (train + inner validation): the censoring
+        distribution of Uno's C, the td-AUC and the IBS of that fold is theirs, never the test fold's."""
         if splits is None:
             return None
         train_cases = set(splits.loc[(splits["fold"] == fold) & (splits["role"] != "test"), "case_id"].astype(str))
@@ -303,32 +325,51 @@ class Survival(Task):
     def usable(self, rows) -> bool:
         return len(rows) >= 2 and rows["event"].astype(bool).any()
 
-    def score(self, rows, train, meta) -> dict:
+    def score(self, rows, train, meta, reasons: dict | None = None) -> dict:
         train = rows if train is None else train
         risk = rows["risk_pooled" if "risk_pooled" in rows else "risk"].to_numpy(float)
         k = sorted(int(c.rsplit("_", 1)[1]) for c in rows.columns if c.startswith("surv_time_"))
         survival = None
-        if k:   # every row carries its own bin ends (fold models bin differently)
+        if k:   # every row carries its own curve times (fold models bin differently)
             ends = rows[[f"surv_time_{j}" for j in k]].to_numpy(float)
             surv = rows[[f"surv_{j}" for j in k]].to_numpy(float)
             survival = lambda grid: survival_at(grid, ends, surv)
         return survival_metrics(rows["time"], rows["event"], risk, train["time"], train["event"], meta["eval_times"],
-                                tau=meta.get("tau"), survival=survival)
+                                tau=meta.get("tau"), survival=survival, ibs_range=meta.get("ibs_window"),
+                                reasons=reasons)
 
     def evaluate(self, preds, splits, meta, n_boot, seed) -> dict:
+        """Per fold: each metric with the censoring distribution of that fold's *training* patients (Uno's C,
+        td-AUC, IBS: IPCW weights never come from the fold being scored) and, where a metric is NaN, why.
+        Pooled: every patient's out-of-fold prediction, censoring from all patients, truncated at the
+        shortest training follow-up of the folds, with a patient-bootstrap CI."""
         rows = self.units(preds)
         event_times = rows.loc[rows["event"].astype(bool), "time"].to_numpy(float)
         eval_times = self.o.eval_times or meta.get("eval_times") or list(np.quantile(event_times, [0.25, 0.5, 0.75]))
-        meta = {**meta, "eval_times": [float(t) for t in eval_times]}
+        window = meta.get("ibs_window") or ibs_window(self.o.ibs_range, rows["time"], rows["event"])
+        meta = {**meta, "eval_times": [float(t) for t in eval_times], "ibs_window": [float(w) for w in window]}
         if splits is not None:
-            taus = [float(self.trainingrow_list(rows, splits, f)["time"].max()) for f in sorted(splits["fold"].unique())]
+            taus = [float(self.training_rows(rows, splits, f)["time"].max()) for f in sorted(splits["fold"].unique())]
             meta["tau"] = min(taus)
-        metrics = super().evaluate(preds, splits, meta, n_boot, seed)
-        metrics.update({"eval_times": meta["eval_times"], "tau": meta.get("tau"),
-                        "survival_loss": meta.get("loss", self.o.survival_loss),
-                        "pooling": "each fold's test risks standardised by that fold's training predictions "
-                                   "(median, SD) before pooling; per-fold metrics are rank-based and unaffected"})
-        return metrics
+        per_fold, nan_reasons = {}, {}
+        if "fold" in rows.columns:
+            for fold, part in rows.groupby("fold"):
+                why = {}
+                per_fold[int(fold)] = {**self.score(part, self.training_rows(rows, splits, fold), meta, why),
+                                       "n_slides": int(preds["fold"].eq(fold).sum())}
+                nan_reasons.update({f"fold {int(fold)} {name}": text for name, text in why.items()})
+        why = {}
+        self.score(rows, rows, meta, why)
+        nan_reasons.update({f"pooled {name}": text for name, text in why.items()})
+        pooled = patient_bootstrap(lambda idx: self.score(rows.iloc[idx], rows, meta), rows["case_id"].to_numpy(),
+                                   n_boot, seed, usable=lambda idx: self.usable(rows.iloc[idx]))
+        return {"task": self.name, **self.unit_counts(preds, rows),
+                "bootstrap": {"resamples": n_boot, "unit": "patient"}, "pooled": pooled, "folds": per_fold,
+                "fold_summary": fold_summary(per_fold, self.metric_names), "nan_reasons": nan_reasons,
+                "eval_times": meta["eval_times"], "tau": meta.get("tau"), "ibs_window": meta["ibs_window"],
+                "ibs_range": self.o.ibs_range, "survival_loss": meta.get("loss", self.o.survival_loss),
+                "pooling": "each fold's test risks standardised by that fold's training predictions "
+                           "(median, SD) before pooling; per-fold metrics are rank-based and unaffected"}
 
     def plots(self, preds, metrics, folder) -> dict:
         rows = self.units(preds)
@@ -347,8 +388,26 @@ class Survival(Task):
 
     def report_notes(self, metrics) -> str:
         km = metrics.get("km", {})
-        return (f"<p class=note>Survival loss: {html.escape(str(metrics.get('survival_loss')))}. Pooled metrics: "
-                f"{html.escape(metrics.get('pooling', ''))}. Uno's C truncated at t = {metrics.get('tau')}; "
-                f"time-dependent AUC at t = {', '.join(f'{t:g}' for t in metrics.get('eval_times', []))}. "
-                f"Kaplan-Meier: {km.get('n_high', '?')} high-risk vs {km.get('n_low', '?')} low-risk patients, "
-                f"log-rank p = {km.get('logrank_p', float('nan')):.3g}.</p>")
+        window = metrics.get("ibs_window") or [float("nan")] * 2
+        text = (f"<p class=note>Survival loss: {html.escape(str(metrics.get('survival_loss')))}. Pooled metrics: "
+                f"{html.escape(metrics.get('pooling', ''))}. Kaplan-Meier: {km.get('n_high', '?')} high-risk vs "
+                f"{km.get('n_low', '?')} low-risk patients, log-rank p = {km.get('logrank_p', float('nan')):.3g}.</p>"
+                "<p class=note><b>What the numbers mean.</b> <i>C-index</i> (Harrell): of the patient pairs whose "
+                "order is known (the earlier time is an event), the share the model ranks right; 0.5 is chance. "
+                f"<i>Uno's C</i>: the same, weighted by the inverse probability of censoring and truncated at "
+                f"t = {_g(metrics.get('tau'))}, so heavy censoring does not bias it. <i>td-AUC</i>: at each time t "
+                f"({', '.join(_g(t) for t in metrics.get('eval_times', []))}), how well the risk separates patients "
+                f"with an event by t from those event-free after t (cumulative/dynamic AUC), averaged. <i>IBS</i>: "
+                f"the integrated Brier score of the predicted survival curves over t in [{_g(window[0])}, "
+                f"{_g(window[1])}] (--ibs-range {html.escape(str(metrics.get('ibs_range')))}); lower is better, "
+                "0.25 is a constant 50% prediction. Per-fold IPCW weights come from that fold's training "
+                "patients.</p>")
+        reasons = metrics.get("nan_reasons") or {}
+        if reasons:
+            text += ("<p class=note><b>Why some values are n/a:</b> "
+                     + "; ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in reasons.items()) + ".</p>")
+        return text
+
+
+def _g(v) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:g}"

@@ -325,7 +325,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
         # whole bags (no --max-instances)
         whole = BagDataset(parts["train"].units, cache=cache, transform=scaling, device=device)
-        state = task.after_fit(state, infer(model, whole, device, chunk=cfg.max_instances_infer).logits)
+        state = task.after_fit(state, infer(model, whole, device, chunk=cfg.max_instances_infer).logits,
+                               whole.labels())
     res = infer(model, parts["test"], device, keep_scores=True, chunk=cfg.max_instances_infer)
     meta = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "in_dim": in_dim, "n_outputs": task.n_outputs(cohort),
             "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
