@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from slidemil.evaluate.compare import average_ranks, delong, holm, nemenyi_cd, paired_bootstrap
 from slidemil.evaluate.metrics import classification_metrics
 from slidemil.evaluate.report import img_tag
