@@ -644,6 +644,8 @@ def robustness(features: list[str] = typer.Option(..., help="Feature folder, as 
                patches_per_slide: Optional[int] = _opt(RobustnessSettings, "patches_per_slide"),
                map: Optional[str] = _opt(RobustnessSettings, "map"),
                bootstrap: Optional[int] = _opt(RobustnessSettings, "bootstrap"),
+               balance: Optional[bool] = _opt(RobustnessSettings, "balance", "--balance/--no-balance"),
+               draws: Optional[int] = _opt(RobustnessSettings, "draws"),
                seed: Optional[int] = _opt(RobustnessSettings, "seed")):
     """Do the embeddings cluster by centre or by biology? Robustness index (de Jong et al. 2025), label and
     centre probes, a 2-D map."""
@@ -655,12 +657,16 @@ def robustness(features: list[str] = typer.Option(..., help="Feature folder, as 
         settings = load_config(RobustnessSettings, None, given)
         folders = _named_folders(features, "--features")
         report = run_robustness(folders, labels, out, settings)
-        table = Table(title="robustness to centre differences (RI = SO / (SO + OS); 1 = biology, 0 = centre)")
-        for col in ("features", "slide RI [95% CI]", "patch RI", "centre probe", "label probe"):
+        table = Table(title="robustness to centre differences (de Jong et al.: R = SO / OS; above the level of "
+                            "random embeddings, biology dominates)")
+        for col in ("features", "slide R [95% CI]", "random embeddings", "reading", "patch R (random)", "centre probe",
+                    "label probe"):
             table.add_column(col)
         for r in report["comparison"]:
             table.add_row(r["features"], f"{r['slide_ri']:.3f} [{r['slide_ri_ci_low']:.3f}-{r['slide_ri_ci_high']:.3f}]",
-                          f"{r['patch_ri']:.3f}", f"{r['centre_probe_bacc']:.2f} (chance {r['centre_chance']:.2f})",
+                          f"{r['slide_ri_chance']:.2f}", r["slide_reading"],
+                          f"{r['patch_ri']:.3f} ({r['patch_ri_chance']:.2f})",
+                          f"{r['centre_probe_bacc']:.2f} (chance {r['centre_chance']:.2f})",
                           f"{r['label_probe_bacc']:.2f} (chance {r['label_chance']:.2f})")
         out_console.print(table)
         out_console.print(f"results -> {out / 'robustness.json'}")

@@ -41,6 +41,9 @@ class RobustnessSettings(BaseModel):
     map: Literal["auto", "umap", "pca"] = Field("auto", description="2-D map: umap (needs umap-learn), pca, "
                                                                    "or auto (umap when installed).")
     bootstrap: int = Field(200, ge=0, description="Patient-bootstrap resamples for the index's CI.")
+    balance: bool = Field(True, description="Compute the index on class x centre balanced subsamples (as the "
+                                            "paper's datasets are built); --no-balance uses every sample.")
+    draws: int = Field(10, ge=1, description="Balanced subsamples drawn and averaged.")
     seed: int = Field(0, description="Patch sampling, probes and map.")
 
 
@@ -67,7 +70,8 @@ def analyse(cohort, settings: RobustnessSettings) -> tuple[dict, dict]:
     for level, k in (("slide", settings.k_slide), ("patch", settings.k_patch)):
         x, c = emb[level]
         result[level] = {"robustness_index": robustness_index(x, c["label"], c["site"], c["case_id"], k,
-                                                             settings.bootstrap, settings.seed)}
+                                                             settings.bootstrap, settings.seed, settings.balance,
+                                                             settings.draws)}
     x, c = emb["slide"]
     result["slide"]["probe_label"] = linear_probe(x, c["label"], c["case_id"], settings.seed)
     result["slide"]["probe_centre"] = linear_probe(x, c["site"], c["case_id"], settings.seed)
@@ -89,14 +93,14 @@ def plot_robustness(name: str, result: dict, fig_data: dict, path: Path) -> Path
         ax.set_xticks([])
         ax.set_yticks([])
     for level in ("slide", "patch"):
-        curve = result[level]["robustness_index"]["curve"]
-        axes[2].plot(np.arange(1, len(curve) + 1), curve, label=level)
-    axes[2].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[2].set_ylim(0, 1)
+        ri = result[level]["robustness_index"]
+        line = axes[2].plot(np.arange(1, len(ri["curve"]) + 1), ri["curve"], label=level)[0]
+        axes[2].axhline(ri["chance"], color=line.get_color(), lw=0.8, ls="--")
+    axes[2].set_yscale("log")
     axes[2].set_xlabel("k (neighbours)")
-    axes[2].set_ylabel("robustness index")
+    axes[2].set_ylabel("R = SO / OS (dashed: random embeddings)")
     axes[2].legend()
-    axes[2].set_title(f"{name}: RI = SO / (SO + OS)")
+    axes[2].set_title(f"{name}: above the dashed line, biology dominates")
     return save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
@@ -127,8 +131,9 @@ def run_robustness(features: dict[str, str | Path], labels: str | Path, out: str
         result["folder"] = str(features[name])
         report["features"][name] = result
         report["comparison"].append(comparison_row(name, result))
-        log.info("%s: slide RI %.3f, patch RI %.3f, centre probe %.2f, label probe %.2f", name,
-                 result["slide"]["robustness_index"]["value"], result["patch"]["robustness_index"]["value"],
+        log.info("%s: slide R %.3f (chance %.2f), patch R %.3f, centre probe %.2f, label probe %.2f", name,
+                 result["slide"]["robustness_index"]["value"], result["slide"]["robustness_index"]["chance"],
+                 result["patch"]["robustness_index"]["value"],
                  result["slide"]["probe_centre"]["balanced_accuracy"], result["slide"]["probe_label"]["balanced_accuracy"])
     write_json(out / "robustness.json", report)
     return report
@@ -136,7 +141,10 @@ def run_robustness(features: dict[str, str | Path], labels: str | Path, out: str
 
 def comparison_row(name: str, result: dict) -> dict:
     s, p = result["slide"], result["patch"]
-    return {"features": name, "slide_ri": s["robustness_index"]["value"], "slide_ri_ci_low": s["robustness_index"]["ci_low"],
-            "slide_ri_ci_high": s["robustness_index"]["ci_high"], "patch_ri": p["robustness_index"]["value"],
+    ri = s["robustness_index"]
+    return {"features": name, "slide_ri": ri["value"], "slide_ri_ci_low": ri["ci_low"],
+            "slide_ri_ci_high": ri["ci_high"], "slide_ri_chance": ri["chance"], "slide_reading": ri["reading"],
+            "slide_ri_normalized": ri["normalized"], "patch_ri": p["robustness_index"]["value"],
+            "patch_ri_chance": p["robustness_index"]["chance"],
             "centre_probe_bacc": s["probe_centre"]["balanced_accuracy"], "centre_chance": s["probe_centre"]["chance"],
             "label_probe_bacc": s["probe_label"]["balanced_accuracy"], "label_chance": s["probe_label"]["chance"]}

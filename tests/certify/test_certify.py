@@ -114,6 +114,8 @@ def test_cli_certify_json_and_model_config(tmp_path):
                                    str(tmp_path / "out.json"), "--quiet"])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "out.json").read_text())
-    assert data["summary"][0]["model"] == "abmil" and data["summary"][0]["verdict"] in {"PASS", "FAIL", "WEAK", "SEED-DEPENDENT"}
+    # ABMIL cannot solve the poisoned single-concept test (Raff & Holt's finding, test_standard_variant_... shows
+    # it solves the clean one): the CLI must report that verdict, not merely some verdict
+    assert data["summary"][0]["model"] == "abmil" and data["summary"][0]["verdict"] == "FAIL"
     res = CliRunner().invoke(app, ["certify", "--models", "nope"])
     assert res.exit_code == 1 and "unknown model" in res.output

@@ -26,9 +26,20 @@ def test_one_hot_patch_lands_on_its_footprint(downsample, size0, stride):
     footprint = np.zeros(shape, bool)
     footprint[r0:r1, c0:c1] = True
     assert np.array_equal(np.nan_to_num(field) > 0, footprint)
-    # overlap averaging: where the hot patch is alone the value is 1, elsewhere 1 / (patches covering)
-    assert np.isclose(np.nanmax(field), 1.0 if stride == size0 else np.nanmax(field))
-    assert np.nanmax(field) <= 1.0 and covered[footprint].all()
+    # overlap averaging against a direct reference (each patch's rectangle summed with slicing): every pixel
+    # holds the mean of the patches covering it, 1 / (patches covering) on the hot footprint, NaN uncovered
+    total, count = np.zeros(shape), np.zeros(shape)
+    for (px, py), v in zip(coords, values):
+        rows = slice(int(round(py / downsample)), int(round((py + size0) / downsample)))
+        cols = slice(int(round(px / downsample)), int(round((px + size0) / downsample)))
+        total[rows, cols] += v
+        count[rows, cols] += 1
+    assert np.array_equal(covered, count > 0)
+    assert np.allclose(field[covered], total[covered] / count[covered]) and np.isnan(field[~covered]).all()
+    if stride < size0:            # overlapping grids: the hot footprint is shared, so its values fall below 1
+        assert field[footprint].min() < 1.0 and np.isclose(field[footprint].max(), 1.0 / count[footprint].min())
+    else:
+        assert (field[footprint] == 1.0).all()
 
 
 def test_normalisation():

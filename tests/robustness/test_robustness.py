@@ -1,4 +1,6 @@
-"""The robustness index and probes detect a planted centre shift, and come back near neutral without it."""
+"""The robustness index (de Jong et al.'s R = SO / OS, read against random embeddings on class x centre
+balanced samples) and the probes detect a planted centre shift, come back near neutral without it, and
+random embeddings read as neutral even on a cohort whose centres differ in size and class mix."""
 
 from __future__ import annotations
 
@@ -20,11 +22,46 @@ def test_index_counts_same_class_other_centre_against_other_class_same_centre():
     groups = np.arange(16)
     by_class = np.eye(2)[label] + 0.01 * np.random.default_rng(0).normal(size=(16, 2))
     by_centre = np.eye(2)[centre] + 0.01 * np.random.default_rng(1).normal(size=(16, 2))
-    assert robustness_index(by_class, label, centre, groups, k=3, n_boot=0)["value"] == 1.0
+    ours = robustness_index(by_class, label, centre, groups, k=3, n_boot=0)
+    assert ours["value"] == np.inf and ours["normalized"] == 1.0 and ours["reading"].startswith("biology")
     assert robustness_index(by_centre, label, centre, groups, k=3, n_boot=0)["value"] == 0.0
+    # 2 classes x 2 centres, balanced: random embeddings' level is the paper's parity, 1
+    assert ours["chance"] == pytest.approx(1.0) and ours["balance"] == "balanced as given"
     # neighbours from the sample's own patient never count
     same_patient = robustness_index(by_centre, label, centre, np.arange(16) // 8, k=3, n_boot=0)
     assert same_patient["k"] == 3 and same_patient["n_patients"] == 2
+
+
+def _unbalanced(rng, n_a=100, n_b=20):
+    """A big centre of mostly one class and a small one of mostly the other."""
+    centre = np.r_[np.zeros(n_a), np.ones(n_b)].astype(int)
+    label = np.r_[rng.random(n_a) < 0.3, rng.random(n_b) < 0.7].astype(int)
+    return label, centre, np.arange(n_a + n_b)
+
+
+def test_random_embeddings_read_as_neutral_on_an_unbalanced_two_centre_cohort():
+    """Unbalanced, random embeddings scored ~0.4 (normalised 0.29, "clusters by centre") before balancing;
+    on class x centre balanced draws they sit at the chance level, and the reading says so."""
+    hits = 0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        label, centre, groups = _unbalanced(rng)
+        emb = rng.normal(size=(len(label), 32))
+        raw = robustness_index(emb, label, centre, groups, k=10, n_boot=0, balance=False)
+        assert raw["chance"] < 0.6                                  # the design alone pulls R down
+        ri = robustness_index(emb, label, centre, groups, k=10, n_boot=200, seed=seed)
+        assert ri["chance"] == pytest.approx(1.0) and "cell" in ri["balance"]
+        assert 0.7 < ri["value"] < 1.4
+        hits += ri["reading"].startswith("not distinguishable")
+    assert hits >= 4
+
+
+def test_balancing_leaves_out_a_centre_without_every_class():
+    rng = np.random.default_rng(0)
+    label = np.r_[np.repeat([0, 1], 10), np.repeat([0, 1], 10), np.zeros(6, int)]
+    centre = np.r_[np.zeros(20), np.ones(20), np.full(6, 2)].astype(int)
+    ri = robustness_index(rng.normal(size=(46, 8)), label, centre, np.arange(46), k=5, n_boot=0)
+    assert "left out: 2" in ri["balance"] and ri["n_samples_used"] == 40
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +80,14 @@ def test_planted_centre_shift_is_detected(shifted_and_clean, tmp_path):
                             RobustnessSettings(k_slide=5, k_patch=20, patches_per_slide=16, bootstrap=50))
     s, c = report["features"]["shifted"], report["features"]["clean"]
     # the shifted encoder's neighbours are its own centre's; the probe reads the centre off the embedding
-    assert s["slide"]["robustness_index"]["value"] < 0.3 and s["patch"]["robustness_index"]["value"] < 0.3
+    for level in ("slide", "patch"):
+        ri = s[level]["robustness_index"]
+        assert ri["value"] < 0.5 * ri["chance"] and ri["normalized"] < 0.35
+    assert s["slide"]["robustness_index"]["reading"].startswith("centre dominates")
     assert s["slide"]["probe_centre"]["balanced_accuracy"] >= 0.9
     # without the shift the centre is not predictable and biology decides the neighbourhood
-    assert c["slide"]["robustness_index"]["value"] > 0.6
+    assert c["slide"]["robustness_index"]["value"] > 1.5 * c["slide"]["robustness_index"]["chance"]
+    assert c["slide"]["robustness_index"]["reading"].startswith("biology dominates")
     assert c["slide"]["probe_centre"]["balanced_accuracy"] < 0.75
     assert c["slide"]["robustness_index"]["ci_low"] > s["slide"]["robustness_index"]["ci_high"]
     saved = json.loads((tmp_path / "out" / "robustness.json").read_text())

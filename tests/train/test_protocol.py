@@ -97,6 +97,17 @@ def test_paper_recipe_fills_what_the_user_did_not_give():
     assert again.identity() == cfg.identity()
 
 
+def test_otsurv_paper_recipe_is_the_papers_cox_on_patient_bags():
+    """The recipe text said Cox while the run trained NLL on slide bags."""
+    from slidemil.train.config import TrainConfig
+
+    base = dict(features="f", labels="l", out="o", task="survival", model="otsurv", recipe="paper")
+    cfg = TrainConfig(**base)
+    assert (cfg.survival_loss, cfg.bag_unit, cfg.batch_size, cfg.lr) == ("cox", "patient", 16, 1e-4)
+    assert TrainConfig(**base, survival_loss="nll").survival_loss == "nll"            # a flag still wins
+    assert TrainConfig(**{**base, "recipe": "default"}).survival_loss == "nll"
+
+
 def test_measured_per_model_defaults_apply_unless_given():
     from slidemil.train.config import TrainConfig
 

@@ -47,9 +47,10 @@ RECIPES: dict[str, Recipe] = {
     "lbmamba": Recipe("MambaMIL scripts (LBMamba plugs into them): Adam lr 2e-4, wd 1e-5, early stopping",
                       {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 100, "patience": 20, "scheduler": "none",
                        "warmup_epochs": 0}),
-    "otsurv": Recipe("OTSurv: AdamW lr 1e-4, wd 1e-5, cosine, 1 warm-up epoch, <= 50 epochs, batch 16, Cox loss",
+    "otsurv": Recipe("OTSurv (official main_survival.py): AdamW lr 1e-4, wd 1e-5, cosine, 1 warm-up epoch, <= 50 "
+                     "epochs, batch 16, Cox loss, one bag per patient (all its slides' patches)",
                      {"lr": 1e-4, "weight_decay": 1e-5, "epochs": 50, "scheduler": "cosine", "warmup_epochs": 1,
-                      "batch_size": 16}),
+                      "batch_size": 16, "survival_loss": "cox", "bag_unit": "patient"}),
     "ins": Recipe("INS feature script: SGD lr 0.01, momentum 0.9, wd 1e-3, 150 epochs (SGD not reproduced: AdamW "
                   "at slidemil's lr)", {"weight_decay": 1e-3, "epochs": 150}),
     "packmil": Recipe("PackMIL BRCA config: Adam lr 5e-4, wd 1e-5, <= 75 epochs, early stopping",

@@ -29,10 +29,18 @@ def test_hard_instance_mask_drops_top_scored_instances():
     assert len(dropped) == 1 and dropped[0] >= 98
     # r_h / hr > 1: the whole bag is the pool and r_h the random share
     assert (~hard_instance_mask(scores, mask, ratio_h=0.6, ratio_hr=0.5)[0]).sum() == 60
-    # random masking first, then hard masking counted on what is left (ceil(50 * 0.1) = 5 of the top 5)
+    # random masking first, then hard masking counted on the whole bag, as the official get_mask passes the
+    # earlier mask's indices (ceil(100 * 0.1) = the top 10; counting on the 50 left would take the top 5)
     torch.manual_seed(0)
     keep = hard_instance_mask(scores, mask, ratio_h=0.1, ratio_hr=1.0, ratio_random=0.5)
-    assert not keep[0, 95:].any() and 50 <= (~keep[0]).sum() <= 55
+    assert not keep[0, 90:].any() and 50 <= (~keep[0]).sum() <= 60
+    # after low masking of half the bag, the hard count is still on all 200: ceil(200 * 0.02) = 4 (was 2)
+    big = torch.arange(200.0)[None]
+    dropped = ~hard_instance_mask(big, torch.ones(1, 200, dtype=torch.bool), 0.02, 1.0, ratio_l=0.5)[0]
+    assert dropped.sum() == 104 and dropped[196:].all() and not dropped[100:196].any()
+    # low masking is counted on the whole bag too: with random masking at 0.5, ceil(100 * 0.2) = 20 lowest
+    keep = hard_instance_mask(scores, mask, ratio_h=0.0, ratio_hr=0.5, ratio_l=0.2, ratio_random=0.5)
+    assert not keep[0, :20].any()
     keep = hard_instance_mask(scores, mask, ratio_h=0.0, ratio_hr=0.5, ratio_l=0.2)
     assert (~keep[0]).nonzero()[:, 0].tolist() == list(range(20))
     # padding is never "kept" and a bag keeps at least one instance
@@ -192,3 +200,17 @@ def test_mhim_merge_works_in_the_embedding_space_on_normalised_tokens():
     assert seen[-1][-1] == 512 and seen[-1][1] == int(round(0.5 * ds[0].x.shape[0])) + 3
     with pytest.raises(ValueError, match="embedding"):
         apply_strategy(models.create("dsmil", 8, 2), "mhim", merge_ratio=0.5)
+
+
+def test_v2_scoring_takes_the_v2_commands_defaults_unless_given():
+    """scoring="cam" (v2) used v1's masking defaults; the official v2 command masks high scores only (no
+    random masking), hr 1, no decay, consistency weight 0.5. A value the user gives still wins."""
+    from slidemil.train.strategies.mhim import MHIM
+
+    model = models.create("abmil", 8, 2)
+    v1 = MHIM(model)
+    assert (v1.mask_ratio, v1.mask_ratio_hr, v1.mrh_sche, v1.cl_alpha) == (0.5, 0.5, True, 0.1)
+    v2 = MHIM(models.create("abmil", 8, 2), scoring="cam")
+    assert (v2.mask_ratio, v2.mask_ratio_hr, v2.mrh_sche, v2.cl_alpha) == (0.0, 1.0, False, 0.5)
+    mine = MHIM(models.create("abmil", 8, 2), scoring="cam", mask_ratio=0.3, cl_alpha=0.2)
+    assert (mine.mask_ratio, mine.mask_ratio_hr, mine.cl_alpha) == (0.3, 1.0, 0.2)

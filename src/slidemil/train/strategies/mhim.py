@@ -34,11 +34,13 @@ def hard_instance_mask(scores: torch.Tensor, mask: torch.Tensor, ratio_h: float,
                        ratio_l: float = 0.0, ratio_random: float = 0.0, generator=None) -> torch.Tensor:
     """Which instances the student keeps (v1 paper, Sec. 3.2, masked hard instance mining), counted as the
     official `get_mask` / `select_mask_fn` count them. Per bag of n real instances, in this order:
-    ceil(n * ratio_random) random instances; then the ceil(m * ratio_l) lowest-scored; then the hard ones:
-    of the top ceil(m * ratio_h / ratio_hr) by teacher score, ceil(that * ratio_hr) at random, i.e.
-    about ceil(m * ratio_h) hard instances, with m = n minus the instances masked by the steps before
-    (when ratio_h / ratio_hr > 1 the whole bag is the pool and ratio_h the random share, as official).
-    Low and hard candidates are ranked over the whole bag, so they may overlap earlier masks (a union).
+    ceil(n * ratio_random) random instances; then the ceil(n * ratio_l) lowest-scored; then the hard ones:
+    of the top ceil(n * ratio_h / ratio_hr) by teacher score, ceil(that * ratio_hr) at random, i.e.
+    about ceil(n * ratio_h) hard instances (when ratio_h / ratio_hr > 1 the whole bag is the pool and
+    ratio_h the random share, as official). Every count is on the whole bag: `get_mask` passes the earlier
+    masks' indices (`cls_attn_topk_idx_other`), so `select_mask_fn` keeps ps_tmp = ps; counting on what
+    the earlier masks left would halve hard-instance mining at the default random ratio 0.5. Low and hard
+    candidates are ranked over the whole bag, so they may overlap earlier masks (a union, as official).
     At least one instance is always kept."""
     keep = mask.clone()
     for b in range(len(scores)):
@@ -49,14 +51,12 @@ def hard_instance_mask(scores: torch.Tensor, mask: torch.Tensor, ratio_h: float,
         if ratio_random > 0:
             masked[torch.randperm(n, generator=generator)[:math.ceil(n * ratio_random)]] = True
         if ratio_l > 0:
-            m = n - int(masked.sum())
-            masked[n - math.ceil(m * ratio_l):] = True
+            masked[n - math.ceil(n * ratio_l):] = True
         if ratio_h > 0 and ratio_hr > 0:
-            m = n - int(masked.sum())
             pool_ratio, share = ratio_h / ratio_hr, ratio_hr
             if pool_ratio > 1:
                 pool_ratio, share = 1.0, ratio_h
-            n_top = math.ceil(m * pool_ratio)
+            n_top = math.ceil(n * pool_ratio)
             pick = torch.randperm(n_top, generator=generator)[:math.ceil(n_top * share)] if share < 1 \
                 else torch.arange(n_top)
             masked[pick] = True
@@ -131,6 +131,15 @@ def embedded_input(model: nn.Module):
         setattr(model, name, layer)
 
 
+# The defaults each version's official command uses: v1 README, C16/ABMIL (random masking 0.5, r_h 0.01 of
+# which hr 0.5 masked, cosine decay of r_h, cl_alpha 0.1); v2 (`scoring="cam"`, master branch configs):
+# high-score masking only (no random masking), hr 1, no decay, the consistency weight (`aux_alpha`) 0.5.
+VERSION_DEFAULTS = {
+    "v1": {"mask_ratio": 0.5, "mask_ratio_hr": 0.5, "mrh_sche": True, "cl_alpha": 0.1},
+    "v2": {"mask_ratio": 0.0, "mask_ratio_hr": 1.0, "mrh_sche": False, "cl_alpha": 0.5},
+}
+
+
 @register_strategy("mhim", paper="Tang et al., ICCV 2023 (arXiv 2307.15254); v2 IJCV 2025",
                    summary="EMA teacher masks the hard (top-attention) instances; consistency loss")
 class MHIM(Strategy):
@@ -144,8 +153,9 @@ class MHIM(Strategy):
     with cosine decay to 0 (`mrh_sche`), of which mask_ratio_hr 0.5 are masked, cl_alpha 0.1, temp_t 0.1,
     temp_s 1, mm 0.9999 (cosine to 1 with `mm_sche`), `init_stu_type` "fc" (the student's instance-embedding
     layer, the official `patch_to_emb`, starts from the teacher's; "all" copies every weight, "none" none).
-    v2 options: `scoring="cam"` (s_i = max_c softmax_c(W_c a_i h_i + b_0), see `cam_scores`: needs a model that
-    exposes its instance embeddings and `classifier`, e.g. abmil) and random merge (`merge_ratio`, `merge_k`,
+    v2 options: `scoring="cam"`, which also switches the unset masking defaults to v2's (VERSION_DEFAULTS: no
+    random masking, hr 1, no decay, cl_alpha 0.5); CAM scores s_i = max_c softmax_c(W_c a_i h_i + b_0) (see
+    `cam_scores`: needs a model that exposes its instance embeddings and `classifier`, e.g. abmil) and random merge (`merge_ratio`, `merge_k`,
     `merge_mm`; in the model's instance-embedding space, as official; off at inference, as `merge_test`).
 
     Teacher: `teacher_init` = the folder of a finished plain run of the same model with the same splits; each
@@ -156,8 +166,9 @@ class MHIM(Strategy):
     `init_stu_type` has nothing to copy). TransMIL's scores are the head-averaged class-token attention (the
     official code fuses heads by voting). """
 
-    def __init__(self, model, mask_ratio_h: float = 0.01, mask_ratio_hr: float = 0.5, mask_ratio_l: float = 0.0,
-                 mask_ratio: float = 0.5, mrh_sche: bool = True, cl_alpha: float = 0.1, alpha_cls: float = 1.0,
+    def __init__(self, model, mask_ratio_h: float = 0.01, mask_ratio_hr: float | None = None, mask_ratio_l: float = 0.0,
+                 mask_ratio: float | None = None, mrh_sche: bool | None = None, cl_alpha: float | None = None,
+                 alpha_cls: float = 1.0,
                  temp_t: float = 0.1, temp_s: float = 1.0, mm: float = 0.9999, mm_sche: bool = False,
                  teacher_init: str | None = None, init_stu_type: str = "fc", baseline_epochs: int | None = None,
                  scoring: str = "attention", merge_ratio: float | None = None, merge_k: int = 1,
@@ -165,6 +176,11 @@ class MHIM(Strategy):
         super().__init__(model)
         if scoring not in ("attention", "cam"):
             raise ValueError(f"mhim scoring must be 'attention' or 'cam', not {scoring!r}")
+        version = VERSION_DEFAULTS["v2" if scoring == "cam" else "v1"]      # what the user leaves unset
+        mask_ratio_hr = version["mask_ratio_hr"] if mask_ratio_hr is None else mask_ratio_hr
+        mask_ratio = version["mask_ratio"] if mask_ratio is None else mask_ratio
+        mrh_sche = version["mrh_sche"] if mrh_sche is None else mrh_sche
+        cl_alpha = version["cl_alpha"] if cl_alpha is None else cl_alpha
         if init_stu_type not in ("fc", "all", "none"):
             raise ValueError(f"mhim init_stu_type must be 'fc', 'all' or 'none', not {init_stu_type!r}")
         if merge_ratio is not None and model.embedding_module is None:
