@@ -156,7 +156,8 @@ class MHIM(Strategy):
     v2 options: `scoring="cam"`, which also switches the unset masking defaults to v2's (VERSION_DEFAULTS: no
     random masking, hr 1, no decay, cl_alpha 0.5); CAM scores s_i = max_c softmax_c(W_c a_i h_i + b_0) (see
     `cam_scores`: needs a model that exposes its instance embeddings and `classifier`, e.g. abmil) and random
-    merge (`merge_ratio`, `merge_k`, `merge_mm`; in the model's instance-embedding space, as official; off at inference, as `merge_test`).
+    merge (`merge_ratio`, `merge_k`, `merge_mm`; in the model's instance-embedding space, as official; off at
+    inference, as `merge_test`).
 
     Teacher: `teacher_init` = the folder of a finished plain run of the same model with the same splits; each
     fold's teacher starts from that run's model of the same fold (checked: its test slides must be this fold's,
