@@ -187,6 +187,8 @@ def train(
     val_fraction: Optional[float] = _opt(TrainConfig, "val_fraction"),
     class_weights: Optional[str] = _opt(TrainConfig, "class_weights"),
     balanced_sampling: Optional[bool] = _opt(TrainConfig, "balanced_sampling", "--balanced-sampling"),
+    tune: Optional[bool] = _opt(TrainConfig, "tune", "--tune"),
+    tune_trials: Optional[int] = _opt(TrainConfig, "tune_trials"),
     max_instances: Optional[int] = _opt(TrainConfig, "max_instances"),
     instance_dropout: Optional[float] = _opt(TrainConfig, "instance_dropout"),
     pack_len: Optional[int] = _opt(TrainConfig, "pack_len"),

@@ -1,9 +1,14 @@
-"""Feature standardisation fitted on a fold's training bags: z = (x - mean) / std per feature dimension.
+"""Feature standardisation fitted on a fold's training bags: z = (x - mean) / std per feature dimension, or
+whitening z = (x - mean) W with W = V diag(1 / sqrt(lambda + eps)) V^T (ZCA, Bell & Sejnowski 1997; the
+covariance's eigenvectors V and eigenvalues lambda, eps a shrinkage of 1% of the median eigenvalue).
 
 Unscaled descriptors (classic MIL benchmarks, some encoders' outlier dimensions) make training losses start
-at ~10 and validation losses jump by 10x between epochs; small cohorts cannot average that out. The
-statistics come from the training bags only (never validation or test), are saved with the fold's weights
-and applied again by every consumer of the model (predict, heatmaps, certify) through `Standardized`."""
+at ~10 and validation losses jump by 10x between epochs; small cohorts cannot average that out. Features
+dominated by a few shared directions (a strong anisotropy, as encoders' top principal components) hide
+a witness instance's shift under the background's spread along them: per-dimension scaling keeps that,
+whitening removes it (docs/protocol.md: abmil 0.59 -> 1.00 on such a cohort). The statistics come from the
+training bags only (never validation or test), are saved with the fold's weights and applied again by
+every consumer of the model (predict, heatmaps, certify) through `Standardized`."""
 
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ import torch
 from slidemil.models.base import MILModel, MILOutput, Wrapped
 
 KEYS = ("standardize.mean", "standardize.std")
+WHITEN_KEY = "standardize.whiten"
+ANISOTROPY_LIMIT = 100.0      # largest / median covariance eigenvalue beyond which --standardize auto whitens
+COV_ROWS_PER_BAG = 256        # evenly strided rows of each bag estimate the covariance (bounded cost)
+SHRINK = 0.01                 # eps = SHRINK x median eigenvalue
 UNIT_RANGE = (0.2, 5.0)       # RMS feature value regarded as "near unit scale"
 SPREAD_LIMIT = 50.0           # largest / median per-dimension std beyond which dimensions dwarf each other
 _ROWS = 4096                  # rows per float64 block when fitting
@@ -24,12 +33,20 @@ _ROWS = 4096                  # rows per float64 block when fitting
 class Scaling:
     mean: torch.Tensor   # [D] float32
     std: torch.Tensor    # [D] float32, floored so constant dimensions stay finite
+    whiten: torch.Tensor | None = None   # [D, D] float32: z = (x - mean) @ whiten, replacing the division by std
+    spectrum: torch.Tensor | None = None  # [D] covariance eigenvalues, descending (not saved)
 
     @classmethod
     def fit(cls, bags: Iterable[torch.Tensor]) -> Scaling:
-        """Per-dimension mean and std over every instance of `bags` (float64 sums, one pass)."""
+        """Per-dimension mean and std over every instance of `bags` (float64 sums, one pass, one bag at a
+        time), and the covariance spectrum from up to COV_ROWS_PER_BAG evenly strided rows of each bag."""
         n, total, squares = 0, None, None
+        m, first, second = 0, None, None          # the covariance's sample: count, sum, sum of x x^T
         for bag in bags:
+            rows = bag[::max(1, -(-len(bag) // COV_ROWS_PER_BAG))].float().cpu()
+            first = rows.double().sum(0) if first is None else first + rows.double().sum(0)
+            second = (rows.T @ rows).double() if second is None else second + (rows.T @ rows).double()
+            m += len(rows)
             for x in bag.split(_ROWS):      # float64 a block of rows at a time: a 40k x 1024 bag would take 650 MB
                 x = x.double()
                 total = x.sum(0) if total is None else total + x.sum(0)
@@ -38,7 +55,24 @@ class Scaling:
         mean = total / max(n, 1)
         std = (squares / max(n, 1) - mean * mean).clamp_min(0).sqrt()
         floor = max(float(std.max()) * 1e-6, 1e-8)
-        return cls(mean.float().cpu(), std.clamp_min(floor).float().cpu())   # bags may live on a GPU
+        centre = first / max(m, 1)
+        cov = (second - m * torch.outer(centre, centre)) / max(m - 1, 1)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        scaling = cls(mean.float().cpu(), std.clamp_min(floor).float().cpu(),
+                      spectrum=eigvals.flip(0).clamp_min(0).float())
+        scaling._eig = (eigvals.clamp_min(0), eigvecs)
+        return scaling
+
+    def whitened(self) -> Scaling:
+        """The same statistics as ZCA whitening (eps = SHRINK x median eigenvalue)."""
+        values, vectors = self._eig
+        w = vectors @ torch.diag(1.0 / torch.sqrt(values + SHRINK * values.median().clamp_min(1e-12))) @ vectors.T
+        return Scaling(self.mean, self.std, w.float(), self.spectrum)
+
+    def anisotropy(self) -> float:
+        """Largest over median covariance eigenvalue (1 for isotropic noise)."""
+        s = self.spectrum
+        return float(s[0] / s.median().clamp_min(1e-12)) if s is not None and len(s) else 1.0
 
     def far_from_unit(self) -> bool:
         """True when the features are far from unit scale: RMS value outside UNIT_RANGE, or one dimension's
@@ -49,20 +83,29 @@ class Scaling:
 
     def describe(self) -> str:
         rms = float((self.mean ** 2 + self.std ** 2).mean().sqrt())
-        return f"RMS value {rms:.3g}, per-dimension std {float(self.std.min()):.3g}-{float(self.std.max()):.3g}"
+        return (f"RMS value {rms:.3g}, per-dimension std {float(self.std.min()):.3g}-{float(self.std.max()):.3g}, "
+                f"largest / median covariance eigenvalue {self.anisotropy():.3g}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+        centred = x - self.mean.to(x.device, x.dtype)
+        if self.whiten is not None:
+            return centred @ self.whiten.to(x.device, x.dtype)
+        return centred / self.std.to(x.device, x.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(zip(KEYS, (self.mean, self.std)))
+        out = dict(zip(KEYS, (self.mean, self.std)))
+        if self.whiten is not None:
+            out[WHITEN_KEY] = self.whiten
+        return out
 
     @classmethod
     def pop_from(cls, state: dict) -> Scaling | None:
         """The scaling saved in a checkpoint's `state` (removed from it), or None."""
         if KEYS[0] not in state:
             return None
-        return cls(state.pop(KEYS[0]).float(), state.pop(KEYS[1]).float())
+        whiten = state.pop(WHITEN_KEY, None)
+        return cls(state.pop(KEYS[0]).float(), state.pop(KEYS[1]).float(),
+                   None if whiten is None else whiten.float())
 
 
 class Standardized(Wrapped):

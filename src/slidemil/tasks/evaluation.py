@@ -60,7 +60,7 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     write_json(run.metrics_path, metrics)
     gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
     write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics) + protocol_notes(metrics, task)
-                 + site_notes(metrics))
+                 + tuning_notes(run) + site_notes(metrics))
     return metrics
 
 
@@ -92,6 +92,24 @@ def site_notes(metrics: dict) -> str:
         for site, m in sites.items())
     return (f"<h3>Per site (95% patient-bootstrap CIs)</h3><table><tr><th>site</th><th>patients</th>{head}</tr>"
             f"{rows}</table>")
+
+
+def tuning_notes(run: RunDir) -> str:
+    """What `--tune` chose in each fold (HTML), and why its validation scores are not the result."""
+    rows = []
+    for fold in run.finished_folds():
+        tuned = run.fold_meta(fold).get("tuned")
+        if tuned:
+            chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in tuned["settings"].items())
+            rows.append(f"<tr><td>{fold}</td><td>{html.escape(chosen)}</td><td>{tuned['trials']}</td>"
+                        f"<td>{_num(tuned['validation'])}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h3>Tuning (--tune)</h3><p class=note>Each fold searched its settings (Optuna TPE) on its inner "
+            "validation split only; the test fold took no part, so the metrics above stay out-of-sample. The "
+            "validation column is the best of several trials on the same bags and therefore optimistic.</p>"
+            "<table><tr><th>fold</th><th>chosen</th><th>trials</th><th>validation</th></tr>" + "".join(rows)
+            + "</table>")
 
 
 def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:

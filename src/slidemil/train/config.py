@@ -65,10 +65,11 @@ class TrainConfig(TaskConfig):
     select: Literal["best", "last"] = Field("best", description="best: the epoch with the best smoothed validation "
                                                                 "value; last: train all --epochs, keep the last "
                                                                 "(no selection, no early stopping).")
-    standardize: Literal["auto", "on", "off"] = Field(
-        "auto", description="Standardise features per dimension with statistics of each fold's training bags "
-                            "(saved with the model, applied by predict and heatmaps); auto: when they are far "
-                            "from unit scale.")
+    standardize: Literal["auto", "on", "whiten", "off"] = Field(
+        "auto", description="Standardise features with statistics of each fold's training bags (saved with the "
+                            "model, applied by predict and heatmaps): on = per dimension, whiten = decorrelate "
+                            "(ZCA); auto: whiten when a few directions dominate the features' spread, else per "
+                            "dimension when they are far from unit scale.")
     monitor: Literal["val_loss", "val_metric", "val_auroc"] = Field(
         "val_loss", description="val_loss | val_metric (the task's: AUROC, C-index, Pearson r, quadratic kappa); "
                                 "val_auroc is the classification name of val_metric.")
@@ -85,6 +86,10 @@ class TrainConfig(TaskConfig):
                                                           "(PackMIL); a longer bag trains on a random subset of this "
                                                           "size. Models that pool per bag only (see `slidemil models`).")
     balanced_sampling: bool = Field(False, description="Sample bags class-balanced.")
+    tune: bool = Field(False, description="Search lr, weight decay, instance dropout and epochs per fold (Optuna "
+                                          "TPE), selected on the fold's inner validation split only; the test fold "
+                                          "never takes part.")
+    tune_trials: int = Field(20, ge=1, description="Trials per fold for --tune (the first is the configuration given).")
     seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
     ddp: Literal["folds", "data"] = Field(
         "folds", description="Under torchrun: folds = each rank trains whole folds (results as one process); data = "
@@ -184,6 +189,11 @@ class TrainConfig(TaskConfig):
             if self.strategy in ("sc", "packmil"):
                 raise ValueError(f"strategy {self.strategy} mixes or contrasts class labels; it needs --task "
                                  f"classification" + (" (--pack-len alone packs any task)" if self.strategy == "packmil" else ""))
+        if self.tune and (self.val_fraction == 0 and not self.splits or self.select == "last"):
+            raise ValueError("--tune selects on each fold's inner validation split: keep --val-fraction above 0 "
+                             "and --select best")
+        if self.tune and self.ddp == "data":
+            raise ValueError("--tune trains one trial after another on one process; use --ddp folds")
         if self.cv == "leave-site-out" and not self.site_col:
             raise ValueError("--cv leave-site-out needs --site-col, the label-table column naming each slide's centre")
         if self.balanced_sampling and self.task in ("survival", "regression"):

@@ -28,7 +28,7 @@ from slidemil.errors import InputError
 from slidemil.features.store import read_attrs, read_features
 from slidemil.models.build import SPEC_KEYS, build_model
 from slidemil.models.checkpoint import save_model
-from slidemil.models.standardize import Scaling
+from slidemil.models.standardize import ANISOTROPY_LIMIT, Scaling
 from slidemil.rundir import RunDir
 from slidemil.tasks import Task, create_task, evaluate_run
 from slidemil.train.baseline import write_baseline
@@ -36,6 +36,7 @@ from slidemil.train.config import TrainConfig
 from slidemil.train.recipes import paper_settings
 from slidemil.train.strategies import apply_strategy
 from slidemil.train.trainer import fit, infer
+from slidemil.train.tune import tune_fold
 from slidemil.utils.config import describe
 from slidemil.utils.device import resolve_device
 from slidemil.utils.dist import launch_id, rank_world, wait_for
@@ -270,11 +271,18 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
     scaling = None
     if cfg.standardize != "off":
         fitted = Scaling.fit(parts["train"].raw_bags())                  # training bags only
-        if cfg.standardize == "on" or fitted.far_from_unit():
+        auto = cfg.standardize == "auto"
+        if cfg.standardize == "whiten" or (auto and fitted.anisotropy() > ANISOTROPY_LIMIT):
+            scaling = fitted.whitened()
+            log.info("fold %d: whitening features (%s; statistics of the %d training bags)%s", fold,
+                     fitted.describe(), len(parts["train"]),
+                     f" because a few directions dominate their spread (> {ANISOTROPY_LIMIT:g}x the median; "
+                     f"--standardize auto)" if auto else "")
+        elif cfg.standardize == "on" or fitted.far_from_unit():
             scaling = fitted
             log.info("fold %d: standardising features (%s; statistics of the %d training bags)%s", fold,
                      fitted.describe(), len(parts["train"]),
-                     " because they are far from unit scale (--standardize auto)" if cfg.standardize == "auto" else "")
+                     " because they are far from unit scale (--standardize auto)" if auto else "")
         else:
             log.info("fold %d: features near unit scale (%s): not standardised (--standardize auto)",
                      fold, fitted.describe())
@@ -311,15 +319,27 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
         log.warning(text)
     train_ids = set(fold_splits.loc[fold_splits["role"] == "train", "slide_id"])
     state = task.fit_state(cohort.table[cohort.table["slide_id"].isin(train_ids)])   # never the test fold
-    model = apply_strategy(build_model(cfg.model_dump(), in_dim, task.n_outputs(cohort)), cfg.strategy,
-                           **cfg.strategy_args)
 
     def report(row):
         if progress:
             progress({"fold": fold, **row})
 
-    result = fit(model, parts["train"], parts["val"] if len(parts["val"]) else None, cfg, device, gen, report,
-                 fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
+    def train_one(c, generator, shown):
+        m = apply_strategy(build_model(c.model_dump(), in_dim, task.n_outputs(cohort)), c.strategy, **c.strategy_args)
+        return m, fit(m, parts["train"], parts["val"] if len(parts["val"]) else None, c, device, generator, shown,
+                      fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
+
+    tuned = None
+    if cfg.tune:     # each trial from the same seed, so the best trial's model is the fold's model
+        if not len(parts["val"]):
+            raise InputError(f"--tune selects on each fold's inner validation split, and fold {fold} has none; "
+                             f"set --val-fraction above 0 (or give splits with role val)")
+        tuned = tune_fold(cfg, lambda c: train_one(c, seed_everything(cfg.seed + fold), None), cfg.tune_trials,
+                          cfg.seed + fold)
+        model, result = tuned.model, tuned.result
+        log.info("fold %d: tuned on its validation split: %s", fold, tuned.settings)
+    else:
+        model, result = train_one(cfg, gen, report)
     if rank_world()[0] > 0 and cfg.ddp == "data":      # rank 0 holds the same model and writes the fold
         return
     if task.uses_training_predictions:   # e.g. survival: the training risks' median cuts the KM groups
@@ -335,11 +355,16 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
             "built_with": cfg.resolved_arguments()}
     if cfg.recipe == "paper":
         meta["recipe_sources"] = paper_settings(cfg.model, cfg.strategy)[1]
+    if tuned is not None:
+        meta["tuned"] = {"settings": tuned.settings, "trials": len(tuned.table),
+                         "validation": float(tuned.table["validation"].max()), "monitor": cfg.monitor}
     if task.name != "classification":
         meta.update(task_options=task.o.model_dump(), task_state=state)
     fold_dir = run.fold_dir(fold)
     save_model(fold_dir, model, meta, scaling)
     write_csv(fold_dir / "history.csv", result.history)
+    if tuned is not None:
+        write_csv(fold_dir / "tuning.csv", tuned.table)
     preds = prediction_table(res.ids, task.columns(state, res.logits, meta), cohort, cfg.bag_unit)
     preds.insert(2, "fold", fold)
     run.write_predictions(preds, fold)
