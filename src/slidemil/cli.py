@@ -352,22 +352,34 @@ def models():
     def args(entry) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in entry.arguments().items())
 
+    rows = [(e.name, e.paper, e.complexity, "yes" if e.cls.packable else "", e.summary, args(e)) for e in MODELS]
+    extra_rows = [(e.name, registry.kind, e.paper, e.summary, args(e))
+                  for registry in (STRATEGIES, REEMBEDDINGS) for e in registry]
+    note = ("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes). "
+            "'packs': trains with --pack-len (pooling kept inside each bag of a pack).")
+    if not out_console.is_terminal:     # piped: one tab-separated line per entry, never a word cut in two
+        for head, body in ((("name", "paper", "complexity", "packs", "summary", "arguments"), rows),
+                           (("name", "kind", "paper", "summary", "arguments"), extra_rows)):
+            print("\t".join(head))
+            for row in body:
+                print("\t".join(row))
+            print()
+        print(note)
+        return
     table = Table(title="slidemil models")
     table.add_column("name", no_wrap=True)
     for col in ("paper", "complexity", "packs", "summary", "arguments"):
         table.add_column(col, overflow="fold")
-    for e in MODELS:
-        table.add_row(e.name, e.paper, e.complexity, "yes" if e.cls.packable else "", e.summary, args(e))
+    for row in rows:
+        table.add_row(*row)
     out_console.print(table)
-    out_console.print("Every model takes in_dim (the feature dimension D) and n_outputs (number of classes). "
-                      "'packs': trains with --pack-len (pooling kept inside each bag of a pack).")
+    out_console.print(note)
     extra = Table(title="training strategies (--strategy) and re-embeddings (--reembed)")
     extra.add_column("name", no_wrap=True)
     for col in ("kind", "paper", "summary", "arguments"):
         extra.add_column(col, overflow="fold")
-    for registry in (STRATEGIES, REEMBEDDINGS):
-        for e in registry:
-            extra.add_row(e.name, registry.kind, e.paper, e.summary, args(e))
+    for row in extra_rows:
+        extra.add_row(*row)
     out_console.print(extra)
 
 

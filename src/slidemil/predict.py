@@ -12,7 +12,7 @@ from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
 from slidemil.rundir import RunDir
-from slidemil.tasks import create_task, model_task, site_metrics
+from slidemil.tasks import create_task, model_task, sample_caveats, site_metrics
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
 from slidemil.utils.io import SAFE_ID_RULE, is_safe_id
@@ -129,4 +129,5 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     if "site" in scored.columns:
         metrics["sites"] = site_metrics(task, scored, meta, metrics, n_boot, seed)
     metrics["external"] = {"labels": str(labels), "n_scored": int(len(scored)), "run": str(run.path)}
+    metrics["warnings"] = sample_caveats(metrics, task)
     return metrics

@@ -75,3 +75,21 @@ def test_holm_adjustment():
     assert holm([0.01, 0.04, 0.03, float("nan"), 0.5]) == pytest.approx([0.04, 0.09, 0.09, float("nan"), 0.5],
                                                                         nan_ok=True)
     assert holm([]) == []
+
+
+def test_small_or_degenerate_samples_carry_a_caveat():
+    """External validation on 4 patients printed AUROC 1.000 (95% CI 1.000-1.000) with no caveat."""
+    from slidemil.tasks import sample_caveats, summary_line
+
+    task = create_task({"task": "classification"})
+    preds = pd.DataFrame({"case_id": list("abcd"), "slide_id": list("abcd"), "label": ["pos", "pos", "neg", "neg"],
+                          "prob_pos": [0.9, 0.8, 0.2, 0.1], "fold": 0})
+    preds["prob_neg"] = 1 - preds["prob_pos"]
+    metrics = task.evaluate(preds, None, META, n_boot=100, seed=0)
+    metrics["warnings"] = sample_caveats(metrics, task)
+    text = summary_line(metrics)
+    assert "only 4 patients" in text and "collapsed to 1.000" in text
+    big = _preds()
+    assert not any("only" in w for w in sample_caveats(task.evaluate(pd.concat([big.assign(
+        case_id=big["case_id"] + str(i), slide_id=big["slide_id"] + str(i)) for i in range(4)]), None, META, 50, 0),
+        task))

@@ -159,6 +159,10 @@ def test_measured_per_model_defaults_apply_unless_given():
     assert TrainConfig(**base, model="abmil").instance_dropout == 0
     tm = TrainConfig(**base, model="transmil")                               # 4 -> 8 of 10 seeds
     assert (tm.strategy, tm.instance_dropout) == ("feature_noise", 0.6)
+    # never silent: what was applied without being asked is listed (log, model.json, report)
+    assert tm.applied_defaults() == {"strategy": "feature_noise", "instance_dropout": 0.6}
+    assert TrainConfig(**base, model="transmil", instance_dropout=0.2).applied_defaults() == {"strategy": "feature_noise"}
+    assert TrainConfig(**base, model="abmil").applied_defaults() == {}
     assert TrainConfig(**base, model="transmil", strategy="none").strategy is None
     assert TrainConfig(**base, model="transmil", strategy="mhim").strategy == "mhim"
     assert TrainConfig(**base, model="transmil", recipe="paper").strategy is None

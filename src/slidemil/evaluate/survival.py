@@ -151,7 +151,7 @@ def td_auc_curve(time, event, risk, train_time, train_event, eval_times) -> tupl
     return (times, np.asarray(auc)) if np.ndim(auc) else (times[:0], times[:0])
 
 
-def km_plot(time, event, high, path, title: str = "Kaplan-Meier by predicted risk") -> float:
+def km_plot(time, event, high, path, title: str = "Kaplan-Meier by predicted risk", xlabel: str = "time") -> float:
     """Kaplan-Meier curves of the high- and low-risk groups with the log-rank p in the title and the
     numbers at risk under the axis; returns the p-value (NaN when a group is empty)."""
     # lifelines (with autograd) takes ~1.5 s to import: only runs that draw a KM curve pay for it
@@ -171,7 +171,7 @@ def km_plot(time, event, high, path, title: str = "Kaplan-Meier by predicted ris
     p = float("nan")
     if high.any() and (~high).any():
         p = float(logrank_test(time[high], time[~high], event[high], event[~high]).p_value)
-    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), xticks=ticks,
+    ax.set(xlabel=xlabel, ylabel="survival probability", ylim=(0, 1.02), xticks=ticks,
            title=f"{title}\nlog-rank p = {p:.3g}")
     table = "numbers at risk\n" + "\n".join(f"{name:>9}: " + "  ".join(f"{n:>6d}" for n in counts)
                                             for name, counts in at_risk)
@@ -180,9 +180,9 @@ def km_plot(time, event, high, path, title: str = "Kaplan-Meier by predicted ris
     return p
 
 
-def td_auc_plot(times, auc, path) -> None:
+def td_auc_plot(times, auc, path, xlabel: str = "time") -> None:
     fig, ax = new_figure((4.5, 4))
     ax.plot(times, auc, "o-")
     ax.axhline(0.5, color="k", ls="--", lw=0.8)
-    ax.set(xlabel="time", ylabel="AUC(t)", ylim=(0, 1.02), title="Time-dependent AUC (cumulative/dynamic)")
+    ax.set(xlabel=xlabel, ylabel="AUC(t)", ylim=(0, 1.02), title="Time-dependent AUC (cumulative/dynamic)")
     save_figure(fig, path, dpi=110, bbox_inches="tight")

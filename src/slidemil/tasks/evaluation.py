@@ -60,7 +60,7 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     write_json(run.metrics_path, metrics)
     gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
     write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics) + protocol_notes(metrics, task)
-                 + tuning_notes(run) + site_notes(metrics))
+                 + defaults_note(run) + tuning_notes(run) + site_notes(metrics))
     return metrics
 
 
@@ -94,6 +94,19 @@ def site_notes(metrics: dict) -> str:
             f"{rows}</table>")
 
 
+def defaults_note(run: RunDir) -> str:
+    """The per-model defaults (or paper recipe) the run took without being asked (HTML)."""
+    folds = run.finished_folds()
+    meta = run.fold_meta(folds[0]) if folds else {}
+    applied = meta.get("applied_defaults")
+    if not applied:
+        return ""
+    what = "the paper recipe" if meta.get("recipe") == "paper" else "slidemil's measured per-model defaults"
+    text = ", ".join(f"{k} = {v}" for k, v in applied.items())
+    return (f"<p class=note>Settings applied from {what} for {html.escape(str(meta.get('model')))} (not given on the "
+            f"command line; docs/protocol.md): {html.escape(text)}.</p>")
+
+
 def tuning_notes(run: RunDir) -> str:
     """What `--tune` chose in each fold (HTML), and why its validation scores are not the result."""
     rows = []
@@ -112,9 +125,34 @@ def tuning_notes(run: RunDir) -> str:
             + "</table>")
 
 
+SMALL_COHORT = 20     # patients below which a CI is too unstable to quote without a caveat
+
+
+def sample_caveats(metrics: dict, task: Task) -> list[str]:
+    """Caveats a reader needs beside the headline: too few patients for a stable CI, a CI that collapsed to
+    one value (every resample scored the same), a headline that is undefined on this sample."""
+    head = task.metric_names[0]
+    m = metrics["pooled"][head]
+    n = metrics["n_patients"]
+    out = []
+    if n < SMALL_COHORT:
+        out.append(f"only {n} patients: the 95% CI of {head} is wide and itself unstable at this size; treat the "
+                   f"value as anecdotal, not as an estimate of performance")
+    value, low, high = m["value"], m["ci_low"], m["ci_high"]
+    if value == value and low == high == value:
+        out.append(f"the bootstrap CI of {head} collapsed to {value:.3f}: every resample of these {n} patients "
+                   f"scored the same, which says nothing about precision")
+    if value != value:
+        reason = next((v for k, v in (metrics.get("nan_reasons") or {}).items() if k == f"pooled {head}"),
+                      "the sample cannot support it (e.g. one class only)")
+        out.append(f"{head} is undefined here: {reason}")
+    return out
+
+
 def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
-    """What the folds warned about (small validation splits), and a model that trails its baseline."""
-    warnings = []
+    """What the folds warned about (small validation splits), small-sample caveats, and a model that trails
+    its baseline."""
+    warnings = sample_caveats(metrics, task)
     for fold in run.finished_folds():
         warnings += run.fold_meta(fold).get("warnings", [])
     head = task.metric_names[0]

@@ -375,15 +375,16 @@ class Survival(Task):
         rows = self.units(preds)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"km": folder / "km.png"}
+        xlabel = f"time (the label table's {self.o.time_col!r}, in its units)"
         p = km_plot(rows["time"], rows["event"], rows["risk_group"] == "high", paths["km"],
-                    "Kaplan-Meier by predicted risk (cut: each fold's training median)")
+                    "Kaplan-Meier by predicted risk (cut: each fold's training median)", xlabel)
         metrics["km"] = {"logrank_p": p, "n_high": int((rows["risk_group"] == "high").sum()),
                          "n_low": int((rows["risk_group"] == "low").sum())}
         risk = rows["risk_pooled" if "risk_pooled" in rows else "risk"]
         times, auc = td_auc_curve(rows["time"], rows["event"], risk, rows["time"], rows["event"], metrics["eval_times"])
         if len(times):
             paths["td_auc"] = folder / "td_auc.png"
-            td_auc_plot(times, auc, paths["td_auc"])
+            td_auc_plot(times, auc, paths["td_auc"], xlabel)
         return paths
 
     def report_notes(self, metrics) -> str:

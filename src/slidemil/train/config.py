@@ -212,6 +212,12 @@ class TrainConfig(TaskConfig):
         """The fields that define the experiment (what --resume must not change)."""
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
+    def applied_defaults(self) -> dict:
+        """The recipe's settings this run took because the user did not give them (slidemil's measured
+        per-model defaults, or `--recipe paper`'s): said in the log and the report, never silent."""
+        settings = paper_settings(self.model, self.strategy)[0] if self.recipe == "paper" else default_settings(self.model)
+        return {k: v for k, v in settings.items() if k not in self.model_fields_set}
+
     def resolved_arguments(self) -> dict:
         """Every argument the model, re-embedding and strategy are built with, their defaults filled in (as
         JSON values): `model_args` records only what the user gave, so a default changed by a later release

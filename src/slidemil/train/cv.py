@@ -189,6 +189,11 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
         if on_start is not None:
             on_start(run)
         run.clean_temporaries()
+        applied = cfg.applied_defaults()
+        if applied:
+            log.info("%s: %s settings applied (give the flag to change one): %s", cfg.model,
+                     "paper recipe" if cfg.recipe == "paper" else "slidemil's measured per-model defaults "
+                     "(docs/protocol.md)", ", ".join(f"{k}={v}" for k, v in applied.items()))
         _prepare_run(cfg, run, cohort, splits)
         folds = sorted(int(k) for k in splits["fold"].unique())
         _train_folds(cfg, run, cohort, splits, _rank_folds(cfg, folds, 0, world), progress, task)
@@ -352,7 +357,7 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
             "task": task.name, "classes": cohort.classes, "bag_unit": cfg.bag_unit, "fold": fold,
             "best_epoch": result.best_epoch, "encoder": enc, "slidemil_version": __version__,
             "standardized": scaling is not None, "warnings": warnings, "recipe": cfg.recipe,
-            "built_with": cfg.resolved_arguments()}
+            "built_with": cfg.resolved_arguments(), "applied_defaults": cfg.applied_defaults()}
     if cfg.recipe == "paper":
         meta["recipe_sources"] = paper_settings(cfg.model, cfg.strategy)[1]
     if tuned is not None:
