@@ -34,7 +34,7 @@ def test_auto_standardisation_fires_only_far_from_unit_scale():
 def test_whitening_decorrelates_only_features_that_a_few_directions_dominate():
     torch.manual_seed(0)
     iso = torch.randn(4000, 32) + 3.0
-    assert Scaling.fit([iso]).anisotropy() < 5                                # isotropic: auto does not whiten
+    assert Scaling.fit([iso]).anisotropy() < 5                                # isotropic noise
     strong = torch.randn(4, 32) * 3
     aniso = (torch.randn(4000, 32) * 0.8 + torch.randn(4000, 4) @ strong + 1.0)
     fitted = Scaling.fit(aniso.split(200))                 # 20 bags, one at a time (<= 256 rows each: all counted)
@@ -51,10 +51,10 @@ def test_whitening_decorrelates_only_features_that_a_few_directions_dominate():
 
 
 @pytest.mark.slow
-def test_auto_whitening_lets_attention_find_witnesses_hidden_by_dominant_directions(tmp_path):
+def test_whitening_lets_attention_find_witnesses_hidden_by_dominant_directions(tmp_path):
     """On features whose spread a few shared directions dominate (as encoders' top components), the
     witnesses' shift hides under that spread: per-dimension standardisation left abmil near chance on
-    the docs/protocol.md cohort; whitening, which --standardize auto now picks there, finds them."""
+    the docs/protocol.md cohort; --standardize whiten finds them."""
     from conftest import run_config
     from slidemil.data.generators import make_unseen_cohort
     from slidemil.train.cv import run_cv
@@ -63,10 +63,10 @@ def test_auto_whitening_lets_attention_find_witnesses_hidden_by_dominant_directi
     make_unseen_cohort(root, signal_type="witness", n_patients=30, dim=64, bag_size=(80, 160), rate=0.08,
                        shift=1.6, seed=1)
     aucs = {}
-    for mode in ("on", "auto"):
+    for mode in ("on", "whiten"):
         run_cv(run_config(root, tmp_path / mode, model="abmil", epochs=20, lr=2e-4, bootstrap=0, standardize=mode))
         aucs[mode] = json.loads((tmp_path / mode / "metrics.json").read_text())["pooled"]["auroc"]["value"]
-    assert aucs["auto"] >= 0.9 and aucs["auto"] > aucs["on"] + 0.15, aucs
+    assert aucs["whiten"] >= 0.9 and aucs["whiten"] > aucs["on"] + 0.15, aucs
 
 
 def _fit(**kw):
@@ -181,7 +181,7 @@ def test_instance_dropout_reaches_the_training_bags_only(feature_cohort, tmp_pat
     cfg = run_config(root, tmp_path / "run", instance_dropout=0.5)
     cohort = load_cohort(cfg)
     splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed)
-    parts, _ = _datasets(cfg, cohort, splits[splits["fold"] == 0], 0, BagCache())
+    parts, _, _ = _datasets(cfg, cohort, splits[splits["fold"] == 0], 0, BagCache())
     whole = {r: [len(ds._load(i)[0]) for i in range(len(ds))] for r, ds in parts.items()}
     assert [len(parts["train"][i].x) for i in range(len(parts["train"]))] == [n // 2 for n in whole["train"]]
     for r in ("val", "test"):

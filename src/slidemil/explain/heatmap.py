@@ -21,7 +21,7 @@ from slidemil.errors import InputError
 from slidemil.explain.geojson import heatmap_geojson
 from slidemil.explain.paint import paint
 from slidemil.explain.render import heatmap_figure, top_tiles_figure
-from slidemil.explain.scores import NoScoresError, ensemble_scores
+from slidemil.explain.scores import NoScoresError, ensemble_scores, is_attention, scale_label
 from slidemil.features.encoders import create_encoder
 from slidemil.features.extract import embed_patches
 from slidemil.features.store import find_feature_file, read_features
@@ -45,8 +45,10 @@ class HeatmapOptions(BaseModel):
 
     fold: str = Field("all", description="all (mean of the fold models) or a fold number.")
     score: str = Field("attention", description="attention | logit | class:<name>.")
-    normalise: Literal["percentile", "minmax"] = Field("percentile", description="percentile | minmax (within "
-                                                                                  "each slide).")
+    normalise: Literal["percentile", "minmax", "absolute"] = Field(
+        "percentile", description="percentile | minmax (within each slide: a slide's own top patches are red even "
+                                  "when it is predicted negative) | absolute (one scale for every slide: attention "
+                                  "relative to uniform, logits as sigmoid).")
     sigma: float = Field(0.0, ge=0, description="Gaussian smoothing in heatmap pixels.")
     cmap: str = Field("jet", description="Matplotlib colour map.")
     alpha: float = Field(0.5, ge=0, le=1, description="Overlay opacity.")
@@ -156,8 +158,10 @@ class HeatmapRun:
         return f"{slide_id}   {truth}   {shown} = {prediction[shown]:.2f}{extra} ({who})"
 
     def _figure(self, slide_id, tissue, field, shown, prediction, path: Path) -> None:
+        model = self.models[0][0]
         fig = heatmap_figure(tissue, field, shown, self._title(slide_id, prediction),
-                             f"{self.o.score} ({self.o.normalise} within slide)", self.o.cmap, self.o.alpha)
+                             scale_label(self.o.score, self.o.normalise, is_attention(self.o.score, model)),
+                             self.o.cmap, self.o.alpha, note=model.scores_note)
         save_figure(fig, path, bbox_inches="tight")
 
     def _save_scores(self, path, coords, per_fold, ensemble, size0) -> None:

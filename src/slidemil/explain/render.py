@@ -11,8 +11,9 @@ from slidemil.utils.figures import new_figure
 
 
 def heatmap_figure(tissue: TissueMask, field: np.ndarray, shown: np.ndarray, title: str, colorbar_label: str,
-                   cmap: str = "jet", alpha: float = 0.5) -> Figure:
-    """Scores in [0, 1] over the thumbnail, on tissue only, with a colour bar."""
+                   cmap: str = "jet", alpha: float = 0.5, note: str | None = None) -> Figure:
+    """Scores in [0, 1] over the thumbnail, on tissue only, with a colour bar saying what the scale is and,
+    for models whose scores are not spatial evidence, a note under the image."""
     h, w = shown.shape
     fig, ax = new_figure((10, 10 * h / w + 0.8), dpi=max(72, min(200, int(w / 10))))
     ax.imshow(tissue.thumbnail)
@@ -21,7 +22,9 @@ def heatmap_figure(tissue: TissueMask, field: np.ndarray, shown: np.ndarray, tit
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    cb.set_label(colorbar_label)
+    cb.set_label(colorbar_label, fontsize=8, wrap=True)
+    if note:
+        ax.text(0.0, -0.01, f"Note: {note}.", transform=ax.transAxes, va="top", fontsize=8, wrap=True)
     return fig
 
 

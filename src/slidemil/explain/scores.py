@@ -44,10 +44,34 @@ def select_scores(out, score: str, classes: list[str]) -> np.ndarray:
     raise InputError(f"--score must be attention, logit or class:<name>, not {score!r}")
 
 
+ABSOLUTE_OCTAVES = 3     # attention on the absolute scale: 2^-3 .. 2^3 times uniform spans the colours
+
+
+def absolute(scores: np.ndarray, attention: bool) -> np.ndarray:
+    """Scores on one scale for every slide, in [0, 1]: attention as n * a (1 = uniform attention) on a log2
+    axis, 1/8x -> 0, 1x -> 0.5, 8x -> 1; logits through a sigmoid (an instance-level probability)."""
+    scores = np.asarray(scores, np.float64)
+    if attention:
+        ratio = np.maximum(scores * len(scores), 1e-12)
+        return np.clip((np.log2(ratio) + ABSOLUTE_OCTAVES) / (2 * ABSOLUTE_OCTAVES), 0.0, 1.0)
+    return 1.0 / (1.0 + np.exp(-scores))
+
+
+def scale_label(score: str, how: str, attention: bool) -> str:
+    """The colour bar's text: what a colour means, and whether two slides can be compared by it."""
+    if how == "absolute":
+        what = (f"{score} x patches (1 = uniform; 1/{2 ** ABSOLUTE_OCTAVES}x-{2 ** ABSOLUTE_OCTAVES}x, log scale)"
+                if attention else f"sigmoid({score})")
+        return f"{what}: the same scale on every slide"
+    within = "percentile" if how == "percentile" else "min-max"
+    return (f"{score}, {within} within this slide: its top patches are red even on a slide the model calls "
+            f"negative; compare slides with --normalise absolute")
+
+
 @torch.no_grad()
 def ensemble_scores(models: list, feats: np.ndarray, score: str, classes: list[str], how: str):
     """(per-fold raw scores [F, N], ensemble of the `how`-normalised fold scores [N], the fold models'
-    logits [F, K])."""
+    logits [F, K]); `how` = percentile | minmax (within the slide) | absolute (see `absolute`)."""
     x = torch.from_numpy(feats)[None]
     per_fold, logits = [], []
     for model, _ in models:
@@ -55,5 +79,14 @@ def ensemble_scores(models: list, feats: np.ndarray, score: str, classes: list[s
         per_fold.append(select_scores(out, score, classes))
         logits.append(out.logits.float()[0].numpy())
     per_fold = np.stack(per_fold)
-    ensemble = np.mean([normalise(s, how) for s in per_fold], 0)
+    if how == "absolute":
+        ensemble = np.mean([absolute(s, is_attention(score, models[0][0])) for s in per_fold], 0)
+    else:
+        ensemble = np.mean([normalise(s, how) for s in per_fold], 0)
     return per_fold, ensemble, np.stack(logits)
+
+
+def is_attention(score: str, model) -> bool:
+    """Whether `--score` reads an attention distribution (sums to 1 over the bag) rather than logits."""
+    return score == "attention" and bool(getattr(model, "attention_scores", False)) or \
+        (score.startswith("class:") and bool(getattr(model, "attention_scores", False)))

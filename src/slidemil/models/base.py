@@ -44,6 +44,8 @@ class MILModel(nn.Module):
     embedding_module: str | None = None
     # True when `forward_packed` keeps every pooling inside its own bag (`--pack-len`, nn/segments.py)
     packable = False
+    # said on every heatmap of the model when its instance scores are not where the evidence is
+    scores_note: str | None = None
     # True when `forward_stream` scores a bag chunk by chunk (`--max-instances-infer`)
     streams = False
 
@@ -108,6 +110,7 @@ class Wrapped(MILModel):
         self.attention_scores = model.attention_scores
         self.packable = model.packable
         self.streams = model.streams
+        self.scores_note = model.scores_note
 
     def forward(self, x, mask=None, coords=None) -> MILOutput:
         return self.model(x, mask, coords)

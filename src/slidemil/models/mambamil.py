@@ -184,6 +184,9 @@ class _MambaMILBase(MILModel):
     - the SSM's dt_proj keeps Mamba's step-size init (`dt_init="mamba"`); the official call resets it too
       (zero dt bias, so delta = softplus(0) = 0.69 at init); `dt_init="mil"` reproduces it."""
 
+    scores_note = ("Mamba's scores are attention over tokens that a scan along the patch list has mixed with "
+                   "every earlier patch: they show what the pooling read, not where the evidence lies")
+
     attention_scores = True
     embedding_module = "embed"
     packable = True

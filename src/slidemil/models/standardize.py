@@ -6,7 +6,8 @@ Unscaled descriptors (classic MIL benchmarks, some encoders' outlier dimensions)
 at ~10 and validation losses jump by 10x between epochs; small cohorts cannot average that out. Features
 dominated by a few shared directions (a strong anisotropy, as encoders' top principal components) hide
 a witness instance's shift under the background's spread along them: per-dimension scaling keeps that,
-whitening removes it (docs/protocol.md: abmil 0.59 -> 1.00 on such a cohort). The statistics come from the
+whitening removes it (docs/protocol.md: abmil 0.59 -> 1.00 on such a cohort; opt-in, `--standardize
+whiten` or a `--tune` choice, since it also weakens directions that carry the signal). The statistics come from the
 training bags only (never validation or test), are saved with the fold's weights and applied again by
 every consumer of the model (predict, heatmaps, certify) through `Standardized`."""
 
@@ -21,7 +22,6 @@ from slidemil.models.base import MILModel, MILOutput, Wrapped
 
 KEYS = ("standardize.mean", "standardize.std")
 WHITEN_KEY = "standardize.whiten"
-ANISOTROPY_LIMIT = 100.0      # largest / median covariance eigenvalue beyond which --standardize auto whitens
 COV_ROWS_PER_BAG = 256        # evenly strided rows of each bag estimate the covariance (bounded cost)
 SHRINK = 0.01                 # eps = SHRINK x median eigenvalue
 UNIT_RANGE = (0.2, 5.0)       # RMS feature value regarded as "near unit scale"

@@ -74,6 +74,10 @@ class TransMIL(MILModel):
     instance they copy. The official code's hard-coded `.cuda()` is not repeated.
     """
 
+    scores_note = ("TransMIL's scores are the class token's attention after self-attention has mixed every patch "
+                   "with the others in patch-list order (not space): they show what the token read, not where "
+                   "the evidence lies; stripes follow the list order")
+
     attention_scores = True
     embedding_module = "fc1"
     packable = True

@@ -68,8 +68,8 @@ class TrainConfig(TaskConfig):
     standardize: Literal["auto", "on", "whiten", "off"] = Field(
         "auto", description="Standardise features with statistics of each fold's training bags (saved with the "
                             "model, applied by predict and heatmaps): on = per dimension, whiten = decorrelate "
-                            "(ZCA); auto: whiten when a few directions dominate the features' spread, else per "
-                            "dimension when they are far from unit scale.")
+                            "(ZCA: for features a few directions dominate); auto: per dimension when they are far "
+                            "from unit scale.")
     monitor: Literal["val_loss", "val_metric", "val_auroc"] = Field(
         "val_loss", description="val_loss | val_metric (the task's: AUROC, C-index, Pearson r, quadratic kappa); "
                                 "val_auroc is the classification name of val_metric.")

@@ -28,7 +28,7 @@ from slidemil.errors import InputError
 from slidemil.features.store import read_attrs, read_features
 from slidemil.models.build import SPEC_KEYS, build_model
 from slidemil.models.checkpoint import save_model
-from slidemil.models.standardize import ANISOTROPY_LIMIT, Scaling
+from slidemil.models.standardize import Scaling
 from slidemil.rundir import RunDir
 from slidemil.tasks import Task, create_task, evaluate_run
 from slidemil.train.baseline import write_baseline
@@ -273,27 +273,30 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
                               max_instances=cfg.max_instances if r == "train" else None,
                               instance_dropout=cfg.instance_dropout if r == "train" else 0.0,
                               cache=cache, seed=cfg.seed + fold, device=device)
-    scaling = None
-    if cfg.standardize != "off":
-        fitted = Scaling.fit(parts["train"].raw_bags())                  # training bags only
-        auto = cfg.standardize == "auto"
-        if cfg.standardize == "whiten" or (auto and fitted.anisotropy() > ANISOTROPY_LIMIT):
-            scaling = fitted.whitened()
-            log.info("fold %d: whitening features (%s; statistics of the %d training bags)%s", fold,
-                     fitted.describe(), len(parts["train"]),
-                     f" because a few directions dominate their spread (> {ANISOTROPY_LIMIT:g}x the median; "
-                     f"--standardize auto)" if auto else "")
-        elif cfg.standardize == "on" or fitted.far_from_unit():
-            scaling = fitted
-            log.info("fold %d: standardising features (%s; statistics of the %d training bags)%s", fold,
-                     fitted.describe(), len(parts["train"]),
-                     " because they are far from unit scale (--standardize auto)" if auto else "")
-        else:
-            log.info("fold %d: features near unit scale (%s): not standardised (--standardize auto)",
-                     fold, fitted.describe())
+    fitted = Scaling.fit(parts["train"].raw_bags()) if cfg.standardize != "off" else None   # training bags only
+    scaling = choose_scaling(cfg.standardize, fitted, fold, len(parts["train"]))
     for ds in parts.values():
         ds.transform = scaling
-    return parts, scaling
+    return parts, fitted, scaling
+
+
+def choose_scaling(mode: str, fitted: Scaling | None, fold: int, n_bags: int = 0, quiet: bool = False) -> Scaling | None:
+    """The input transform `--standardize` asks for from the training bags' statistics: whiten (ZCA), on
+    (per dimension), auto (per dimension when far from unit scale), off. Whitening is never automatic: it
+    rescued attention on features a few directions dominate (docs/protocol.md) but moved a heatmap off the
+    tumour on handcrafted colour features, whose dominant directions carry the signal."""
+    say = (lambda *a: None) if quiet else log.info
+    if fitted is None or mode == "off":
+        return None
+    if mode == "whiten":
+        say("fold %d: whitening features (%s; statistics of the %d training bags)", fold, fitted.describe(), n_bags)
+        return fitted.whitened()
+    if mode == "on" or fitted.far_from_unit():
+        say("fold %d: standardising features (%s; statistics of the %d training bags)%s", fold, fitted.describe(),
+            n_bags, " because they are far from unit scale (--standardize auto)" if mode == "auto" else "")
+        return fitted
+    say("fold %d: features near unit scale (%s): not standardised (--standardize auto)", fold, fitted.describe())
+    return None
 
 
 def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minimum: int = 10) -> list[str]:
@@ -318,7 +321,7 @@ def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minim
 def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc, progress, task: Task,
                 cache: BagCache) -> None:
     gen = seed_everything(cfg.seed + fold)
-    parts, scaling = _datasets(cfg, cohort, fold_splits, fold, cache, device)
+    parts, fitted, scaling = _datasets(cfg, cohort, fold_splits, fold, cache, device)
     warnings = small_validation(cohort, fold_splits, fold) if cfg.select == "best" else []
     for text in warnings:
         log.warning(text)
@@ -330,6 +333,9 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
             progress({"fold": fold, **row})
 
     def train_one(c, generator, shown):
+        if c.standardize != cfg.standardize:        # a --tune trial's own input transform
+            for ds in parts.values():
+                ds.transform = choose_scaling(c.standardize, fitted, fold, quiet=True)
         m = apply_strategy(build_model(c.model_dump(), in_dim, task.n_outputs(cohort)), c.strategy, **c.strategy_args)
         return m, fit(m, parts["train"], parts["val"] if len(parts["val"]) else None, c, device, generator, shown,
                       fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
@@ -342,6 +348,9 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
         tuned = tune_fold(cfg, lambda c: train_one(c, seed_everything(cfg.seed + fold), None), cfg.tune_trials,
                           cfg.seed + fold)
         model, result = tuned.model, tuned.result
+        scaling = choose_scaling(tuned.settings.get("standardize", cfg.standardize), fitted, fold, quiet=True)
+        for ds in parts.values():
+            ds.transform = scaling
         log.info("fold %d: tuned on its validation split: %s", fold, tuned.settings)
     else:
         model, result = train_one(cfg, gen, report)

@@ -1,8 +1,8 @@
 """`--tune`: a small hyper-parameter search per fold, selected on that fold's inner validation split only.
 
 Optuna's TPE sampler (Bergstra et al. 2011; seeded per fold) proposes learning rate, weight decay,
-instance dropout and the maximum number of epochs (`SPACE`); the first trial is the configuration the
-user asked for, so tuning never starts behind it. Each trial trains on the fold's training bags exactly
+instance dropout, the maximum number of epochs and whether to whiten the features (`SPACE`); the first
+trial is the configuration the user asked for, so tuning never starts behind it. Each trial trains on the fold's training bags exactly
 as a normal fold does (early stopping and epoch selection on the inner validation split) and scores the
 smoothed monitored validation value at the selected epoch. The best trial's model *is* the fold's model
 (retraining with the same seed would reproduce it). The test fold is never seen; the winning trial's
@@ -26,6 +26,7 @@ SPACE: dict[str, tuple | list] = {
     "weight_decay": (1e-6, 1e-1, True),
     "instance_dropout": (0.0, 0.7, False),
     "epochs": [10, 20, 30, 50],
+    "standardize": ["auto", "whiten"],     # the input transform (docs/protocol.md: whitening is opt-in)
 }
 
 
@@ -37,8 +38,8 @@ class Tuned:
     table: pd.DataFrame    # one row per trial: values, validation score, best epoch
 
 
-def _suggest(trial, name: str):
-    spec = SPACE[name]
+def _suggest(trial, name: str, space: dict):
+    spec = space[name]
     if isinstance(spec, list):
         return trial.suggest_categorical(name, spec)
     low, high, log_scale = spec
@@ -63,13 +64,14 @@ def tune_fold(cfg, train_one, trials: int, seed: int) -> Tuned:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     start = {name: getattr(cfg, name) for name in SPACE}
-    if start["epochs"] not in SPACE["epochs"]:       # the user's own epochs stay a choice of the first trial
-        start["epochs"] = min(SPACE["epochs"], key=lambda e: abs(e - start["epochs"]))
+    # the configuration given is the first trial: its categorical values join the choices
+    space = {name: spec + [start[name]] if isinstance(spec, list) and start[name] not in spec else spec
+             for name, spec in SPACE.items()}
     study.enqueue_trial(start)
     best: dict = {}
 
     def objective(trial) -> float:
-        settings = {name: _suggest(trial, name) for name in SPACE}
+        settings = {name: _suggest(trial, name, space) for name in space}
         model, result = train_one(cfg.model_copy(update=settings))
         score = validation_score(result.history, result.best_epoch, cfg.monitor)
         trial.set_user_attr("best_epoch", int(result.best_epoch))
