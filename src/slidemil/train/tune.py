@@ -1,11 +1,11 @@
 """`--tune`: a small hyper-parameter search per fold, selected on that fold's inner validation split only.
 
-Optuna's TPE sampler (Bergstra et al. 2011; seeded per fold) proposes learning rate, weight decay,
-instance dropout, the maximum number of epochs and whether to whiten the features (`SPACE`); the first
-trial is the configuration the user asked for, so tuning never starts behind it. Each trial trains on the fold's training bags exactly
-as a normal fold does (early stopping and epoch selection on the inner validation split) and scores the
-smoothed monitored validation value at the selected epoch. The best trial's model *is* the fold's model
-(retraining with the same seed would reproduce it). The test fold is never seen; the winning trial's
+Optuna's TPE sampler (Bergstra et al. 2011; seeded per fold) proposes learning rate, weight decay, instance
+dropout, the maximum number of epochs and whether to whiten the features (`SPACE`); the first trial is the
+configuration the user asked for, so tuning never starts behind it. Each trial trains on the fold's training
+bags exactly as a normal fold does (early stopping and epoch selection on the inner validation split) and
+scores the smoothed monitored validation value at the selected epoch. The best trial's model *is* the fold's
+model (retraining with the same seed would reproduce it). The test fold is never seen; the winning trial's
 validation score is optimistic (it was picked as the best of several on the same bags), which is why the
 report shows the test-fold metrics, not it.
 """
