@@ -63,3 +63,13 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert "column 'slide_id' is missing" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["train", "--features", "f", "--labels", "l", "--out", "o", "--folds", "1"])
     assert res.exit_code == 1 and "folds" in res.output
+
+
+def test_cli_train_prints_progress_lines_when_not_on_a_terminal(feature_cohort, tmp_path):
+    """Output to a file or pipe showed nothing for minutes (a rich bar draws only on a terminal)."""
+    root, _ = feature_cohort
+    res = runner.invoke(app, ["train", "--features", str(root / "features"), "--labels", str(root / "labels.csv"),
+                              "--out", str(tmp_path / "run"), "--model", "mean_pool", "--folds", "2", "--epochs", "5",
+                              "--bootstrap", "20"])
+    assert res.exit_code == 0, res.output
+    assert "fold 0 epoch 1/5" in res.output and "fold 1 epoch 5/5" in res.output

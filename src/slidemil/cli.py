@@ -112,6 +112,16 @@ def _epoch_progress(folds: int, epochs: int, quiet: bool):
     if quiet:
         yield None
         return
+    if not console.is_terminal:     # a log file or a pipe: a line per 5 epochs and per finished fold, never silence
+        def line(row: dict):
+            if row.get("skipped"):
+                console.print(f"fold {row['fold']}: done before, skipped")
+            elif row["epoch"] % 5 == 0 or row["epoch"] in (1, epochs):
+                console.print(f"fold {row['fold']} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f} "
+                              f"val {row['val_loss']:.3f} ({row.get('seconds', 0):.1f} s/epoch)")
+
+        yield line
+        return
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:

@@ -102,7 +102,11 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
     if task != "classification":
         external_metrics = validate_external(run.path, preds, external_labels, n_boot=cfg.bootstrap, seed=cfg.seed)
         write_json((out / name).parent / "metrics.json", external_metrics)
-        console.print(f"external validation: {summary_line(external_metrics)}")
-    console.print(f"cross-validated {summary_line(metrics)}")
+        console.print(f"external validation: {summary_line(external_metrics, warnings=False)}")
+    console.print(f"cross-validated {summary_line(metrics, warnings=False)}")
+    n_heat = len(list(run.heatmaps_dir.glob("*_heatmap.png")))
+    console.print(f"demo finished: {len(run.predictions())} slides cross-validated in {cfg.folds} folds, {n_heat} "
+                  f"heatmaps, {len(preds)} external slides predicted. With {n_patients} patients the validation "
+                  f"splits are small and the CIs wide: the report's caveats say so, as they would on your data.")
     console.print(f"report: {run.report_path}")
     return metrics

@@ -180,11 +180,14 @@ def _num(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
-def summary_line(metrics: dict) -> str:
+def summary_line(metrics: dict, warnings: bool = True) -> str:
     """The headline metric of a metrics.json with its CI, e.g. "AUROC 0.912 (95% CI 0.85-0.96)", then the
-    reference baseline's and any warnings."""
+    reference baseline's and the warnings (or, with warnings=False, how many the report lists)."""
     task = create_task({"task": metrics.get("task", "classification")})
     line = task.summary(metrics)
     if metrics.get("baseline"):
         line += f"; baseline ({task.baseline_name.split(' (')[0]}) " + task.summary(metrics["baseline"])
-    return "\n".join([line, *(f"warning: {w}" for w in metrics.get("warnings", []))])
+    notes = metrics.get("warnings", [])
+    if not warnings:
+        return line + (f" ({len(notes)} caveat(s) in the report)" if notes else "")
+    return "\n".join([line, *(f"warning: {w}" for w in notes)])
