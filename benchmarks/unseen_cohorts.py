@@ -68,16 +68,17 @@ def main() -> None:
     args = ap.parse_args()
     train = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.train.split(",") if kv)}
     names = [m for m in available() if m not in SKIP] if args.models == "all" else args.models.split(",")
+    tag = "_".join(f"{k}{v}" for k, v in train.items())
+    suffix = f"_{tag}" if tag else ""
     jobs = []
     for cohort in args.cohorts.split(","):
         root = args.out / f"{cohort}_s{args.seed}"
         if not (root / "labels.csv").is_file():
             make_unseen_cohort(root, n_patients=args.patients, seed=args.seed, **COHORTS[cohort])
         for model in names:
-            tag = "_".join(f"{k}{v}" for k, v in train.items())
             jobs.append({"cohort": cohort, "model": model, "seed": args.seed, "train": train,
                          "features": str(root / "features"), "labels": str(root / "labels.csv"),
-                         "out": str(args.out / "runs" / f"{cohort}_s{args.seed}_{model}{'_' + tag if tag else ''}")})
+                         "out": str(args.out / "runs" / f"{cohort}_s{args.seed}_{model}{suffix}")})
     if args.survival:
         root = args.out / f"survival_s{args.seed}"
         table, oracle = make_survival_cohort(root, seed=args.seed) if not (root / "labels.csv").is_file() else \
@@ -86,7 +87,7 @@ def main() -> None:
         print(f"survival cohort: oracle Harrell C {oracle:.3f}")
         jobs.append({"cohort": "survival", "model": "abmil", "seed": args.seed, "task": "survival",
                      "train": {"task": "survival", **train}, "features": str(root / "features"),
-                     "labels": str(root / "labels.csv"), "out": str(args.out / "runs" / f"survival_s{args.seed}_abmil")})
+                     "labels": str(root / "labels.csv"), "out": str(args.out / "runs" / f"survival_s{args.seed}_abmil{suffix}")})
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
     with ProcessPoolExecutor(args.workers) as pool:
@@ -96,7 +97,7 @@ def main() -> None:
                 else row["error"]
             print(f"{row['cohort']:>11} {row['model']:>14}: {shown}", flush=True)
     table = pd.DataFrame(rows)
-    table.to_csv(args.out / f"unseen_s{args.seed}.csv", index=False)
+    table.to_csv(args.out / f"unseen_s{args.seed}{suffix}.csv", index=False)
     if "value" in table:
         table["diff"] = table["value"] - table["baseline"]
         print(table.pivot_table(index="model", columns="cohort", values="diff").round(3).to_string())
