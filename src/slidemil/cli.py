@@ -518,6 +518,38 @@ def demo(out: Path = typer.Option(Path("demo_run"), help="Folder for the demo co
         run_demo(out, quiet=quiet, progress_factory=_epoch_progress, task=task)
 
 
+@app.command()
+def doctor(out: Path = typer.Option(Path("."), help="The folder outputs will go to (its disk is checked)."),
+           hash_files: bool = typer.Option(False, "--hash", help="sha256 of every weights file found (slow for GB "
+                                                                 "files).")):
+    """Is this machine ready? OpenSlide, GPU, disk, optional extras and every encoder's weights, with fixes."""
+    from slidemil.doctor import run_checks
+
+    checks = run_checks(out, hash_files)
+    for c in checks:
+        mark = "ok" if c.ok else ("FAIL" if c.required else "--")
+        out_console.print(f"{mark:>4}  {c.name}: {c.detail}" + (f"\n      fix: {c.fix}" if not c.ok and c.fix else ""))
+    failed = [c.name for c in checks if c.required and not c.ok]
+    if failed:
+        out_console.print(f"not ready: {', '.join(failed)}")
+        raise typer.Exit(1)
+    out_console.print("ready (items marked -- are optional)")
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="Encoder weights: where they go, and fetching them.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("fetch")
+def weights_fetch(name: str = typer.Argument(..., help="Encoder name (see `slidemil encoders`).")):
+    """Download an encoder's weights file from the hub to its default location (network; gated models need
+    access granted on their page and HF_TOKEN)."""
+    from slidemil.features.encoders.weights import fetch
+
+    with _errors():
+        out_console.print(f"{name}: {fetch(name)}")
+
+
 histaug_app = typer.Typer(no_args_is_help=True, help="HistAug latent augmentation: fit a generator for an encoder.")
 app.add_typer(histaug_app, name="histaug")
 

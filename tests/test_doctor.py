@@ -1,0 +1,53 @@
+"""`slidemil doctor` says what is ready and what to do otherwise; `slidemil weights fetch` fails offline in
+one line with the file to get by hand and where it goes."""
+
+from __future__ import annotations
+
+import hashlib
+
+from conftest import runner
+from slidemil.cli import app
+from slidemil.doctor import run_checks
+from slidemil.features.encoders import weights as weights_module
+
+
+def test_doctor_finds_weights_in_place_and_names_the_fix_for_missing_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIDEMIL_WEIGHTS", str(tmp_path / "w"))
+    (tmp_path / "w" / "uni_v1").mkdir(parents=True)
+    blob = b"not really a checkpoint"
+    (tmp_path / "w" / "uni_v1" / "pytorch_model.bin").write_bytes(blob)
+    checks = {c.name: c for c in run_checks(tmp_path, hash_files=True)}
+    assert checks["OpenSlide"].ok and checks["python"].ok
+    assert checks["weights uni_v1"].ok and hashlib.sha256(blob).hexdigest() in checks["weights uni_v1"].detail
+    missing = checks["weights virchow2"]
+    assert not missing.ok and not missing.required and "slidemil weights fetch virchow2" in missing.fix
+    assert "gated" in missing.fix and "handcrafted" not in " ".join(checks)       # no weights needed there
+    res = runner.invoke(app, ["doctor", "--out", str(tmp_path)])
+    assert res.exit_code == 0 and "ready" in res.output and "fix: slidemil weights fetch uni_v2" in res.output
+
+
+def test_doctor_fails_when_the_output_disk_is_nearly_full(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 9.5 * 2**30, 0.5 * 2**30))
+    res = runner.invoke(app, ["doctor", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "not ready: disk" in res.output and "Traceback" not in res.output
+
+
+def test_weights_fetch_offline_is_one_line_naming_the_file_and_where_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIDEMIL_WEIGHTS", str(tmp_path / "w"))
+    monkeypatch.setattr(weights_module, "hub_reachable", lambda timeout=3.0: False)
+    res = runner.invoke(app, ["weights", "fetch", "uni_v1"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    assert "cannot reach" in text and "pytorch_model.bin" in text and "huggingface.co/MahmoodLab/UNI" in text
+    assert str(tmp_path / "w" / "uni_v1") in text
+    res = runner.invoke(app, ["weights", "fetch", "handcrafted"])
+    assert res.exit_code == 1 and "no weights to fetch" in res.output
+    # a file already in place is not fetched again
+    (tmp_path / "w" / "uni_v1").mkdir(parents=True)
+    (tmp_path / "w" / "uni_v1" / "pytorch_model.bin").write_bytes(b"x")
+    res = runner.invoke(app, ["weights", "fetch", "uni_v1"])
+    assert res.exit_code == 0 and "pytorch_model.bin" in res.output
