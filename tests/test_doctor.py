@@ -38,7 +38,7 @@ def test_doctor_fails_when_the_output_disk_is_nearly_full(tmp_path, monkeypatch)
 
 def test_weights_fetch_offline_is_one_line_naming_the_file_and_where_it_goes(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIDEMIL_WEIGHTS", str(tmp_path / "w"))
-    monkeypatch.setattr(weights_module, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(weights_module, "hub_reachable", lambda address=None, timeout=3.0: False)
     res = runner.invoke(app, ["weights", "fetch", "uni_v1"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     text = " ".join(res.output.split())

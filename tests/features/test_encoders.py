@@ -10,11 +10,13 @@ from safetensors.torch import save_file
 
 from slidemil.errors import InputError
 from slidemil.features.encoders import available_encoders, create_encoder, get_spec
-from slidemil.features.encoders.foundation import hf_dinov2_to_timm
+from slidemil.features.encoders.foundation import LUNIT_MEAN, dino_teacher_to_timm, hf_dinov2_to_timm, hf_vit_to_timm
 
 # parameters (millions) from the model cards
 EXPECTED = {"resnet50_trunc": (1024, 8.5), "uni_v1": (1024, 303), "uni_v2": (1536, 681), "virchow2": (2560, 631),
-            "hoptimus0": (1536, 1135), "hoptimus1": (1536, 1135), "gigapath": (1536, 1135), "phikon_v2": (1024, 303)}
+            "hoptimus0": (1536, 1135), "hoptimus1": (1536, 1135), "gigapath": (1536, 1135), "phikon_v2": (1024, 303),
+            "virchow": (2560, 631), "phikon": (768, 86), "gpfm": (1024, 303), "lunit_vits16": (384, 21.7),
+            "lunit_vits8": (384, 21.7)}
 
 
 def test_required_encoders_are_registered():
@@ -87,6 +89,53 @@ def test_hugging_face_dinov2_keys_map_to_timm():
         torch.testing.assert_close(fresh(x), vit(x))
 
 
+def test_hugging_face_vit_keys_map_to_timm():
+    """Phikon (v1) ships a transformers ViTModel state dict: its other names for the same weights
+    (layernorm_before/after, intermediate/output dense) must land on timm's, reproducing the model."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
+    s = vit.state_dict()
+    hf = {"embeddings.cls_token": s["cls_token"], "embeddings.position_embeddings": s["pos_embed"],
+          "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
+          "layernorm.weight": s["norm.weight"], "layernorm.bias": s["norm.bias"]}
+    for i in range(len(vit.blocks)):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            qw, kw, vw = s[q + f"attn.qkv.{part}"].chunk(3)
+            hf.update({p + f"attention.attention.query.{part}": qw, p + f"attention.attention.key.{part}": kw,
+                       p + f"attention.attention.value.{part}": vw,
+                       p + f"attention.output.dense.{part}": s[q + f"attn.proj.{part}"],
+                       p + f"layernorm_before.{part}": s[q + f"norm1.{part}"],
+                       p + f"layernorm_after.{part}": s[q + f"norm2.{part}"],
+                       p + f"intermediate.dense.{part}": s[q + f"mlp.fc1.{part}"],
+                       p + f"output.dense.{part}": s[q + f"mlp.fc2.{part}"]})
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
+    fresh.load_state_dict(hf_vit_to_timm({f"vit.{k}": v for k, v in hf.items()}))
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), vit(x))
+
+
+def test_dino_teacher_checkpoint_maps_to_timm():
+    """GPFM's release is a DINOv2 training checkpoint: {"teacher": backbone.* with chunked blocks
+    (blocks.<chunk>.<i>), dino_head.*, mask_token}."""
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
+    s = vit.state_dict()
+    teacher = {f"backbone.{k.replace('blocks.', 'blocks.0.', 1) if k.startswith('blocks.') else k}": v
+               for k, v in s.items()}
+    teacher |= {"backbone.mask_token": torch.zeros(1, 192), "dino_head.mlp.0.weight": torch.zeros(4, 4)}
+    converted = dino_teacher_to_timm(teacher)
+    assert set(converted) == set(s) and all(torch.equal(converted[k], s[k]) for k in s)
+    assert dino_teacher_to_timm(s) is s                        # already timm keys: untouched
+
+
+def test_new_encoders_know_their_source_and_preprocessing():
+    assert get_spec("lunit_vits8").mean == LUNIT_MEAN and get_spec("lunit_vits8").extra["url"].endswith(".torch")
+    assert get_spec("gpfm").extra["url"].startswith("https://github.com/") and not get_spec("gpfm").gated
+    assert get_spec("virchow").gated and get_spec("virchow").hub_id == "paige-ai/Virchow"
+
+
 def test_offline_without_weights_says_what_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIDEMIL_WEIGHTS", str(tmp_path))
     with pytest.raises(InputError) as err:
@@ -134,7 +183,8 @@ def test_handcrafted_needs_no_weights():
     assert out.shape == (3, 32) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["uni_v2", "virchow2", "hoptimus0", "hoptimus1", "gigapath"])
+@pytest.mark.parametrize("name", ["uni_v2", "virchow2", "virchow", "hoptimus0", "hoptimus1", "gigapath", "gpfm",
+                                  "lunit_vits16"])
 def test_published_key_layout_loads(name):
     """The billion-parameter encoders, on the meta device (no memory): a state dict in the publisher's
     layout (a plain timm ViT's keys) goes through the same conversion and strict key check as a file."""
@@ -143,7 +193,7 @@ def test_published_key_layout_loads(name):
     spec = get_spec(name)
     with torch.device("meta"):
         model = spec.builder()
-        published = (model.vit if name == "virchow2" else model).state_dict()
+        published = (model.vit if name.startswith("virchow") else model).state_dict()
         fit_state_dict(model, spec, published, "published")
         with pytest.raises(InputError, match="does not fit"):
             fit_state_dict(model, spec, {k: v for k, v in list(published.items())[:-3]}, "truncated")

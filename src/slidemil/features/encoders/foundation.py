@@ -2,9 +2,11 @@
 
 Each builder makes the architecture with random weights (no download); weights are loaded by the
 registry from a local file or, when asked, from the hub. Architectures and normalisations follow the
-published model cards: UNI (Chen et al., Nat. Med. 2024), UNI2-h, Virchow2 (Zimmermann et al. 2024),
-H-optimus-0/1 (Bioptimus), Prov-GigaPath (Xu et al., Nature 2024), Phikon-v2 (Filiot et al. 2024), and
-ResNet-50 truncated after block 3 as in CLAM.
+published model cards: UNI (Chen et al., Nat. Med. 2024), UNI2-h, Virchow (Vorontsov et al., Nat. Med.
+2024) and Virchow2 (Zimmermann et al. 2024), H-optimus-0/1 (Bioptimus), Prov-GigaPath (Xu et al., Nature
+2024), Phikon (Filiot et al. 2023) and Phikon-v2 (2024), GPFM (Ma et al. 2024), Lunit's DINO ViT-S (Kang et
+al., CVPR 2023), and ResNet-50 truncated after block 3 as in CLAM. Weights published in another layout
+(Hugging Face transformers, a DINO training checkpoint) are mapped to timm's keys by `convert`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from slidemil.errors import InputError
 from slidemil.features.encoders.registry import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
 
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+LUNIT_MEAN, LUNIT_STD = (0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464)
+LUNIT_RELEASES = "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights"
 
 
 def create_timm_model(name: str, **kwargs) -> nn.Module:
@@ -83,6 +87,42 @@ def hf_dinov2_to_timm(state: dict) -> dict:
     return out
 
 
+def hf_vit_to_timm(state: dict) -> dict:
+    """Map a Hugging Face `ViTModel` state dict (Phikon's format) to timm ViT keys."""
+    state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
+    if not any(k.startswith("encoder.layer.") for k in state):
+        return state
+    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    for i in range(depth):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = p + "attention.attention."
+        for part in ("weight", "bias"):
+            out[q + f"attn.qkv.{part}"] = torch.cat([state[att + f"{n}.{part}"] for n in ("query", "key", "value")])
+            for a, b in (("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"),
+                         ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")):
+                out[q + f"{b}.{part}"] = state[p + f"{a}.{part}"]
+    return out
+
+
+def dino_teacher_to_timm(state: dict) -> dict:
+    """A DINO/DINOv2 training checkpoint's teacher (GPFM's release): drop the `backbone.` prefix, the DINO
+    head and the mask token, and un-chunk `blocks.<chunk>.<i>` into `blocks.<i>`."""
+    import re
+
+    if not any(k.startswith("backbone.") for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("backbone.") or key == "backbone.mask_token":
+            continue
+        out[re.sub(r"^blocks\.\d+\.(\d+)", r"blocks.\1", key[len("backbone."):])] = value
+    return out
+
+
 def _spec(name, dim, builder, **kw):
     return register_encoder(EncoderSpec(name=name, dim=dim, builder=builder, **kw))
 
@@ -123,6 +163,28 @@ _spec("phikon_v2", 1024, functools.partial(_vit, "vit_large_patch16_224", img_si
                                            dynamic_img_size=True),
       hub_id="owkin/phikon-v2", weights_file="model.safetensors", convert=hf_dinov2_to_timm,
       reference="Filiot et al. 2024 (Phikon-v2, DINOv2 ViT-L/16); Hugging Face Dinov2 keys are mapped to timm's")
+
+
+_virchow = dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True)
+_spec("virchow", 2560, lambda: ClassAndMeanTokens(_vit("vit_huge_patch14_224", **_virchow, **_swiglu()), 1),
+      hub_id="paige-ai/Virchow", weights_file="pytorch_model.bin", gated=True,
+      convert=lambda s: {f"vit.{k}": v for k, v in s.items()},
+      reference="Vorontsov et al., Nat. Med. 2024 (Virchow); embedding = [class token, mean patch token]",
+      extra={"from_hub": lambda: ClassAndMeanTokens(_vit("hf-hub:paige-ai/Virchow", pretrained=True, **_virchow,
+                                                         **_swiglu()), 1)})
+_spec("phikon", 768, functools.partial(_vit, "vit_base_patch16_224", img_size=224, dynamic_img_size=True),
+      hub_id="owkin/phikon", weights_file="model.safetensors", convert=hf_vit_to_timm,
+      reference="Filiot et al. 2023 (Phikon, iBOT ViT-B/16); Hugging Face ViT keys are mapped to timm's")
+_spec("gpfm", 1024, functools.partial(_vit, "vit_large_patch14_dinov2", img_size=224, patch_size=14, init_values=1e-5,
+                                      dynamic_img_size=True),
+      weights_file="GPFM.pth", convert=dino_teacher_to_timm,
+      reference="Ma et al. 2024 (GPFM, arXiv 2407.18449; ViT-L/14 distilled); the release's DINO teacher is mapped",
+      extra={"url": "https://github.com/birkhoffkiki/GPFM/releases/download/ckpt/GPFM.pth"})
+for _name, _arch, _file in (("lunit_vits16", "vit_small_patch16_224", "dino_vit_small_patch16_ep200.torch"),
+                            ("lunit_vits8", "vit_small_patch8_224", "dino_vit_small_patch8_ep200.torch")):
+    _spec(_name, 384, functools.partial(_vit, _arch, img_size=224, dynamic_img_size=True), weights_file=_file,
+          mean=LUNIT_MEAN, std=LUNIT_STD, reference="Kang et al., CVPR 2023 (Lunit DINO ViT-S, benchmark-ssl-pathology)",
+          extra={"url": f"{LUNIT_RELEASES}/{_file}"})
 
 
 def timm_spec(model_name: str) -> EncoderSpec:

@@ -45,13 +45,30 @@ def all_status(hash_files: bool = False) -> list[WeightsStatus]:
     return [weights_status(n, hash_files) for n in available_encoders()]
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(HUB)
+def hub_reachable(address: str = HUB, timeout: float = 3.0) -> bool:
+    url = urlparse(address)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _download(url: str, target: Path, spec) -> Path:
+    """A publisher's release file (Lunit, GPFM: GitHub releases) to `target`, through a temporary name."""
+    import urllib.request
+
+    from slidemil.utils.io import atomic_path
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                while chunk := response.read(1 << 20):
+                    fh.write(chunk)
+    except OSError as exc:
+        raise InputError(f"encoder {spec.name}: downloading {url} failed ({exc}); {weights_help(spec)}") from None
+    return target
 
 
 def fetch(name: str) -> Path:
@@ -60,13 +77,16 @@ def fetch(name: str) -> Path:
     spec = get_spec(name)
     if not spec.needs_weights:
         raise InputError(f"encoder {name} has no weights to fetch")
-    if not spec.hub_id or not spec.weights_file:
+    url = spec.extra.get("url")
+    if not (spec.hub_id or url) or not spec.weights_file:
         raise InputError(f"encoder {name}: no hub file is known; {weights_help(spec)}")
     target = default_weights_path(spec)
     if target.is_file():
         return target
-    if not hub_reachable():
-        raise InputError(f"cannot reach {HUB} (offline?): {weights_help(spec)}")
+    if not hub_reachable(url or HUB):
+        raise InputError(f"cannot reach {urlparse(url or HUB).hostname} (offline?): {weights_help(spec)}")
+    if url:
+        return _download(url, target, spec)
     from huggingface_hub import hf_hub_download
 
     try:
