@@ -123,7 +123,10 @@ def test_demo_survival(demo_run):
     metrics = run_demo(out, quiet=True, n_patients=8, slide_size=(2048, 3072), bootstrap=50, task="survival")
     assert metrics["task"] == "survival" and np.isfinite(metrics["pooled"]["c_index"]["value"])
     assert (out / "run_survival" / "plots" / "km.png").exists()
-    assert len(list((out / "run_survival" / "heatmaps").glob("*_heatmap.png"))) >= 1
+    made = list((out / "run_survival" / "heatmaps").glob("*_heatmap.png"))
+    assert len(made) >= 1
+    html = (out / "run_survival" / "report.html").read_text()       # the survival report had no gallery
+    assert "Highest risk" in html and all(p.name[:-len("_heatmap.png")] + ":" in html for p in made)
     assert json.loads((out / "external_survival" / "metrics.json").read_text())["task"] == "survival"
 
 

@@ -41,12 +41,42 @@ def heatmap_gallery(preds: pd.DataFrame, classes: list[str], folder: Path, per_g
     else:
         groups = [("Most confident correct", p[correct].sort_values("conf", ascending=False)),
                   ("Most confident errors", p[~correct].sort_values("conf", ascending=False))]
-    out = []
+    out, shown = [], set()
     for title, part in groups:
         items = [(f"{r.slide_id}: label {r.label}, predicted {r.pred} ({r.conf:.2f})", have[r.slide_id])
                  for r in part.head(per_group).itertuples()]
+        shown |= {r.slide_id for r in part.head(per_group).itertuples()}
         out.append((title, items))
-    return out
+    return out + _the_rest(p.set_index("slide_id"), have, shown,
+                           lambda r: f"label {r['label']}, predicted {r['pred']} ({r['conf']:.2f})")
+
+
+def outcome_gallery(preds: pd.DataFrame, score: str, what: str, folder: Path, truth, per_group: int = 3) -> list:
+    """The gallery of tasks without classes: highest and lowest `score` (risk, predicted value) among the
+    slides that have a heatmap, then every other heatmap; `truth(row)` is the caption's truth text."""
+    if not folder.is_dir():
+        return []
+    have = {p.name[: -len("_heatmap.png")]: p for p in folder.glob("*_heatmap.png")}
+    p = preds[preds["slide_id"].isin(have)].sort_values(score, ascending=False)
+    if p.empty:
+        return []
+    high = p.head(per_group)
+    low = p[~p["slide_id"].isin(high["slide_id"])].tail(per_group).iloc[::-1]
+    out = []
+    for title, part in ((f"Highest {what}", high), (f"Lowest {what}", low)):
+        out.append((title, [(f"{r['slide_id']}: {truth(r)}, {what} {r[score]:.2f}", have[r["slide_id"]])
+                            for _, r in part.iterrows()]))
+    shown = set(high["slide_id"]) | set(low["slide_id"])
+    return out + _the_rest(p.set_index("slide_id"), have, shown, lambda r: f"{truth(r)}, {what} {r[score]:.2f}")
+
+
+def _the_rest(rows: pd.DataFrame, have: dict, shown: set, caption) -> list:
+    """Every heatmap not in a section yet: the report shows each one the run made."""
+    rest = [s for s in sorted(have) if s not in shown]
+    if not rest:
+        return []
+    return [("Other slides with heatmaps", [(f"{s}: {caption(rows.loc[s])}" if s in rows.index else s, have[s])
+                                             for s in rest])]
 
 
 def img_tag(path: Path, max_side: int | None = None) -> str:

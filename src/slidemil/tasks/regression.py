@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from slidemil.data.cohort import Cohort, numeric_column, row_list, same_per_patient
 from slidemil.errors import InputError
 from slidemil.evaluate.regression import REGRESSION_METRICS, regression_metrics, scatter_plot
+from slidemil.evaluate.report import outcome_gallery
 from slidemil.tasks.base import TASKS, Task
 
 
@@ -102,6 +103,10 @@ class Regression(Task):
 
     def score(self, rows, train, meta) -> dict:
         return regression_metrics(rows["target"].to_numpy(float), rows["pred"].to_numpy(float))
+
+    def gallery(self, preds, meta, folder) -> list:
+        """Heatmaps of the highest and lowest predictions, then every other one made."""
+        return outcome_gallery(preds, "pred", "prediction", folder, lambda r: f"target {r['target']:g}")
 
     def plots(self, preds, metrics, folder) -> dict:
         rows = self.units(preds)

@@ -19,6 +19,7 @@ import torch
 from slidemil.data.cohort import Cohort, drop_empty, numeric_column, row_list, same_per_patient
 from slidemil.errors import InputError
 from slidemil.evaluate.bootstrap import fold_summary, patient_bootstrap
+from slidemil.evaluate.report import outcome_gallery
 from slidemil.evaluate.survival import (
     SURVIVAL_METRICS,
     breslow,
@@ -370,6 +371,12 @@ class Survival(Task):
                 "ibs_range": self.o.ibs_range, "survival_loss": meta.get("loss", self.o.survival_loss),
                 "pooling": "each fold's test risks standardised by that fold's training predictions "
                            "(median, SD) before pooling; per-fold metrics are rank-based and unaffected"}
+
+    def gallery(self, preds, meta, folder) -> list:
+        """Heatmaps of the highest- and lowest-risk slides, then every other one made."""
+        score = "risk_pooled" if "risk_pooled" in preds else "risk"
+        return outcome_gallery(preds, score, "risk", folder,
+                               lambda r: f"time {r['time']:g}, {'event' if r['event'] else 'censored'}")
 
     def plots(self, preds, metrics, folder) -> dict:
         rows = self.units(preds)
