@@ -29,6 +29,13 @@ def main() -> int:
     ap.add_argument("--size", default="1280,4000")
     args = ap.parse_args()
     png = args.png or args.report.with_suffix(".png")
+    if not args.report.is_file():
+        print(f"report check: {args.report} does not exist (run `slidemil report RUN` first)")
+        return 2
+    if shutil.which(args.chromium) is None and not Path(args.chromium).is_file():
+        print(f"report check: no Chromium found ({args.chromium}); install it (`apt-get install chromium`) or pass "
+              f"--chromium /path/to/chromium")
+        return 2
     with tempfile.TemporaryDirectory() as profile:
         cmd = [args.chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={args.size}",
                f"--screenshot={png.resolve()}", args.report.resolve().as_uri()]

@@ -51,3 +51,17 @@ def test_weights_fetch_offline_is_one_line_naming_the_file_and_where_it_goes(tmp
     (tmp_path / "w" / "uni_v1" / "pytorch_model.bin").write_bytes(b"x")
     res = runner.invoke(app, ["weights", "fetch", "uni_v1"])
     assert res.exit_code == 0 and "pytorch_model.bin" in res.output
+
+
+def test_report_check_without_chromium_is_one_line_with_the_fix(tmp_path):
+    """scripts/check_report.py crashed with a FileNotFoundError traceback where Chromium is not installed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_report.py"
+    page = tmp_path / "report.html"
+    page.write_text("<html></html>")
+    res = subprocess.run([sys.executable, str(script), str(page), "--chromium", str(tmp_path / "no-chromium")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "apt-get install chromium" in res.stdout
