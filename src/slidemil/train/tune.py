@@ -64,9 +64,15 @@ def tune_fold(cfg, train_one, trials: int, seed: int) -> Tuned:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     start = {name: getattr(cfg, name) for name in SPACE}
-    # the configuration given is the first trial: its categorical values join the choices
-    space = {name: spec + [start[name]] if isinstance(spec, list) and start[name] not in spec else spec
-             for name, spec in SPACE.items()}
+    # the configuration given is the first trial: its values join the choices and widen the ranges
+    space = {}
+    for name, spec in SPACE.items():
+        if isinstance(spec, list):
+            space[name] = spec + [start[name]] if start[name] not in spec else spec
+        else:
+            low, high, log_scale = spec
+            space[name] = (min(low, start[name]) if not log_scale or start[name] > 0 else low,
+                           max(high, start[name]), log_scale)
     study.enqueue_trial(start)
     best: dict = {}
 
