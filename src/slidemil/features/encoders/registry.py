@@ -161,7 +161,7 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, download
     if weights:
         raise InputError(f"weights file {weights} does not exist. {weights_help(spec)}")
     if download and spec.hub_id:
-        from slidemil.features.encoders.weights import HUB, hub_reachable   # (weights.py builds on this module)
+        from slidemil.features.encoders.weights import HUB, hub_reachable  # (weights.py builds on this module)
 
         if not hub_reachable():          # offline: one line now, not a minute of the hub client's retries
             raise InputError(f"encoder {spec.name}: --download cannot reach {HUB} (offline?). {weights_help(spec)}")
