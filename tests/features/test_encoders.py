@@ -62,16 +62,16 @@ def test_uni_v1_full_size_roundtrip(tmp_path):
         torch.testing.assert_close(enc(x), reference((x - enc.mean) / enc.std))
 
 
-def test_hugging_face_dinov2_keys_map_to_timm():
-    """Phikon-v2 ships a transformers Dinov2Model state dict; build one from a small timm ViT by the
-    inverse mapping and check that the converted weights reproduce the model."""
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, init_values=1e-5).eval()
+def _hf_layout(vit, kind: str) -> dict:
+    """A timm ViT's weights under transformers' names (Dinov2Model or ViTModel), by the inverse mapping."""
     s = vit.state_dict()
     hf = {"embeddings.cls_token": s["cls_token"], "embeddings.position_embeddings": s["pos_embed"],
           "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
           "embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
           "layernorm.weight": s["norm.weight"], "layernorm.bias": s["norm.bias"]}
+    names = (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")) if kind == "dinov2" \
+        else (("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"),
+              ("output.dense", "mlp.fc2"))
     for i in range(len(vit.blocks)):
         p, q = f"encoder.layer.{i}.", f"blocks.{i}."
         for part in ("weight", "bias"):
@@ -79,39 +79,24 @@ def test_hugging_face_dinov2_keys_map_to_timm():
             hf.update({p + f"attention.attention.query.{part}": qw, p + f"attention.attention.key.{part}": kw,
                        p + f"attention.attention.value.{part}": vw,
                        p + f"attention.output.dense.{part}": s[q + f"attn.proj.{part}"]})
-            for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                hf[p + f"{name}.{part}"] = s[q + f"{name}.{part}"]
-        hf[p + "layer_scale1.lambda1"], hf[p + "layer_scale2.lambda1"] = s[q + "ls1.gamma"], s[q + "ls2.gamma"]
-    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0, init_values=1e-5).eval()
-    fresh.load_state_dict(hf_dinov2_to_timm(hf))
-    x = torch.rand(1, 3, 224, 224)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), vit(x))
+            for hf_name, timm_name in names:
+                hf[p + f"{hf_name}.{part}"] = s[q + f"{timm_name}.{part}"]
+        if kind == "dinov2":
+            hf[p + "layer_scale1.lambda1"], hf[p + "layer_scale2.lambda1"] = s[q + "ls1.gamma"], s[q + "ls2.gamma"]
+    return hf
 
 
-def test_hugging_face_vit_keys_map_to_timm():
-    """Phikon (v1) ships a transformers ViTModel state dict: its other names for the same weights
-    (layernorm_before/after, intermediate/output dense) must land on timm's, reproducing the model."""
+@pytest.mark.parametrize("kind", ["dinov2", "vit"])
+def test_hugging_face_keys_map_to_timm(kind):
+    """Phikon-v2 ships a transformers Dinov2Model state dict, Phikon a ViTModel one (other names for the same
+    weights, under a `vit.` prefix): built from a small timm ViT, the converted weights reproduce the model."""
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
-    s = vit.state_dict()
-    hf = {"embeddings.cls_token": s["cls_token"], "embeddings.position_embeddings": s["pos_embed"],
-          "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
-          "embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
-          "layernorm.weight": s["norm.weight"], "layernorm.bias": s["norm.bias"]}
-    for i in range(len(vit.blocks)):
-        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
-        for part in ("weight", "bias"):
-            qw, kw, vw = s[q + f"attn.qkv.{part}"].chunk(3)
-            hf.update({p + f"attention.attention.query.{part}": qw, p + f"attention.attention.key.{part}": kw,
-                       p + f"attention.attention.value.{part}": vw,
-                       p + f"attention.output.dense.{part}": s[q + f"attn.proj.{part}"],
-                       p + f"layernorm_before.{part}": s[q + f"norm1.{part}"],
-                       p + f"layernorm_after.{part}": s[q + f"norm2.{part}"],
-                       p + f"intermediate.dense.{part}": s[q + f"mlp.fc1.{part}"],
-                       p + f"output.dense.{part}": s[q + f"mlp.fc2.{part}"]})
-    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
-    fresh.load_state_dict(hf_vit_to_timm({f"vit.{k}": v for k, v in hf.items()}))
+    extra = {"init_values": 1e-5} if kind == "dinov2" else {}
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **extra).eval()
+    hf = _hf_layout(vit, kind)
+    convert = hf_dinov2_to_timm if kind == "dinov2" else (lambda st: hf_vit_to_timm({f"vit.{k}": v for k, v in st.items()}))
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0, **extra).eval()
+    fresh.load_state_dict(convert(hf))
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), vit(x))

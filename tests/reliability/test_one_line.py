@@ -147,18 +147,16 @@ def test_a_hub_out_of_reach_is_one_line(monkeypatch):
 
     import time
 
-    from slidemil.features.encoders import weights
-
     spec = dataclasses.replace(registry.get_spec("uni_v1"), builder=offline, extra={})
     monkeypatch.setattr(registry, "get_spec", lambda name: spec)
     monkeypatch.setenv("SLIDEMIL_WEIGHTS", "/nonexistent")
-    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: True)     # the hub answers, the download fails
+    monkeypatch.setattr(registry, "hub_reachable", lambda *a, **k: True)    # the hub answers, the download fails
     with pytest.raises(InputError) as err:
         create_encoder("uni_v1", download=True)
     assert "--download from the hub (MahmoodLab/UNI) failed" in str(err.value) and "HF_TOKEN" in str(err.value)
     assert str(err.value).count("\n") == 0
     # no network at all: one line at once (it took ~30 s of the hub client's retries)
-    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(registry, "hub_reachable", lambda *a, **k: False)
     t0 = time.perf_counter()
     with pytest.raises(InputError, match="cannot reach") as err:
         create_encoder("uni_v1", download=True)

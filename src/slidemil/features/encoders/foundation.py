@@ -65,30 +65,15 @@ def _swiglu():
     return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
 
 
-def hf_dinov2_to_timm(state: dict) -> dict:
-    """Map a Hugging Face `Dinov2Model` state dict (Phikon-v2's format) to timm ViT keys."""
-    if not any(k.startswith("encoder.layer.") for k in state):
-        return state
-    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
-           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
-           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
-    for i in range(depth):
-        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
-        att = p + "attention.attention."
-        for part in ("weight", "bias"):
-            out[q + f"attn.qkv.{part}"] = torch.cat([state[att + f"{n}.{part}"] for n in ("query", "key", "value")])
-            out[q + f"attn.proj.{part}"] = state[p + f"attention.output.dense.{part}"]
-            for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                out[q + f"{b}.{part}"] = state[p + f"{a}.{part}"]
-        out[q + "ls1.gamma"] = state[p + "layer_scale1.lambda1"]
-        out[q + "ls2.gamma"] = state[p + "layer_scale2.lambda1"]
-    return out
+# Hugging Face transformers names of a ViT block's weights -> timm's: Dinov2Model, then ViTModel
+_HF_BLOCK = {"dinov2": (("attention.output.dense", "attn.proj"), ("norm1", "norm1"), ("norm2", "norm2"),
+                        ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")),
+             "vit": (("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"),
+                     ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"))}
 
 
-def hf_vit_to_timm(state: dict) -> dict:
-    """Map a Hugging Face `ViTModel` state dict (Phikon's format) to timm ViT keys."""
+def _hf_to_timm(state: dict, kind: str) -> dict:
+    """A transformers ViT-family state dict (`kind` "dinov2" or "vit") with timm's keys; timm keys pass."""
     state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
     if not any(k.startswith("encoder.layer.") for k in state):
         return state
@@ -102,10 +87,22 @@ def hf_vit_to_timm(state: dict) -> dict:
         att = p + "attention.attention."
         for part in ("weight", "bias"):
             out[q + f"attn.qkv.{part}"] = torch.cat([state[att + f"{n}.{part}"] for n in ("query", "key", "value")])
-            for a, b in (("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"),
-                         ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")):
+            for a, b in _HF_BLOCK[kind]:
                 out[q + f"{b}.{part}"] = state[p + f"{a}.{part}"]
+        if kind == "dinov2":
+            out[q + "ls1.gamma"] = state[p + "layer_scale1.lambda1"]
+            out[q + "ls2.gamma"] = state[p + "layer_scale2.lambda1"]
     return out
+
+
+def hf_dinov2_to_timm(state: dict) -> dict:
+    """Map a Hugging Face `Dinov2Model` state dict (Phikon-v2's format) to timm ViT keys."""
+    return _hf_to_timm(state, "dinov2")
+
+
+def hf_vit_to_timm(state: dict) -> dict:
+    """Map a Hugging Face `ViTModel` state dict (Phikon's format) to timm ViT keys."""
+    return _hf_to_timm(state, "vit")
 
 
 def dino_teacher_to_timm(state: dict) -> dict:

@@ -9,9 +9,11 @@ which file to get, from where, and where to put it.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -20,6 +22,18 @@ from slidemil.errors import InputError
 from slidemil.utils.registry import Registry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HUB = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(address: str = HUB, timeout: float = 3.0) -> bool:
+    """Whether `address`'s host answers within `timeout` s: asked before any download, so that offline is
+    one line at once instead of the hub client's minute of retries."""
+    url = urlparse(address)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -161,8 +175,6 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, download
     if weights:
         raise InputError(f"weights file {weights} does not exist. {weights_help(spec)}")
     if download and spec.hub_id:
-        from slidemil.features.encoders.weights import HUB, hub_reachable  # (weights.py builds on this module)
-
         if not hub_reachable():          # offline: one line now, not a minute of the hub client's retries
             raise InputError(f"encoder {spec.name}: --download cannot reach {HUB} (offline?). {weights_help(spec)}")
         try:

@@ -7,17 +7,14 @@ hand and where to put it, instead of a minute of retries.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from slidemil.errors import InputError
-from slidemil.features.encoders.registry import available_encoders, default_weights_path, get_spec, weights_help
+from slidemil.features.encoders import registry
+from slidemil.features.encoders.registry import HUB, available_encoders, default_weights_path, get_spec, weights_help
 from slidemil.utils.io import sha256_file
-
-HUB = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
 @dataclass
@@ -43,15 +40,6 @@ def weights_status(name: str, hash_files: bool = False) -> WeightsStatus:
 
 def all_status(hash_files: bool = False) -> list[WeightsStatus]:
     return [weights_status(n, hash_files) for n in available_encoders()]
-
-
-def hub_reachable(address: str = HUB, timeout: float = 3.0) -> bool:
-    url = urlparse(address)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _download(url: str, target: Path, spec) -> Path:
@@ -83,7 +71,7 @@ def fetch(name: str) -> Path:
     target = default_weights_path(spec)
     if target.is_file():
         return target
-    if not hub_reachable(url or HUB):
+    if not registry.hub_reachable(url or HUB):
         raise InputError(f"cannot reach {urlparse(url or HUB).hostname} (offline?): {weights_help(spec)}")
     if url:
         return _download(url, target, spec)
