@@ -88,5 +88,4 @@ def ensemble_scores(models: list, feats: np.ndarray, score: str, classes: list[s
 
 def is_attention(score: str, model) -> bool:
     """Whether `--score` reads an attention distribution (sums to 1 over the bag) rather than logits."""
-    return score == "attention" and bool(getattr(model, "attention_scores", False)) or \
-        (score.startswith("class:") and bool(getattr(model, "attention_scores", False)))
+    return (score == "attention" or score.startswith("class:")) and bool(getattr(model, "attention_scores", False))
