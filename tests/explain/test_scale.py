@@ -39,3 +39,10 @@ def test_sequence_models_carry_a_note_that_their_scores_are_not_spatial():
     assert "patch-list order" in models.create("transmil", 8, 2).scores_note
     assert "scan" in models.create("mambamil", 8, 2).scores_note
     assert models.create("abmil", 8, 2).scores_note is None
+
+
+def test_logits_are_not_mistaken_for_attention_on_the_absolute_scale():
+    from slidemil.explain.scores import is_distribution
+
+    assert is_distribution(np.full(10, 0.1)) and not is_distribution(np.array([-1.0, 2.0, 0.5]))
+    assert not is_distribution(np.array([0.2, 0.3]))             # non-negative but not summing to 1: logits

@@ -21,7 +21,7 @@ from slidemil.errors import InputError
 from slidemil.explain.geojson import heatmap_geojson
 from slidemil.explain.paint import paint
 from slidemil.explain.render import heatmap_figure, top_tiles_figure
-from slidemil.explain.scores import NoScoresError, ensemble_scores, is_attention, scale_label
+from slidemil.explain.scores import NoScoresError, ensemble_scores, is_distribution, scale_label
 from slidemil.features.encoders import create_encoder
 from slidemil.features.extract import embed_patches
 from slidemil.features.store import find_feature_file, read_features
@@ -134,7 +134,7 @@ class HeatmapRun:
                  "scores": safe_child(self.out, slide_id, "_scores.h5"),
                  "tiles": safe_child(self.out, slide_id, "_top_tiles.png"),
                  "geojson": safe_child(self.out, slide_id, ".geojson")}
-        self._figure(slide_id, tissue, field, shown, prediction, paths["heatmap"])
+        self._figure(slide_id, tissue, field, shown, prediction, paths["heatmap"], is_distribution(per_fold[0]))
         self._save_scores(paths["scores"], coords, per_fold, ensemble, size0)
         self._top_tiles(slide, coords, ensemble, attrs, paths["tiles"], slide_id)
         geo = heatmap_geojson(coords, size0, ensemble, per_fold.mean(0), field, shown, tissue, self.o.high_quantile)
@@ -157,10 +157,10 @@ class HeatmapRun:
         extra = f" ({prediction['risk_group']})" if "risk_group" in prediction else ""
         return f"{slide_id}   {truth}   {shown} = {prediction[shown]:.2f}{extra} ({who})"
 
-    def _figure(self, slide_id, tissue, field, shown, prediction, path: Path) -> None:
+    def _figure(self, slide_id, tissue, field, shown, prediction, path: Path, attention: bool) -> None:
         model = self.models[0][0]
         fig = heatmap_figure(tissue, field, shown, self._title(slide_id, prediction),
-                             scale_label(self.o.score, self.o.normalise, is_attention(self.o.score, model)),
+                             scale_label(self.o.score, self.o.normalise, attention),
                              self.o.cmap, self.o.alpha, note=model.scores_note)
         save_figure(fig, path, bbox_inches="tight")
 

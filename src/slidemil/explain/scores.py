@@ -80,12 +80,14 @@ def ensemble_scores(models: list, feats: np.ndarray, score: str, classes: list[s
         logits.append(out.logits.float()[0].numpy())
     per_fold = np.stack(per_fold)
     if how == "absolute":
-        ensemble = np.mean([absolute(s, is_attention(score, models[0][0])) for s in per_fold], 0)
+        ensemble = np.mean([absolute(s, is_distribution(s)) for s in per_fold], 0)
     else:
         ensemble = np.mean([normalise(s, how) for s in per_fold], 0)
     return per_fold, ensemble, np.stack(logits)
 
 
-def is_attention(score: str, model) -> bool:
-    """Whether `--score` reads an attention distribution (sums to 1 over the bag) rather than logits."""
-    return (score == "attention" or score.startswith("class:")) and bool(getattr(model, "attention_scores", False))
+def is_distribution(scores: np.ndarray) -> bool:
+    """Whether a bag's scores are an attention distribution (non-negative, summing to 1) rather than
+    logits: decided from the scores, since `class:<name>` reads attention or logits by model."""
+    scores = np.asarray(scores, np.float64)
+    return bool(len(scores)) and bool((scores >= 0).all()) and abs(scores.sum() - 1.0) < 1e-3
