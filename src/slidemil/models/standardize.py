@@ -34,7 +34,7 @@ class Scaling:
     mean: torch.Tensor   # [D] float32
     std: torch.Tensor    # [D] float32, floored so constant dimensions stay finite
     whiten: torch.Tensor | None = None   # [D, D] float32: z = (x - mean) @ whiten, replacing the division by std
-    spectrum: torch.Tensor | None = None  # [D] covariance eigenvalues, descending (not saved)
+    eigen: tuple | None = None           # (eigenvalues ascending [D], eigenvectors [D, D]) of the covariance; not saved
 
     @classmethod
     def fit(cls, bags: Iterable[torch.Tensor]) -> Scaling:
@@ -58,21 +58,20 @@ class Scaling:
         centre = first / max(m, 1)
         cov = (second - m * torch.outer(centre, centre)) / max(m - 1, 1)
         eigvals, eigvecs = torch.linalg.eigh(cov)
-        scaling = cls(mean.float().cpu(), std.clamp_min(floor).float().cpu(),
-                      spectrum=eigvals.flip(0).clamp_min(0).float())
-        scaling._eig = (eigvals.clamp_min(0), eigvecs)
-        return scaling
+        return cls(mean.float().cpu(), std.clamp_min(floor).float().cpu(), eigen=(eigvals.clamp_min(0), eigvecs))
 
     def whitened(self) -> Scaling:
         """The same statistics as ZCA whitening (eps = SHRINK x median eigenvalue)."""
-        values, vectors = self._eig
+        values, vectors = self.eigen
         w = vectors @ torch.diag(1.0 / torch.sqrt(values + SHRINK * values.median().clamp_min(1e-12))) @ vectors.T
-        return Scaling(self.mean, self.std, w.float(), self.spectrum)
+        return Scaling(self.mean, self.std, w.float(), self.eigen)
 
     def anisotropy(self) -> float:
         """Largest over median covariance eigenvalue (1 for isotropic noise)."""
-        s = self.spectrum
-        return float(s[0] / s.median().clamp_min(1e-12)) if s is not None and len(s) else 1.0
+        if self.eigen is None:
+            return 1.0
+        values = self.eigen[0]
+        return float(values[-1] / values.median().clamp_min(1e-12))
 
     def far_from_unit(self) -> bool:
         """True when the features are far from unit scale: RMS value outside UNIT_RANGE, or one dimension's
