@@ -93,3 +93,14 @@ def test_small_or_degenerate_samples_carry_a_caveat():
     assert not any("only" in w for w in sample_caveats(task.evaluate(pd.concat([big.assign(
         case_id=big["case_id"] + str(i), slide_id=big["slide_id"] + str(i)) for i in range(4)]), None, META, 50, 0),
         task))
+
+
+def test_every_task_says_what_its_numbers_mean_and_why_one_is_na():
+    task = create_task({"task": "classification"})
+    one_class = _preds()[lambda f: f["label"] == "pos"]
+    metrics = task.evaluate(one_class, None, META, n_boot=0, seed=0)
+    text = task.report_notes(metrics)
+    assert "What the numbers mean" in text and "AUROC" in text and "n/a here" in text and "one class only" in text
+    assert "n/a here" not in task.report_notes(task.evaluate(_preds(), None, META, 0, 0))
+    for name, word in (("ordinal", "Quadratic kappa"), ("regression", "Pearson r")):
+        assert word in create_task({"task": name}).report_notes({})
