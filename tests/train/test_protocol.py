@@ -34,10 +34,10 @@ def test_auto_standardisation_fires_only_far_from_unit_scale():
 def test_whitening_decorrelates_only_features_that_a_few_directions_dominate():
     torch.manual_seed(0)
     iso = torch.randn(4000, 32) + 3.0
-    assert Scaling.fit([iso]).anisotropy() < 5                                # isotropic noise
+    assert Scaling.fit([iso], covariance=True).anisotropy() < 5              # isotropic noise
     strong = torch.randn(4, 32) * 3
     aniso = (torch.randn(4000, 32) * 0.8 + torch.randn(4000, 4) @ strong + 1.0)
-    fitted = Scaling.fit(aniso.split(200))                 # 20 bags, one at a time (<= 256 rows each: all counted)
+    fitted = Scaling.fit(aniso.split(200), covariance=True)   # 20 bags, one at a time (<= 256 rows each: all counted)
     assert fitted.anisotropy() > 100
     white = fitted.whitened()
     z = white(aniso)

@@ -37,16 +37,18 @@ class Scaling:
     eigen: tuple | None = None           # (eigenvalues ascending [D], eigenvectors [D, D]) of the covariance; not saved
 
     @classmethod
-    def fit(cls, bags: Iterable[torch.Tensor]) -> Scaling:
+    def fit(cls, bags: Iterable[torch.Tensor], covariance: bool = False) -> Scaling:
         """Per-dimension mean and std over every instance of `bags` (float64 sums, one pass, one bag at a
-        time), and the covariance spectrum from up to COV_ROWS_PER_BAG evenly strided rows of each bag."""
+        time); with `covariance`, also the covariance's eigendecomposition from up to COV_ROWS_PER_BAG evenly
+        strided rows of each bag (D^2 work per row: only when whitening may be wanted)."""
         n, total, squares = 0, None, None
         m, first, second = 0, None, None          # the covariance's sample: count, sum, sum of x x^T
         for bag in bags:
-            rows = bag[::max(1, -(-len(bag) // COV_ROWS_PER_BAG))].float().cpu()
-            first = rows.double().sum(0) if first is None else first + rows.double().sum(0)
-            second = (rows.T @ rows).double() if second is None else second + (rows.T @ rows).double()
-            m += len(rows)
+            if covariance:
+                rows = bag[::max(1, -(-len(bag) // COV_ROWS_PER_BAG))].float().cpu()
+                first = rows.double().sum(0) if first is None else first + rows.double().sum(0)
+                second = (rows.T @ rows).double() if second is None else second + (rows.T @ rows).double()
+                m += len(rows)
             for x in bag.split(_ROWS):      # float64 a block of rows at a time: a 40k x 1024 bag would take 650 MB
                 x = x.double()
                 total = x.sum(0) if total is None else total + x.sum(0)
@@ -55,10 +57,12 @@ class Scaling:
         mean = total / max(n, 1)
         std = (squares / max(n, 1) - mean * mean).clamp_min(0).sqrt()
         floor = max(float(std.max()) * 1e-6, 1e-8)
-        centre = first / max(m, 1)
-        cov = (second - m * torch.outer(centre, centre)) / max(m - 1, 1)
-        eigvals, eigvecs = torch.linalg.eigh(cov)
-        return cls(mean.float().cpu(), std.clamp_min(floor).float().cpu(), eigen=(eigvals.clamp_min(0), eigvecs))
+        eigen = None
+        if covariance:
+            centre = first / max(m, 1)
+            eigvals, eigvecs = torch.linalg.eigh((second - m * torch.outer(centre, centre)) / max(m - 1, 1))
+            eigen = (eigvals.clamp_min(0), eigvecs)
+        return cls(mean.float().cpu(), std.clamp_min(floor).float().cpu(), eigen=eigen)
 
     def whitened(self) -> Scaling:
         """The same statistics as ZCA whitening (eps = SHRINK x median eigenvalue)."""
@@ -67,9 +71,7 @@ class Scaling:
         return Scaling(self.mean, self.std, w.float(), self.eigen)
 
     def anisotropy(self) -> float:
-        """Largest over median covariance eigenvalue (1 for isotropic noise)."""
-        if self.eigen is None:
-            return 1.0
+        """Largest over median covariance eigenvalue (1 for isotropic noise; needs fit(covariance=True))."""
         values = self.eigen[0]
         return float(values[-1] / values.median().clamp_min(1e-12))
 
@@ -82,8 +84,8 @@ class Scaling:
 
     def describe(self) -> str:
         rms = float((self.mean ** 2 + self.std ** 2).mean().sqrt())
-        return (f"RMS value {rms:.3g}, per-dimension std {float(self.std.min()):.3g}-{float(self.std.max()):.3g}, "
-                f"largest / median covariance eigenvalue {self.anisotropy():.3g}")
+        text = f"RMS value {rms:.3g}, per-dimension std {float(self.std.min()):.3g}-{float(self.std.max()):.3g}"
+        return text + (f", largest / median covariance eigenvalue {self.anisotropy():.3g}" if self.eigen else "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - self.mean.to(x.device, x.dtype)

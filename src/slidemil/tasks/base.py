@@ -228,9 +228,12 @@ class Task:
         m = metrics["pooled"][name]
         return f"{HEADLINES.get(name, name)} {_fmt(m['value'])} (95% CI {_fmt(m['ci_low'])}-{_fmt(m['ci_high'])})"
 
+    # what each number of the metric set means, for the report (HTML)
+    glossary: ClassVar[str] = ""
+
     def report_notes(self, metrics: dict) -> str:
-        """Task-specific text for the report (HTML, escaped by the task)."""
-        return ""
+        """Task-specific text for the report (HTML, escaped by the task): by default the glossary."""
+        return f"<p class=note><b>What the numbers mean.</b> {self.glossary}</p>" if self.glossary else ""
 
     # The reference baseline (train/baseline.py): a tuned linear model on mean-pooled features.
     has_baseline = False

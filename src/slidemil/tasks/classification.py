@@ -135,18 +135,20 @@ class Classification(Task):
     def prediction_columns(self, meta) -> list[str]:
         return [f"prob_{c}" for c in meta["classes"]]
 
+    glossary = ("<i>AUROC</i>: the chance that a random patient of the positive class gets a higher probability than a "
+                "random one of the negative class (multi-class: the mean over classes, one against the rest); 0.5 is "
+                "chance; it does not depend on a threshold. <i>AUPRC</i>: average precision of the positive class "
+                "(multi-class: mean over classes); its chance level is the class's prevalence. <i>Balanced accuracy"
+                "</i>, <i>accuracy</i>, <i>macro F1</i>: of the predicted class, the most probable one (no threshold "
+                "was tuned on these data); balanced accuracy is the mean recall over classes, so a majority-class "
+                "guess scores 1 / classes.")
+
     def report_notes(self, metrics) -> str:
-        """What each number means, and why one is n/a."""
-        undefined = [m for m, v in metrics["pooled"].items() if v["value"] != v["value"]]
-        why = (f" <b>n/a here</b> ({', '.join(undefined)}): the scored sample holds one class only, where a "
-               "ranking metric has nothing to rank." if undefined else "")
-        return ("<p class=note><b>What the numbers mean.</b> <i>AUROC</i>: the chance that a random patient of the "
-                "positive class gets a higher probability than a random one of the negative class (multi-class: "
-                "the mean over classes, one against the rest); 0.5 is chance; it does not depend on a threshold. "
-                "<i>AUPRC</i>: average precision of the positive class (multi-class: mean over classes); its chance "
-                "level is the class's prevalence. <i>Balanced accuracy</i>, <i>accuracy</i>, <i>macro F1</i>: of the "
-                "predicted class, the most probable one (no threshold was tuned on these data); balanced accuracy "
-                f"is the mean recall over classes, so a majority-class guess scores 1 / classes.{why}</p>")
+        """The glossary, and why a value is n/a."""
+        undefined = [m for m, v in metrics.get("pooled", {}).items() if v["value"] != v["value"]]
+        why = (f"<p class=note><b>n/a here</b> ({', '.join(undefined)}): the scored sample holds one class only, where "
+               "a ranking metric has nothing to rank.</p>" if undefined else "")
+        return super().report_notes(metrics) + why
 
     def gallery(self, preds, meta, folder) -> list:
         return heatmap_gallery(preds, meta["classes"], folder)

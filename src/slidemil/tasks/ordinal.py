@@ -99,11 +99,10 @@ class Ordinal(Classification):
         """The generic per-fold and pooled bootstrap of `Task` (classification's is AUROC-specific)."""
         return {**Task.evaluate(self, preds, splits, meta, n_boot, seed), "classes": meta["classes"]}
 
-    def report_notes(self, metrics) -> str:
-        return ("<p class=note><b>What the numbers mean.</b> <i>Quadratic kappa</i>: agreement between predicted "
+    glossary = ("<i>Quadratic kappa</i>: agreement between predicted "
                 "and true grade beyond chance, a miss by two grades costing four times a miss by one (1 perfect, 0 "
                 "chance). <i>MAE</i>: mean distance in grades. <i>Accuracy</i> and <i>balanced accuracy</i> (mean "
-                "recall over grades) of the rank-consistent grade.</p>")
+                "recall over grades) of the rank-consistent grade.")
 
     def plots(self, preds, metrics, folder) -> dict:
         folder.mkdir(parents=True, exist_ok=True)

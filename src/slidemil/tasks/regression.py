@@ -104,11 +104,10 @@ class Regression(Task):
     def score(self, rows, train, meta) -> dict:
         return regression_metrics(rows["target"].to_numpy(float), rows["pred"].to_numpy(float))
 
-    def report_notes(self, metrics) -> str:
-        return ("<p class=note><b>What the numbers mean.</b> <i>Pearson r</i>: linear correlation of predicted and "
+    glossary = ("<i>Pearson r</i>: linear correlation of predicted and "
                 "true values; <i>Spearman rho</i>: the same on ranks; <i>R^2</i>: the share of the target's "
                 "variance explained (0 = predicting the mean, negative = worse); <i>MAE</i>: mean absolute error in "
-                "the target's units. One row per patient.</p>")
+                "the target's units. One row per patient.")
 
     def gallery(self, preds, meta, folder) -> list:
         """Heatmaps of the highest and lowest predictions, then every other one made."""

@@ -273,7 +273,9 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
                               max_instances=cfg.max_instances if r == "train" else None,
                               instance_dropout=cfg.instance_dropout if r == "train" else 0.0,
                               cache=cache, seed=cfg.seed + fold, device=device)
-    fitted = Scaling.fit(parts["train"].raw_bags()) if cfg.standardize != "off" else None   # training bags only
+    # training bags only; the covariance (D^2 per row) only when whitening may be used
+    fitted = Scaling.fit(parts["train"].raw_bags(), covariance=cfg.standardize == "whiten" or cfg.tune) \
+        if cfg.standardize != "off" else None
     scaling = choose_scaling(cfg.standardize, fitted, fold, len(parts["train"]))
     for ds in parts.values():
         ds.transform = scaling
