@@ -15,3 +15,7 @@ def test_demo_pipeline_end_to_end(demo_run):
     preds = pd.read_csv(out / "external_predictions.csv")
     truth = pd.read_csv(out / "external" / "labels.csv").set_index("slide_id")
     assert (preds.set_index("slide_id")["pred"] == truth.loc[preds["slide_id"], "label"].to_numpy()).mean() >= 0.75
+    # the external cohort's labels validate the run, and its report says so with the small-cohort caveat
+    page = (out / "run" / "report.html").read_text()
+    section = page[page.index("<h2>External validation</h2>"):]
+    assert "<h3>external</h3>" in section and "only 4 patients" in section

@@ -321,10 +321,12 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
             max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
+            name: Optional[str] = typer.Option(None, help="Name of this cohort in the run report's External "
+                                               "validation section (default: the folder of --labels)."),
             force: bool = typer.Option(False, "--force", help="Write --out even inside a run folder or over an input.")):
     """Apply a run's fold ensemble to new features (the run's task decides the columns); with --labels,
     validate it on this cohort."""
-    from slidemil.predict import check_output, validate_external
+    from slidemil.predict import check_output, external_name, record_external, validate_external
     from slidemil.predict import predict as run_predict
     from slidemil.tasks import summary_line
     from slidemil.utils.io import atomic_path, json_text
@@ -335,6 +337,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         if labels is not None and not labels.is_file():
             raise InputError(f"--labels {labels} does not exist")
         check_output(out, run, {"--labels": labels, "--features": features}, force)
+        cohort_name = external_name(labels, name) if labels is not None else None
         ensure_writable(out.parent)
         frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer)
         metrics = None
@@ -349,7 +352,9 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             frame.to_csv(tmp_csv, index=False)
         out_console.print(f"{len(frame)} slide(s) predicted -> {out}")
         if metrics is not None:
-            out_console.print(f"external validation: {summary_line(metrics)} -> {out.parent / 'metrics.json'}")
+            record_external(run, cohort_name, metrics, labels, out)
+            out_console.print(f"external validation: {summary_line(metrics)} -> {out.parent / 'metrics.json'}\n"
+                              f"report: {run / 'report.html'} (External validation: {cohort_name})")
 
 
 @app.command()

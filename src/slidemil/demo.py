@@ -2,7 +2,8 @@
 
 about 24 pyramidal TIFF slides from 16 patients (half with tumour regions) -> tissue segmentation ->
 patches at 0.5 µm/px -> handcrafted features -> ABMIL with 3-fold patient-grouped CV -> metrics with
-bootstrap CIs -> heatmaps of positive slides -> report.html -> fold-ensemble predictions on new slides.
+bootstrap CIs -> heatmaps of positive slides -> report.html -> fold-ensemble predictions on new slides,
+validated on their labels (the report's External validation section).
 `--task survival` plants a survival outcome instead (tumour patients fare worse: hazard ratio up to
 e^6, uniform censoring), trains with the discrete-time NLL, and validates on the external cohort's labels.
 """
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from slidemil.data.synthetic import planted_outcomes
 from slidemil.explain.heatmap import HeatmapRun
-from slidemil.predict import predict, validate_external
+from slidemil.predict import predict, record_external, validate_external
 from slidemil.preprocess import Pipeline, PreprocessConfig, slides_in
 from slidemil.rundir import RunDir
 from slidemil.slides.synthetic import make_slide_cohort
@@ -74,7 +75,8 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
         options = {"task": "survival", "monitor": "val_metric", "bins": 2}
     elif task == "classification":
         run = RunDir(out / "run")
-        labels, options = cohort / "labels.csv", {"classes": ["normal", "tumour"]}
+        labels, external_labels = cohort / "labels.csv", external / "labels.csv"
+        options = {"classes": ["normal", "tumour"]}
     else:
         raise ValueError(f"the demo runs --task classification or survival, not {task!r}")
     cfg = TrainConfig(features=str(features), labels=str(labels), out=str(run.path), model="abmil",
@@ -99,10 +101,10 @@ def run_demo(out: Path, quiet: bool = False, progress_factory=None, n_patients: 
     name = "external_predictions.csv" if task == "classification" else f"external_{task}/predictions.csv"
     write_csv(out / name, preds)
     console.print(f"external cohort: {len(preds)} slides predicted -> {out / name}")
-    if task != "classification":
-        external_metrics = validate_external(run.path, preds, external_labels, n_boot=cfg.bootstrap, seed=cfg.seed)
-        write_json((out / name).parent / "metrics.json", external_metrics)
-        console.print(f"external validation: {summary_line(external_metrics, warnings=False)}")
+    external_metrics = validate_external(run.path, preds, external_labels, n_boot=cfg.bootstrap, seed=cfg.seed)
+    write_json((out / name).parent / "metrics.json", external_metrics)
+    record_external(run.path, "external", external_metrics, external_labels, out / name)
+    console.print(f"external validation: {summary_line(external_metrics, warnings=False)}")
     console.print(f"cross-validated {summary_line(metrics, warnings=False)}")
     n_heat = len(list(run.heatmaps_dir.glob("*_heatmap.png")))
     console.print(f"demo finished: {len(run.predictions())} slides cross-validated in {cfg.folds} folds, {n_heat} "

@@ -3,7 +3,9 @@ the cohort's labels, also its metrics (external validation)."""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +14,7 @@ from slidemil.data.bags import BagDataset
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
 from slidemil.rundir import RunDir
-from slidemil.tasks import create_task, model_task, sample_caveats, site_metrics
+from slidemil.tasks import create_task, model_task, render_report, sample_caveats, site_metrics
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
 from slidemil.utils.io import SAFE_ID_RULE, is_safe_id
@@ -131,3 +133,27 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     metrics["external"] = {"labels": str(labels), "n_scored": int(len(scored)), "run": str(run.path)}
     metrics["warnings"] = sample_caveats(metrics, task)
     return metrics
+
+
+def external_name(labels: str | Path, name: str | None = None) -> str:
+    """The name of an external cohort in the run report: `name`, checked, or by default the folder its label
+    table is in (`cohortB/labels.csv` -> cohortB), made safe as a file name."""
+    if name is None:
+        folder = Path(labels).expanduser().resolve().parent.name
+        return re.sub(r"[^A-Za-z0-9._ -]", "_", folder).strip(" .")[:100] or "external"
+    if not is_safe_id(name):
+        raise InputError(f"--name {name!r} cannot name a file: use {SAFE_ID_RULE}")
+    return name
+
+
+def record_external(run: str | Path, name: str, metrics: dict, labels: str | Path, predictions: str | Path) -> Path:
+    """Keep an external validation in the run (`external/<name>.json`, replacing an earlier one of that name)
+    and rebuild its report, whose External validation section lists every recorded cohort."""
+    run = RunDir(run)
+    path = run.record_external(name, {
+        "metrics": metrics, "labels": str(Path(labels).expanduser().resolve()),
+        "predictions": str(Path(predictions).expanduser().resolve()), "folds": len(run.finished_folds()),
+        "date": datetime.date.today().isoformat()})
+    if run.metrics_path.is_file():
+        render_report(run)
+    return path

@@ -7,6 +7,9 @@ fold_<k>/              model.safetensors, model.json, history.csv, predictions.c
 excluded.csv           slides left out by --skip-missing / --skip-bad, with the reason
 predictions.csv        pooled out-of-fold predictions
 metrics.json, plots/, report.html, attention/<slide_id>.h5, heatmaps/, train.log
+external/<name>.json   one per external cohort `slidemil predict --labels` validated the run on (the report's
+                       External validation section)
+viewer/                `slidemil view`: a static deep-zoom page of slides with their heatmaps
 ```
 Every stage that reads or writes a run (train, evaluate, predict, heatmap, report, strategies that
 start from an earlier run, the demo) goes through this class.
@@ -23,7 +26,7 @@ import yaml
 from slidemil.errors import InputError
 from slidemil.models.checkpoint import load_model
 from slidemil.utils.config import read_yaml_mapping
-from slidemil.utils.io import read_csv_text, write_csv, write_json, write_text
+from slidemil.utils.io import read_csv_text, safe_child, write_csv, write_json, write_text
 from slidemil.utils.lock import Lock
 
 
@@ -52,6 +55,8 @@ class RunDir:
     plots_dir = _child("plots")
     attention_dir = _child("attention")
     heatmaps_dir = _child("heatmaps")
+    external_dir = _child("external")
+    viewer_dir = _child("viewer")
     log_path = _child("train.log")
     launch_path = _child(".launch")   # torchrun's run id, written by rank 0 once config and splits are in place
 
@@ -137,6 +142,19 @@ class RunDir:
 
     def metrics(self) -> dict:
         return json.loads(self.metrics_path.read_text())
+
+    def record_external(self, name: str, summary: dict) -> Path:
+        """external/<name>.json: an external validation of this run (written whole, replaced by a rerun)."""
+        path = safe_child(self.external_dir, name, ".json")
+        write_json(path, summary)
+        return path
+
+    def externals(self) -> dict[str, dict]:
+        """{name: summary} of every external validation recorded, by name."""
+        if not self.external_dir.is_dir():
+            return {}
+        return {p.stem: json.loads(p.read_text()) for p in sorted(self.external_dir.glob("*.json"))
+                if not p.name.startswith(".")}
 
     # -- models -------------------------------------------------------------------------------------
     def fold_meta(self, fold: int) -> dict:

@@ -89,6 +89,23 @@ def test_external_validation_with_labels(survival_run, tmp_path):
     assert {"risk", "risk_group", "fold0_risk", "surv_1"} <= set(preds.columns)
     metrics = json.loads((out.parent / "metrics.json").read_text())
     assert metrics["pooled"]["c_index"]["value"] >= 0.65 and metrics["external"]["n_scored"] == 40
+    # the run keeps it: external/<folder of --labels>.json, and its report gains an External validation section
+    recorded = json.loads((run / "external" / "ext.json").read_text())
+    assert recorded["metrics"]["pooled"] == metrics["pooled"] and recorded["labels"] == str(ext / "labels.csv")
+    page = (run / "report.html").read_text()
+    section = page[page.index("<h2>External validation</h2>"):]
+    assert "<h3>ext</h3>" in section and "40 patients" in section
+    assert f"<b>{metrics['pooled']['c_index']['value']:.3f}</b>" in section
+    # a rerun under another name adds a cohort; a name that is not a file name is one line, nothing written
+    again = runner.invoke(app, ["predict", str(run), "--features", str(ext / "features"), "--out", str(out),
+                                "--labels", str(ext / "labels.csv"), "--bootstrap", "20", "--name", "site B"])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (run / "external").glob("*.json")) == ["ext.json", "site B.json"]
+    assert "<h3>site B</h3>" in (run / "report.html").read_text()
+    bad = runner.invoke(app, ["predict", str(run), "--features", str(ext / "features"), "--out", str(tmp_path / "x.csv"),
+                              "--labels", str(ext / "labels.csv"), "--name", "../up"])
+    assert bad.exit_code != 0 and "--name '../up' cannot name a file" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "x.csv").exists()
 
 
 def test_regression_learns_a_planted_target(tmp_path):

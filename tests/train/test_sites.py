@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_config
-from slidemil.predict import predict, validate_external
+from slidemil.predict import predict, record_external, validate_external
 from slidemil.train.cv import run_cv
 
 pytestmark = pytest.mark.slow  # trains models
@@ -55,3 +55,9 @@ def test_external_cohort_gets_per_site_metrics(site_run, tmp_path):
     # a label table without the run's site column still validates (no per-site part then)
     pd.read_csv(root / "labels.csv").drop(columns="site").to_csv(tmp_path / "nosite.csv", index=False)
     assert "sites" not in validate_external(run, preds, tmp_path / "nosite.csv", n_boot=20)
+    # recorded in the run, the report's External validation section shows the cohort's per-site table
+    record_external(run, "centres", metrics, root / "labels.csv", tmp_path / "p.csv")
+    page = (run / "report.html").read_text()
+    section = page[page.index("<h2>External validation</h2>"):]
+    assert "<h3>centres: per site (95% patient-bootstrap CIs)</h3>" in section
+    assert "site0" in section and "site1" in section

@@ -113,9 +113,10 @@ def unit_note(metrics: dict) -> str:
 
 
 def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None,
-                 notes: str = "") -> Path:
+                 notes: str = "", external: str = "") -> Path:
     """One HTML file with everything embedded: it opens from disk, e-mail or a browser with no server.
-    `notes` is task-specific HTML (already escaped) shown under the metric table."""
+    `notes` is task-specific HTML (already escaped) shown under the metric table; `external` the External
+    validation section (HTML, already escaped)."""
     names = list(metrics["pooled"])
     task = metrics.get("task", "classification")
     rows = "".join(
@@ -141,7 +142,7 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
         protocol=PROTOCOL.get(task, ""), task_notes=notes,
         version=html.escape(str(prov.get("version"))), torch=html.escape(str(prov.get("torch"))),
         resamples=metrics["bootstrap"]["resamples"], metric_rows=rows, plots="".join(img_tag(p) for p in plots.values()),
-        gallery=gallery_html, fold_header="".join(f"<th>{m}</th>" for m in names), fold_rows=fold_rows,
+        gallery=gallery_html, external=external, fold_header="".join(f"<th>{m}</th>" for m in names), fold_rows=fold_rows,
         config=config_text, fingerprint=html.escape(str(prov.get("features_sha256", ""))[:16]),
         git=html.escape(str(prov.get("git_commit"))))
     write_text(run.report_path, body)

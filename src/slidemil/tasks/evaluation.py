@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from slidemil.errors import InputError
-from slidemil.evaluate.report import write_report
+from slidemil.evaluate.report import unit_note, write_report
 from slidemil.rundir import RunDir
 from slidemil.tasks.base import Task, create_task
 from slidemil.utils.io import read_csv_text, write_json
@@ -56,12 +56,23 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     if "site" in preds.columns:
         metrics["sites"] = site_metrics(task, preds, meta, metrics, n_boot, seed)
     metrics["warnings"] = run_warnings(run, metrics, task)
-    plots = task.plots(preds, metrics, run.plots_dir)
     write_json(run.metrics_path, metrics)
-    gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
-    write_report(run, cfg, metrics, plots, gallery, task.report_notes(metrics) + protocol_notes(metrics, task)
-                 + defaults_note(run) + tuning_notes(run) + site_notes(metrics))
+    render_report(run, metrics, heatmaps, options)
     return metrics
+
+
+def render_report(run: RunDir, metrics: dict | None = None, heatmaps: str | Path | None = None,
+                  options: dict | None = None) -> Path:
+    """report.html (and plots/) from a run's metrics (default: its metrics.json), its heatmaps and the
+    external validations recorded in it; computes no metric, so `predict --labels` can refresh it."""
+    task, cfg, meta = run_task(run, options)
+    metrics = run.metrics() if metrics is None else metrics
+    preds = run.predictions()
+    plots = task.plots(preds, metrics, run.plots_dir)
+    gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
+    return write_report(run, cfg, metrics, plots, gallery,
+                        task.report_notes(metrics) + protocol_notes(metrics, task) + defaults_note(run)
+                        + tuning_notes(run) + site_notes(metrics), external_notes(run, task))
 
 
 def site_metrics(task: Task, preds: pd.DataFrame, meta: dict, metrics: dict, n_boot: int, seed: int) -> dict:
@@ -78,7 +89,7 @@ def site_metrics(task: Task, preds: pd.DataFrame, meta: dict, metrics: dict, n_b
     return out
 
 
-def site_notes(metrics: dict) -> str:
+def site_notes(metrics: dict, title: str = "Per site") -> str:
     """The report's per-site table (HTML), when the run knows each slide's site."""
     sites = metrics.get("sites")
     if not sites:
@@ -90,8 +101,31 @@ def site_notes(metrics: dict) -> str:
         + "".join(f"<td>{_num(m['pooled'][n]['value'])} ({_num(m['pooled'][n]['ci_low'])}-"
                   f"{_num(m['pooled'][n]['ci_high'])})</td>" for n in names) + "</tr>"
         for site, m in sites.items())
-    return (f"<h3>Per site (95% patient-bootstrap CIs)</h3><table><tr><th>site</th><th>patients</th>{head}</tr>"
+    return (f"<h3>{html.escape(title)} (95% patient-bootstrap CIs)</h3><table><tr><th>site</th><th>patients</th>{head}</tr>"
             f"{rows}</table>")
+
+
+def external_notes(run: RunDir, task: Task) -> str:
+    """The report's External validation section (HTML): every cohort `slidemil predict --labels` scored with
+    this run's fold ensemble, with its metrics, CIs, caveats and per-site table."""
+    parts = []
+    for name, ext in run.externals().items():
+        m = ext["metrics"]
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td><b>{_num(v['value'])}</b></td>"
+                       f"<td>{_num(v['ci_low'])} – {_num(v['ci_high'])}</td></tr>" for k, v in m["pooled"].items())
+        caveats = "".join(f"<p class=note><b>Caveat:</b> {html.escape(w)}</p>" for w in m.get("warnings", []))
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><p class=note>{m['n_patients']} patients, {m['n_slides']} slides of "
+            f"{html.escape(str(ext['labels']))}, scored on {html.escape(str(ext['date']))} by the mean of the run's "
+            f"{ext['folds']} fold models (nothing of this cohort was used in training or selection; predictions: "
+            f"{html.escape(str(ext['predictions']))}). {html.escape(unit_note(m))}</p>"
+            f"<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap, "
+            f"{m['bootstrap']['resamples']} resamples)</th></tr>{rows}</table>{caveats}"
+            + site_notes(m, f"{name}: per site"))
+    if not parts:
+        return ""
+    return ("<h2>External validation</h2><p class=note>Cohorts the run never saw, scored with `slidemil predict "
+            "--labels`; a rerun on the same cohort name replaces its entry.</p>" + "".join(parts))
 
 
 def defaults_note(run: RunDir) -> str:
