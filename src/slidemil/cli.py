@@ -20,6 +20,7 @@ from slidemil.augment.histaug import FitSettings
 from slidemil.certify.run import CertifySettings
 from slidemil.errors import InputError, SlidemilError, disk_full
 from slidemil.explain.heatmap import HeatmapOptions
+from slidemil.explain.viewer import ViewerOptions
 from slidemil.features.extract import ExtractConfig
 from slidemil.preprocess import PreprocessConfig
 from slidemil.robustness import RobustnessSettings
@@ -307,6 +308,42 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         done = int((table["status"] == "done").sum()) if len(table) else 0
         out_console.print(f"{done} heatmap(s) in {target}; {len(table) - done} failed"
                           + (f" (see {target / 'heatmaps.csv'})" if len(table) - done else ""))
+        _exit_for_failures(len(table) - done, len(table), opts.allow_failures)
+
+
+@app.command()
+def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil train` (with `slidemil heatmap` done)."),
+         slides: Path = typer.Option(..., help="Folder of the run's slides."),
+         heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder (default: RUN/heatmaps)."),
+         out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/viewer)."),
+         slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: every heatmap)."),
+         max_mpp: Optional[float] = _opt(ViewerOptions, "max_mpp"),
+         tile_size: Optional[int] = _opt(ViewerOptions, "tile_size"),
+         quality: Optional[int] = _opt(ViewerOptions, "quality"),
+         cmap: Optional[str] = _opt(ViewerOptions, "cmap"),
+         alpha: Optional[float] = _opt(ViewerOptions, "alpha"),
+         top_k: Optional[int] = _opt(ViewerOptions, "top_k"),
+         mpp: Optional[float] = _opt(ViewerOptions, "mpp"),
+         allow_failures: Optional[bool] = _opt(ViewerOptions, "allow_failures", "--allow-failures")):
+    """A static zoomable page (Deep Zoom tiles, heatmap overlay, top tiles) of the run's heatmapped slides:
+    open RUN/viewer/index.html from disk, no server needed."""
+    from slidemil.explain.viewer import SlideViewer
+    from slidemil.rundir import RunDir
+
+    given = _given(ViewerOptions, locals())
+    _setup_logging(False)
+    with _errors():
+        opts = load_config(ViewerOptions, None, given)
+        rd = RunDir(run)
+        rd.config()                                   # a run folder, or one line saying it is not
+        target = out or rd.viewer_dir
+        viewer = SlideViewer(slides, heatmaps or rd.heatmaps_dir, target, opts)
+        ensure_writable(target)
+        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        table = viewer.make_all(ids, title=f"slidemil viewer: {rd.name}")
+        done = int((table["status"] == "done").sum())
+        out_console.print(f"{done} slide(s) in {target / 'index.html'}; {len(table) - done} failed"
+                          + (f" (see {target / 'viewer.csv'})" if len(table) - done else ""))
         _exit_for_failures(len(table) - done, len(table), opts.allow_failures)
 
 
