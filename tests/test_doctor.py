@@ -24,6 +24,12 @@ def test_doctor_finds_weights_in_place_and_names_the_fix_for_missing_ones(tmp_pa
     assert "gated" in missing.fix and "handcrafted" not in " ".join(checks)       # no weights needed there
     res = runner.invoke(app, ["doctor", "--out", str(tmp_path)])
     assert res.exit_code == 0 and "ready" in res.output and "fix: slidemil weights fetch uni_v2" in res.output
+    # slide encoders too: CHIEF's file is fetched by hand from the authors' page
+    chief = checks["slide weights chief"]
+    assert not chief.ok and "download CHIEF_pretraining.pth from https://drive.google.com" in chief.fix
+    (tmp_path / "w" / "chief").mkdir()
+    (tmp_path / "w" / "chief" / "CHIEF_pretraining.pth").write_bytes(blob)
+    assert {c.name: c for c in run_checks(tmp_path)}["slide weights chief"].ok
 
 
 def test_doctor_fails_when_the_output_disk_is_nearly_full(tmp_path, monkeypatch):

@@ -544,6 +544,43 @@ def encoders():
         table.add_row(name, str(s.dim), str(s.input_size), str(s.mpp), src, s.reference)
     out_console.print(table)
     out_console.print("Also: timm:<model name> for any timm model (weights via --weights or --download).")
+    from slidemil.features.slide_encoders import SLIDE_ENCODERS, available_slide_encoders
+
+    slides = Table(title="slide encoders (slidemil embed-slides)")
+    for col in ("name", "patch features", "dim", "weights", "reference"):
+        slides.add_column(col, overflow="fold")
+    for name in available_slide_encoders():
+        s = SLIDE_ENCODERS.info(name).obj
+        src = "none needed" if not s.needs_weights else f"{s.extra.get('url', '')} -> {default_weights_path(s)}"
+        slides.add_row(name, f"{s.patch_encoder or 'any'} ({s.in_dim or 'any'}-d)", str(s.dim or "= patch"), src,
+                       s.reference)
+    out_console.print(slides)
+
+
+@app.command("embed-slides")
+def embed_slides(features: Path = typer.Option(..., help="Folder of patch feature files (one .h5 or .pt per slide)."),
+                 out: Path = typer.Option(..., help="Folder for the slide embeddings (one [1, D] .h5 per slide)."),
+                 encoder: str = typer.Option("mean", help="Slide encoder (see `slidemil encoders`)."),
+                 weights: Optional[Path] = typer.Option(None, help="The slide encoder's weights file (default: "
+                                                        "$SLIDEMIL_WEIGHTS/<encoder>/<file>)."),
+                 slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all files)."),
+                 device: str = typer.Option("auto", help="auto | cpu | cuda."),
+                 allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 when some slides failed "
+                                                     "(never when all did).")):
+    """One embedding per slide from its patch features. The output folder is a feature folder: `slidemil
+    train --features OUT` trains on it, and the run's baseline is the linear (Cox) probe of the embedding."""
+    from slidemil.features.slide_encoders import embed_slides as run_embed
+    from slidemil.utils.device import resolve_device
+
+    _setup_logging(False)
+    with _errors():
+        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        table = run_embed(features, out, encoder, str(weights) if weights else None, ids, str(resolve_device(device)))
+        failed = int((table["status"] == "failed").sum())
+        kept = int((table["status"] == "skipped").sum())
+        out_console.print(f"{len(table) - failed} slide embedding(s) in {out} ({kept} kept from an earlier run); "
+                          f"{failed} failed" + (f" (see {out / 'embed_slides.csv'})" if failed else ""))
+        _exit_for_failures(failed, len(table), allow_failures)
 
 
 @app.command()

@@ -78,6 +78,27 @@ def _weights(hash_files: bool) -> list[Check]:
             out.append(Check(f"weights {s.name}", False, f"not at {s.path}",
                              f"slidemil weights fetch {s.name}" + (f"  (or download from {s.source})" if s.source else ""),
                              required=False))
+    return out + _slide_weights(hash_files)
+
+
+def _slide_weights(hash_files: bool) -> list[Check]:
+    """The slide encoders' weights (files the user downloads by hand from the publisher's page)."""
+    from slidemil.features.encoders.registry import default_weights_path
+    from slidemil.features.slide_encoders import SLIDE_ENCODERS, available_slide_encoders
+    from slidemil.utils.io import sha256_file
+
+    out = []
+    for name in available_slide_encoders():
+        spec = SLIDE_ENCODERS.info(name).obj
+        if not spec.needs_weights:
+            continue
+        path = default_weights_path(spec)
+        if path.is_file():
+            detail = f"{path} ({path.stat().st_size / 2**20:.0f} MB{', sha256 ' + sha256_file(path) if hash_files else ''})"
+            out.append(Check(f"slide weights {name}", True, detail, required=False))
+        else:
+            out.append(Check(f"slide weights {name}", False, f"not at {path}",
+                             f"download {spec.weights_file} from {spec.extra.get('url')} to {path}", required=False))
     return out
 
 

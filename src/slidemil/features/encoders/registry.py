@@ -122,8 +122,10 @@ def weights_help(spec: EncoderSpec) -> str:
     where = default_weights_path(spec)
     src = spec.extra.get("url") or (f"https://huggingface.co/{spec.hub_id}" if spec.hub_id else "the model's publisher")
     gated = " (gated: request access on that page first)" if spec.gated else ""
-    fetch = f"`slidemil weights fetch {spec.name}`" if spec.extra.get("url") or spec.hub_id else ""
-    return (f"encoder {spec.name} needs its weights: download {spec.weights_file or 'the weights file'} from {src}"
+    fetchable = (spec.extra.get("url") or spec.hub_id) and not spec.extra.get("manual")   # manual: a web page
+    fetch = f"`slidemil weights fetch {spec.name}`" if fetchable else ""
+    kind = spec.extra.get("kind", "encoder")
+    return (f"{kind} {spec.name} needs its weights: download {spec.weights_file or 'the weights file'} from {src}"
             f"{gated}, then pass --weights /path/to/{spec.weights_file or 'file'}" +
             (f" or put it at {where}" if where else "") + (f", or run {fetch} (network)" if fetch else "") + ".")
 
