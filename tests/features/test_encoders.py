@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.layers import GluMlp, SwiGLUPacked
 
 from slidemil.errors import InputError
 from slidemil.features.encoders import available_encoders, create_encoder, get_spec
@@ -16,7 +17,8 @@ from slidemil.features.encoders.foundation import LUNIT_MEAN, dino_teacher_to_ti
 EXPECTED = {"resnet50_trunc": (1024, 8.5), "uni_v1": (1024, 303), "uni_v2": (1536, 681), "virchow2": (2560, 631),
             "hoptimus0": (1536, 1135), "hoptimus1": (1536, 1135), "gigapath": (1536, 1135), "phikon_v2": (1024, 303),
             "virchow": (2560, 631), "phikon": (768, 86), "gpfm": (1024, 303), "lunit_vits16": (384, 21.7),
-            "lunit_vits8": (384, 21.7)}
+            "lunit_vits8": (384, 21.7), "kaiko_vits16": (384, 21.7), "kaiko_vits8": (384, 21.7),
+            "kaiko_vitb16": (768, 85.8), "kaiko_vitb8": (768, 85.8), "kaiko_vitl14": (1024, 304), "midnight": (3072, 1136)}
 
 
 def test_required_encoders_are_registered():
@@ -63,7 +65,8 @@ def test_uni_v1_full_size_roundtrip(tmp_path):
 
 
 def _hf_layout(vit, kind: str) -> dict:
-    """A timm ViT's weights under transformers' names (Dinov2Model or ViTModel), by the inverse mapping."""
+    """A timm ViT's weights under transformers' names (Dinov2Model, with SwiGLU where the ViT has it, or
+    ViTModel), by the inverse mapping."""
     s = vit.state_dict()
     hf = {"embeddings.cls_token": s["cls_token"], "embeddings.position_embeddings": s["pos_embed"],
           "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
@@ -83,7 +86,33 @@ def _hf_layout(vit, kind: str) -> dict:
                 hf[p + f"{hf_name}.{part}"] = s[q + f"{timm_name}.{part}"]
         if kind == "dinov2":
             hf[p + "layer_scale1.lambda1"], hf[p + "layer_scale2.lambda1"] = s[q + "ls1.gamma"], s[q + "ls2.gamma"]
+        if kind == "dinov2" and isinstance(vit.blocks[i].mlp, GluMlp):   # Dinov2SwiGLUFFN's names
+            for part in ("weight", "bias"):
+                hf[p + f"mlp.weights_in.{part}"] = hf.pop(p + f"mlp.fc1.{part}")
+                hf[p + f"mlp.weights_out.{part}"] = hf.pop(p + f"mlp.fc2.{part}")
     return hf
+
+
+def test_swiglu_dinov2_keys_map_to_timm():
+    """Midnight ships a transformers Dinov2Model with SwiGLU blocks (mlp.weights_in packs [x1; x2], SiLU(x1) * x2,
+    as timm's SwiGLUPacked): a small such ViT round-trips, and the full ViT-g/14 loads from that layout."""
+    from slidemil.features.encoders.registry import fit_state_dict
+
+    torch.manual_seed(0)
+    kw = {"init_values": 1e-5, "mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU, "mlp_ratio": 2.66667 * 2}
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kw).eval()
+    hf = _hf_layout(vit, "dinov2")
+    assert any(k.endswith("mlp.weights_in.weight") for k in hf) and not any(k.endswith("mlp.fc1.weight") for k in hf)
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kw).eval()
+    fresh.load_state_dict(hf_dinov2_to_timm(hf))
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), vit(x))
+    spec = get_spec("midnight")
+    assert spec.mean == spec.std == (0.5, 0.5, 0.5)
+    with torch.device("meta"):
+        model = spec.builder()
+        fit_state_dict(model, spec, _hf_layout(model.vit, "dinov2"), "published")
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "vit"])
@@ -119,6 +148,9 @@ def test_new_encoders_know_their_source_and_preprocessing():
     assert get_spec("lunit_vits8").mean == LUNIT_MEAN and get_spec("lunit_vits8").extra["url"].endswith(".torch")
     assert get_spec("gpfm").extra["url"].startswith("https://github.com/") and not get_spec("gpfm").gated
     assert get_spec("virchow").gated and get_spec("virchow").hub_id == "paige-ai/Virchow"
+    kaiko = get_spec("kaiko_vitl14")
+    assert kaiko.mean == kaiko.std == (0.5, 0.5, 0.5) and not kaiko.gated
+    assert kaiko.hub_id == "1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms"
 
 
 def test_offline_without_weights_says_what_to_fetch(tmp_path, monkeypatch):
@@ -169,7 +201,7 @@ def test_handcrafted_needs_no_weights():
 
 
 @pytest.mark.parametrize("name", ["uni_v2", "virchow2", "virchow", "hoptimus0", "hoptimus1", "gigapath", "gpfm",
-                                  "lunit_vits16"])
+                                  "lunit_vits16", "kaiko_vitl14"])
 def test_published_key_layout_loads(name):
     """The billion-parameter encoders, on the meta device (no memory): a state dict in the publisher's
     layout (a plain timm ViT's keys) goes through the same conversion and strict key check as a file."""

@@ -5,7 +5,8 @@ registry from a local file or, when asked, from the hub. Architectures and norma
 published model cards: UNI (Chen et al., Nat. Med. 2024), UNI2-h, Virchow (Vorontsov et al., Nat. Med.
 2024) and Virchow2 (Zimmermann et al. 2024), H-optimus-0/1 (Bioptimus), Prov-GigaPath (Xu et al., Nature
 2024), Phikon (Filiot et al. 2023) and Phikon-v2 (2024), GPFM (Ma et al. 2024), Lunit's DINO ViT-S (Kang et
-al., CVPR 2023), and ResNet-50 truncated after block 3 as in CLAM. Weights published in another layout
+al., CVPR 2023), Kaiko's ViTs (Aben et al. 2024) and Midnight-12k (Karasikov et al. 2025), and ResNet-50
+truncated after block 3 as in CLAM. Weights published in another layout
 (Hugging Face transformers, a DINO training checkpoint) are mapped to timm's keys by `convert`.
 """
 
@@ -88,10 +89,15 @@ def _hf_to_timm(state: dict, kind: str) -> dict:
         for part in ("weight", "bias"):
             out[q + f"attn.qkv.{part}"] = torch.cat([state[att + f"{n}.{part}"] for n in ("query", "key", "value")])
             for a, b in _HF_BLOCK[kind]:
-                out[q + f"{b}.{part}"] = state[p + f"{a}.{part}"]
+                if p + f"{a}.{part}" in state:             # a SwiGLU block has no mlp.fc1 / mlp.fc2
+                    out[q + f"{b}.{part}"] = state[p + f"{a}.{part}"]
         if kind == "dinov2":
             out[q + "ls1.gamma"] = state[p + "layer_scale1.lambda1"]
             out[q + "ls2.gamma"] = state[p + "layer_scale2.lambda1"]
+            if p + "mlp.weights_in.weight" in state:     # SwiGLU (ViT-g): transformers' packed [x1; x2] = timm's
+                for part in ("weight", "bias"):
+                    out[q + f"mlp.fc1.{part}"] = state[p + f"mlp.weights_in.{part}"]
+                    out[q + f"mlp.fc2.{part}"] = state[p + f"mlp.weights_out.{part}"]
     return out
 
 
@@ -182,6 +188,28 @@ for _name, _arch, _file in (("lunit_vits16", "vit_small_patch16_224", "dino_vit_
     _spec(_name, 384, functools.partial(_vit, _arch, img_size=224, dynamic_img_size=True), weights_file=_file,
           mean=LUNIT_MEAN, std=LUNIT_STD, reference="Kang et al., CVPR 2023 (Lunit DINO ViT-S, benchmark-ssl-pathology)",
           extra={"url": f"{LUNIT_RELEASES}/{_file}"})
+
+
+# Kaiko (Aben et al. 2024, "Towards large-scale training of pathology foundation models"): DINO/DINOv2 ViTs whose
+# timm ports are on the hub (as TRIDENT loads them); input normalised with mean = std = 0.5, embedding = class token
+KAIKO_MEAN = KAIKO_STD = (0.5, 0.5, 0.5)
+for _name, _arch, _dim, _kw in (("kaiko_vits16", "vit_small_patch16_224", 384, {}),
+                                ("kaiko_vits8", "vit_small_patch8_224", 384, {}),
+                                ("kaiko_vitb16", "vit_base_patch16_224", 768, {}),
+                                ("kaiko_vitb8", "vit_base_patch8_224", 768, {}),
+                                ("kaiko_vitl14", "vit_large_patch14_reg4_dinov2", 1024, {"img_size": 518})):
+    _hub = f"1aurent/{_arch}.kaiko_ai_towards_large_pathology_fms"
+    _spec(_name, _dim, functools.partial(_vit, _arch, dynamic_img_size=True, **_kw), hub_id=_hub,
+          weights_file="model.safetensors", mean=KAIKO_MEAN, std=KAIKO_STD,
+          reference="Aben et al. 2024 (Kaiko; timm port 1aurent/*.kaiko_ai_towards_large_pathology_fms)",
+          extra={"from_hub": functools.partial(_vit, f"hf-hub:{_hub}", pretrained=True, dynamic_img_size=True, **_kw)})
+# Midnight-12k (Karasikov et al. 2025, kaiko-ai/midnight): DINOv2 ViT-g/14 (SwiGLU) in transformers' Dinov2Model
+# layout; embedding = [class token, mean patch token] (3072), input normalised with mean = std = 0.5
+_midnight = dict(img_size=518, init_values=1e-5, global_pool="", dynamic_img_size=True)
+_spec("midnight", 3072, lambda: ClassAndMeanTokens(_vit("vit_giant_patch14_dinov2", **_midnight), 1),
+      hub_id="kaiko-ai/midnight", weights_file="model.safetensors", mean=KAIKO_MEAN, std=KAIKO_STD,
+      convert=lambda s: {f"vit.{k}": v for k, v in hf_dinov2_to_timm(s).items()},
+      reference="Karasikov et al. 2025 (Midnight-12k, ViT-g/14); embedding = [class token, mean patch token]")
 
 
 def timm_spec(model_name: str) -> EncoderSpec:
