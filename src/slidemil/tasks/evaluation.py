@@ -56,8 +56,8 @@ def evaluate_run(run: str | Path | RunDir, n_boot: int = 1000, seed: int = 0,
     if "site" in preds.columns:
         metrics["sites"] = site_metrics(task, preds, meta, metrics, n_boot, seed)
     metrics["warnings"] = run_warnings(run, metrics, task)
+    render_report(run, metrics, heatmaps, options)      # its plots add what they measure (survival: the KM log-rank)
     write_json(run.metrics_path, metrics)
-    render_report(run, metrics, heatmaps, options)
     return metrics
 
 
