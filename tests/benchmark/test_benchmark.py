@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -78,7 +79,11 @@ def test_grid_resumes_after_a_kill_without_recomputing_a_cell(encoders, tmp_path
     assert len(comparisons) == 7 and comparisons["p_delong"].between(0, 1).all()
     assert (comparisons["diff"] <= 1e-12).all()                      # nobody beats the best cell
     ranking = pd.read_csv(out / "ranking.csv")
-    assert len(ranking) == 4 and ranking["mean_rank"].min() == 1.0
+    # one task: each configuration's rank is that of its mean AUROC (ties share the average rank: 12 patients
+    # of an 8-d cohort can give two models the same AUROC)
+    assert len(ranking) == 4 and ranking["mean_rank"].min() <= 1.5
+    expected = ranking["classification"].rank(ascending=False, method="average")
+    assert np.allclose(ranking["mean_rank"], expected), ranking
     html = (out / "leaderboard.html").read_text()
     assert "Paired comparisons" in html and "data:image/png;base64," in html
 

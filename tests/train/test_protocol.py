@@ -15,7 +15,7 @@ from conftest import bag_dataset, fit_config, planted_bags
 from slidemil import models
 from slidemil.data.synthetic import make_feature_cohort
 from slidemil.features.store import read_features, write_features
-from slidemil.models.standardize import Scaling
+from slidemil.models.standardize import TO_DIAGONAL, Scaling
 
 
 def test_auto_standardisation_fires_only_far_from_unit_scale():
@@ -48,6 +48,30 @@ def test_whitening_decorrelates_only_features_that_a_few_directions_dominate():
     state = dict(white.tensors())
     again = Scaling.pop_from(state)
     assert not state and torch.allclose(again(aniso), z)
+
+
+def test_shrunk_whitening_tames_dominant_directions_without_blowing_up_small_ones():
+    """--standardize shrunk: W = ((1 - r) S + r diag S)^(-1/2), r the share of the sample correlations that is
+    noise (at least TO_DIAGONAL). Uncorrelated features are just standardised;
+    on features four strong directions dominate, those directions fall to about the others' level (as under
+    full ZCA), while a near-constant direction's variance grows 1 / r times at most relative to per-dimension
+    standardisation (full ZCA blows it up to unit variance)."""
+    torch.manual_seed(0)
+    iso = torch.randn(8000, 16) * torch.linspace(0.5, 3, 16) + 2.0
+    fitted = Scaling.fit(iso.split(250), covariance=True, n_bags=32)       # every row counted (<= 256 per bag)
+    # its sample correlations are all noise (Schäfer & Strimmer's estimate): shrunk fully to the diagonal
+    assert fitted.to_diagonal == 1.0
+    torch.testing.assert_close(fitted.shrunk()(iso), fitted(iso), atol=1e-4, rtol=1e-4)
+    strong = torch.randn(4, 32) * 3
+    aniso = torch.randn(8000, 32) * 0.8 + torch.randn(8000, 4) @ strong
+    aniso[:, 0] = aniso[:, 1] + 0.01 * torch.randn(8000)        # a near-duplicate: a direction of tiny variance
+    fitted = Scaling.fit(aniso.split(250), covariance=True, n_bags=32)
+    assert fitted.to_diagonal == TO_DIAGONAL                  # well-estimated structure: the floor
+    per_dim = torch.linalg.eigvalsh(torch.cov(fitted(aniso).T))
+    shrunk = torch.linalg.eigvalsh(torch.cov(fitted.shrunk()(aniso).T))
+    full = torch.linalg.eigvalsh(torch.cov(fitted.whitened()(aniso).T))
+    assert per_dim[-1] > 5 and shrunk[-1] < 2.5                 # the dominant directions lose their weight
+    assert shrunk[0] < 1.2 / TO_DIAGONAL * per_dim[0] and full[0] > 100 * per_dim[0]   # the tiny one is not blown up
 
 
 @pytest.mark.slow

@@ -193,7 +193,9 @@ def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
     ours, ref = metrics["pooled"][head]["value"], metrics.get("baseline", {}).get("pooled", {}).get(head, {}).get("value")
     if ref is not None and ours is not None and ours < ref - 0.02:
         warnings.append(f"the model's pooled {head} {ours:.3f} is below the reference baseline's {ref:.3f} on the "
-                        f"same folds ({task.baseline_name})")
+                        f"same folds ({task.baseline_name}); a signal spread over every instance (a phenotype "
+                        f"shift) favours mean pooling, and docs/protocol.md lists what else to try (--tune, "
+                        f"--standardize whiten)")
     return warnings
 
 

@@ -65,11 +65,12 @@ class TrainConfig(TaskConfig):
     select: Literal["best", "last"] = Field("best", description="best: the epoch with the best smoothed validation "
                                                                 "value; last: train all --epochs, keep the last "
                                                                 "(no selection, no early stopping).")
-    standardize: Literal["auto", "on", "whiten", "off"] = Field(
-        "auto", description="Standardise features with statistics of each fold's training bags (saved with the "
-                            "model, applied by predict and heatmaps): on = per dimension, whiten = decorrelate "
-                            "(ZCA: for features a few directions dominate); auto: per dimension when they are far "
-                            "from unit scale.")
+    standardize: Literal["shrunk", "auto", "on", "whiten", "off"] = Field(
+        "shrunk", description="Standardise features with statistics of each fold's training bags (saved with the "
+                              "model, applied by predict and heatmaps): shrunk = whiten by the covariance shrunk "
+                              "10% to its diagonal (a few dominant directions stop hiding the rest; "
+                              "docs/protocol.md), whiten = full ZCA, on = per dimension, auto = per dimension "
+                              "only far from unit scale (the earlier default), off.")
     monitor: Literal["val_loss", "val_metric", "val_auroc"] = Field(
         "val_loss", description="val_loss | val_metric (the task's: AUROC, C-index, Pearson r, quadratic kappa); "
                                 "val_auroc is the classification name of val_metric.")

@@ -274,25 +274,33 @@ def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold:
                               instance_dropout=cfg.instance_dropout if r == "train" else 0.0,
                               cache=cache, seed=cfg.seed + fold, device=device)
     # training bags only; the covariance (D^2 per row) only when whitening may be used
-    fitted = Scaling.fit(parts["train"].raw_bags(), covariance=cfg.standardize == "whiten" or cfg.tune) \
-        if cfg.standardize != "off" else None
+    fitted = Scaling.fit(parts["train"].raw_bags(), covariance=cfg.standardize in COVARIANCE_MODES or cfg.tune,
+                         n_bags=len(parts["train"])) if cfg.standardize != "off" else None
     scaling = choose_scaling(cfg.standardize, fitted, fold, len(parts["train"]))
     for ds in parts.values():
         ds.transform = scaling
     return parts, fitted, scaling
 
 
+COVARIANCE_MODES = ("whiten", "shrunk")      # the --standardize modes that need the covariance
+
+
 def choose_scaling(mode: str, fitted: Scaling | None, fold: int, n_bags: int = 0, quiet: bool = False) -> Scaling | None:
-    """The input transform `--standardize` asks for from the training bags' statistics: whiten (ZCA), on
-    (per dimension), auto (per dimension when far from unit scale), off. Whitening is never automatic: it
-    rescued attention on features a few directions dominate (docs/protocol.md) but moved a heatmap off the
-    tumour on handcrafted colour features, whose dominant directions carry the signal."""
+    """The input transform `--standardize` asks for from the training bags' statistics: shrunk (the default:
+    whitening by the covariance shrunk toward its diagonal), whiten (full ZCA), on (per dimension), auto (per
+    dimension when far from unit scale), off. Full whitening rescued attention on features a few directions
+    dominate (docs/protocol.md) but moved a heatmap off the tumour on handcrafted colour features, whose
+    near-duplicate dimensions it inflates; the shrunk covariance keeps the first and avoids the second."""
     say = (lambda *a: None) if quiet else log.info
     if fitted is None or mode == "off":
         return None
     if mode == "whiten":
         say("fold %d: whitening features (%s; statistics of the %d training bags)", fold, fitted.describe(), n_bags)
         return fitted.whitened()
+    if mode == "shrunk":
+        say("fold %d: whitening features by their covariance shrunk halfway to its diagonal (%s; statistics of "
+            "the %d training bags)", fold, fitted.describe(), n_bags)
+        return fitted.shrunk()
     if mode == "on" or fitted.far_from_unit():
         say("fold %d: standardising features (%s; statistics of the %d training bags)%s", fold, fitted.describe(),
             n_bags, " because they are far from unit scale (--standardize auto)" if mode == "auto" else "")

@@ -26,7 +26,7 @@ SPACE: dict[str, tuple | list] = {
     "weight_decay": (1e-6, 1e-1, True),
     "instance_dropout": (0.0, 0.7, False),
     "epochs": [10, 20, 30, 50],
-    "standardize": ["auto", "whiten"],     # the input transform (docs/protocol.md: whitening is opt-in)
+    "standardize": ["shrunk", "auto", "whiten"],     # the input transform (docs/protocol.md)
 }
 
 
