@@ -11,24 +11,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from slidemil import models
 from slidemil.models.standardize import Scaling
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from train_speed import timed  # benchmarks/ is on the path when this script runs
 
 
 def main() -> None:

@@ -98,6 +98,20 @@ def _errors():
         raise typer.Exit(1) from None
 
 
+def _ids(text: str | None) -> list[str] | None:
+    """A --slide-ids value as a list (None: every slide)."""
+    return [s.strip() for s in text.split(",")] if text else None
+
+
+def _per_slide_summary(table, noun: str, where: Path, listing: Path, allow: bool) -> None:
+    """The closing line of a per-slide batch (heatmap, view, embed-slides) and its exit status: rows with
+    status failed are counted, the rest are done (or kept from an earlier run)."""
+    failed = int((table["status"] == "failed").sum()) if len(table) else 0
+    out_console.print(f"{len(table) - failed} {noun}(s) in {where}; {failed} failed"
+                      + (f" (see {listing})" if failed else ""))
+    _exit_for_failures(failed, len(table), allow)
+
+
 def _exit_for_failures(failed: int, total: int, allow: bool) -> None:
     """A batch where every item failed exits 1; one where some failed exits 1 unless --allow-failures."""
     if failed and (failed == total or not allow):
@@ -303,12 +317,8 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         target = out or RunDir(run).heatmaps_dir
         hm = HeatmapRun(run, slides, target, opts)
         ensure_writable(target)
-        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
-        table = hm.make_all(ids)
-        done = int((table["status"] == "done").sum()) if len(table) else 0
-        out_console.print(f"{done} heatmap(s) in {target}; {len(table) - done} failed"
-                          + (f" (see {target / 'heatmaps.csv'})" if len(table) - done else ""))
-        _exit_for_failures(len(table) - done, len(table), opts.allow_failures)
+        table = hm.make_all(_ids(slide_ids))
+        _per_slide_summary(table, "heatmap", target, target / "heatmaps.csv", opts.allow_failures)
 
 
 @app.command()
@@ -339,12 +349,8 @@ def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil t
         target = out or rd.viewer_dir
         viewer = SlideViewer(slides, heatmaps or rd.heatmaps_dir, target, opts)
         ensure_writable(target)
-        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
-        table = viewer.make_all(ids, title=f"slidemil viewer: {rd.name}")
-        done = int((table["status"] == "done").sum())
-        out_console.print(f"{done} slide(s) in {target / 'index.html'}; {len(table) - done} failed"
-                          + (f" (see {target / 'viewer.csv'})" if len(table) - done else ""))
-        _exit_for_failures(len(table) - done, len(table), opts.allow_failures)
+        table = viewer.make_all(_ids(slide_ids), title=f"slidemil viewer: {rd.name}")
+        _per_slide_summary(table, "slide", target / "index.html", target / "viewer.csv", opts.allow_failures)
 
 
 @app.command()
@@ -370,7 +376,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
 
     _setup_logging(False)
     with _errors():
-        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
+        ids = _ids(slide_ids)
         if labels is not None and not labels.is_file():
             raise InputError(f"--labels {labels} does not exist")
         check_output(out, run, {"--labels": labels, "--features": features}, force)
@@ -574,13 +580,9 @@ def embed_slides(features: Path = typer.Option(..., help="Folder of patch featur
 
     _setup_logging(False)
     with _errors():
-        ids = [s.strip() for s in slide_ids.split(",")] if slide_ids else None
-        table = run_embed(features, out, encoder, str(weights) if weights else None, ids, str(resolve_device(device)))
-        failed = int((table["status"] == "failed").sum())
-        kept = int((table["status"] == "skipped").sum())
-        out_console.print(f"{len(table) - failed} slide embedding(s) in {out} ({kept} kept from an earlier run); "
-                          f"{failed} failed" + (f" (see {out / 'embed_slides.csv'})" if failed else ""))
-        _exit_for_failures(failed, len(table), allow_failures)
+        table = run_embed(features, out, encoder, str(weights) if weights else None, _ids(slide_ids),
+                          str(resolve_device(device)))
+        _per_slide_summary(table, "slide embedding", out, out / "embed_slides.csv", allow_failures)
 
 
 @app.command()
