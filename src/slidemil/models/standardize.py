@@ -7,8 +7,9 @@ at ~10 and validation losses jump by 10x between epochs; small cohorts cannot av
 dominated by a few shared directions (a strong anisotropy, as encoders' top principal components) hide
 a witness instance's shift under the background's spread along them: per-dimension scaling keeps that,
 whitening removes it (docs/protocol.md: abmil 0.59 -> 1.00 on such a cohort). The default, `shrunk`, whitens
-by the covariance shrunk 10% toward its diagonal, which keeps that gain without full whitening's blow-up of
-near-constant directions (which moved heatmaps off the tumour on handcrafted features). The statistics come from the
+by the covariance shrunk toward its diagonal (by the share of its correlations that is sampling noise, at
+least 10%), which keeps that gain without full whitening's blow-up of near-constant directions (which moved
+heatmaps off the tumour on handcrafted features). The statistics come from the
 training bags only (never validation or test), are saved with the fold's weights and applied again by
 every consumer of the model (predict, heatmaps, certify) through `Standardized`."""
 
@@ -113,8 +114,7 @@ class Scaling:
     def describe(self) -> str:
         rms = float((self.mean ** 2 + self.std ** 2).mean().sqrt())
         text = f"RMS value {rms:.3g}, per-dimension std {float(self.std.min()):.3g}-{float(self.std.max()):.3g}"
-        return text + (f", largest / median covariance eigenvalue {self.anisotropy():.3g}, correlations shrunk "
-                       f"{self.to_diagonal:.0%} toward 0" if self.eigen else "")
+        return text + (f", largest / median covariance eigenvalue {self.anisotropy():.3g}" if self.eigen else "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - self.mean.to(x.device, x.dtype)

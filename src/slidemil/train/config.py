@@ -68,7 +68,8 @@ class TrainConfig(TaskConfig):
     standardize: Literal["shrunk", "auto", "on", "whiten", "off"] = Field(
         "shrunk", description="Standardise features with statistics of each fold's training bags (saved with the "
                               "model, applied by predict and heatmaps): shrunk = whiten by the covariance shrunk "
-                              "10% to its diagonal (a few dominant directions stop hiding the rest; "
+                              "toward its diagonal by its correlations' sampling noise, at least 10% (a few "
+                              "dominant directions stop hiding the rest; "
                               "docs/protocol.md), whiten = full ZCA, on = per dimension, auto = per dimension "
                               "only far from unit scale (the earlier default), off.")
     monitor: Literal["val_loss", "val_metric", "val_auroc"] = Field(

@@ -298,8 +298,8 @@ def choose_scaling(mode: str, fitted: Scaling | None, fold: int, n_bags: int = 0
         say("fold %d: whitening features (%s; statistics of the %d training bags)", fold, fitted.describe(), n_bags)
         return fitted.whitened()
     if mode == "shrunk":
-        say("fold %d: whitening features by their covariance shrunk halfway to its diagonal (%s; statistics of "
-            "the %d training bags)", fold, fitted.describe(), n_bags)
+        say("fold %d: whitening features by their covariance shrunk %.0f%% toward its diagonal (%s; statistics of "
+            "the %d training bags)", fold, 100 * fitted.to_diagonal, fitted.describe(), n_bags)
         return fitted.shrunk()
     if mode == "on" or fitted.far_from_unit():
         say("fold %d: standardising features (%s; statistics of the %d training bags)%s", fold, fitted.describe(),
