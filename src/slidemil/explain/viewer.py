@@ -84,13 +84,14 @@ class SlideViewer:
     def make(self, slide_id: str) -> dict:
         """Tiles, overlay and the slide's entry (`<id>.json`, written last: a rerun skips a finished slide)."""
         entry_path = safe_child(self.out, slide_id, ".json")
-        if entry_path.is_file():
-            entry = json.loads(entry_path.read_text())
-            if entry.get("options") == self._tiling():
-                return entry
         scores_path = safe_child(self.heatmaps, slide_id, "_scores.h5")
         if not scores_path.is_file():
             raise InputError(f"{slide_id}: no {scores_path.name} in {self.heatmaps}; run `slidemil heatmap` on it")
+        made_from = {**self._tiling(), "scores_mtime_ns": scores_path.stat().st_mtime_ns}   # a new heatmap: redo
+        if entry_path.is_file():
+            entry = json.loads(entry_path.read_text())
+            if entry.get("options") == made_from:
+                return entry
         if slide_id not in self.slides:
             raise InputError(f"{slide_id}: no slide file in the slide folder")
         with h5py.File(scores_path) as fh:
@@ -116,7 +117,7 @@ class SlideViewer:
                                        attention),
             "top": [{"x": float(coords[i, 0] / scale), "y": float(coords[i, 1] / scale), "size": size0 / scale,
                      "score": round(float(ensemble[i]), 4)} for i in order],
-            "options": self._tiling()}
+            "options": made_from}
         write_text(entry_path, json.dumps(entry))
         return entry
 

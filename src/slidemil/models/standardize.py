@@ -85,8 +85,8 @@ class Scaling:
     def shrunk(self) -> Scaling:
         """Whitening by the covariance shrunk toward its diagonal, W = ((1 - r) S + r diag S)^(-1/2) with
         r = `to_diagonal` (the diagonal target of Schäfer & Strimmer 2005; r from `correlation_noise`, at least
-        TO_DIAGONAL): uncorrelated features are simply
-        standardised, and the correlation matrix R is taken as (1 - r) R + r I. A few dominant shared
+        TO_DIAGONAL): uncorrelated features are simply standardised, and the correlation matrix R is taken as
+        (1 - r) R + r I. A few dominant shared
         directions (eigenvalues L >> 1 of R) lose their weight, as under full whitening, while a direction of
         tiny variance is scaled up by 1 / sqrt(r) at most relative to per-dimension standardisation instead of
         to unit variance: on features with near-duplicate dimensions (handcrafted descriptors) full whitening
