@@ -242,10 +242,14 @@ def main() -> None:
     ap.add_argument("--contender", choices=CONTENDERS, default=None)
     ap.add_argument("--only", default=None, help="comma-separated contenders to (re)run; the others' results are "
                                                 "read from --out/results.json")
+    ap.add_argument("--prepare", action="store_true", help="write the cohort and stop (scripts/gpu_check.sh writes it "
+                                                           "while the GPU tests run)")
     args = ap.parse_args()
     if args.contender:
         return child(args)
     make_cohort(args)
+    if args.prepare:
+        return
     split = json.loads((args.out / "split.json").read_text())
     print(f"cohort: {args.bags} bags ({len(split['train'])} train / {len(split['val'])} val), "
           f"{split['instances']} instances, D = {args.dim}, {args.epochs} epochs, {os.cpu_count()} CPU(s), "

@@ -1,5 +1,5 @@
 """Every registered model: parameters, seconds per training step and peak memory at N = 1k, 10k, 50k
-instances (D = 1024), each configuration in a fresh process so memory peaks do not mix.
+instances (D = 1024), each model in a fresh process (on a CPU each configuration, so RSS peaks do not mix).
 
     python benchmarks/models.py [--sizes 1000 10000 50000] [--models abmil transmil ...] [--timeout S]
                                 [--device cuda]
@@ -78,32 +78,42 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration before it is cut")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast; memory = peak CUDA allocation)")
-    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.dim, args.device)))
+        for n in args.one[1:]:        # one JSON line per size, printed as soon as it is measured
+            if args.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            print(json.dumps(measure(args.one[0], int(n), args.dim, args.device)), flush=True)
         return
     from slidemil.models import available, info
 
     names = args.models or available()
     print("| model | params | complexity | " + " | ".join(f"N={n:,}: s/step, peak MB (rise)" for n in args.sizes) + " |")
     print("|---|---|---|" + "---|" * len(args.sizes))
+    # on a GPU one process per model measures every size (the peak is the device's, reset per size), which
+    # halves the start-ups; on a CPU one process per configuration keeps the RSS peaks apart
+    per_model = args.device.startswith("cuda")
     for name in names:
+        groups = [args.sizes] if per_model else [[n] for n in args.sizes]
         cells, params = [], 0
-        for n in args.sizes:
+        for sizes in groups:
+            cmd = [sys.executable, __file__, "--one", name, *map(str, sizes), "--dim", str(args.dim),
+                   "--device", args.device]
             try:
-                res = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--dim", str(args.dim),
-                                      "--device", args.device],
-                                     capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                cells.append(f"cut after {args.timeout} s (warm-up + one step)")
-                continue
-            if res.returncode != 0:
-                cells.append("failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:60])
-                continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            params = r["params"]
-            cells.append(f"{r['seconds']:.3f} s, {r['peak_mb']:.0f} ({r['rise_mb']:.0f})")
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                why = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:60]
+                out = res.stdout
+            except subprocess.TimeoutExpired as exc:
+                out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                why = f"cut after {args.timeout} s (warm-up + one step)"
+            rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            for r in rows:
+                params = r["params"]
+                cells.append(f"{r['seconds']:.3f} s, {r['peak_mb']:.0f} ({r['rise_mb']:.0f})")
+            cells += [why] * (len(sizes) - len(rows))      # the sizes a failure or the time limit left unmeasured
         print(f"| {name} | {params / 1e6:.2f}M | {info(name).complexity} | " + " | ".join(cells) + " |", flush=True)
 
 

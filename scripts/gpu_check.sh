@@ -16,11 +16,11 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DEVICE" = cpu ]; then        # dry run: the same stages at toy sizes
-  RACE=(--bags 12 --min-size 200 --max-size 2000 --dim 64 --epochs 2); SIZES=(2000); PT_DEVICE=cpu; WORKERS=2
+  RACE=(--bags 12 --min-size 200 --max-size 2000 --dim 64 --epochs 2); SIZES=(2000 4000); PT_DEVICE=cpu; WORKERS=2
   PT_SELECT=(-k "not every_model_and_task and not demo")
 else
-  RACE=(--bags 200 --min-size 1000 --max-size 50000 --dim 1024 --epochs 5); SIZES=(10000 50000); PT_DEVICE=cuda
-  WORKERS=8; PT_SELECT=()
+  RACE=(--bags 200 --min-size 1000 --max-size 50000 --dim 1024 --epochs 3); SIZES=(10000 50000); PT_DEVICE=cuda
+  WORKERS=12; PT_SELECT=()
 fi
 
 stage() {   # stage NAME SECONDS CMD...: run CMD under a time limit, output to $OUT/NAME.log, one line here
@@ -46,13 +46,18 @@ fi
 } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log" >> "$OUT/summary.txt"
 
+# 0. the race's cohort (10 GB of h5 on the device) is written on the CPU while the GPU tests run
+rm -rf /tmp/race /tmp/cv48
+"$PY" benchmarks/epoch_race.py --prepare --out /tmp/race "${RACE[@]}" > "$OUT/race_prepare.log" 2>&1 &
+PREPARE=$!
+
 # 1. the GPU tests (every model x task from the CLI, bf16 vs float32, packing, data path, strategies, demo)
-stage pytest_gpu 200 env SLIDEMIL_GPU_TEST_DEVICE="$PT_DEVICE" "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider \
-  -n "$WORKERS" --timeout 180 "${PT_SELECT[@]}"
-tail -3 "$OUT/pytest_gpu.log" >> "$OUT/summary.txt"
+stage pytest_gpu "${PYTEST_LIMIT:-180}" env SLIDEMIL_GPU_TEST_DEVICE="$PT_DEVICE" "$PY" -m pytest tests/gpu -m gpu -q \
+  -p no:cacheprovider -n "$WORKERS" --timeout 120 --tb=short -rfE --durations=15 "${PT_SELECT[@]}" ${PYTEST_ARGS:-}
+grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.log" | tail -40 >> "$OUT/summary.txt"
 
 # 2. small bags: a 48-patient cohort (D 256, ~200 instances a bag), 3 folds of abmil at defaults, wall time
-stage small_cv 60 bash -c "
+stage small_cv 45 bash -c "
   \"$PY\" -c \"from slidemil.data.synthetic import make_feature_cohort as m; m('/tmp/cv48', n_patients=48, dim=256, bag_size=(150, 250), seed=0)\" &&
   TIMEFORMAT='wall seconds (3 folds, evaluation included): %R' &&
   time \"$PY\" -m slidemil train --features /tmp/cv48/features --labels /tmp/cv48/labels.csv --out /tmp/cv48/run \
@@ -60,10 +65,11 @@ stage small_cv 60 bash -c "
 grep -h "wall seconds" "$OUT/small_cv.log" >> "$OUT/summary.txt"
 
 # 3. seconds per training step of every model (bf16 on the GPU)
-stage models 110 "$PY" benchmarks/models.py --device "$DEVICE" --sizes "${SIZES[@]}" --timeout 45
+stage models 100 "$PY" benchmarks/models.py --device "$DEVICE" --sizes "${SIZES[@]}" --timeout 30
 grep -h "^|" "$OUT/models.log" >> "$OUT/summary.txt"
 
 # 4. the epoch race: the floor, slidemil (bags on the GPU), packed, and torchmil's Trainer, one cohort
-stage race 170 "$PY" benchmarks/epoch_race.py --device "$DEVICE" --torchmil-site /tmp/site --out /tmp/race "${RACE[@]}"
+wait "$PREPARE"
+stage race 150 "$PY" benchmarks/epoch_race.py --device "$DEVICE" --torchmil-site /tmp/site --out /tmp/race "${RACE[@]}"
 tail -12 "$OUT/race.log" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
