@@ -8,6 +8,8 @@
 #   device:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #   dry run on a CPU (the script's logic, small sizes): DEVICE=cpu OUT=/tmp/gpu_check PY=.venv/bin/python \
 #            bash scripts/gpu_check.sh
+#   a second run in the same session may take fewer stages and models:
+#            STAGES="pytest small_cv models" MODELS="abmil transmil mambamil" bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -22,6 +24,10 @@ else
   RACE=(--bags 200 --min-size 1000 --max-size 50000 --dim 1024 --epochs 3); SIZES=(10000 50000); PT_DEVICE=cuda
   WORKERS=12; PT_SELECT=()
 fi
+
+STAGES=${STAGES:-pytest small_cv models race}
+MODELS=${MODELS:-}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage() {   # stage NAME SECONDS CMD...: run CMD under a time limit, output to $OUT/NAME.log, one line here
   local name=$1 limit=$2; shift 2
@@ -48,28 +54,34 @@ cat "$OUT/env.log" >> "$OUT/summary.txt"
 
 # 0. the race's cohort (10 GB of h5 on the device) is written on the CPU while the GPU tests run
 rm -rf /tmp/race /tmp/cv48
-"$PY" benchmarks/epoch_race.py --prepare --out /tmp/race "${RACE[@]}" > "$OUT/race_prepare.log" 2>&1 &
-PREPARE=$!
+if want race; then
+  "$PY" benchmarks/epoch_race.py --prepare --out /tmp/race "${RACE[@]}" > "$OUT/race_prepare.log" 2>&1 &
+  PREPARE=$!
+fi
 
 # 1. the GPU tests (every model x task from the CLI, bf16 vs float32, packing, data path, strategies, demo)
-stage pytest_gpu "${PYTEST_LIMIT:-180}" env SLIDEMIL_GPU_TEST_DEVICE="$PT_DEVICE" "$PY" -m pytest tests/gpu -m gpu -q \
+want pytest && stage pytest_gpu "${PYTEST_LIMIT:-180}" env SLIDEMIL_GPU_TEST_DEVICE="$PT_DEVICE" "$PY" -m pytest tests/gpu -m gpu -q \
   -p no:cacheprovider -n "$WORKERS" --timeout 120 --tb=short -rfE --durations=15 "${PT_SELECT[@]}" ${PYTEST_ARGS:-}
-grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.log" | tail -40 >> "$OUT/summary.txt"
+want pytest && grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.log" | tail -40 >> "$OUT/summary.txt"
 
-# 2. small bags: a 48-patient cohort (D 256, ~200 instances a bag), 3 folds of abmil at defaults, wall time
-stage small_cv 45 bash -c "
+# 2. small bags: a 48-patient cohort (D 256, ~200 instances a bag), 3 folds of abmil at defaults, wall time;
+#    then the same run under cProfile (where the host's time goes: the GPU here waits on Python)
+TRAIN48="-m slidemil train --features /tmp/cv48/features --labels /tmp/cv48/labels.csv --model abmil --folds 3 \
+  --device $DEVICE --quiet"
+want small_cv && stage small_cv 75 bash -c "
   \"$PY\" -c \"from slidemil.data.synthetic import make_feature_cohort as m; m('/tmp/cv48', n_patients=48, dim=256, bag_size=(150, 250), seed=0)\" &&
   TIMEFORMAT='wall seconds (3 folds, evaluation included): %R' &&
-  time \"$PY\" -m slidemil train --features /tmp/cv48/features --labels /tmp/cv48/labels.csv --out /tmp/cv48/run \
-      --model abmil --folds 3 --device $DEVICE --quiet"
-grep -h "wall seconds" "$OUT/small_cv.log" >> "$OUT/summary.txt"
+  time \"$PY\" $TRAIN48 --out /tmp/cv48/run &&
+  \"$PY\" -m cProfile -o /tmp/cv48.prof $TRAIN48 --out /tmp/cv48/profiled > /dev/null &&
+  \"$PY\" -c \"import pstats; s = pstats.Stats('/tmp/cv48.prof'); s.sort_stats('tottime').print_stats(25); s.sort_stats('cumulative').print_stats(40)\""
+want small_cv && grep -h "wall seconds" "$OUT/small_cv.log" >> "$OUT/summary.txt"
 
 # 3. seconds per training step of every model (bf16 on the GPU)
-stage models 100 "$PY" benchmarks/models.py --device "$DEVICE" --sizes "${SIZES[@]}" --timeout 30
-grep -h "^|" "$OUT/models.log" >> "$OUT/summary.txt"
+want models && stage models "${MODELS_LIMIT:-100}" "$PY" benchmarks/models.py --device "$DEVICE" --sizes "${SIZES[@]}" \
+  --timeout 30 ${MODELS:+--models $MODELS}
+want models && grep -h "^|" "$OUT/models.log" >> "$OUT/summary.txt"
 
 # 4. the epoch race: the floor, slidemil (bags on the GPU), packed, and torchmil's Trainer, one cohort
-wait "$PREPARE"
-stage race 150 "$PY" benchmarks/epoch_race.py --device "$DEVICE" --torchmil-site /tmp/site --out /tmp/race "${RACE[@]}"
-tail -12 "$OUT/race.log" >> "$OUT/summary.txt"
+want race && wait "$PREPARE" && stage race 150 "$PY" benchmarks/epoch_race.py --device "$DEVICE" --torchmil-site /tmp/site --out /tmp/race "${RACE[@]}"
+want race && tail -12 "$OUT/race.log" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -80,6 +80,19 @@ def test_every_model_and_task_trains_under_cuda_autocast(name, kind, monkeypatch
     np.testing.assert_allclose(low.logits, full.logits, atol=0.05 * scale, rtol=0.05)
 
 
+@pytest.mark.parametrize("name", [n for n in models.available() if models.info(n).cls.packable])
+def test_every_packable_model_trains_on_packs_under_cuda_autocast(name, monkeypatch):
+    """On a GPU a step of several bags trains on packs (trainer.auto_pack_len): the packed path under CUDA's
+    autocast (the crash of mambamil/lbmamba on the H200: bf16 projections copied into a float32 buffer)."""
+    cfg = fit_config(epochs=1, batch_size=2, pack_len=64)
+    torch.manual_seed(0)
+    model = models.create(name, in_dim=32, n_outputs=2, **FAST_ARGS.get(name, {}))
+    monkeypatch.setattr(trainer, "autocast", cuda_like)
+    result = trainer.fit(model, bag_dataset(planted_bags(6)), None, cfg, torch.device("cpu"),
+                         torch.Generator().manual_seed(0))
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
 def _strategy_args(name: str) -> dict | None:
     """Arguments each strategy needs here (None: it needs an input this test does not make)."""
     return {"histaug": None}.get(name, {})

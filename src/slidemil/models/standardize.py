@@ -16,7 +16,7 @@ every consumer of the model (predict, heatmaps, certify) through `Standardized`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,9 @@ class Scaling:
     whiten: torch.Tensor | None = None   # [D, D] float32: z = (x - mean) @ whiten, replacing the division by std
     eigen: tuple | None = None           # (eigenvalues ascending [D], eigenvectors [D, D]) of the covariance; not saved
     to_diagonal: float = TO_DIAGONAL     # the shrinkage `shrunk` uses (fit: estimated from the rows)
+    # (device, dtype) -> (mean, divisor or whitening matrix) there: moved once, not at every bag (on a GPU a
+    # copy from pageable memory waits for the GPU to finish its queue, so a per-bag copy is a host sync)
+    _placed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def fit(cls, bags: Iterable[torch.Tensor], covariance: bool = False, n_bags: int | None = None) -> Scaling:
@@ -117,10 +120,12 @@ class Scaling:
         return text + (f", largest / median covariance eigenvalue {self.anisotropy():.3g}" if self.eigen else "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - self.mean.to(x.device, x.dtype)
-        if self.whiten is not None:
-            return centred @ self.whiten.to(x.device, x.dtype)
-        return centred / self.std.to(x.device, x.dtype)
+        key = (x.device, x.dtype)
+        if key not in self._placed:
+            self._placed[key] = tuple(t.to(x.device, x.dtype) for t in (self.mean, self.whiten if self.whiten
+                                                                        is not None else self.std))
+        mean, scale = self._placed[key]
+        return (x - mean) @ scale if self.whiten is not None else (x - mean) / scale
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = dict(zip(KEYS, (self.mean, self.std)))

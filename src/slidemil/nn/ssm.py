@@ -159,7 +159,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if bt != 1 or h0 is not None:
             raise ValueError("a packed scan takes one sequence of bags, each starting from a zero state")
         real, starts, length = _aligned(segments, w, u.device)
-        scanned = tuple(t.new_zeros(*t.shape[:-1], length).index_copy_(-1, real, t.float()) for t in scanned)
+        # float32 buffers: under autocast the projections B, C arrive in bf16 (the scan runs in float32)
+        scanned = tuple(t.new_zeros(*t.shape[:-1], length, dtype=torch.float32).index_copy_(-1, real, t.float())
+                        for t in scanned)
         reset = torch.zeros(length, dtype=torch.bool, device=u.device).index_fill_(0, starts, True)
     # position-major and contiguous: a permuted view would give a, bu its strides (a position's state
     # scattered L floats apart), making every step of the scan a strided gather

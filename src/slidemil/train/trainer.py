@@ -22,7 +22,7 @@ from slidemil.models.base import MILModel
 from slidemil.rundir import RunDir
 from slidemil.tasks import Task, create_task
 from slidemil.train.config import TrainConfig
-from slidemil.utils.device import autocast
+from slidemil.utils.device import autocast, to_device
 from slidemil.utils.dist import average_gradients, broadcast_parameters, join_process_group, rank_world
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _backward(model: MILModel, batch: dict, device, pack_len: int | None, task_l
     model.batch_start(batch["ids"])
     with autocast(device):
         out = _training_forward(model, batch, device, pack_len)
-        loss = model.loss(out, batch["y"].to(device, non_blocking=True), task_loss)
+        loss = model.loss(out, to_device(batch["y"], device), task_loss)
     (loss / accum_steps).backward()
     return loss.detach().float()
 

@@ -21,3 +21,12 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without a host sync: a CPU tensor bound for a GPU is pinned first (torch caches pinned
+    blocks) and copied asynchronously. A plain `.to("cuda")` from pageable memory waits for the GPU's queue to
+    drain, which once a step (a bag's targets) keeps the host from running ahead of the GPU."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
