@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of issue 27, as ONE prepared run on the device machine (<= 8 minutes): installs the wheels
+# The GPU check of issue 27, as ONE prepared run on the device machine (~7 minutes on the H200): installs the wheels
 # its image lacks, runs `pytest -m gpu`, the 48-patient CV timing, the per-model step table and the epoch
 # race against torchmil, and writes one log per stage under $OUT (docs/benchmarks.md, H200 section, keeps
 # the numbers). Each stage has its own time limit, so a slow stage cannot starve the others.
 #
 #   here:    bash scripts/gpu_wheels.sh                       (wheels into the git-ignored .whl/)
-#   device:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   device:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=510)
 #   dry run on a CPU (the script's logic, small sizes): DEVICE=cpu OUT=/tmp/gpu_check PY=.venv/bin/python \
 #            bash scripts/gpu_check.sh
 #   a second run in the same session may take fewer stages and models:

@@ -94,3 +94,28 @@ def test_bag_head_is_platt_scaled_to_the_training_bags():
     assert (calibrated[:4] > 0.5).all() and (calibrated[4:] < 0.5).all()
     assert (calibrated[:4] < 0.9).all() and (calibrated[4:] > 0.1).all()
     assert abs(float(calibrated[:4].mean()) - 5 / 6) < 0.05 and abs(float(calibrated[4:].mean()) - 1 / 6) < 0.05
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_contrastive_loss_in_blocks_equals_the_whole_matrix(with_labels):
+    """The loss over blocks of anchors (bounded memory on 50k-instance bags) has the whole matrix's value and
+    gradients; the self-similarity of each anchor is excluded at its own column in every block."""
+    from slidemil.models.ins import contrastive_loss
+
+    torch.manual_seed(0)
+    n, queue_len, dim = 300, 64, 16
+    q0, k0 = (torch.nn.functional.normalize(torch.randn(n, dim), dim=1) for _ in range(2))
+    queue = torch.nn.functional.normalize(torch.randn(queue_len, dim), dim=1)
+    pseudo = torch.randint(0, 2, (n,)) if with_labels else None
+    queue_pseudo = torch.randint(0, 2, (queue_len,))
+    values, grads = [], []
+    for rows in (n, 64, 7):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        loss = contrastive_loss(q, k, queue, pseudo, queue_pseudo, rows=rows)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append((q.grad, k.grad))
+    for value, (gq, gk) in zip(values[1:], grads[1:]):
+        torch.testing.assert_close(value, values[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gq, grads[0][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gk, grads[0][1], rtol=1e-4, atol=1e-6)

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from slidemil.errors import InputError
 from slidemil.models.base import MILModel, MILOutput, pick_class
@@ -49,28 +50,44 @@ def update_prototypes(prototypes: torch.Tensor, q: torch.Tensor, labels: torch.T
     return F.normalize(out, dim=1)
 
 
+ANCHOR_ROWS = 2048   # anchors per block of the contrastive loss (memory O(rows x (2N + K)), not O(N x (2N + K)))
+
+
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, pseudo: torch.Tensor | None,
-                     queue_pseudo: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+                     queue_pseudo: torch.Tensor, temperature: float = 0.07, rows: int = ANCHOR_ROWS) -> torch.Tensor:
     """PiCO's SupConLoss over {q, k, queue}: positives share the pseudo label (every other entry, the anchor
     itself excluded); before prototype updates start (`pseudo` None), MoCo's InfoNCE with k_i as q_i's
-    only positive."""
-    if pseudo is None:
-        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], 1) / temperature
-        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    only positive. Each anchor's term depends on its own row of similarities only, so the mean is taken over
+    blocks of `rows` anchors, each recomputed in backward: a 50k-instance bag's N x (2N + 8192) similarity
+    matrix and its temporaries took 104 GB of an H200; a block of 2048 anchors takes ~1 GB."""
     feats = torch.cat([q, k, queue])
-    labels = torch.cat([pseudo, pseudo, queue_pseudo])
+    labels = None if pseudo is None else torch.cat([pseudo, pseudo, queue_pseudo])
+    if len(q) <= rows:
+        return _contrastive_sum(q, k, queue, feats, labels, 0, temperature) / len(q)
+    total = sum(checkpoint(_contrastive_sum, q[s:s + rows], k[s:s + rows], queue, feats, labels, s, temperature,
+                           use_reentrant=False) for s in range(0, len(q), rows))
+    return total / len(q)
+
+
+def _contrastive_sum(q, k, queue, feats, labels, start: int, temperature: float) -> torch.Tensor:
+    """The summed loss of the anchors q (rows start, start + 1, ... of the bag's q) against every entry."""
+    if labels is None:
+        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], 1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device), reduction="sum")
     logits = q @ feats.T / temperature
     logits = logits - logits.max(1, keepdim=True).values.detach()
+    anchors = torch.arange(len(q), device=q.device)
     not_self = torch.ones_like(logits, dtype=torch.bool)
-    not_self[torch.arange(len(q)), torch.arange(len(q))] = False
-    positive = (labels[: len(q), None] == labels[None]) & not_self
+    not_self[anchors, anchors + start] = False
+    positive = (labels[start:start + len(q), None] == labels[None]) & not_self
     log_prob = logits - torch.log((logits.exp() * not_self).sum(1, keepdim=True) + 1e-12)
-    return -((positive * log_prob).sum(1) / positive.sum(1).clamp_min(1)).mean()
+    return -((positive * log_prob).sum(1) / positive.sum(1).clamp_min(1)).sum()
 
 
 @register("ins", paper="Qu et al., IEEE TCSVT (arXiv 2307.02249)",
           summary="instance classifier by partial-label learning (prototypes, MoCo contrast); bag = mean of "
-                  "instance probabilities")
+                  "instance probabilities",
+          complexity="O(N^2) compute (contrastive loss over the bag), O(N*2048) memory")
 class INS(MILModel):
     """INS, feature-based variant (paper Sec. 3; official `model_feat.py`, `utils/utils_loss.py`,
     `train_onlybag_feat_by_bagcls.py`). Each instance x gets a weak and a strong view (feature dropout 0.2 and
