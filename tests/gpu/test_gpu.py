@@ -21,6 +21,7 @@ from slidemil import models
 from slidemil.cli import app
 from slidemil.data.bags import BagCache, BagDataset
 from slidemil.data.synthetic import make_feature_cohort, make_outcome_cohort
+from slidemil.models.standardize import Scaling
 from slidemil.train.trainer import fit, infer
 
 pytestmark = pytest.mark.gpu
@@ -109,6 +110,34 @@ def test_training_on_the_gpu_learns_with_either_cache_device():
         probs = infer(model, bag_dataset(test), CUDA).probs[:, 1]
         aurocs.append(roc_auc_score([b[1] for b in test], probs))
     assert min(aurocs) > 0.9, aurocs
+
+
+def test_the_training_loop_waits_for_the_gpu_once_an_epoch_not_once_a_step():
+    """Issue 27, item 3: no host sync per step, so the host queues step k + 1 while the GPU runs step k.
+    torch's sync debug mode warns at every synchronising call (.item(), a copy from pageable memory,
+    nonzero, ...); 3 epochs of 24 one-bag steps may read the epoch's losses once an epoch, never once a step
+    (the fault this catches: a bag's targets or the standardisation copied from pageable memory per step)."""
+    import warnings
+
+    bags = planted_bags(24, dim=32, seed=3)
+    model = models.create("abmil", in_dim=32, n_outputs=2)
+    ds = bag_dataset(bags)
+    ds.cache = BagCache.for_run(None, CUDA, "cuda" if ON_GPU else "cpu")
+    for i, (x, _, _) in enumerate(bags):
+        ds.cache.put(ds._key(i), (x, None))
+    ds.device = CUDA
+    ds.transform = Scaling.fit([torch.as_tensor(x) for x, _, _ in bags], covariance=True, n_bags=len(bags)).shrunk()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if ON_GPU:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit(model, ds, None, fit_config(epochs=3, min_epochs=0), CUDA, torch.Generator().manual_seed(0))
+        finally:
+            if ON_GPU:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 3 * 4, f"{len(syncs)} host syncs in 3 epochs of 24 steps: {syncs[:3]}"
 
 
 @pytest.mark.parametrize("name", models.available())
