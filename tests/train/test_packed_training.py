@@ -163,3 +163,22 @@ def test_a_gpu_packs_steps_of_several_bags_at_the_longest_bag_and_equals_padded_
     for k, v in padded.items():
         if k != "attention.w.bias":
             torch.testing.assert_close(packed[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_one_small_bag_a_step_on_a_gpu_says_the_host_paces_it_once(monkeypatch):
+    """The H200 run: ~200-instance bags at one bag a step ran no faster on the GPU than on 2 CPU cores. On a
+    GPU (the choice reads only the device type) at one bag a step with small bags, the trainer says so once,
+    with the remedy; not for large bags, several bags a step, a CPU, or a second time."""
+    from slidemil.train import trainer
+
+    monkeypatch.setattr(trainer, "_hinted", False)
+    small = bag_dataset(planted_bags(6, seed=3))                                # 30-80 instances a bag
+    large = bag_dataset(planted_bags(4, seed=3, bag_size=(2500, 3000)))
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    abmil = models.create("abmil", 32, 2)
+    assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), cpu) is None
+    assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=8), gpu) is None
+    assert trainer.hint_small_bags(abmil, large, fit_config(batch_size=1), gpu) is None
+    text = trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), gpu)
+    assert text and "--batch-size 8" in text and "host" in text
+    assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), gpu) is None     # once

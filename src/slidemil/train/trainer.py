@@ -151,6 +151,27 @@ def auto_pack_len(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, devic
     return min(longest, cfg.max_instances) if cfg.max_instances else longest
 
 
+SMALL_BAG = 2000     # median instances a bag below which one bag a step leaves a GPU waiting on the host
+_hinted = False
+
+
+def hint_small_bags(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, device: torch.device) -> str | None:
+    """On a GPU at one bag a step, bags of a few hundred instances are paced by the host's Python and kernel
+    launches, not the GPU (H200: a 48-patient CV of ~200-instance bags took 32 s, 26 s on 2 CPU cores;
+    docs/benchmarks.md). Says so once per process, with the remedy, when the median training bag is small."""
+    global _hinted
+    if _hinted or device.type != "cuda" or cfg.batch_size > 1 or cfg.pack_len or not model.packable or not len(train_ds):
+        return None
+    median = float(np.median([len(train_ds._load(i)[0]) for i in range(len(train_ds))]))
+    if median >= SMALL_BAG:
+        return None
+    _hinted = True
+    text = (f"bags of ~{median:.0f} instances at one bag a step: the GPU waits on the host; --batch-size 8 trains on "
+            f"packs, several bags a step (a different optimisation than the measured one-bag defaults; docs/scale.md)")
+    log.info(text)
+    return text
+
+
 class RankShare(Sampler):
     """Rank r's share of an epoch's order (`--ddp data`): every rank draws the same order from the same
     seeded generator and takes items r, r + K, ...; the order is padded by repeating its start so that all
@@ -217,6 +238,7 @@ def fit(model: MILModel, train_ds: BagDataset, val_ds: BagDataset | None, cfg: T
         torch.manual_seed(cfg.seed + fold + 100_003 * rank)     # each rank its own dropout and masking draws
         sampler, shuffle = RankShare(sampler or RandomSampler(train_ds, generator=generator), rank, world), None
     pack_len = auto_pack_len(model, train_ds, cfg, device)
+    hint_small_bags(model, train_ds, cfg, device)
     if pack_len and not cfg.pack_len:
         log.info("training on packs of %d instances (--batch-size %d on a GPU; results as padded batches)", pack_len,
                  cfg.batch_size)
