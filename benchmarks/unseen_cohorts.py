@@ -97,7 +97,10 @@ def main() -> None:
                 else row["error"]
             print(f"{row['cohort']:>11} {row['model']:>14}: {shown}", flush=True)
     table = pd.DataFrame(rows)
-    table.to_csv(args.out / f"unseen_s{args.seed}{suffix}.csv", index=False)
+    path = args.out / f"unseen_s{args.seed}{suffix}.csv"
+    if path.is_file():      # runs of other models with the same settings stay; a rerun cell replaces its row
+        table = pd.concat([pd.read_csv(path), table]).drop_duplicates(["cohort", "model"], keep="last")
+    table.to_csv(path, index=False)
     if "value" in table:
         table["diff"] = table["value"] - table["baseline"]
         print(table.pivot_table(index="model", columns="cohort", values="diff").round(3).to_string())
