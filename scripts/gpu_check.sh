@@ -10,6 +10,7 @@
 #            bash scripts/gpu_check.sh
 #   a second run in the same session may take fewer stages and models:
 #            STAGES="pytest small_cv models" MODELS="abmil transmil mambamil" bash scripts/gpu_check.sh
+#   PROFILE=1 profiles the small-bag CV too (+70 s); PYTEST_ARGS="-k ..." selects GPU tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -65,15 +66,18 @@ want pytest && stage pytest_gpu "${PYTEST_LIMIT:-180}" env SLIDEMIL_GPU_TEST_DEV
 want pytest && grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.log" | tail -40 >> "$OUT/summary.txt"
 
 # 2. small bags: a 48-patient cohort (D 256, ~200 instances a bag), 3 folds of abmil at defaults, wall time;
-#    then the same run under cProfile (where the host's time goes: the GPU here waits on Python)
+#    PROFILE=1 adds the same run under cProfile (where the host's time goes: the GPU here waits on Python)
 TRAIN48="-m slidemil train --features /tmp/cv48/features --labels /tmp/cv48/labels.csv --model abmil --folds 3 \
   --device $DEVICE --quiet"
-want small_cv && stage small_cv 75 bash -c "
+PROFILED=""
+if [ "${PROFILE:-0}" = 1 ]; then
+  PROFILED="&& \"$PY\" -m cProfile -o /tmp/cv48.prof $TRAIN48 --out /tmp/cv48/profiled > /dev/null &&
+  \"$PY\" -c \"import pstats; s = pstats.Stats('/tmp/cv48.prof'); s.sort_stats('tottime').print_stats(25); s.sort_stats('cumulative').print_stats(40)\""
+fi
+want small_cv && stage small_cv "$(( ${PROFILE:-0} == 1 ? 120 : 50 ))" bash -c "
   \"$PY\" -c \"from slidemil.data.synthetic import make_feature_cohort as m; m('/tmp/cv48', n_patients=48, dim=256, bag_size=(150, 250), seed=0)\" &&
   TIMEFORMAT='wall seconds (3 folds, evaluation included): %R' &&
-  time \"$PY\" $TRAIN48 --out /tmp/cv48/run &&
-  \"$PY\" -m cProfile -o /tmp/cv48.prof $TRAIN48 --out /tmp/cv48/profiled > /dev/null &&
-  \"$PY\" -c \"import pstats; s = pstats.Stats('/tmp/cv48.prof'); s.sort_stats('tottime').print_stats(25); s.sort_stats('cumulative').print_stats(40)\""
+  time \"$PY\" $TRAIN48 --out /tmp/cv48/run $PROFILED"
 want small_cv && grep -h "wall seconds" "$OUT/small_cv.log" >> "$OUT/summary.txt"
 
 # 3. seconds per training step of every model (bf16 on the GPU)
