@@ -167,8 +167,9 @@ def test_a_gpu_packs_steps_of_several_bags_at_the_longest_bag_and_equals_padded_
 
 def test_one_small_bag_a_step_on_a_gpu_says_the_host_paces_it_once(monkeypatch):
     """The H200 run: ~200-instance bags at one bag a step ran no faster on the GPU than on 2 CPU cores. On a
-    GPU (the choice reads only the device type) at one bag a step with small bags, the trainer says so once,
-    with the remedy; not for large bags, several bags a step, a CPU, or a second time."""
+    GPU (the choice reads only the device type) at one bag a step with small bags, the trainer says so, with
+    the remedy; not for large bags, several bags a step or a CPU; it looks once per process (the bags of
+    later folds are not read again for it)."""
     from slidemil.train import trainer
 
     monkeypatch.setattr(trainer, "_hinted", False)
@@ -179,6 +180,8 @@ def test_one_small_bag_a_step_on_a_gpu_says_the_host_paces_it_once(monkeypatch):
     assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), cpu) is None
     assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=8), gpu) is None
     assert trainer.hint_small_bags(abmil, large, fit_config(batch_size=1), gpu) is None
+    assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), gpu) is None    # looked once already
+    monkeypatch.setattr(trainer, "_hinted", False)
     text = trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), gpu)
     assert text and "--batch-size 8" in text and "host" in text
     assert trainer.hint_small_bags(abmil, small, fit_config(batch_size=1), gpu) is None     # once

@@ -158,14 +158,15 @@ _hinted = False
 def hint_small_bags(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, device: torch.device) -> str | None:
     """On a GPU at one bag a step, bags of a few hundred instances are paced by the host's Python and kernel
     launches, not the GPU (H200: a 48-patient CV of ~200-instance bags took 32 s, 26 s on 2 CPU cores;
-    docs/benchmarks.md). Says so once per process, with the remedy, when the median training bag is small."""
+    docs/benchmarks.md). Says so, with the remedy, when the median training bag is small; looks once per
+    process (the first fold's bags: the cache keeps them for its first epoch)."""
     global _hinted
     if _hinted or device.type != "cuda" or cfg.batch_size > 1 or cfg.pack_len or not model.packable or not len(train_ds):
         return None
+    _hinted = True
     median = float(np.median([len(train_ds._load(i)[0]) for i in range(len(train_ds))]))
     if median >= SMALL_BAG:
         return None
-    _hinted = True
     text = (f"bags of ~{median:.0f} instances at one bag a step: the GPU waits on the host; --batch-size 8 trains on "
             f"packs, several bags a step (a different optimisation than the measured one-bag defaults; docs/scale.md)")
     log.info(text)
