@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 import slidemil.models as models
 from conftest import bag_dataset, fit_config, planted_bags
 from slidemil.train.trainer import RankShare, fit
+from slidemil.utils.dist import leave_process_group
 
 pytestmark = pytest.mark.slow  # starts process groups
 
@@ -35,7 +36,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     state = _fit(batch_size=1, ddp="data")
     torch.save(state, f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def _free_port() -> int:

@@ -39,7 +39,7 @@ from slidemil.train.trainer import fit, infer
 from slidemil.train.tune import tune_fold
 from slidemil.utils.config import describe
 from slidemil.utils.device import resolve_device
-from slidemil.utils.dist import launch_id, rank_world, wait_for
+from slidemil.utils.dist import launch_id, leave_process_group, rank_world, wait_for
 from slidemil.utils.io import atomic_path, ensure_writable, safe_child, write_csv, write_text
 from slidemil.utils.seed import seed_everything
 
@@ -249,6 +249,7 @@ def _train_folds(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
             continue
         _train_fold(cfg, cohort, splits[splits["fold"] == fold], int(fold), run, device, in_dim, enc, progress, task,
                     cache)
+    leave_process_group()      # --ddp data: every rank is past its last all-reduce before any rank goes on
 
 
 def _pool(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, task: Task) -> None:

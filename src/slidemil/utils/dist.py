@@ -44,6 +44,17 @@ def join_process_group(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def leave_process_group() -> None:
+    """Leave the process group together: a barrier first, so no rank tears its connections down while
+    another still finishes its last collective (a gloo rank that exits early can abort its peer), then
+    destroy it while the interpreter is fully alive (not in exit-time finalisation)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Every rank starts from rank 0's weights and buffers."""
     import torch.distributed as dist
