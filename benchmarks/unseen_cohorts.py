@@ -8,6 +8,10 @@ with a known oracle C. Runs go two at a time, one thread each.
 
     python benchmarks/unseen_cohorts.py [--models abmil,clam_sb] [--cohorts witness,cluster] [--seed 0]
         [--train KEY=VALUE,...] [--out /tmp/unseen] [--survival]
+    python benchmarks/unseen_cohorts.py --summary /tmp/unseen/unseen_s0.csv /tmp/unseen/unseen_s1.csv ...
+
+`--summary` reads the tables of several seeds (one settings each) and prints, per model and family, the
+mean difference to the same-run baseline and in how many seeds the model holds (within 0.05 of it).
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ def _one(job: dict) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+HOLDS = 0.05         # the goal: within this of the same-fold baseline
+
+
+def summarize(paths: list[Path]) -> pd.DataFrame:
+    """Per model and family over the seeds' tables: mean and worst difference to the baseline, holds/seeds."""
+    table = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True).dropna(subset=["value"])
+    table["diff"] = table["value"] - table["baseline"]
+    cells = table.groupby(["model", "cohort"])["diff"]
+    out = pd.DataFrame({"mean": cells.mean(), "worst": cells.min(), "holds": cells.apply(lambda d: int((d >= -HOLDS).sum())),
+                        "seeds": cells.size()})
+    return out.reset_index()
+
+
 def main() -> None:
     from slidemil.data.generators import make_survival_cohort, make_unseen_cohort
     from slidemil.models import available
@@ -65,7 +82,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/unseen"))
     ap.add_argument("--survival", action="store_true", help="also abmil on the survival cohort")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--summary", type=Path, nargs="+", help="summarise these tables (one per seed) and stop")
     args = ap.parse_args()
+    if args.summary:
+        cells = summarize(args.summary)
+        cells["cell"] = cells.apply(lambda r: f"{r['mean']:+.3f} ({r['holds']}/{r['seeds']})", axis=1)
+        print(cells.pivot(index="model", columns="cohort", values="cell").to_string())
+        return
     train = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.train.split(",") if kv)}
     names = [m for m in available() if m not in SKIP] if args.models == "all" else args.models.split(",")
     tag = "_".join(f"{k}{v}" for k, v in train.items())
