@@ -62,6 +62,7 @@ def test_instance_dropout_keeps_a_fresh_random_share_of_each_bag():
     assert not torch.equal(first, second)                      # a new draw at every access
     ds.max_instances = 25
     assert len(ds[0].x) == 25
+    assert ds.lengths() == [100]                               # the bag as stored, not as handed out
     ds.instance_dropout, ds.max_instances = 0.0, None
     assert torch.equal(ds[0].x, torch.from_numpy(bag))         # off: the whole bag
 

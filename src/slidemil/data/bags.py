@@ -189,6 +189,10 @@ class BagDataset(Dataset):
         on: reduce with a float64 accumulator, not a float64 copy of a 40k-instance bag)."""
         return (self._load(i)[0] for i in range(len(self)))
 
+    def lengths(self) -> list[int]:
+        """Every bag's instance count as stored (before `max_instances` or instance dropout)."""
+        return [len(x) for x in self.raw_bags()]
+
     def _key(self, i: int):
         return tuple(self.units[i][1]) or ("array", id(self), i)
 

@@ -147,7 +147,7 @@ def auto_pack_len(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, devic
     None (padded batches) on a CPU, with one bag a step, or for a model that reads whole bags."""
     if cfg.pack_len or device.type != "cuda" or cfg.batch_size < 2 or not model.packable or not len(train_ds):
         return cfg.pack_len
-    longest = max(len(train_ds._load(i)[0]) for i in range(len(train_ds)))
+    longest = max(train_ds.lengths())
     return min(longest, cfg.max_instances) if cfg.max_instances else longest
 
 
@@ -164,7 +164,7 @@ def hint_small_bags(model: MILModel, train_ds: BagDataset, cfg: TrainConfig, dev
     if _hinted or device.type != "cuda" or cfg.batch_size > 1 or cfg.pack_len or not model.packable or not len(train_ds):
         return None
     _hinted = True
-    median = float(np.median([len(train_ds._load(i)[0]) for i in range(len(train_ds))]))
+    median = float(np.median(train_ds.lengths()))
     if median >= SMALL_BAG:
         return None
     text = (f"bags of ~{median:.0f} instances at one bag a step: the GPU waits on the host; --batch-size 8 trains on "
