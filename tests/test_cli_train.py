@@ -18,6 +18,21 @@ def test_cli_models_lists_registry():
     assert "Ilse" in res.stdout
 
 
+def test_every_verb_is_in_the_architecture_docs_verb_table():
+    """docs/architecture.md's table is the CLI contract newcomers read: a new verb must be added there."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    table = doc.split("## The command line", 1)[1].split("\n\n", 3)[2]
+    listed = set(re.findall(r"`([a-z-]+)`", table))
+    verbs = set(typer.main.get_command(app).commands)
+    assert verbs - listed == set(), f"verbs missing from docs/architecture.md: {sorted(verbs - listed)}"
+    assert listed - verbs == set(), f"docs/architecture.md lists verbs that do not exist: {sorted(listed - verbs)}"
+
+
 def test_every_training_setting_is_a_flag_or_documented_as_yaml_only():
     import inspect
 
