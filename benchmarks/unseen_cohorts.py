@@ -99,7 +99,7 @@ def main() -> None:
     tag = "_".join(f"{k}{v}" for k, v in train.items())
     suffix = f"_{tag}" if tag else ""
     jobs = []
-    for cohort in args.cohorts.split(","):
+    for cohort in filter(None, args.cohorts.split(",")):   # --cohorts "" --survival: survival only
         root = args.out / f"{cohort}_s{args.seed}"
         if not (root / "labels.csv").is_file():
             make_unseen_cohort(root, n_patients=args.patients, seed=args.seed, **COHORTS[cohort])

@@ -124,6 +124,23 @@ def test_resume_after_a_model_default_changed_is_refused_and_the_flag_named(tmp_
         _check_run_dir(other, resume=True)
 
 
+def test_resume_of_a_class_weighted_run_from_before_the_per_bag_weighting_is_refused(tmp_path):
+    """Before the fix, --class-weights balanced cancelled out at one bag a step: folds trained then were
+    unweighted, and the remaining folds must not be finished weighted."""
+    from slidemil.rundir import RunDir
+    from slidemil.train.config import TrainConfig
+    from slidemil.train.cv import CLASS_WEIGHTING, _check_run_dir
+
+    cfg = TrainConfig(features="f", labels="l", out=str(tmp_path / "run"), class_weights="balanced")
+    old = cfg.model_dump() | {"slidemil": {"arguments": cfg.resolved_arguments()}}
+    RunDir(cfg.out).path.mkdir(parents=True)
+    RunDir(cfg.out).write_config(old)
+    with pytest.raises(InputError, match="no effect at one bag a step"):
+        _check_run_dir(cfg, resume=True)
+    RunDir(cfg.out).write_config(old | {"slidemil": old["slidemil"] | {"class_weighting": CLASS_WEIGHTING}})
+    _check_run_dir(cfg, resume=True)                     # a run started with the per-bag weighting resumes
+
+
 def test_nan_loss_stops_and_names_the_epoch(feature_cohort, tmp_path, monkeypatch):
     root, _ = feature_cohort
     from slidemil.models.abmil import ABMIL

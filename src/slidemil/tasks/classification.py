@@ -35,14 +35,17 @@ class Classification(Task):
         return parse_class_labels(raw, table, path, self.o.label_col, self.o.classes)
 
     def loss(self, state, targets, device, n_outputs: int):
-        """Cross-entropy, optionally weighted n / (C * n_c) ("balanced", as scikit-learn)."""
-        n_classes = n_outputs
-        weight = None
-        if self.o.class_weights == "balanced":
-            counts = np.bincount(np.asarray(targets, int), minlength=n_classes).astype(float)
-            weight = torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32,
-                                  device=device)
-        return lambda logits, target: F.cross_entropy(logits.float(), target, weight=weight)
+        """Cross-entropy, optionally weighted n / (C * n_c) ("balanced", as scikit-learn's `class_weight`).
+
+        The weighted loss is the plain mean of w_y * CE over the step's bags, as a scikit-learn objective
+        sums sample-weighted losses. Not torch's `weight=` mean, which divides by the step's summed
+        weights: at one bag a step (the default) that cancels the weight, and `--class-weights balanced`
+        trained exactly as without it."""
+        if self.o.class_weights != "balanced":
+            return lambda logits, target: F.cross_entropy(logits.float(), target)
+        counts = np.bincount(np.asarray(targets, int), minlength=n_outputs).astype(float)
+        weight = torch.tensor(len(targets) / (n_outputs * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        return lambda logits, target: (weight[target] * F.cross_entropy(logits.float(), target, reduction="none")).mean()
 
     def val_metric(self, state, logits, targets) -> float:
         return classification_metrics(np.asarray(targets, int), softmax(logits))["auroc"]

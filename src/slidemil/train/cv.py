@@ -107,6 +107,11 @@ def _check_same_data(run: RunDir, cohort: Cohort) -> None:
                          f"(config.yaml records their fingerprints); restore them, or start a new --out")
 
 
+# how --class-weights balanced weighs the loss, recorded in config.yaml: runs started before the per-bag
+# weighting (tasks/classification.py) cannot be resumed with it
+CLASS_WEIGHTING = "per-bag"
+
+
 def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
     """The run folder, refused when it holds another run (or this one without --resume); creates nothing."""
     run = RunDir(cfg.out)
@@ -132,6 +137,10 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
             raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
                              "use the original settings or a new --out")
         _check_built_arguments(run, cfg, started_with or {})
+        if cfg.class_weights == "balanced" and (run.config().get("slidemil") or {}).get("class_weighting") != CLASS_WEIGHTING:
+            raise InputError(f"{run.path}: its folds were trained by a slidemil whose --class-weights balanced had "
+                             f"no effect at one bag a step (its weighted loss was normalised away); the remaining "
+                             f"folds would be weighted: start a new --out")
     return run
 
 
@@ -229,6 +238,8 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     config = cfg.model_dump()
     config = dict(sorted(config.items(), key=lambda kv: kv[0] not in ("features", "labels", "out")))  # inputs first
     config["slidemil"] = provenance(cohort) | {"arguments": cfg.resolved_arguments()}
+    if cfg.class_weights == "balanced":
+        config["slidemil"]["class_weighting"] = CLASS_WEIGHTING
     run.write_config(config)
     write_text(run.launch_path, launch_id())
 
