@@ -92,6 +92,21 @@ def test_empty_site_cells_are_named_by_row(tmp_path):
         read_label_table(table, site_col="site")
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--model", "rrt", "--model-arg", "epeg_k=30"], "epeg_k must be odd"),
+    (["--model", "abmilx", "--model-arg", "n_heads=3"], "divisible by n_heads"),
+    (["--reembed", "rrt", "--reembed-arg", "epeg_k=4"], "epeg_k must be odd"),
+    (["--strategy", "mhim", "--strategy-arg", "mask_ratio=2"], "mask_ratio=2"),
+])
+def test_an_argument_value_the_model_refuses_is_one_line_before_anything_is_written(small, tmp_path, flags, says):
+    """Before, the model was first built in fold 0: a traceback, and a run folder a rerun called taken."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--features", str(small / "features"), "--labels", str(small / "labels.csv"),
+                              "--out", str(out), *FAST, *flags])
+    assert res.exit_code == 1 and says in res.output and flags[-1] in res.output, res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
 def test_a_full_disk_while_training_is_one_line_and_leaves_no_finished_looking_fold(small, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 

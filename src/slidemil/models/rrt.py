@@ -151,6 +151,8 @@ class RRTReembed(nn.Module):
                  attn_dropout: float = 0.1, region_num: int = 8, region_size: int = 0, epeg_k: int = 15,
                  crmsa_k: int = 3, crmsa_heads: int = 8, crmsa_mlp: bool = False, all_shortcut: bool = False):
         super().__init__()
+        if epeg_k > 0 and epeg_k % 2 == 0:   # the official Conv2d((k, 1), padding k // 2) grows the map by one
+            raise ValueError(f"epeg_k must be odd (the EPEG kernel keeps the attention map's size only then), not {epeg_k}")
         self.out_dim = dim
         self.project = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), Dropout(dropout))
         self.layers = nn.Sequential(*[

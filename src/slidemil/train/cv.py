@@ -192,6 +192,7 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site,
                              task.strata(cohort.table, cfg.folds), cfg.cv)
     task.check_splits(splits, cohort.table)
+    _check_model_builds(cfg, cohort, task)
     ensure_writable(run.path)
     with run.lock():
         _check_run_dir(cfg, resume)    # again, under the lock: another process may have started meanwhile
@@ -249,7 +250,7 @@ def _train_folds(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     """Train the given folds that are not finished yet."""
     device = resolve_device(cfg.device)
     enc = encoder_meta(cohort)
-    in_dim = int(enc.get("embedding_dim") or _first_dim(cohort))
+    in_dim = _in_dim(cohort)
     # one budget for all folds; on a GPU the bags live there when they fit (--cache-device)
     cache = BagCache.for_run(cfg.cache_gb if cfg.cache_features else 0, device, cfg.cache_device)
     for fold in folds:
@@ -270,8 +271,28 @@ def _pool(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataFrame, t
     write_baseline(run, cohort, splits, task, cfg.bag_unit, cfg.seed, prediction_table)
 
 
-def _first_dim(cohort: Cohort) -> int:
-    return read_features(cohort.table["feature_path"].iloc[0]).dim
+def _in_dim(cohort: Cohort) -> int:
+    """The instances' feature width: the encoder's recorded embedding_dim, else the first bag's columns."""
+    return int(encoder_meta(cohort).get("embedding_dim") or read_features(cohort.table["feature_path"].iloc[0]).dim)
+
+
+def _training_model(cfg: TrainConfig, in_dim: int, n_outputs: int):
+    """The aggregator (+ re-embedding) as `cfg` names it, wrapped in its training strategy."""
+    return apply_strategy(build_model(cfg.model_dump(), in_dim, n_outputs), cfg.strategy, **cfg.strategy_args)
+
+
+def _check_model_builds(cfg: TrainConfig, cohort: Cohort, task: Task) -> None:
+    """Build the run's model once before anything is written: an argument value it refuses (an even EPEG
+    kernel, heads that do not divide a width) is one line naming the flags, not a traceback from fold 0
+    after the run folder exists."""
+    try:
+        _training_model(cfg, _in_dim(cohort), task.n_outputs(cohort))
+    except (ValueError, TypeError, AssertionError) as exc:
+        given = " ".join(f"--{field.removesuffix('_args')}-arg {k}={v}" for field in ("model_args", "reembed_args",
+                         "strategy_args") for k, v in getattr(cfg, field).items())
+        parts = [f"--model {cfg.model}"] + [f"--{f} {getattr(cfg, f)}" for f in ("reembed", "strategy") if getattr(cfg, f)]
+        raise InputError(f"{' '.join(parts)}{' ' + given if given else ''}: {exc}; change that argument "
+                         f"(`slidemil models` lists each one's arguments and defaults)") from None
 
 
 def _datasets(cfg: TrainConfig, cohort: Cohort, fold_splits: pd.DataFrame, fold: int, cache: BagCache,
@@ -358,7 +379,7 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
         if c.standardize != cfg.standardize:        # a --tune trial's own input transform
             for ds in parts.values():
                 ds.transform = choose_scaling(c.standardize, fitted, fold, quiet=True)
-        m = apply_strategy(build_model(c.model_dump(), in_dim, task.n_outputs(cohort)), c.strategy, **c.strategy_args)
+        m = _training_model(c, in_dim, task.n_outputs(cohort))
         return m, fit(m, parts["train"], parts["val"] if len(parts["val"]) else None, c, device, generator, shown,
                       fold=fold, run_dir=run, encoder=enc.get("encoder"), task=task, task_state=state)
 
