@@ -159,6 +159,34 @@ def test_paper_recipe_fills_what_the_user_did_not_give():
     assert again.identity() == cfg.identity()
 
 
+def test_paper_recipes_sample_classes_balanced_as_the_official_commands():
+    """CLAM's README commands (and the MambaMIL scripts) train with --weighted_sample; a survival run of the
+    same model has no classes to balance and leaves it out instead of failing."""
+    from slidemil.train.config import TrainConfig
+
+    base = dict(features="f", labels="l", out="o", recipe="paper")
+    for model in ("clam_sb", "clam_mb", "abmil", "mambamil", "lbmamba"):
+        assert TrainConfig(**base, model=model).balanced_sampling, model
+    assert not TrainConfig(**base, model="transmil").balanced_sampling           # TransMIL's config does not
+    assert not TrainConfig(**base, model="clam_sb", balanced_sampling=False).balanced_sampling   # a flag wins
+    survival = TrainConfig(**base, model="abmil", task="survival")
+    assert not survival.balanced_sampling and survival.epochs == 200
+    assert not TrainConfig(features="f", labels="l", out="o", model="clam_sb").balanced_sampling   # default recipe
+
+
+def test_the_recipe_table_in_docs_is_the_recipes_in_code():
+    """docs/models.md's table went stale before (otsurv's Cox and patient bags, ins missing)."""
+    from pathlib import Path
+
+    from slidemil.train.recipes import RECIPES
+
+    doc = (Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    rows = doc.split("| model / strategy | settings | source |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    expected = [f"| `{name}` | {', '.join(f'{k}={v}' for k, v in r.settings.items())} | {r.source} |"
+                for name, r in RECIPES.items()]
+    assert rows.splitlines() == expected
+
+
 def test_otsurv_paper_recipe_is_the_papers_cox_on_patient_bags():
     """The recipe text said Cox while the run trained NLL on slide bags."""
     from slidemil.train.config import TrainConfig

@@ -174,8 +174,7 @@ class TrainConfig(TaskConfig):
     def _recipe(self):
         """The recipe's settings for every field the user did not give: the paper's (`--recipe paper`) or
         slidemil's measured per-model defaults."""
-        settings = paper_settings(self.model, self.strategy)[0] if self.recipe == "paper" else default_settings(self.model)
-        for key, value in settings.items():
+        for key, value in self._recipe_settings().items():
             if key not in self.model_fields_set:
                 object.__setattr__(self, key, value)
         return self
@@ -217,8 +216,12 @@ class TrainConfig(TaskConfig):
     def applied_defaults(self) -> dict:
         """The recipe's settings this run took because the user did not give them (slidemil's measured
         per-model defaults, or `--recipe paper`'s): said in the log and the report, never silent."""
-        settings = paper_settings(self.model, self.strategy)[0] if self.recipe == "paper" else default_settings(self.model)
-        return {k: v for k, v in settings.items() if k not in self.model_fields_set}
+        return {k: v for k, v in self._recipe_settings().items() if k not in self.model_fields_set}
+
+    def _recipe_settings(self) -> dict:
+        """`--recipe paper`: the paper's settings for this model, strategy and task; else slidemil's measured
+        per-model defaults."""
+        return paper_settings(self.model, self.strategy, self.task)[0] if self.recipe == "paper" else default_settings(self.model)
 
     def resolved_arguments(self) -> dict:
         """Every argument the model, re-embedding and strategy are built with, their defaults filled in (as

@@ -18,15 +18,17 @@ class Recipe:
 # Patience / min_epochs follow the official early stopping where there is one.
 RECIPES: dict[str, Recipe] = {
     "abmil": Recipe("CLAM's ABMIL setting (Lu et al. 2021 scripts): Adam lr 2e-4, wd 1e-5, <= 200 epochs, "
-                    "early stopping patience 20 not before epoch 50",
+                    "early stopping patience 20 not before epoch 50, class-balanced sampling (--weighted_sample)",
                     {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "min_epochs": 50,
-                     "scheduler": "none", "warmup_epochs": 0}),
-    "clam_sb": Recipe("CLAM README commands: Adam lr 2e-4, wd 1e-5, <= 200 epochs, patience 20 from epoch 50",
+                     "scheduler": "none", "warmup_epochs": 0, "balanced_sampling": True}),
+    "clam_sb": Recipe("CLAM README commands: Adam lr 2e-4, wd 1e-5, <= 200 epochs, patience 20 from epoch 50, "
+                      "class-balanced sampling (--weighted_sample)",
                       {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "min_epochs": 50,
-                       "scheduler": "none", "warmup_epochs": 0}),
-    "clam_mb": Recipe("CLAM README commands: Adam lr 2e-4, wd 1e-5, <= 200 epochs, patience 20 from epoch 50",
+                       "scheduler": "none", "warmup_epochs": 0, "balanced_sampling": True}),
+    "clam_mb": Recipe("CLAM README commands: Adam lr 2e-4, wd 1e-5, <= 200 epochs, patience 20 from epoch 50, "
+                      "class-balanced sampling (--weighted_sample)",
                       {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "min_epochs": 50,
-                       "scheduler": "none", "warmup_epochs": 0}),
+                       "scheduler": "none", "warmup_epochs": 0, "balanced_sampling": True}),
     "transmil": Recipe("TransMIL Camelyon config: Lookahead(RAdam) lr 2e-4, wd 1e-5, 200 epochs, gradient "
                        "accumulation 2, early stopping patience 10",
                        {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "accum_steps": 2, "patience": 10,
@@ -41,12 +43,13 @@ RECIPES: dict[str, Recipe] = {
                      {"lr": 1e-4, "weight_decay": 0.0, "epochs": 75, "patience": 20, "scheduler": "cosine"}),
     "rrt": Recipe("RRT-MIL: Adam lr 2e-4, wd 1e-5, cosine, 200 epochs with early stopping",
                   {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200, "patience": 20, "scheduler": "cosine"}),
-    "mambamil": Recipe("MambaMIL scripts: Adam lr 2e-4, wd 1e-5, early stopping",
+    "mambamil": Recipe("MambaMIL scripts: Adam lr 2e-4, wd 1e-5, early stopping, class-balanced sampling",
                        {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 100, "patience": 20, "scheduler": "none",
-                        "warmup_epochs": 0}),
-    "lbmamba": Recipe("MambaMIL scripts (LBMamba plugs into them): Adam lr 2e-4, wd 1e-5, early stopping",
+                        "warmup_epochs": 0, "balanced_sampling": True}),
+    "lbmamba": Recipe("MambaMIL scripts (LBMamba plugs into them): Adam lr 2e-4, wd 1e-5, early stopping, "
+                      "class-balanced sampling",
                       {"lr": 2e-4, "weight_decay": 1e-5, "epochs": 100, "patience": 20, "scheduler": "none",
-                       "warmup_epochs": 0}),
+                       "warmup_epochs": 0, "balanced_sampling": True}),
     "otsurv": Recipe("OTSurv (official main_survival.py): AdamW lr 1e-4, wd 1e-5, cosine, 1 warm-up epoch, <= 50 "
                      "epochs, batch 16, Cox loss, one bag per patient (all its slides' patches)",
                      {"lr": 1e-4, "weight_decay": 1e-5, "epochs": 50, "scheduler": "cosine", "warmup_epochs": 1,
@@ -85,7 +88,11 @@ def default_settings(model: str) -> dict:
     return dict(DEFAULTS.get(model, {}))
 
 
-def paper_settings(model: str, strategy: str | None) -> tuple[dict, list[str]]:
+# recipe settings that need class labels: a survival or regression run of these models leaves them out
+CLASS_SETTINGS = ("balanced_sampling",)
+
+
+def paper_settings(model: str, strategy: str | None, task: str = "classification") -> tuple[dict, list[str]]:
     """The paper recipe's settings for this model (a strategy's recipe, when it has one, wins: MHIM trains
     its backbone its own way) and the sources used; models without a recipe keep slidemil's defaults."""
     settings, sources = {}, []
@@ -93,4 +100,6 @@ def paper_settings(model: str, strategy: str | None) -> tuple[dict, list[str]]:
         if name in RECIPES:
             settings.update(RECIPES[name].settings)
             sources.append(f"{name}: {RECIPES[name].source}")
+    if task in ("survival", "regression"):
+        settings = {k: v for k, v in settings.items() if k not in CLASS_SETTINGS}
     return settings, sources
