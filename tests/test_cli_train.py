@@ -33,6 +33,16 @@ def test_every_verb_is_in_the_architecture_docs_verb_table():
     assert listed - verbs == set(), f"docs/architecture.md lists verbs that do not exist: {sorted(listed - verbs)}"
 
 
+def test_a_setting_a_recipe_turns_on_can_be_turned_off_by_a_flag():
+    """clam_sb and clam_mb sample classes balanced by default (and under --recipe paper): the CLI must be able
+    to say no."""
+    import typer.main
+
+    train = typer.main.get_command(app).commands["train"]
+    option = next(p for p in train.params if p.name == "balanced_sampling")
+    assert option.opts == ["--balanced-sampling"] and option.secondary_opts == ["--no-balanced-sampling"]
+
+
 def test_every_training_setting_is_a_flag_or_documented_as_yaml_only():
     import inspect
 

@@ -211,7 +211,7 @@ def train(
     splits: Optional[Path] = _opt(TrainConfig, "splits"),
     val_fraction: Optional[float] = _opt(TrainConfig, "val_fraction"),
     class_weights: Optional[str] = _opt(TrainConfig, "class_weights"),
-    balanced_sampling: Optional[bool] = _opt(TrainConfig, "balanced_sampling", "--balanced-sampling"),
+    balanced_sampling: Optional[bool] = _opt(TrainConfig, "balanced_sampling", "--balanced-sampling/--no-balanced-sampling"),
     tune: Optional[bool] = _opt(TrainConfig, "tune", "--tune"),
     tune_trials: Optional[int] = _opt(TrainConfig, "tune_trials"),
     max_instances: Optional[int] = _opt(TrainConfig, "max_instances"),

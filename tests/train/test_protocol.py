@@ -171,7 +171,7 @@ def test_paper_recipes_sample_classes_balanced_as_the_official_commands():
     assert not TrainConfig(**base, model="clam_sb", balanced_sampling=False).balanced_sampling   # a flag wins
     survival = TrainConfig(**base, model="abmil", task="survival")
     assert not survival.balanced_sampling and survival.epochs == 200
-    assert not TrainConfig(features="f", labels="l", out="o", model="clam_sb").balanced_sampling   # default recipe
+    assert not TrainConfig(features="f", labels="l", out="o", model="abmil").balanced_sampling    # default recipe
 
 
 def test_the_recipe_table_in_docs_is_the_recipes_in_code():
@@ -219,6 +219,10 @@ def test_measured_per_model_defaults_apply_unless_given():
     assert TrainConfig(**base, model="transmil", strategy="mhim").strategy == "mhim"
     assert TrainConfig(**base, model="transmil", recipe="paper").strategy is None
     assert TrainConfig(**base, model="transmil", pack_len=256).strategy == "feature_noise"   # it packs
+    for clam in ("clam_sb", "clam_mb"):      # CLAM's --weighted_sample; docs/protocol.md: imbalanced 0/3 -> 3/3
+        assert TrainConfig(**base, model=clam).balanced_sampling
+        assert not TrainConfig(**base, model=clam, balanced_sampling=False).balanced_sampling
+        assert not TrainConfig(**base, model=clam, task="survival").balanced_sampling    # no classes to balance
     im = TrainConfig(**base, model="instance_max")          # its small-cohort cure is the model's mean warm-up
     assert (im.instance_dropout, im.epochs, im.lr) == (0, 30, 2e-4)
 

@@ -221,7 +221,9 @@ class TrainConfig(TaskConfig):
     def _recipe_settings(self) -> dict:
         """`--recipe paper`: the paper's settings for this model, strategy and task; else slidemil's measured
         per-model defaults."""
-        return paper_settings(self.model, self.strategy, self.task)[0] if self.recipe == "paper" else default_settings(self.model)
+        if self.recipe == "paper":
+            return paper_settings(self.model, self.strategy, self.task)[0]
+        return default_settings(self.model, self.task)
 
     def resolved_arguments(self) -> dict:
         """Every argument the model, re-embedding and strategy are built with, their defaults filled in (as
