@@ -119,7 +119,8 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
         if not resume:
             raise InputError(f"{run.path} already holds a run; pass --resume to finish it, or choose another --out")
         old = run.config()
-        started_with = (old.pop("slidemil", None) or {}).get("arguments")
+        recorded = old.pop("slidemil", None) or {}
+        started_with = recorded.get("arguments")
         # a field the saved config lacks did not exist when the run started: it ran as that field's global
         # default (not a per-model default added since, which would silently change the remaining folds)
         absent = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()
@@ -137,7 +138,7 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
             raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
                              "use the original settings or a new --out")
         _check_built_arguments(run, cfg, started_with or {})
-        if cfg.class_weights == "balanced" and (run.config().get("slidemil") or {}).get("class_weighting") != CLASS_WEIGHTING:
+        if cfg.class_weights == "balanced" and recorded.get("class_weighting") != CLASS_WEIGHTING:
             raise InputError(f"{run.path}: its folds were trained by a slidemil whose --class-weights balanced had "
                              f"no effect at one bag a step (its weighted loss was normalised away); the remaining "
                              f"folds would be weighted: start a new --out")

@@ -182,13 +182,16 @@ class MHIM(Strategy):
         mask_ratio = version["mask_ratio"] if mask_ratio is None else mask_ratio
         mrh_sche = version["mrh_sche"] if mrh_sche is None else mrh_sche
         cl_alpha = version["cl_alpha"] if cl_alpha is None else cl_alpha
-        ratios = {"mask_ratio_h": mask_ratio_h, "mask_ratio_l": mask_ratio_l, "mask_ratio": mask_ratio,
-                  "merge_ratio": merge_ratio}
-        outside = [f"{k}={v}" for k, v in ratios.items() if v is not None and not 0 <= v < 1]
-        outside += [f"mask_ratio_hr={mask_ratio_hr}"] if not 0 <= mask_ratio_hr <= 1 else []
-        if outside:   # shares of a bag's instances (1 would mask or merge all of it); hr: of the hard ones
-            raise ValueError(f"mhim {', '.join(outside)}: mask and merge ratios are shares of the bag in [0, 1) "
-                             f"(mask_ratio_hr, the share of the hard instances masked, in [0, 1])")
+        # shares of a bag: masked ones below 1 (else nothing is left), of the hard instances up to 1, kept by
+        # merging above 0
+        ranges = {"mask_ratio_h": (mask_ratio_h, "[0, 1)", 0 <= mask_ratio_h < 1),
+                  "mask_ratio_l": (mask_ratio_l, "[0, 1)", 0 <= mask_ratio_l < 1),
+                  "mask_ratio": (mask_ratio, "[0, 1)", 0 <= mask_ratio < 1),
+                  "mask_ratio_hr": (mask_ratio_hr, "[0, 1]", 0 <= mask_ratio_hr <= 1),
+                  "merge_ratio": (merge_ratio, "(0, 1]", merge_ratio is None or 0 < merge_ratio <= 1)}
+        outside = [f"{k}={v} (must be in {span})" for k, (v, span, ok) in ranges.items() if not ok]
+        if outside:
+            raise ValueError(f"mhim {', '.join(outside)}: a share of the bag's instances")
         if init_stu_type not in ("fc", "all", "none"):
             raise ValueError(f"mhim init_stu_type must be 'fc', 'all' or 'none', not {init_stu_type!r}")
         if merge_ratio is not None and model.embedding_module is None:
