@@ -223,6 +223,7 @@ def test_measured_per_model_defaults_apply_unless_given():
         assert TrainConfig(**base, model=clam).balanced_sampling
         assert not TrainConfig(**base, model=clam, balanced_sampling=False).balanced_sampling
         assert not TrainConfig(**base, model=clam, task="survival").balanced_sampling    # no classes to balance
+        assert not TrainConfig(**base, model=clam, class_weights="balanced").balanced_sampling   # not twice
     im = TrainConfig(**base, model="instance_max")          # its small-cohort cure is the model's mean warm-up
     assert (im.instance_dropout, im.epochs, im.lr) == (0, 30, 2e-4)
 

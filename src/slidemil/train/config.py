@@ -221,9 +221,11 @@ class TrainConfig(TaskConfig):
     def _recipe_settings(self) -> dict:
         """`--recipe paper`: the paper's settings for this model, strategy and task; else slidemil's measured
         per-model defaults."""
-        if self.recipe == "paper":
-            return paper_settings(self.model, self.strategy, self.task)[0]
-        return default_settings(self.model, self.task)
+        settings = (paper_settings(self.model, self.strategy, self.task)[0] if self.recipe == "paper"
+                    else default_settings(self.model, self.task))
+        if self.class_weights != "none":      # the user chose how to balance the classes: not twice
+            settings.pop("balanced_sampling", None)
+        return settings
 
     def resolved_arguments(self) -> dict:
         """Every argument the model, re-embedding and strategy are built with, their defaults filled in (as
