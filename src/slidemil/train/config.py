@@ -174,9 +174,8 @@ class TrainConfig(TaskConfig):
     def _recipe(self):
         """The recipe's settings for every field the user did not give: the paper's (`--recipe paper`) or
         slidemil's measured per-model defaults."""
-        for key, value in self._recipe_settings().items():
-            if key not in self.model_fields_set:
-                object.__setattr__(self, key, value)
+        for key, value in self.applied_defaults().items():
+            object.__setattr__(self, key, value)
         return self
 
     @model_validator(mode="after")
