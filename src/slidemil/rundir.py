@@ -4,7 +4,8 @@
 config.yaml            resolved config + provenance (slidemil block)
 splits.csv             slide_id, case_id, fold, role
 fold_<k>/              model.safetensors, model.json, history.csv, predictions.csv, done.json (written last)
-excluded.csv           slides left out by --skip-missing / --skip-bad, with the reason
+excluded.csv           labelled slides the run left out (no label value, features missing or unusable with
+                       --skip-missing / --skip-bad, not in a given --splits), with the reason
 predictions.csv        pooled out-of-fold predictions
 metrics.json, plots/, report.html, attention/<slide_id>.h5, heatmaps/, train.log
 external/<name>.json   one per external cohort `slidemil predict --labels` validated the run on (the report's
@@ -115,9 +116,15 @@ class RunDir:
         write_csv(self.splits_path, splits)
 
     def write_excluded(self, excluded: dict[str, str]) -> None:
-        """excluded.csv: the slides of the label table left out (--skip-missing / --skip-bad) and why."""
+        """excluded.csv: the slides of the label table the run left out, and why."""
         if excluded:
             write_csv(self.excluded_path, pd.DataFrame({"slide_id": list(excluded), "reason": list(excluded.values())}))
+
+    def excluded(self) -> pd.DataFrame:
+        """excluded.csv (slide_id, reason); empty when nothing was left out."""
+        if not self.excluded_path.is_file():
+            return pd.DataFrame({"slide_id": [], "reason": []})
+        return read_csv_text(self.excluded_path, dtype={"slide_id": str, "reason": str})
 
     def test_ids(self, fold: int) -> set[str]:
         """The slides that fold `fold` reported on (never trained or validated on)."""

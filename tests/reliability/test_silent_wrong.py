@@ -3,6 +3,7 @@ refused before anything is written, with one line naming the file, row or field 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import h5py
@@ -186,3 +187,26 @@ def test_a_segmentation_without_its_qc_picture_is_redone(tmp_path):
     assert not pipe.is_done("s1", "segment")
     (seg / "s1_qc.png").write_bytes(b"png")
     assert pipe.is_done("s1", "segment")
+
+
+def test_labelled_slides_a_run_leaves_out_are_recorded_and_reported(small, tmp_path):
+    """A label row without a label and a slide a given splits.csv puts in no fold were dropped with at most a
+    log line: the run's excluded.csv and its report (metrics.json warnings) had no trace of either."""
+    labels = pd.read_csv(small / "labels.csv", dtype=str)
+    labels.loc[0, "label"] = ""
+    write_text_file(tmp_path, labels.to_csv(index=False))
+    splits = pd.read_csv(small / "run" / "splits.csv", dtype=str)
+    left = labels["slide_id"][1]
+    splits[splits["slide_id"] != left].to_csv(tmp_path / "splits.csv", index=False)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--features", str(small / "features"), "--labels", str(tmp_path / "labels.csv"),
+                              "--splits", str(tmp_path / "splits.csv"), "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    excluded = pd.read_csv(out / "excluded.csv", dtype=str).set_index("slide_id")["reason"]
+    assert set(excluded.index) == {labels["slide_id"][0], left}
+    assert "row 2" in excluded[labels["slide_id"][0]] and "label" in excluded[labels["slide_id"][0]]
+    assert "not in --splits" in excluded[left]
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert any("2 slide(s) of the label table were left out" in w and "excluded.csv" in w for w in warnings)
+    predicted = set(pd.read_csv(out / "predictions.csv", dtype=str)["slide_id"])
+    assert not predicted & set(excluded.index)

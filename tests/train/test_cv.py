@@ -79,7 +79,7 @@ def test_resume_with_other_settings_is_refused(trained, tmp_path):
     root, run = trained
     copy = tmp_path / "exp1"
     shutil.copytree(run, copy)
-    with pytest.raises(InputError, match=r"different configuration \(lr\)"):
+    with pytest.raises(InputError, match=r"different configuration \(lr: the run has 0.001, this call 0.01\)"):
         run_cv(run_config(root, copy, lr=1e-2), resume=True)
 
 
@@ -95,7 +95,7 @@ def test_resume_of_a_run_older_than_a_per_model_default_is_refused(tmp_path):
     saved.pop("instance_dropout")
     RunDir(cfg.out).path.mkdir(parents=True)
     RunDir(cfg.out).write_config(saved)
-    with pytest.raises(InputError, match=r"different configuration \(instance_dropout\)"):
+    with pytest.raises(InputError, match=r"different configuration \(instance_dropout: the run has 0.0, this call 0.6\)"):
         _check_run_dir(cfg, resume=True)
     _check_run_dir(TrainConfig(features="f", labels="l", out=cfg.out, model="dsmil", instance_dropout=0), resume=True)
 

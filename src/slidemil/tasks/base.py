@@ -102,7 +102,12 @@ class Task:
         """The label table as a cohort of this task; every problem is an InputError naming row and column."""
         raw, table = read_table(path, slide_col=self.o.slide_col, case_col=self.o.case_col, site_col=self.o.site_col,
                                 needed=self.needed_columns())
-        return self.parse(raw, table, Path(path))
+        cohort = self.parse(raw, table, Path(path))
+        # rows the task dropped (an empty label, time or target: warned as they go) are recorded as excluded
+        dropped = table[~table["slide_id"].isin(set(cohort.table["slide_id"]))]
+        reasons = {sid: f"{path} row {i + 2}: no value in a column the {self.name} task needs "
+                   f"({', '.join(self.needed_columns())})" for i, sid in zip(dropped.index, dropped["slide_id"])}
+        return cohort.with_table(cohort.table, {**reasons, **cohort.excluded}) if reasons else cohort
 
     def needed_columns(self) -> dict[str, str]:
         """Label-table columns this task reads -> the flag that names each."""

@@ -187,6 +187,11 @@ def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
     """What the folds warned about (small validation splits), small-sample caveats, and a model that trails
     its baseline."""
     warnings = sample_caveats(metrics, task)
+    excluded = run.excluded()
+    if len(excluded):
+        first = excluded.iloc[0]
+        warnings.append(f"{len(excluded)} slide(s) of the label table were left out of training and evaluation "
+                        f"(e.g. {first['slide_id']}: {first['reason']}); excluded.csv lists each with its reason")
     for fold in run.finished_folds():
         warnings += run.fold_meta(fold).get("warnings", [])
     head = task.metric_names[0]

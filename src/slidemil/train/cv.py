@@ -135,8 +135,11 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
         as_built = set(SPEC_KEYS[1::2]) if started_with is not None else set()
         changed = sorted(k for k, v in cfg.identity().items() if k not in as_built and old_cfg.identity().get(k) != v)
         if changed:
-            raise InputError(f"{run.path}: --resume with a different configuration ({', '.join(changed)}); "
-                             "use the original settings or a new --out")
+            # a per-model default changed by a newer slidemil lands here too (mean_pool's lr did, 2026-12-05)
+            was = old_cfg.identity()
+            diff = ", ".join(f"{k}: the run has {was.get(k)!r}, this call {cfg.identity()[k]!r}" for k in changed)
+            raise InputError(f"{run.path}: --resume with a different configuration ({diff}); give the run's "
+                             "settings (a default may have changed since it began) or use a new --out")
         _check_built_arguments(run, cfg, started_with or {})
         if cfg.class_weights == "balanced" and recorded.get("class_weighting") != CLASS_WEIGHTING:
             raise InputError(f"{run.path}: its folds were trained by a slidemil whose --class-weights balanced had "
@@ -189,6 +192,7 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
         splits = read_splits(run.splits_path, cohort)
     elif cfg.splits:
         splits = read_splits(cfg.splits, cohort)
+        cohort = _unassigned_excluded(cohort, splits, cfg.splits)
     else:
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site,
                              task.strata(cohort.table, cfg.folds), cfg.cv)
@@ -226,6 +230,18 @@ def _follow(cfg: TrainConfig, progress, rank: int, world: int) -> Path:
     folds = sorted(int(k) for k in splits["fold"].unique())
     _train_folds(cfg, run, cohort, splits, _rank_folds(cfg, folds, rank, world), progress, task)
     return run.path
+
+
+def _unassigned_excluded(cohort: Cohort, splits: pd.DataFrame, path: str) -> Cohort:
+    """Labelled slides with features that a given splits.csv puts in no fold are neither trained nor scored:
+    said in the log and recorded in excluded.csv (and so in the report), not dropped silently."""
+    unassigned = sorted(set(cohort.table["slide_id"]) - set(splits["slide_id"]))
+    if not unassigned:
+        return cohort
+    log.warning("%s: %d labelled slide(s) with features are in no fold and are left out: %s", path,
+                len(unassigned), ", ".join(unassigned[:10]) + (" ..." if len(unassigned) > 10 else ""))
+    reasons = {sid: f"not in --splits {path}" for sid in unassigned}
+    return cohort.with_table(cohort.table, {**cohort.excluded, **reasons})
 
 
 def _rank_folds(cfg: TrainConfig, folds: list[int], rank: int, world: int) -> list[int]:
