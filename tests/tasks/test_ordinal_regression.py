@@ -40,3 +40,17 @@ def test_regression_scaling_comes_from_the_training_rows():
     # a perfect standardised prediction costs nothing, and predictions come back in target units
     assert float(loss(torch.tensor([[-1.2247449], [0.0]]), torch.tensor([2.0, 4.0]))) < 1e-10
     assert np.allclose(task.columns(state, np.array([[1.0]]), {})["pred"], [4.0 + state["sd"]])
+
+
+def test_an_ordinal_task_without_classes_names_the_grade_order_it_used(tmp_path, caplog):
+    """Text grades sort alphabetically (high < intermediate < low): the warning said only "sorted", so an
+    inverted scale went unseen. It now names the order and the flag that fixes it; --classes is obeyed."""
+    path = tmp_path / "labels.csv"
+    rows = [(f"S{i}", f"P{i}", g) for i, g in enumerate(["low", "intermediate", "high"] * 3)]
+    pd.DataFrame(rows, columns=["slide_id", "case_id", "label"]).to_csv(path, index=False)
+    with caplog.at_level("WARNING"):
+        cohort = create_task(TaskConfig(task="ordinal")).read(path)
+    assert cohort.classes == ["high", "intermediate", "low"]
+    assert "high < intermediate < low" in caplog.text and "--classes" in caplog.text
+    given = create_task(TaskConfig(task="ordinal", classes=["low", "intermediate", "high"])).read(path)
+    assert given.classes == ["low", "intermediate", "high"]

@@ -64,9 +64,12 @@ class Ordinal(Classification):
     monitor_name = "qwk"
 
     def parse(self, raw, table, path: Path) -> Cohort:
-        if not self.o.classes:
-            log.warning("%s: no --classes given for an ordinal task; grades are ordered as sorted numbers/text", path)
-        return parse_class_labels(raw, table, path, self.o.label_col, self.o.classes)
+        cohort = parse_class_labels(raw, table, path, self.o.label_col, self.o.classes)
+        if not self.o.classes:     # "low" < "high" alphabetically would invert the grades: name the order used
+            log.warning("%s: no --classes given for an ordinal task; the grades are ordered %s (sorted as numbers, "
+                        "then text); give --classes lowest to highest if that is not their order", path,
+                        " < ".join(cohort.classes))
+        return cohort
 
     def n_outputs(self, cohort) -> int:
         return len(cohort.classes) - 1
