@@ -34,3 +34,33 @@ def test_predict_refuses_features_of_another_encoder(trained, tmp_path):
     write_features(tmp_path / "y.h5", np.zeros((5, 32)), np.zeros((5, 2)), {"encoder": "uni_v1"})
     with pytest.raises(InputError, match=r"encoder 'uni_v1' but the model expects 'synthetic'"):
         predict(run, tmp_path, device="cpu")
+
+
+def test_a_patient_bag_run_predicts_patient_bags_as_its_folds_did(tmp_path):
+    """predict scored a `--bag-unit patient` run slide by slide, inputs its folds never saw, and external
+    metrics averaged those; now each patient's slides form one bag (grouped by --labels), so predicting the
+    training cohort reproduces every fold's out-of-fold risk, and without --labels it is one clear error."""
+    from slidemil.data.synthetic import make_feature_cohort
+    from slidemil.predict import validate_external
+    from slidemil.train.config import TrainConfig
+    from slidemil.train.cv import run_cv
+
+    root = tmp_path / "c"
+    make_feature_cohort(root, n_patients=12, slides_per_patient=(2, 3), dim=16, bag_size=(10, 30), seed=3)
+    run = tmp_path / "run"
+    run_cv(TrainConfig(features=str(root / "features"), labels=str(root / "labels.csv"), out=str(run), folds=2,
+                       epochs=3, min_epochs=0, bootstrap=20, quiet=True, bag_unit="patient", model="abmil"))
+    with pytest.raises(InputError, match=r"patient bags .*pass --labels"):
+        predict(run, root / "features", device="cpu")
+    frame = predict(run, root / "features", device="cpu", labels=root / "labels.csv")
+    labels = pd.read_csv(root / "labels.csv", dtype=str)
+    assert sorted(frame["case_id"]) == sorted(labels["case_id"].unique())
+    assert all(set(s.split(";")) == set(labels.loc[labels["case_id"] == c, "slide_id"])
+               for c, s in zip(frame["case_id"], frame["slide_ids"]))
+    oof = pd.read_csv(run / "predictions.csv", dtype={"case_id": str}).set_index("case_id")
+    frame = frame.set_index("case_id")
+    for fold in range(2):
+        ids = oof.index[oof["fold"] == fold]
+        np.testing.assert_allclose(frame.loc[ids, f"fold{fold}_prob_positive"], oof.loc[ids, "prob_positive"], atol=1e-5)
+    metrics = validate_external(run, frame.reset_index(), root / "labels.csv", n_boot=20)
+    assert metrics["n_patients"] == 12 and metrics["external"]["n_scored"] == 12

@@ -356,11 +356,13 @@ def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil t
 @app.command()
 def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
             features: Path = typer.Option(..., help="Folder of feature files of the new cohort."),
-            out: Path = typer.Option(..., help="CSV to write: one row per slide."),
+            out: Path = typer.Option(..., help="CSV to write: one row per slide (per patient for a run trained "
+                                     "with --bag-unit patient)."),
             slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all files)."),
             skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out slides without features."),
             labels: Optional[Path] = typer.Option(None, help="Label table of this cohort (the run's columns): also "
-                                                  "write its metrics with CIs to metrics.json beside --out."),
+                                                  "write its metrics with CIs to metrics.json beside --out; a run "
+                                                  "trained on patient bags needs it to group the slides."),
             bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
             max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -382,7 +384,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         check_output(out, run, {"--labels": labels, "--features": features}, force)
         cohort_name = external_name(labels, name) if labels is not None else None
         ensure_writable(out.parent)
-        frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer)
+        frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer, labels)
         metrics = None
         if labels is not None:
             n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
@@ -393,7 +395,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             if metrics is not None:
                 both.enter_context(atomic_path(out.parent / "metrics.json")).write_text(json_text(metrics), "utf-8")
             frame.to_csv(tmp_csv, index=False)
-        out_console.print(f"{len(frame)} slide(s) predicted -> {out}")
+        out_console.print(f"{len(frame)} {'slide' if 'slide_id' in frame else 'patient'}(s) predicted -> {out}")
         if metrics is not None:
             record_external(run, cohort_name, metrics, labels, out)
             out_console.print(f"external validation: {summary_line(metrics)} -> {out.parent / 'metrics.json'}\n"

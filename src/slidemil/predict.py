@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from slidemil.data.bags import BagDataset
+from slidemil.data.cohort import read_table
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
 from slidemil.rundir import RunDir
@@ -51,11 +52,34 @@ def check_output(out: Path, run: str | Path, inputs: dict[str, Path | None], for
                          f"it would overwrite; write it elsewhere (or pass --force)")
 
 
+def patient_bags(run: RunDir, slides: list[str], labels: str | Path | None) -> dict[str, list[str]]:
+    """{case_id: its slide ids} for a run trained on patient bags (`--bag-unit patient`), from the label
+    table's slide and patient columns: its folds saw each patient's slides as one bag, so prediction must too
+    (scoring slides one by one and averaging would apply the model to inputs it was never trained on)."""
+    if labels is None:
+        raise InputError(f"{run.path} was trained on patient bags (--bag-unit patient): pass --labels with the "
+                         "cohort's slide and patient columns so that each patient's slides are scored as one bag")
+    cfg = run.config()
+    _, table = read_table(labels, slide_col=cfg.get("slide_col", "slide_id"), case_col=cfg.get("case_col", "case_id"))
+    case_of = dict(zip(table["slide_id"], table["case_id"]))
+    unknown = [sid for sid in slides if sid not in case_of]
+    if unknown:
+        raise InputError(f"{labels}: slide(s) {', '.join(unknown[:10])} have features but no row naming their "
+                         "patient; add them, or leave them out with --slide-ids")
+    groups: dict[str, list[str]] = {}
+    for sid in slides:
+        groups.setdefault(str(case_of[sid]), []).append(sid)
+    return groups
+
+
 def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | None = None, device: str = "auto",
-            skip_missing: bool = False, max_instances: int | None = None) -> pd.DataFrame:
+            skip_missing: bool = False, max_instances: int | None = None,
+            labels: str | Path | None = None) -> pd.DataFrame:
     """One row per slide: slide_id, then the run task's fold-ensemble columns (classification:
     prob_<class>, pred, fold<k>_prob_<class>; survival: risk, risk_group, fold<k>_risk; regression:
-    pred, fold<k>_pred). Bags over `max_instances` are scored chunk by chunk where the model can."""
+    pred, fold<k>_pred). A run trained on patient bags gives one row per patient instead (case_id,
+    slide_ids joined by ';'), its slides grouped by `labels`. Bags over `max_instances` are scored chunk by
+    chunk where the model can."""
     run, feature_dir = RunDir(run), Path(feature_dir)
     dev = resolve_device(device)
     if not feature_dir.is_dir():
@@ -88,11 +112,17 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
     meta = models[0][1]
     for p in paths.values():
         check_compatible(meta, read_attrs(p), p)
-    units = [(sid, [str(p)], 0) for sid, p in paths.items()]
+    by_patient = meta.get("bag_unit") == "patient"
+    groups = patient_bags(run, list(paths), labels) if by_patient else {sid: [sid] for sid in paths}
+    units = [(key, [str(paths[sid]) for sid in sids], 0) for key, sids in groups.items()]
     dataset = BagDataset(units, cache=len(models) > 1)
     folds = [(m, infer(model, dataset, dev, chunk=max_instances).logits) for model, m in models]
     frame = model_task(meta).ensemble(folds)
-    frame.insert(0, "slide_id", list(paths))
+    if by_patient:
+        frame.insert(0, "case_id", list(groups))
+        frame.insert(1, "slide_ids", [";".join(sids) for sids in groups.values()])
+    else:
+        frame.insert(0, "slide_id", list(paths))
     return frame
 
 
@@ -109,16 +139,22 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
         cfg["site_col"] = None
     task = create_task(cfg)
     cohort = task.read(labels)
-    table = cohort.table.set_index("slide_id")
-    known = preds["slide_id"].isin(table.index)
+    by_patient = "slide_id" not in preds.columns          # a patient-bag run's rows (`predict`)
+    key = "case_id" if by_patient else "slide_id"
+    table = (cohort.table.drop_duplicates("case_id") if by_patient else cohort.table).set_index(key)
+    known = preds[key].isin(table.index)
     if not known.any():
-        raise InputError(f"{labels}: none of the {len(preds)} predicted slides is in the label table")
+        raise InputError(f"{labels}: none of the {len(preds)} predicted {key}s is in the label table")
     if (~known).any():
-        log.warning("%d predicted slide(s) are not in %s and are left out of the metrics: %s", int((~known).sum()),
-                    labels, ", ".join(preds.loc[~known, "slide_id"][:10]))
+        log.warning("%d predicted %s(s) are not in %s and are left out of the metrics: %s", int((~known).sum()),
+                    key, labels, ", ".join(preds.loc[~known, key][:10]))
     scored = preds[known].reset_index(drop=True)
-    rows = table.loc[scored["slide_id"]]
-    scored.insert(1, "case_id", rows["case_id"].to_numpy())
+    rows = table.loc[scored[key]]
+    if by_patient:       # one bag per patient, as in the run's own predictions.csv
+        scored = scored.drop(columns="slide_ids")
+        scored.insert(0, "slide_id", scored["case_id"])
+    else:
+        scored.insert(1, "case_id", rows["case_id"].to_numpy())
     for i, col in enumerate(cohort.label_cols):
         scored.insert(2 + i, col, rows[col].to_numpy())
     if "site" in rows.columns:
