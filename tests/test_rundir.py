@@ -66,3 +66,22 @@ def test_a_fold_loads_with_the_arguments_it_was_built_with_after_a_default_chang
     save_model(tmp_path, old, {"model": "acmil", "model_args": {}, "in_dim": 64, "n_outputs": 2})   # no record
     with pytest.raises(InputError, match="does not fit the model"):
         load_model(tmp_path)
+
+
+def test_an_ensemble_of_an_unfinished_run_says_which_folds_it_lacks(tmp_path, caplog):
+    """predict and heatmap average the finished folds: a run stopped after 2 of 3 folds gave a 2-fold ensemble
+    without a word. Now the missing folds are named with the command that finishes them."""
+    run = RunDir(tmp_path / "exp")
+    run.path.mkdir()
+    run.write_splits(pd.DataFrame({"slide_id": list("abcdef"), "fold": [0, 0, 1, 1, 2, 2], "role": ["test", "train"] * 3}))
+    for k in (0, 1):
+        save_model(run.fold_dir(k), models.create("mean_pool", in_dim=8, n_outputs=2),
+                   {"model": "mean_pool", "model_args": {}, "in_dim": 8, "n_outputs": 2})
+        run.mark_fold_done(k, {"fold": k})
+    with caplog.at_level("WARNING"):
+        assert len(run.fold_models()) == 2
+    assert "fold(s) 2 of 3 are not finished" in caplog.text and "--resume" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run.fold_models(fold=0)                    # one fold asked for: nothing to warn about
+    assert "not finished" not in caplog.text

@@ -19,6 +19,7 @@ start from an earlier run, the demo) goes through this class.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,8 @@ from slidemil.models.checkpoint import load_model
 from slidemil.utils.config import read_yaml_mapping
 from slidemil.utils.io import read_csv_text, safe_child, write_csv, write_json, write_text
 from slidemil.utils.lock import Lock
+
+log = logging.getLogger(__name__)
 
 
 def _child(name: str) -> property:
@@ -177,7 +180,17 @@ class RunDir:
             folds = [k for k in folds if str(k) == str(fold)]
             if not folds:
                 raise InputError(f"--fold {fold}: {self.path} has no finished fold_{fold}")
+        elif unfinished := sorted(set(self.planned_folds()) - set(folds)):
+            log.warning("%s: fold(s) %s of %d are not finished, so the ensemble is of %d fold(s); finish the run "
+                        "with `slidemil train ... --resume`", self.path, ", ".join(map(str, unfinished)),
+                        len(self.planned_folds()), len(folds))
         return [load_model(self.fold_dir(k), device) for k in folds]
+
+    def planned_folds(self) -> list[int]:
+        """The folds splits.csv lays out (empty for a folder without one)."""
+        if not self.splits_path.is_file():
+            return []
+        return sorted(int(k) for k in read_csv_text(self.splits_path, usecols=["fold"])["fold"].unique())
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
