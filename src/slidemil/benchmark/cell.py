@@ -37,7 +37,7 @@ def run_cell(cell_dir: Path) -> None:
         folder = cell_dir / "external" / name
         if (folder / "metrics.json").is_file():
             continue
-        preds = predict(run, ext["features"], device=cfg.device)
+        preds = predict(run, ext["features"], device=cfg.device, labels=ext["labels"])
         metrics = validate_external(run, preds, ext["labels"], n_boot=cfg.bootstrap, seed=cfg.seed)
         write_csv(folder / "predictions.csv", preds)
         write_json(folder / "metrics.json", metrics)
