@@ -206,6 +206,7 @@ def test_measured_per_model_defaults_apply_unless_given():
     assert TrainConfig(**base, model="dsmil", lr=1e-4).lr == 1e-4
     assert TrainConfig(**base, model="abmil").lr == 2e-4
     assert TrainConfig(**base, model="mean_pool").lr == 1e-3               # unseen families: 7 -> 12 of 12 cells
+    assert TrainConfig(**base, model="ins").lr == 1e-3                     # unseen families: 3 -> 11 of 12 cells
     assert TrainConfig(**base, model="dsmil").instance_dropout == 0.6       # docs/protocol.md: 6 -> 10 of 10 seeds
     assert TrainConfig(**base, model="dsmil", instance_dropout=0).instance_dropout == 0
     assert TrainConfig(**base, model="dsmil", recipe="paper").instance_dropout == 0   # the official default
