@@ -31,7 +31,8 @@ def test_preprocess_config_is_the_stage_configs_together():
             assert PreprocessConfig.model_fields[name].default == field.default, name
 
 
-LR_HELP = "Learning rate. (default: 0.0002; dsmil: 0.005; max_pool: 0.005; acmil: 0.001)"   # models' measured defaults too
+LR_HELP = ("Learning rate. (default: 0.0002; dsmil: 0.005; max_pool: 0.005; mean_pool: 0.001; ins: 0.001; "
+           "acmil: 0.001)")   # models' measured defaults too
 
 
 def test_flag_help_shows_the_field_default():
