@@ -146,3 +146,21 @@ def test_extract_at_clam_and_trident_coordinates(slide_cohort, tmp_path):
             assert fh.attrs["patch_size_level0"] == 1024
             feats[name] = fh["features"][()]
     np.testing.assert_allclose(feats["clam"], feats["trident"], atol=1e-5)
+
+
+def test_a_slide_scanned_coarser_than_the_target_is_warned_about(tmp_path, caplog):
+    """A 20x scan (0.5 µm/px) in a cohort patched at 40x (0.25) had its patches upsampled 2x without a word,
+    so the encoder saw interpolated pixels unlike the other slides'. The log now names the slide, the factor
+    and the --target-mpp that avoids it; a slide at the target (within 10%) is not warned about."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    img, _, _ = render_slide(np.random.default_rng(5), (1024, 1024))
+    write_pyramidal_tiff(folder / "coarse.tif", img, mpp=0.5, downsamples=(1,))
+    write_pyramidal_tiff(folder / "fine.tif", img, mpp=0.2527, downsamples=(1,))
+    cfg = PreprocessConfig(slides=str(folder), out=str(tmp_path / "out"), quiet=True, target_mpp=0.25)
+    with caplog.at_level("WARNING"):
+        status = Pipeline(cfg).run(slides_in(folder), stages=("segment", "patch")).set_index("slide_id")
+    assert (status["status"] == "done").all()
+    assert "coarse: scanned at 0.5 µm/px, coarser than the target 0.25 µm/px" in caplog.text
+    assert "upsampled 2.0x" in caplog.text and "--target-mpp 0.5" in caplog.text
+    assert "fine:" not in caplog.text

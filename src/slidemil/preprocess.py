@@ -37,6 +37,7 @@ from slidemil.utils.lock import Lock, LockedError
 
 log = logging.getLogger(__name__)
 STAGES = ("segment", "patch", "extract")
+UPSAMPLE_TOLERANCE = 1.1    # a target finer than the scan by more than this is warned about (slides at 0.2527 vs 0.25 are not)
 
 
 class NoTissueError(InputError):
@@ -141,6 +142,12 @@ class Pipeline:
         if len(grid.coords) == 0:
             raise NoTissueError(f"{slide.path}: no patch has at least {self.o.min_tissue:.0%} tissue; "
                                 "lower --min-tissue or --patch-size")
+        if grid.attrs["downsample"] < 1 / UPSAMPLE_TOLERANCE:      # e.g. a 20x scan in a cohort patched at 40x
+            log.warning("%s: scanned at %.3g µm/px, coarser than the target %.3g µm/px: its patches are upsampled "
+                        "%.1fx, so the encoder sees interpolated pixels unlike the other slides'; patch this cohort at "
+                        "--target-mpp %.2g or coarser, or leave the slide out", slide.slide_id,
+                        grid.attrs["level0_mpp"], grid.attrs["target_mpp"], 1 / grid.attrs["downsample"],
+                        grid.attrs["level0_mpp"])
         write_coords(self.paths(slide.slide_id)["patch"], grid, {"slide_path": str(slide.path)})
 
     def encoder(self):
