@@ -95,3 +95,31 @@ def test_missing_scores_and_no_tissue_are_reported(demo_run, tmp_path):
     write_pyramidal_tiff(blank_dir / f"{sid}.tif", np.full((2048, 3072, 3), 243, np.uint8), 0.5)
     with pytest.raises(NoScoresError, match="no scored patch lies on tissue"):
         HeatmapRun(run_dir, blank_dir, tmp_path / "hm2").make(sid)
+
+
+def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):
+    """A `--bag-unit patient` run's predictions.csv names patients, so `heatmap` without --slide-ids found
+    no slide to paint; its slides now come from splits.csv."""
+    import pandas as pd
+
+    from slidemil import models
+    from slidemil.models.checkpoint import save_model
+    from slidemil.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config({"features": str(tmp_path / "features"), "labels": "l", "out": str(run.path)})
+    splits = pd.DataFrame({"slide_id": ["A_1", "A_2", "B_1"], "case_id": ["A", "A", "B"], "fold": 0,
+                           "role": ["test", "test", "train"]})
+    run.write_splits(splits)
+    run.write_predictions(pd.DataFrame({"slide_id": ["A"], "case_id": ["A"], "label": ["x"], "fold": [0],
+                                        "prob_x": [0.5], "prob_y": [0.5], "pred": ["x"]}))
+    save_model(run.fold_dir(0), models.create("abmil", in_dim=8, n_outputs=2),
+               {"model": "abmil", "model_args": {}, "in_dim": 8, "n_outputs": 2, "task": "classification",
+                "classes": ["x", "y"], "bag_unit": "patient"})
+    run.mark_fold_done(0, {"fold": 0})
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for sid in ("A_1", "A_2", "B_1", "other"):
+        (slides / f"{sid}.svs").write_bytes(b"")
+    assert HeatmapRun(run.path, slides, tmp_path / "out").default_ids() == ["A_1", "A_2", "B_1"]

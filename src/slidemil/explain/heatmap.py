@@ -33,7 +33,7 @@ from slidemil.slides.tissue import TissueConfig, segment_tissue
 from slidemil.tasks import model_task
 from slidemil.utils.device import resolve_device
 from slidemil.utils.figures import save_figure
-from slidemil.utils.io import atomic_path, safe_child, write_csv, write_text
+from slidemil.utils.io import atomic_path, read_csv_text, safe_child, write_csv, write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,11 @@ class HeatmapRun:
                       else pd.DataFrame())
 
     def default_ids(self) -> list[str]:
+        """The run's slides that are in the slide folder (a patient-bag run's predictions name patients, so
+        its slides come from splits.csv)."""
         ids = list(self.preds.index) if len(self.preds) else sorted(self.slides)
+        if self.models[0][1].get("bag_unit") == "patient" and self.run.splits_path.is_file():
+            ids = list(dict.fromkeys(read_csv_text(self.run.splits_path, dtype={"slide_id": str})["slide_id"]))
         return [s for s in ids if s in self.slides]
 
     # --- scores ------------------------------------------------------------------------------------
