@@ -83,3 +83,18 @@ def test_slide_ids_cannot_escape_the_feature_folder(tmp_path):
     with pytest.raises(MissingFeaturesError) as err:
         attach_features(cohort, feats)
     assert "cannot be used as a file name" in err.value.problems["../secret"]
+
+
+def test_without_a_case_column_slides_are_patients_said_and_tcga_siblings_refused(tmp_path, caplog):
+    """No case_id column made every slide its own patient without a word, so two slides of one patient could
+    be trained on and tested on in one fold. Now the log says so, and slides whose TCGA barcodes name the same
+    patient are refused with the fix."""
+    path = write_text_file(tmp_path, "slide_id,label\na,x\nb,y\nc,x\nd,y\n")
+    with caplog.at_level(logging.WARNING):
+        cohort = read_label_table(path)
+    assert list(cohort.table["case_id"]) == ["a", "b", "c", "d"] and "every slide is taken as its own patient" in caplog.text
+    tcga = write_text_file(tmp_path, "slide_id,label\nTCGA-A1-0001-01Z-00-DX1,x\nTCGA-A1-0001-01Z-00-DX2,x\n"
+                                     "TCGA-A1-0002-01Z-00-DX1,y\nTCGA-A1-0003-01Z-00-DX1,y\nTCGA-A1-0004-01Z-00-DX1,x\n",
+                           name="tcga.csv")
+    with pytest.raises(InputError, match=r"2 slides share a TCGA patient barcode .*TCGA-A1-0001-01Z-00-DX1.*add a case_id"):
+        read_label_table(tcga)

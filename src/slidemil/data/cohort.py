@@ -125,6 +125,7 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
         if case_col != "case_id":
             raise InputError(f"{path}: case column {case_col!r} is missing (found: {found})")
         table["case_id"] = table["slide_id"]
+        _warn_slides_as_patients(table, path)
     if site_col:
         table["site"] = raw[site_col].str.strip()
         no_site = table["site"].isna() | (table["site"] == "")
@@ -134,6 +135,22 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
     if split_col in raw.columns:
         table["split"] = raw[split_col].str.strip().str.lower()
     return raw, table
+
+
+TCGA_PATIENT = r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-"     # a TCGA barcode's first three fields name the patient
+
+
+def _warn_slides_as_patients(table: pd.DataFrame, path: Path) -> None:
+    """Without a case_id column every slide is its own patient, so a patient's slides could sit in different
+    folds (a leak): said in the log, and refused where TCGA barcodes show two slides of one patient."""
+    patients = table["slide_id"].str.extract(TCGA_PATIENT, expand=False)
+    shared = patients[patients.notna() & patients.duplicated(keep=False)]
+    if len(shared):
+        raise InputError(f"{path}: no case_id column, so every slide would be its own patient, but {len(shared)} "
+                         f"slides share a TCGA patient barcode (e.g. {', '.join(table.loc[shared.index[:2], 'slide_id'])}) "
+                         "and could land in different folds: add a case_id column (the barcode's first 12 characters)")
+    log.warning("%s: no case_id column, so every slide is taken as its own patient; if a patient has several "
+                "slides, add a case_id column so that they share a fold", path)
 
 
 def _refuse_repeated_columns(path: Path) -> None:
