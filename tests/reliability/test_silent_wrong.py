@@ -205,7 +205,12 @@ def test_labelled_slides_a_run_leaves_out_are_recorded_and_reported(small, tmp_p
     excluded = pd.read_csv(out / "excluded.csv", dtype=str).set_index("slide_id")["reason"]
     assert set(excluded.index) == {labels["slide_id"][0], left}
     assert "row 2" in excluded[labels["slide_id"][0]] and "label" in excluded[labels["slide_id"][0]]
-    assert "not in --splits" in excluded[left]
+    assert "in no fold of the splits" in excluded[left]
+    (out / "fold_1" / "done.json").unlink()                 # a resume reads the run's own splits: still recorded
+    res = runner.invoke(app, ["train", "--features", str(small / "features"), "--labels", str(tmp_path / "labels.csv"),
+                              "--splits", str(tmp_path / "splits.csv"), "--out", str(out), *FAST, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_csv(out / "excluded.csv", dtype=str)["slide_id"]) == {labels["slide_id"][0], left}
     warnings = json.loads((out / "metrics.json").read_text())["warnings"]
     assert any("2 slide(s) of the label table were left out" in w and "excluded.csv" in w for w in warnings)
     predicted = set(pd.read_csv(out / "predictions.csv", dtype=str)["slide_id"])

@@ -188,11 +188,10 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
     cohort = load_cohort(cfg, task)
     if resume and run.has_config():
         _check_same_data(run, cohort)
-    if resume and run.splits_path.exists():
-        splits = read_splits(run.splits_path, cohort)
-    elif cfg.splits:
-        splits = read_splits(cfg.splits, cohort)
-        cohort = _unassigned_excluded(cohort, splits, cfg.splits)
+    if resume and run.splits_path.exists() or cfg.splits:
+        source = run.splits_path if resume and run.splits_path.exists() else cfg.splits
+        splits = read_splits(source, cohort)
+        cohort = _unassigned_excluded(cohort, splits, str(source))
     else:
         splits = make_splits(cohort, cfg.folds, cfg.val_fraction, cfg.seed, cfg.preserve_site,
                              task.strata(cohort.table, cfg.folds), cfg.cv)
@@ -233,14 +232,15 @@ def _follow(cfg: TrainConfig, progress, rank: int, world: int) -> Path:
 
 
 def _unassigned_excluded(cohort: Cohort, splits: pd.DataFrame, path: str) -> Cohort:
-    """Labelled slides with features that a given splits.csv puts in no fold are neither trained nor scored:
-    said in the log and recorded in excluded.csv (and so in the report), not dropped silently."""
+    """Labelled slides with features that a given splits.csv (or a resumed run's) puts in no fold are neither
+    trained nor scored: said in the log and recorded in excluded.csv (and so in the report), not dropped
+    silently."""
     unassigned = sorted(set(cohort.table["slide_id"]) - set(splits["slide_id"]))
     if not unassigned:
         return cohort
     log.warning("%s: %d labelled slide(s) with features are in no fold and are left out: %s", path,
                 len(unassigned), ", ".join(unassigned[:10]) + (" ..." if len(unassigned) > 10 else ""))
-    reasons = {sid: f"not in --splits {path}" for sid in unassigned}
+    reasons = {sid: f"in no fold of the splits {path}" for sid in unassigned}
     return cohort.with_table(cohort.table, {**cohort.excluded, **reasons})
 
 
