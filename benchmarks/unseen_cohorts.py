@@ -93,6 +93,10 @@ def main() -> None:
         cells["cell"] = cells.apply(lambda r: f"{r['best']:+.3f}" if args.ceiling else
                                     f"{r['mean']:+.3f} ({r['holds']}/{r['seeds']})", axis=1)
         print(cells.pivot(index="model", columns="cohort", values="cell").to_string())
+        if not args.ceiling:
+            majority = int((cells["holds"] * 2 > cells["seeds"]).sum())
+            every = int((cells["holds"] == cells["seeds"]).sum())
+            print(f"{majority} of {len(cells)} cells hold in most seeds, {every} in every seed")
         return
     train = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.train.split(",") if kv)}
     names = [m for m in available() if m not in SKIP] if args.models == "all" else args.models.split(",")
