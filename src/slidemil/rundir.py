@@ -180,10 +180,10 @@ class RunDir:
             folds = [k for k in folds if str(k) == str(fold)]
             if not folds:
                 raise InputError(f"--fold {fold}: {self.path} has no finished fold_{fold}")
-        elif unfinished := sorted(set(self.planned_folds()) - set(folds)):
+        elif unfinished := sorted(set(planned := self.planned_folds()) - set(folds)):
             log.warning("%s: fold(s) %s of %d are not finished, so the ensemble is of %d fold(s); finish the run "
                         "with `slidemil train ... --resume`", self.path, ", ".join(map(str, unfinished)),
-                        len(self.planned_folds()), len(folds))
+                        len(planned), len(folds))
         return [load_model(self.fold_dir(k), device) for k in folds]
 
     def planned_folds(self) -> list[int]:

@@ -125,7 +125,7 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
         if case_col != "case_id":
             raise InputError(f"{path}: case column {case_col!r} is missing (found: {found})")
         table["case_id"] = table["slide_id"]
-        _warn_slides_as_patients(table, path)
+        _check_slides_as_patients(table, path)
     if site_col:
         table["site"] = raw[site_col].str.strip()
         no_site = table["site"].isna() | (table["site"] == "")
@@ -140,7 +140,7 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
 TCGA_PATIENT = r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-"     # a TCGA barcode's first three fields name the patient
 
 
-def _warn_slides_as_patients(table: pd.DataFrame, path: Path) -> None:
+def _check_slides_as_patients(table: pd.DataFrame, path: Path) -> None:
     """Without a case_id column every slide is its own patient, so a patient's slides could sit in different
     folds (a leak): said in the log, and refused where TCGA barcodes show two slides of one patient."""
     patients = table["slide_id"].str.extract(TCGA_PATIENT, expand=False)

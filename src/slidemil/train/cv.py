@@ -133,11 +133,11 @@ def _check_run_dir(cfg: TrainConfig, resume: bool) -> RunDir:
                              f"a new --out") from None
         # with the built arguments on record, the *_args fields compare as built, defaults included
         as_built = set(SPEC_KEYS[1::2]) if started_with is not None else set()
-        changed = sorted(k for k, v in cfg.identity().items() if k not in as_built and old_cfg.identity().get(k) != v)
+        was, now = old_cfg.identity(), cfg.identity()
+        changed = sorted(k for k, v in now.items() if k not in as_built and was.get(k) != v)
         if changed:
             # a per-model default changed by a newer slidemil lands here too (mean_pool's lr did, 2026-12-05)
-            was = old_cfg.identity()
-            diff = ", ".join(f"{k}: the run has {was.get(k)!r}, this call {cfg.identity()[k]!r}" for k in changed)
+            diff = ", ".join(f"{k}: the run has {was.get(k)!r}, this call {now[k]!r}" for k in changed)
             raise InputError(f"{run.path}: --resume with a different configuration ({diff}); give the run's "
                              "settings (a default may have changed since it began) or use a new --out")
         _check_built_arguments(run, cfg, started_with or {})
