@@ -64,3 +64,13 @@ def test_a_patient_bag_run_predicts_patient_bags_as_its_folds_did(tmp_path):
         np.testing.assert_allclose(frame.loc[ids, f"fold{fold}_prob_positive"], oof.loc[ids, "prob_positive"], atol=1e-5)
     metrics = validate_external(run, frame.reset_index(), root / "labels.csv", n_boot=20)
     assert metrics["n_patients"] == 12 and metrics["external"]["n_scored"] == 12
+
+
+def test_skip_missing_names_the_slides_it_leaves_out(trained, caplog):
+    """`predict --skip-missing` dropped slides without features from the output without a word."""
+    root, run = trained
+    first = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str})["slide_id"][0]
+    with caplog.at_level("WARNING"):
+        frame = predict(run, root / "features", slide_ids=[first, "nosuch"], device="cpu", skip_missing=True)
+    assert list(frame["slide_id"]) == [first]
+    assert "1 slide(s) left out of the predictions: nosuch (no feature file" in caplog.text

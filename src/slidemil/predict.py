@@ -106,6 +106,9 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
             paths[sid] = p
     if missing and not skip_missing:
         raise MissingFeaturesError(missing)
+    if missing:
+        log.warning("--skip-missing: %d slide(s) left out of the predictions: %s", len(missing),
+                    "; ".join(f"{sid} ({why})" for sid, why in list(missing.items())[:10]))
     if not paths:
         raise InputError(f"{feature_dir}: no slide has usable features")
     models = run.fold_models(dev)
