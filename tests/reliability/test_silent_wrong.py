@@ -215,3 +215,17 @@ def test_labelled_slides_a_run_leaves_out_are_recorded_and_reported(small, tmp_p
     assert any("2 slide(s) of the label table were left out" in w and "excluded.csv" in w for w in warnings)
     predicted = set(pd.read_csv(out / "predictions.csv", dtype=str)["slide_id"])
     assert not predicted & set(excluded.index)
+
+
+def test_given_splits_without_validation_rows_say_no_epoch_was_selected(small, tmp_path):
+    """Splits with train and test rows only (common for published splits) trained every fold to its last
+    epoch under the default --select best, and the report said nothing about it."""
+    splits = pd.read_csv(small / "run" / "splits.csv", dtype=str)
+    splits.loc[splits["role"] == "val", "role"] = "train"
+    splits.to_csv(tmp_path / "splits.csv", index=False)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--features", str(small / "features"), "--labels", str(small / "labels.csv"),
+                              "--splits", str(tmp_path / "splits.csv"), "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert sum("no validation split" in w and "last epoch was kept" in w for w in warnings) == 2      # both folds

@@ -359,12 +359,15 @@ def choose_scaling(mode: str, fitted: Scaling | None, fold: int, n_bags: int = 0
     return None
 
 
-def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minimum: int = 10) -> list[str]:
+def small_validation(cohort: Cohort, fold_splits: pd.DataFrame, fold: int, minimum: int = 10,
+                     expected: bool = True) -> list[str]:
     """Warnings when the fold's validation split is too small to choose an epoch reliably: fewer than
-    `minimum` patients of a class (or in all, for tasks without classes)."""
+    `minimum` patients of a class (or in all, for tasks without classes), or none where one was `expected`
+    (given splits without val rows, or a class too small to split)."""
     val_ids = set(fold_splits.loc[fold_splits["role"] == "val", "slide_id"])
     if not val_ids:
-        return []
+        return [f"fold {fold}: no validation split (none in the splits, or a class too small for one), so no epoch "
+                f"was selected: the last epoch was kept, as --select last would"] if expected else []
     val = cohort.table[cohort.table["slide_id"].isin(val_ids)]
     if cohort.classes and "y" in val.columns:
         counts = {str(c): int(val.loc[val["y"] == i, "case_id"].nunique()) for i, c in enumerate(cohort.classes)}
@@ -382,7 +385,8 @@ def _train_fold(cfg, cohort, fold_splits, fold, run: RunDir, device, in_dim, enc
                 cache: BagCache) -> None:
     gen = seed_everything(cfg.seed + fold)
     parts, fitted, scaling = _datasets(cfg, cohort, fold_splits, fold, cache, device)
-    warnings = small_validation(cohort, fold_splits, fold) if cfg.select == "best" else []
+    warnings = (small_validation(cohort, fold_splits, fold, expected=cfg.val_fraction > 0 or bool(cfg.splits))
+                if cfg.select == "best" else [])
     for text in warnings:
         log.warning(text)
     train_ids = set(fold_splits.loc[fold_splits["role"] == "train", "slide_id"])
