@@ -198,9 +198,10 @@ def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
     ours, ref = metrics["pooled"][head]["value"], metrics.get("baseline", {}).get("pooled", {}).get(head, {}).get("value")
     if ref is not None and ours is not None and ours < ref - 0.02:
         warnings.append(f"the model's pooled {head} {ours:.3f} is below the reference baseline's {ref:.3f} on the "
-                        f"same folds ({task.baseline_name}); a signal spread over every instance (a phenotype "
-                        f"shift) favours mean pooling, and docs/protocol.md lists what else to try (--tune, "
-                        f"--standardize whiten)")
+                        f"same folds ({task.baseline_name}); a signal spread over many instances (a phenotype "
+                        f"shift, a tumour region) favours averaging over attention that picks a few: --model "
+                        f"mean_pool or abmilx held on every cohort family docs/protocol.md measured, which also "
+                        f"lists what else to try (--tune, --standardize whiten)")
     return warnings
 
 
