@@ -142,7 +142,7 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
         cfg["site_col"] = None
     task = create_task(cfg)
     cohort = task.read(labels)
-    by_patient = "slide_id" not in preds.columns          # a patient-bag run's rows (`predict`)
+    by_patient = metas[0].get("bag_unit") == "patient"    # `predict` gave one row per patient
     key = "case_id" if by_patient else "slide_id"
     table = (cohort.table.drop_duplicates("case_id") if by_patient else cohort.table).set_index(key)
     known = preds[key].isin(table.index)
