@@ -65,6 +65,22 @@ def test_a_patient_bag_run_predicts_patient_bags_as_its_folds_did(tmp_path):
     metrics = validate_external(run, frame.reset_index(), root / "labels.csv", n_boot=20)
     assert metrics["n_patients"] == 12 and metrics["external"]["n_scored"] == 12
 
+    # the report's gallery captions each slide's heatmap with its patient's label and prediction (it listed
+    # them all, bare ids under "Other slides": the predictions name patients, the heatmaps slides)
+    from PIL import Image
+
+    from slidemil.rundir import RunDir
+    from slidemil.tasks.evaluation import render_report
+
+    rd = RunDir(run)
+    rd.heatmaps_dir.mkdir()
+    painted = labels["slide_id"][:4].tolist()
+    for sid in painted:
+        Image.new("RGB", (8, 8)).save(rd.heatmaps_dir / f"{sid}_heatmap.png")
+    page = render_report(rd).read_text()
+    for sid in painted:
+        assert f"{sid}: label {labels.set_index('slide_id').loc[sid, 'label']}, predicted" in page
+
 
 def test_skip_missing_names_the_slides_it_leaves_out(trained, caplog):
     """`predict --skip-missing` dropped slides without features from the output without a word."""

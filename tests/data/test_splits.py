@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -84,3 +85,20 @@ def test_leave_site_out_needs_sites(tmp_path):
         make_splits(read_label_table(label_csv(tmp_path, n_patients=10)), cv="leave-site-out")
     with pytest.raises(InputError, match="at least two sites"):
         make_splits(_sited(tmp_path, sites=1), cv="leave-site-out")
+
+
+def test_a_validation_split_larger_than_asked_is_said(caplog):
+    """With 2 patients of a class in a training fold the inner split must take half of them to keep the class
+    in validation: the user asked for 20%, so the log says what it holds instead (it was silent)."""
+    from slidemil.data.splits import _inner_val
+
+    y = np.r_[np.zeros(20, int), np.ones(2, int)]
+    groups = np.array([f"p{i}" for i in range(22)])
+    with caplog.at_level("WARNING", logger="slidemil.data.splits"):
+        mask = _inner_val(y, groups, 0.2, seed=0)
+    assert set(y[mask]) == {0, 1} and mask.sum() == 11
+    assert "holds 50% of the patients (--val-fraction 0.2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slidemil.data.splits"):
+        mask = _inner_val(np.r_[np.zeros(20, int), np.ones(10, int)], np.arange(30).astype(str), 0.2, seed=0)
+    assert mask.sum() == 6 and "validation split holds" not in caplog.text

@@ -44,14 +44,20 @@ def _inner_val(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) ->
     """Boolean mask of the validation part of a training fold (grouped, stratified, ~`fraction`)."""
     if fraction <= 0:
         return np.zeros(len(y), dtype=bool)
-    k = max(2, int(round(1.0 / fraction)))
-    k = min(k, min(_groups_per_class(y, groups).values()))
+    wanted = max(2, int(round(1.0 / fraction)))
+    per_class = _groups_per_class(y, groups)
+    k = min(wanted, min(per_class.values()))
     if k < 2:
         log.warning("a training fold has a class with fewer than 2 patients: no validation split, the last "
                     "epoch is kept")
         return np.zeros(len(y), dtype=bool)
     mask = np.zeros(len(y), dtype=bool)
     mask[_grouped_kfold(y, groups, k, seed)[0]] = True
+    if k < wanted:   # every class keeps a validation patient, at the cost of a larger validation share
+        share = len(np.unique(groups[mask])) / len(np.unique(groups))
+        log.warning("a training fold's smallest class has %d patients, so its validation split holds %.0f%% of the "
+                    "patients (--val-fraction %g) and each class is in it; more patients of that class would let "
+                    "training keep more", min(per_class.values()), 100 * share, fraction)
     return mask
 
 

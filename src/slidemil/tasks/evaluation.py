@@ -69,10 +69,21 @@ def render_report(run: RunDir, metrics: dict | None = None, heatmaps: str | Path
     metrics = run.metrics() if metrics is None else metrics
     preds = run.predictions()
     plots = task.plots(preds, metrics, run.plots_dir)
-    gallery = task.gallery(preds, meta, Path(heatmaps) if heatmaps else run.heatmaps_dir)
+    gallery = task.gallery(_per_slide(run, preds) if cfg.get("bag_unit") == "patient" else preds, meta,
+                           Path(heatmaps) if heatmaps else run.heatmaps_dir)
     return write_report(run, cfg, metrics, plots, gallery,
                         task.report_notes(metrics) + protocol_notes(metrics, task) + defaults_note(run)
                         + tuning_notes(run) + site_notes(metrics), external_notes(run, task))
+
+
+def _per_slide(run: RunDir, preds: pd.DataFrame) -> pd.DataFrame:
+    """A patient-bag run's predictions (one row per patient) repeated for each of the patient's test slides,
+    so that the gallery captions every slide's heatmap with its patient's label and prediction."""
+    if not run.splits_path.is_file():
+        return preds
+    splits = read_csv_text(run.splits_path, dtype={"slide_id": str, "case_id": str})
+    slides = splits.loc[splits["role"] == "test", ["slide_id", "case_id"]].drop_duplicates("slide_id")
+    return slides.merge(preds.drop(columns="slide_id"), on="case_id", how="inner")
 
 
 def site_metrics(task: Task, preds: pd.DataFrame, meta: dict, metrics: dict, n_boot: int, seed: int) -> dict:
