@@ -82,6 +82,30 @@ def test_a_patient_bag_run_predicts_patient_bags_as_its_folds_did(tmp_path):
         assert f"{sid}: label {labels.set_index('slide_id').loc[sid, 'label']}, predicted" in page
 
 
+def test_predict_meets_barcode_labels_with_gdc_named_feature_files(trained, tmp_path):
+    """An external TCGA cohort preprocessed from the GDC's `<barcode>.<UUID>.svs` files has features named
+    so, and its label table names barcodes: predict found "none of the predicted slide_ids" in the table.
+    The labelled slides now take the table's ids, and every one is scored."""
+    import shutil
+
+    from slidemil.predict import validate_external
+
+    root, run = trained
+    labels = pd.read_csv(root / "labels.csv", dtype=str)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    for i, sid in enumerate(labels["slide_id"]):
+        shutil.copy(root / "features" / f"{sid}.h5", ext / f"{sid}.{i:08x}-4b1d-uuid.h5")
+    frame = predict(run, ext, device="cpu", labels=root / "labels.csv")
+    assert sorted(frame["slide_id"]) == sorted(labels["slide_id"])
+    oof = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    frame = frame.set_index("slide_id").loc[oof.index]
+    ids = oof.index[oof["fold"] == 0]     # the same inputs as the run's own fold 0: the same outputs
+    np.testing.assert_allclose(frame.loc[ids, "fold0_prob_positive"], oof.loc[ids, "prob_positive"], atol=1e-5)
+    metrics = validate_external(run, frame.reset_index(), root / "labels.csv", n_boot=20)
+    assert metrics["external"]["n_scored"] == len(labels)
+
+
 def test_skip_missing_names_the_slides_it_leaves_out(trained, caplog):
     """`predict --skip-missing` dropped slides without features from the output without a word."""
     root, run = trained

@@ -13,12 +13,13 @@ import pandas as pd
 from slidemil.data.bags import BagDataset
 from slidemil.data.cohort import read_table
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import check_feature_file, find_feature_file, read_attrs
+from slidemil.features.store import check_feature_file, locate_features, read_attrs
 from slidemil.rundir import RunDir
 from slidemil.tasks import create_task, model_task, render_report, sample_caveats, site_metrics
 from slidemil.train.trainer import infer
 from slidemil.utils.device import resolve_device
-from slidemil.utils.io import SAFE_ID_RULE, is_safe_id
+from slidemil.utils.ids import match_ids
+from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,17 @@ def patient_bags(run: RunDir, slides: list[str], labels: str | Path | None) -> d
     return groups
 
 
+def _ids_as_labelled(run: RunDir, stems: list[str], labels: str | Path) -> list[str]:
+    """The feature files' names, each file that a slide id of the label table matches (`utils.ids`: a TCGA
+    file `<barcode>.<UUID>` for the barcode) renamed to that id, so that the predictions meet their labels."""
+    col = run.config().get("slide_col", "slide_id")
+    if not Path(labels).is_file() or col not in pd.read_csv(labels, nrows=0).columns:
+        return stems            # the label table's own check names the problem
+    found, _ = match_ids(read_csv_text(labels, usecols=[col], dtype=str)[col].str.strip(), stems)
+    named = {stem: sid for sid, stem in found.items()}
+    return [named.get(stem, stem) for stem in stems]
+
+
 def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | None = None, device: str = "auto",
             skip_missing: bool = False, max_instances: int | None = None,
             labels: str | Path | None = None) -> pd.DataFrame:
@@ -90,16 +102,19 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
         if not files and (feature_dir / "pt_files").is_dir():
             files = sorted(p for p in (feature_dir / "pt_files").glob("*.pt") if not p.name.startswith("."))
         slide_ids = [p.stem for p in files]
+        if labels is not None:
+            slide_ids = _ids_as_labelled(run, slide_ids, labels)
     if not slide_ids:
         raise InputError(f"{feature_dir} holds no feature files (.h5 or .pt)")
     paths, missing = {}, {}
+    located, ambiguous = locate_features(feature_dir, [sid for sid in slide_ids if is_safe_id(sid)])
     for sid in slide_ids:
         if not is_safe_id(sid):
             missing[sid] = f"not usable as a slide id ({SAFE_ID_RULE}): rename the file"
             continue
-        p = find_feature_file(feature_dir, sid)
+        p = located.get(sid)
         if p is None:
-            missing[sid] = f"no feature file under {feature_dir}"
+            missing[sid] = ambiguous.get(sid) or f"no feature file under {feature_dir}"
         elif (problem := check_feature_file(p)[1]) is not None:
             missing[sid] = f"{p}: {problem}"
         else:

@@ -98,3 +98,45 @@ def test_without_a_case_column_slides_are_patients_said_and_tcga_siblings_refuse
                            name="tcga.csv")
     with pytest.raises(InputError, match=r"2 slides share a TCGA patient barcode .*TCGA-A1-0001-01Z-00-DX1.*add a case_id"):
         read_label_table(tcga)
+
+
+def test_tcga_barcodes_find_features_named_as_the_gdc_names_slides(tmp_path, caplog):
+    """The GDC names a slide `<barcode>.<UUID>.svs` and preprocess names its features after the file, while a
+    clinical table names the barcode: every slide was "missing". An id now matches the one file named
+    `<id>.<suffix>`; two such files, or a file named after another id of the table, are never guessed."""
+    bar = [f"TCGA-05-42{i:02d}-01Z-00-DX1" for i in range(5)]
+    feats = tmp_path / "feats"
+    for i, b in enumerate(bar[:3]):
+        write_features(feats / f"{b}.{i:08x}-38cf-40ea-8213-45c2b100ac01.h5", np.full((3, 4), i), np.zeros((3, 2)))
+    write_features(feats / f"{bar[3]}.h5", np.ones((3, 4)), np.zeros((3, 2)))           # named exactly
+    for uuid in ("aaaa", "bbbb"):                                                         # two candidates
+        write_features(feats / f"{bar[4]}.{uuid}.h5", np.ones((3, 4)), np.zeros((3, 2)))
+    rows = "".join(f"{b},{b[:12]},{i % 2}\n" for i, b in enumerate(bar))
+    cohort = read_label_table(write_text_file(tmp_path, "slide_id,case_id,label\n" + rows))
+    with pytest.raises(MissingFeaturesError) as err:
+        attach_features(cohort, feats)
+    assert list(err.value.problems) == [bar[4]] and "2 files are named" in err.value.problems[bar[4]]
+    with caplog.at_level(logging.INFO, logger="slidemil.data.cohort"):
+        kept = attach_features(cohort, feats, skip_missing=True)
+    paths = dict(zip(kept.table["slide_id"], kept.table["feature_path"]))
+    assert [paths[b].split("/")[-1].split(".")[1] for b in bar[:3]] == ["00000000-38cf-40ea-8213-45c2b100ac01",
+                                                                        "00000001-38cf-40ea-8213-45c2b100ac01",
+                                                                        "00000002-38cf-40ea-8213-45c2b100ac01"]
+    assert paths[bar[3]].endswith(f"{bar[3]}.h5") and "3 slide id(s) matched" in caplog.text
+
+
+def test_a_file_named_after_another_id_is_that_ids_and_an_extension_is_hinted(tmp_path):
+    from slidemil.utils.ids import match_ids
+
+    # "A" has no file; "A.1" is another slide of the table with its own file: "A" must not take it
+    assert match_ids(["A", "A.1"], ["A.1"]) == ({"A.1": "A.1"}, {})
+    assert match_ids(["A"], ["A.1"]) == ({"A": "A.1"}, {})
+    found, problems = match_ids(["A", "A.x"], ["A.x.y"])         # one file two ids could claim
+    assert found == {} and set(problems) == {"A", "A.x"}
+    assert match_ids(["TCGA-1"], ["TCGA-10.u"]) == ({}, {})        # only at a '.' boundary
+    feats = tmp_path / "feats"
+    write_features(feats / "s1.h5", np.ones((3, 4)), np.zeros((3, 2)))
+    cohort = read_label_table(write_text_file(tmp_path, "slide_id,label\ns1.svs,0\ns1,1\ns2,0\ns3,1\n"))
+    with pytest.raises(MissingFeaturesError) as err:
+        attach_features(cohort, feats)
+    assert "slide_id is the file name without its extension: s1, not s1.svs" in err.value.problems["s1.svs"]

@@ -120,6 +120,7 @@ def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):
     run.mark_fold_done(0, {"fold": 0})
     slides = tmp_path / "slides"
     slides.mkdir()
-    for sid in ("A_1", "A_2", "B_1", "other"):
-        (slides / f"{sid}.svs").write_bytes(b"")
-    assert HeatmapRun(run.path, slides, tmp_path / "out").default_ids() == ["A_1", "A_2", "B_1"]
+    for name in ("A_1", "A_2.5e1c2a9f-uuid", "B_1", "other"):      # A_2 as the GDC names a TCGA slide
+        (slides / f"{name}.svs").write_bytes(b"")
+    hm = HeatmapRun(run.path, slides, tmp_path / "out")
+    assert hm.default_ids() == ["A_1", "A_2", "B_1"] and hm.slides["A_2"].name == "A_2.5e1c2a9f-uuid.svs"

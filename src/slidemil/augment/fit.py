@@ -14,7 +14,7 @@ from slidemil.augment.histaug import FitSettings, collect_pairs, fit_generator, 
 from slidemil.errors import InputError
 from slidemil.features.encoders import create_encoder
 from slidemil.slides.patching import read_coords
-from slidemil.slides.reader import list_slides
+from slidemil.slides.reader import slide_files
 from slidemil.slides.tiles import PatchDataset
 from slidemil.utils.io import write_csv
 
@@ -35,7 +35,7 @@ def fit_from_slides(slides: Path, patches: Path, out: Path, encoder: str, weight
                     download: bool = False, settings: FitSettings = FitSettings(), device: str = "cpu",
                     backend: str = "auto") -> dict:
     enc = create_encoder(encoder, weights, download).to(device).eval()
-    by_id = {p.stem: p for p in list_slides(slides)}
+    by_id = slide_files(slides)
     files = sorted(patches.glob("*.h5"))
     ids = [f.stem.removesuffix("_patches") for f in files if f.stem.removesuffix("_patches") in by_id]
     if not ids:

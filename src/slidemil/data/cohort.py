@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import check_feature_file, find_feature_file
-from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text
+from slidemil.features.store import check_feature_file, locate_features
+from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text, safe_child
 from slidemil.utils.memory import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,23 @@ def _natural_key(value: str):
         return (1, 0.0, value)
 
 
+def _extension_hint(slide_id: str) -> str:
+    """A hint for an id written with its file's extension (`X.svs`, `X.h5`): ids are names without it."""
+    suffix = Path(slide_id).suffix
+    if suffix.lower() in (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".bif", ".dcm", ".h5", ".pt", ".png", ".jpg"):
+        return f" (slide_id is the file name without its extension: {slide_id[: -len(suffix)]}, not {slide_id})"
+    return ""
+
+
+def _say_prefix_matches(located: dict[str, Path]) -> None:
+    """One log line when ids were matched to files named `<id>.<suffix>` (GDC's `<barcode>.<UUID>`)."""
+    by_prefix = {sid: p for sid, p in located.items() if p.stem != sid}
+    if by_prefix:
+        sid, path = next(iter(by_prefix.items()))
+        log.info("%d slide id(s) matched to a feature file named <slide_id>.<suffix> (e.g. %s -> %s), as the GDC "
+                 "names TCGA slides <barcode>.<UUID>", len(by_prefix), sid, path.name)
+
+
 def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing: bool = False,
                     skip_bad: bool = False) -> Cohort:
     """Locate and check every slide's feature file before anything trains; stop with the whole list of
@@ -306,14 +323,19 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
     if not feature_dir.is_dir():
         raise InputError(f"feature folder {feature_dir} does not exist")
     paths, missing, bad, dims = {}, {}, {}, {}
-    for sid in cohort.table["slide_id"]:
+    ids = list(cohort.table["slide_id"])
+    for sid in ids:
         try:
-            path = find_feature_file(feature_dir, sid)
+            safe_child(feature_dir, sid)   # refuses ids such as "../x" that would reach outside the folder
         except ValueError as exc:
             missing[sid] = str(exc)
+    located, ambiguous = locate_features(feature_dir, [s for s in ids if s not in missing])
+    _say_prefix_matches(located)
+    for sid in ids:
+        if sid in missing:
             continue
-        if path is None:
-            missing[sid] = f"no {sid}.h5 or {sid}.pt under {feature_dir}"
+        if (path := located.get(sid)) is None:
+            missing[sid] = ambiguous.get(sid) or f"no {sid}.h5 or {sid}.pt under {feature_dir}" + _extension_hint(sid)
             continue
         dim, problem = check_feature_file(path)
         release_free_heap()     # the check's chunk buffers: glibc would keep them resident for the whole run

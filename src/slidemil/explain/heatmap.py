@@ -27,7 +27,7 @@ from slidemil.features.extract import embed_patches
 from slidemil.features.store import find_feature_file, read_features
 from slidemil.rundir import RunDir
 from slidemil.slides.patching import PatchConfig, make_grid
-from slidemil.slides.reader import list_slides, open_slide, slide_id_of
+from slidemil.slides.reader import open_slide, slide_files
 from slidemil.slides.tiles import PatchDataset
 from slidemil.slides.tissue import TissueConfig, segment_tissue
 from slidemil.tasks import model_task
@@ -67,21 +67,25 @@ class HeatmapRun:
         self.run, self.out, self.o = RunDir(run), Path(out), opts or HeatmapOptions()
         self.cfg = self.run.config()
         self.features = Path(self.cfg["features"])
-        self.slides = {slide_id_of(p): p for p in list_slides(slides_dir)}
         self.models = self.run.fold_models(fold=self.o.fold)
         self.task = model_task(self.models[0][1])
         self._encoder = None
         self.classes = self.models[0][1]["classes"]   # empty for survival and regression
         self.preds = (self.run.predictions().set_index("slide_id") if self.run.predictions_path.exists()
                       else pd.DataFrame())
+        self.slides = slide_files(slides_dir, self._run_ids())
 
     def default_ids(self) -> list[str]:
         """The run's slides that are in the slide folder (a patient-bag run's predictions name patients, so
         its slides come from splits.csv)."""
-        ids = list(self.preds.index) if len(self.preds) else sorted(self.slides)
-        if self.models[0][1].get("bag_unit") == "patient" and self.run.splits_path.is_file():
-            ids = list(dict.fromkeys(read_csv_text(self.run.splits_path, dtype={"slide_id": str})["slide_id"]))
+        ids = self._run_ids() or sorted(self.slides)
         return [s for s in ids if s in self.slides]
+
+    def _run_ids(self) -> list[str]:
+        """The slide ids the run scored: its predictions', or a patient-bag run's from splits.csv."""
+        if self.models[0][1].get("bag_unit") == "patient" and self.run.splits_path.is_file():
+            return list(dict.fromkeys(read_csv_text(self.run.splits_path, dtype={"slide_id": str})["slide_id"]))
+        return list(self.preds.index)
 
     # --- scores ------------------------------------------------------------------------------------
     def scores(self, slide_id: str):

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slidemil.errors import InputError
 from slidemil.explain.paint import paint
 from slidemil.explain.scores import is_distribution, scale_label
-from slidemil.slides.reader import list_slides, open_slide, slide_id_of
+from slidemil.slides.reader import open_slide, slide_files
 from slidemil.utils.io import atomic_path, safe_child, write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class SlideViewer:
             raise InputError(f"{self.heatmaps}: no heatmap folder; run `slidemil heatmap RUN --slides ...` first")
         if self.o.cmap not in colormaps:
             raise InputError(f"--cmap {self.o.cmap!r} is not a matplotlib colour map (e.g. jet, viridis, inferno)")
-        self.slides = {slide_id_of(p): p for p in list_slides(slides_dir)}
+        self.slides = slide_files(slides_dir, self.default_ids())
 
     def default_ids(self) -> list[str]:
         return sorted(p.name[: -len("_scores.h5")] for p in self.heatmaps.glob("*_scores.h5"))

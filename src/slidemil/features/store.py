@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from slidemil import __version__
+from slidemil.utils.ids import match_ids
 from slidemil.utils.io import atomic_path, safe_child
 
 _LAYOUTS = ("{id}.h5", "h5_files/{id}.h5", "pt_files/{id}.pt", "{id}.pt")
@@ -35,14 +36,38 @@ class FeatureBag:
 
 
 def find_feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
-    """The feature file of `slide_id` under `feature_dir`, or None when there is none."""
+    """The feature file of `slide_id` under `feature_dir` (named after it, or the one `<id>.<suffix>` file:
+    `utils.ids`), or None when there is none; ValueError for an unsafe or ambiguous id."""
     root = Path(feature_dir)
     safe_child(root, slide_id)  # refuses ids such as "../x" that would reach outside the folder
     for pattern in _LAYOUTS:
         path = root / pattern.format(id=slide_id)
         if path.is_file():
             return path
-    return None
+    paths, problems = locate_features(root, [slide_id])
+    if slide_id in problems:
+        raise ValueError(problems[slide_id])
+    return paths.get(slide_id)
+
+
+def feature_files(feature_dir: str | os.PathLike) -> dict[str, Path]:
+    """{name without extension: path} of the feature files under `feature_dir`, in every layout (the first
+    layout holding a name wins, as in `find_feature_file`)."""
+    root, files = Path(feature_dir), {}
+    for pattern in _LAYOUTS:
+        folder, ext = (root / pattern).parent, Path(pattern).suffix
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                if entry.name.endswith(ext) and not entry.name.startswith(".") and entry.is_file():
+                    files.setdefault(entry.name[: -len(ext)], Path(entry.path))
+    return files
+
+
+def locate_features(feature_dir: str | os.PathLike, slide_ids) -> tuple[dict[str, Path], dict[str, str]]:
+    """({id: feature file}, {id: why it has none}) for many ids at once, with one listing of the folder."""
+    files = feature_files(feature_dir)
+    found, problems = match_ids(slide_ids, files)
+    return {sid: files[name] for sid, name in found.items()}, problems
 
 
 def _decode(value):

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from slidemil.errors import InputError
+from slidemil.utils.ids import match_ids
 
 log = logging.getLogger(__name__)
 
@@ -360,3 +361,11 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
         raise InputError(f"{folder}: slide files share an id ({which}); their outputs would be mixed. Keep one "
                          f"file per slide id: move or rename the others")
     return found
+
+
+def slide_files(folder: str | os.PathLike, ids=()) -> dict[str, Path]:
+    """{slide id: file} of the slides in `folder`, plus each of `ids` (a run's, a label table's) that names
+    no file itself but matches one file `<id>.<suffix>` (TCGA's `<barcode>.<UUID>.svs`: `utils.ids`)."""
+    files = {slide_id_of(p): p for p in list_slides(folder)}
+    found, _ = match_ids(ids, files)
+    return {**files, **{sid: files[name] for sid, name in found.items()}}
