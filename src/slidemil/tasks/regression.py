@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch.nn.functional as F
 
-from slidemil.data.cohort import Cohort, numeric_column, row_list, same_per_patient
+from slidemil.data.cohort import Cohort, drop_empty, numeric_column, same_per_patient
 from slidemil.errors import InputError
 from slidemil.evaluate.regression import REGRESSION_METRICS, regression_metrics, scatter_plot
 from slidemil.evaluate.report import outcome_gallery
@@ -29,11 +29,8 @@ class Regression(Task):
     def parse(self, raw, table, path: Path) -> Cohort:
         col = self.o.target_col
         table = table.copy()
-        values = raw[col].str.strip()
-        empty = values.isna() | (values == "")
-        if empty.any():
-            raise InputError(f"{path}: column {col!r} is empty in row(s) {row_list(table.index[empty])}; every slide "
-                             "needs a target (drop the rows, or fill them)")
+        table["target"] = raw[col].str.strip()
+        table = drop_empty(table, "target", path, col)   # left out, warned, in excluded.csv (as classification)
         table["target"] = numeric_column(raw, table, path, col, "the regression target").astype(float)
         same_per_patient(table, ["target"], path, [col])
         if table["target"].nunique() < 2:

@@ -109,11 +109,9 @@ class Survival(Task):
         table = table.copy()
         table["time"] = raw[tcol].str.strip()
         table["event"] = raw[ecol].str.strip()
-        for col, name in (("time", tcol), ("event", ecol)):
-            empty = table[col].isna() | (table[col] == "")
-            if empty.any():
-                raise InputError(f"{path}: column {name!r} is empty in row(s) {row_list(table.index[empty])}; every "
-                                 "patient needs a follow-up time and an event indicator (drop the rows, or fill them)")
+        # a row without a follow-up time or event (a patient lost to the clinical table) is left out, warned
+        # and listed in excluded.csv, as an unlabelled row of a classification table is
+        table = drop_empty(drop_empty(table, "time", path, tcol), "event", path, ecol)
         time = numeric_column(raw, table, path, tcol, "follow-up times")
         event = table["event"].str.lower().map(_EVENT_WORDS)
         if event.isna().any():
@@ -130,7 +128,6 @@ class Survival(Task):
             raise InputError(f"{path}: row(s) {row_list(table.index[zero_event])} have an event at time 0 in column "
                              f"{tcol!r}; an event needs a positive time (check the units, or the start date)")
         table["time"], table["event"] = time.astype(float), event.astype(int)
-        table = drop_empty(table, "time", path, tcol)
         same_per_patient(table, ["time", "event"], path, [tcol, ecol])
         if table["event"].sum() == 0:
             raise InputError(f"{path}: column {ecol!r} has no observed event (all 0/false); survival models "
