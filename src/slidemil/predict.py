@@ -77,7 +77,7 @@ def _ids_as_labelled(run: RunDir, stems: list[str], labels: str | Path) -> list[
     """The feature files' names, each file that a slide id of the label table matches (`utils.ids`: a TCGA
     file `<barcode>.<UUID>` for the barcode) renamed to that id, so that the predictions meet their labels."""
     col = run.config().get("slide_col", "slide_id")
-    if not Path(labels).is_file() or col not in pd.read_csv(labels, nrows=0).columns:
+    if not Path(labels).is_file() or col not in read_csv_text(labels, nrows=0).columns:
         return stems            # the label table's own check names the problem
     found, _ = match_ids(read_csv_text(labels, usecols=[col], dtype=str)[col].str.strip(), stems)
     named = {stem: sid for sid, stem in found.items()}
@@ -153,7 +153,7 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     # the run's task with its column names; a class outside the model's classes is an error naming its rows;
     # the run's site column only where this cohort has one (then the metrics come per site too)
     cfg = {**run.config(), "classes": metas[0].get("classes") or None}
-    if cfg.get("site_col") and Path(labels).is_file() and cfg["site_col"] not in pd.read_csv(labels, nrows=0).columns:
+    if cfg.get("site_col") and Path(labels).is_file() and cfg["site_col"] not in read_csv_text(labels, nrows=0).columns:
         cfg["site_col"] = None
     task = create_task(cfg)
     cohort = task.read(labels)

@@ -140,3 +140,27 @@ def test_a_file_named_after_another_id_is_that_ids_and_an_extension_is_hinted(tm
     with pytest.raises(MissingFeaturesError) as err:
         attach_features(cohort, feats)
     assert "slide_id is the file name without its extension: s1, not s1.svs" in err.value.problems["s1.svs"]
+
+
+@pytest.mark.parametrize("name, sep", [("labels.tsv", "\t"), ("labels.csv", "\t"), ("labels.csv", ";")])
+def test_tab_and_semicolon_tables_are_read_as_such(tmp_path, name, sep):
+    """A GDC clinical `.tsv`, or a CSV saved by Excel where ',' is the decimal mark (';' between columns),
+    was one column named 'slide_id;case_id;label': "column 'slide_id' is missing"."""
+    rows = [["slide_id", "case_id", "label"]] + [[f"s{i}", f"p{i}", "ab"[i % 2]] for i in range(4)]
+    path = tmp_path / name
+    path.write_text("\n".join(sep.join(r) for r in rows) + "\n")
+    cohort = read_label_table(path)
+    assert list(cohort.table["slide_id"]) == ["s0", "s1", "s2", "s3"] and cohort.classes == ["a", "b"]
+
+
+def test_an_excel_workbook_and_a_decimal_comma_are_one_line_each(tmp_path):
+    from slidemil.tasks import TaskConfig, create_task
+
+    book = tmp_path / "clinical.xlsx"
+    book.write_bytes(b"PK\x03\x04" + bytes(60))           # what every .xlsx (a zip) starts with
+    with pytest.raises(InputError, match=r"clinical.xlsx is an Excel workbook; save it as CSV"):
+        read_label_table(book)
+    path = write_text_file(tmp_path, "slide_id;case_id;time;event\na;p1;12,5;1\nb;p2;3;0\n")
+    task = create_task(TaskConfig(task="survival"))
+    with pytest.raises(InputError, match=r"row\(s\) 2 hold '12,5' \(write the decimal point as '.', not ','\)"):
+        task.read(path)

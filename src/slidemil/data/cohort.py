@@ -18,7 +18,7 @@ import pandas as pd
 
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import check_feature_file, locate_features
-from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text, safe_child
+from slidemil.utils.io import SAFE_ID_RULE, delimiter, is_safe_id, read_csv_text, safe_child
 from slidemil.utils.memory import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ def read_table(path: str | os.PathLike, slide_col: str = "slide_id", case_col: s
         # only an empty cell is missing: pandas' default would also read "NA", "None", "nan", "null" ... as
         # missing, so a patient called NA lost its id (its slides split over folds) and a class "None" vanished
         raw = read_csv_text(path, dtype=str, skipinitialspace=True)
+    except InputError:
+        raise
     except Exception as exc:  # pandas raises many kinds for a broken CSV
         raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
     _refuse_repeated_columns(path)
@@ -157,7 +159,7 @@ def _refuse_repeated_columns(path: Path) -> None:
     """A header naming one column twice is an error: pandas would rename the second ("label.1") and every
     reader would silently take the first."""
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        header = [c.strip() for c in next(csv.reader(fh), [])]
+        header = [c.strip() for c in next(csv.reader(fh, delimiter=delimiter(path)), [])]
     seen: dict[str, list[int]] = {}
     for i, name in enumerate(header, 1):
         seen.setdefault(name, []).append(i)
@@ -234,8 +236,9 @@ def numeric_column(raw: pd.DataFrame, table: pd.DataFrame, path: Path, col: str,
     bad = values.notna() & (values != "") & (number.isna() | ~np.isfinite(number.fillna(0)))
     if bad.any():
         shown = ", ".join(repr(v) for v in values[bad].unique()[:5])
+        comma = values[bad].str.fullmatch(r"-?\d+,\d+").any()
         raise InputError(f"{path}: column {col!r} must hold numbers ({what}); row(s) {row_list(table.index[bad])} "
-                         f"hold {shown}")
+                         f"hold {shown}" + (" (write the decimal point as '.', not ',')" if comma else ""))
     return number
 
 

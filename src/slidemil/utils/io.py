@@ -33,10 +33,27 @@ def is_safe_id(name: str) -> bool:
 
 def read_csv_text(path: str | os.PathLike, **kwargs):
     """A CSV as pandas reads it, except that only an empty cell is missing: "NA", "None", "null" and "nan"
-    are the text they are (a patient or class of that name), not a missing value."""
+    are the text they are (a patient or class of that name), not a missing value. Tab- and semicolon-
+    separated tables (a GDC `.tsv`, a CSV saved by Excel in a comma-decimal locale) are read as such; an
+    Excel workbook is one line saying to save it as CSV."""
     import pandas as pd
 
+    kwargs.setdefault("sep", delimiter(path))
     return pd.read_csv(path, keep_default_na=False, na_values=[""], **kwargs)
+
+
+def delimiter(path: str | os.PathLike) -> str:
+    """The table's column separator: a tab for `.tsv`/`.tab`, else whichever of ',', tab and ';' the header
+    line holds (in that order of preference)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")) or path.suffix.lower() in (".xlsx", ".xls", ".xlsm"):
+        raise InputError(f"{path} is an Excel workbook; save it as CSV (UTF-8) and pass that file")
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    header = head.split(b"\n", 1)[0]
+    return next((sep for sep in (",", "\t", ";") if sep.encode() in header), ",")
 
 
 def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
