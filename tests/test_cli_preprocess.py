@@ -47,3 +47,5 @@ def test_cli_encoders_lists_registry():
     for name in ("handcrafted", "resnet50_trunc", "uni_v1", "uni_v2", "virchow2", "hoptimus0", "hoptimus1",
                  "gigapath", "phikon_v2", "timm:"):
         assert name in res.stdout
+    # encoders released on GitHub showed "hf:None" as their weight source: now the release they come from
+    assert "hf:None" not in res.stdout and "birkhoffkiki" in res.stdout

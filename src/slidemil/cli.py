@@ -547,8 +547,9 @@ def encoders():
         table.add_column(col, overflow="fold")
     for name in available_encoders():
         s = get_spec(name)
+        where = f"hf:{s.hub_id}" if s.hub_id else s.extra.get("url", "by hand")
         src = ("none needed" if not s.needs_weights else
-               f"hf:{s.hub_id}{' (gated)' if s.gated else ''} -> {default_weights_path(s)}")
+               f"{where}{' (gated)' if s.gated else ''} -> {default_weights_path(s)}")
         table.add_row(name, str(s.dim), str(s.input_size), str(s.mpp), src, s.reference)
     out_console.print(table)
     out_console.print("Also: timm:<model name> for any timm model (weights via --weights or --download).")
