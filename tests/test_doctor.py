@@ -22,6 +22,8 @@ def test_doctor_finds_weights_in_place_and_names_the_fix_for_missing_ones(tmp_pa
     missing = checks["weights virchow2"]
     assert not missing.ok and not missing.required and "slidemil weights fetch virchow2" in missing.fix
     assert "gated" in missing.fix and "handcrafted" not in " ".join(checks)       # no weights needed there
+    # a GitHub release (GPFM, Lunit) named no place to download by hand from
+    assert "or download from https://github.com/birkhoffkiki/GPFM/releases" in checks["weights gpfm"].fix
     res = runner.invoke(app, ["doctor", "--out", str(tmp_path)])
     assert res.exit_code == 0 and "ready" in res.output and "fix: slidemil weights fetch uni_v2" in res.output
     # slide encoders too: CHIEF's file is fetched by hand from the authors' page

@@ -33,7 +33,8 @@ def weights_status(name: str, hash_files: bool = False) -> WeightsStatus:
     spec = get_spec(name)
     path = default_weights_path(spec)
     present = bool(path and path.is_file())
-    source = f"{HUB}/{spec.hub_id}" + (" (gated: request access there)" if spec.gated else "") if spec.hub_id else ""
+    source = (f"{HUB}/{spec.hub_id}" + (" (gated: request access there)" if spec.gated else "") if spec.hub_id
+              else spec.extra.get("url", ""))     # a GitHub release (GPFM, Lunit)
     return WeightsStatus(name, spec.needs_weights, path, present, path.stat().st_size if present else 0,
                          sha256_file(path) if present and hash_files else None, source)
 
