@@ -106,6 +106,33 @@ def test_predict_meets_barcode_labels_with_gdc_named_feature_files(trained, tmp_
     assert metrics["external"]["n_scored"] == len(labels)
 
 
+def test_features_made_unlike_the_runs_are_said_and_reach_the_external_caveats(trained, tmp_path, caplog):
+    """An external cohort extracted at other patch sizes (or resolution, encoder weights, stain normalisation)
+    than the run's training features was scored without a word: the predictions were of another domain."""
+    import shutil
+
+    import h5py
+
+    from slidemil.predict import validate_external
+
+    root, run = trained
+    ext = tmp_path / "ext"
+    shutil.copytree(root / "features", ext)
+    files = sorted(ext.glob("*.h5"))
+    for f in files[:3]:
+        with h5py.File(f, "r+") as fh:
+            for node in (fh, fh["coords"]):
+                if "patch_size" in node.attrs:
+                    node.attrs["patch_size"] = 512
+    with caplog.at_level("WARNING", logger="slidemil.predict"):
+        frame = predict(run, ext, device="cpu")
+    line = f"3 of {len(files)} feature files (e.g. {files[0].name}) were made with 512 px patches, the run's training"
+    assert line in caplog.text
+    metrics = validate_external(run, frame, root / "labels.csv", n_boot=20)
+    assert any(w.startswith(line) for w in metrics["warnings"])
+    assert not predict(run, root / "features", device="cpu").attrs["warnings"]     # the run's own: nothing
+
+
 def test_skip_missing_names_the_slides_it_leaves_out(trained, caplog):
     """`predict --skip-missing` dropped slides without features from the output without a word."""
     root, run = trained

@@ -99,6 +99,32 @@ def test_resume_redoes_partial_extraction_identically(processed, tmp_path):
         np.testing.assert_array_equal(h5py.File(feats / name)["features"][()], ref)
 
 
+def test_a_rerun_with_other_patch_settings_is_refused_and_weights_are_hashed_once(processed, tmp_path, monkeypatch):
+    """A rerun into the same --out at another --patch-size or --target-mpp skipped every finished slide (its
+    patches of the old settings kept) and patched only the new ones: one cohort, two grids, without a word.
+    It is now refused before anything is written. And the encoder's weights were hashed for every slide."""
+    from slidemil import preprocess
+    from slidemil.errors import InputError
+
+    root, out = processed
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*.h5")}
+    for change, words in (({"patch_size": 256}, "--patch-size 128, this call asks --patch-size 256"),
+                          ({"target_mpp": 1.0}, "--target-mpp 0.5, this call asks --target-mpp 1")):
+        cfg = PreprocessConfig(slides=str(root / "slides"), out=str(copy), quiet=True, **{"patch_size": 128, **change})
+        with pytest.raises(InputError, match=words):
+            Pipeline(cfg).run(slides_in(cfg.slides))
+    assert {p.name: p.stat().st_mtime_ns for p in copy.rglob("*.h5")} == before        # nothing written
+    hashed = []
+    monkeypatch.setattr(preprocess, "_weights_sha", lambda path: hashed.append(path) or "none")
+    (copy / "features_handcrafted" / "P001_S0.h5").unlink()
+    (copy / "features_handcrafted" / "P002_S0.h5").unlink()
+    cfg = PreprocessConfig(slides=str(root / "slides"), out=str(copy), quiet=True, patch_size=128)
+    status = Pipeline(cfg).run(slides_in(cfg.slides)).set_index("slide_id")
+    assert (status.loc[["P001_S0", "P002_S0"], "status"] == "done").all() and len(hashed) == 1
+
+
 def test_hand_edited_geojson_is_used(processed, tmp_path):
     root, out = processed
     geo = json.loads((out / "segmentation" / "P000_S0.geojson").read_text())

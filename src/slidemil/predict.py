@@ -13,7 +13,7 @@ import pandas as pd
 from slidemil.data.bags import BagDataset
 from slidemil.data.cohort import read_table
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import check_feature_file, locate_features, read_attrs
+from slidemil.features.store import check_feature_file, locate_features, read_attrs, unlike_reference
 from slidemil.rundir import RunDir
 from slidemil.tasks import create_task, model_task, render_report, sample_caveats, site_metrics
 from slidemil.train.trainer import infer
@@ -128,8 +128,12 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
         raise InputError(f"{feature_dir}: no slide has usable features")
     models = run.fold_models(dev)
     meta = models[0][1]
-    for p in paths.values():
-        check_compatible(meta, read_attrs(p), p)
+    attrs = {p: read_attrs(p) for p in paths.values()}
+    for p, a in attrs.items():
+        check_compatible(meta, a, p)
+    unlike = unlike_reference(meta.get("encoder", {}), attrs, "the run's training features")
+    for line in unlike:
+        log.warning("%s", line)
     by_patient = meta.get("bag_unit") == "patient"
     groups = patient_bags(run, list(paths), labels) if by_patient else {sid: [sid] for sid in paths}
     units = [(key, [str(paths[sid]) for sid in sids], 0) for key, sids in groups.items()]
@@ -141,6 +145,7 @@ def predict(run: str | Path, feature_dir: str | Path, slide_ids: list[str] | Non
         frame.insert(1, "slide_ids", [";".join(sids) for sids in groups.values()])
     else:
         frame.insert(0, "slide_id", list(paths))
+    frame.attrs["warnings"] = unlike          # validate_external adds them to the external metrics' caveats
     return frame
 
 
@@ -185,7 +190,7 @@ def validate_external(run: str | Path, preds: pd.DataFrame, labels: str | Path, 
     if "site" in scored.columns:
         metrics["sites"] = site_metrics(task, scored, meta, metrics, n_boot, seed)
     metrics["external"] = {"labels": str(labels), "n_scored": int(len(scored)), "run": str(run.path)}
-    metrics["warnings"] = sample_caveats(metrics, task)
+    metrics["warnings"] = sample_caveats(metrics, task) + list(preds.attrs.get("warnings", []))
     return metrics
 
 

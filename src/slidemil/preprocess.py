@@ -25,7 +25,7 @@ from slidemil import __version__
 from slidemil.errors import InputError, disk_full
 from slidemil.features.encoders import create_encoder
 from slidemil.features.extract import ExtractConfig, embed_batches
-from slidemil.features.store import write_features
+from slidemil.features.store import read_attrs, write_features
 from slidemil.slides.patching import PatchConfig, make_grid, read_coords, write_coords
 from slidemil.slides.reader import Slide, list_slides, open_slide, slide_id_of
 from slidemil.slides.stain import StainNormalizer
@@ -99,6 +99,7 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.mpp_override = read_mpp_csv(cfg.mpp_csv)
         self._encoder = None
+        self._weights_sha: str | None = None
         self._stain = None
         self._tiles = None
         self._stage = "open"                      # the stage a failing slide was in, for failures.csv
@@ -155,6 +156,13 @@ class Pipeline:
             self._encoder = create_encoder(self.o.encoder, self.o.weights, self.o.download)
         return self._encoder
 
+    def weights_sha(self) -> str:
+        """sha256 of the encoder's weights file, hashed once a batch (it was hashed for every slide: seconds
+        each for a multi-GB checkpoint)."""
+        if self._weights_sha is None:
+            self._weights_sha = _weights_sha(self.encoder().weights)
+        return self._weights_sha
+
     def tiles(self, device) -> TileStream:
         """One tile stream for the whole batch of slides: its worker processes start once."""
         if self._tiles is None:
@@ -190,7 +198,7 @@ class Pipeline:
                                       "target_magnification", "level0_magnification", "overlap", "patch_level",
                                       "downsample", "level0_width", "level0_height") if k in attrs}
         meta.update({"encoder": self.o.encoder, "encoder_weights": enc.weights or "none",
-                     "encoder_sha256": _weights_sha(enc.weights), "slide_path": str(slide.path),
+                     "encoder_sha256": self.weights_sha(), "slide_path": str(slide.path),
                      "name": slide.slide_id, "slidemil_version": __version__, "stain_norm": self.o.stain_norm})
         if self._stain is not None:
             meta.update(stain_target=self._stain.target.name, stain_target_sha256=sha256_file(self._stain.target))
@@ -198,6 +206,26 @@ class Pipeline:
                        dtype="float16" if self.o.float16 else "float32")
 
     # ----- resume ------------------------------------------------------------------------------
+    def _check_patch_settings(self) -> None:
+        """Patches already in --out made at another resolution, size or overlap than this call asks would be
+        kept (a finished slide is skipped) beside new ones, and features cut from both: refused before
+        anything is written (it was silent)."""
+        grid = self.o.patches()
+        want = {"target_mpp": grid.resolved_mpp(), "patch_size": grid.patch_size, "overlap": grid.overlap}
+        folder = self.out / "patches"
+        for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+            try:
+                attrs = read_attrs(path)
+            except Exception:                # unreadable: its slide's own stage redoes or records it
+                continue
+            differ = [k for k, v in want.items() if k in attrs and abs(float(attrs[k]) - v) > 1e-3 * max(abs(v), 1)]
+            if differ:
+                was = ", ".join(f"--{k.replace('_', '-')} {attrs[k]:g}" for k in differ)
+                now = ", ".join(f"--{k.replace('_', '-')} {want[k]:g}" for k in differ)
+                raise InputError(f"{folder}: {path.name} and perhaps others were patched with {was}, this call asks "
+                                 f"{now}; a finished slide would keep its old patches beside the new ones'. Give "
+                                 f"another --out, or remove {folder} and the features made from it to patch again")
+
     def is_done(self, slide_id: str, stage: str) -> bool:
         p = self.paths(slide_id)
         path = p[stage]
@@ -212,8 +240,10 @@ class Pipeline:
                 n = fh["features"].shape[0]
                 enc = fh.attrs.get("encoder")
                 stain = fh.attrs.get("stain_norm", "none")
+                sha = fh.attrs.get("encoder_sha256")      # other weights of the same encoder: redone, as stain
             coords, _ = read_coords(p["patch"])
-            return n == len(coords) and enc == self.o.encoder and stain == self.o.stain_norm
+            return (n == len(coords) and enc == self.o.encoder and stain == self.o.stain_norm
+                    and sha in (None, self.weights_sha()))
         except Exception:
             return False
 
@@ -222,6 +252,8 @@ class Pipeline:
         concerns the whole batch (the encoder and its weights) is checked first and stops it at once."""
         if "extract" in stages and slide_paths:
             self.encoder()
+        if ("patch" in stages or "extract" in stages) and not self.o.coords_dir:
+            self._check_patch_settings()
         rows = []
         for path in slide_paths:
             sid = slide_id_of(path)

@@ -164,3 +164,23 @@ def test_an_excel_workbook_and_a_decimal_comma_are_one_line_each(tmp_path):
     task = create_task(TaskConfig(task="survival"))
     with pytest.raises(InputError, match=r"row\(s\) 2 hold '12,5' \(write the decimal point as '.', not ','\)"):
         task.read(path)
+
+
+def test_features_of_another_encoder_or_resolution_are_not_mixed_in_silently(tmp_path, caplog):
+    """UNI and CLAM's ResNet-50 both give 1024-d features, so the dimension check let a cohort mix them; and a
+    slide extracted at another resolution trained beside the rest without a word."""
+    feats = tmp_path / "feats"
+    for i in range(6):
+        attrs = {"encoder": "resnet50_trunc" if i == 5 else "uni_v1", "target_mpp": 0.25 if i == 4 else 0.5,
+                 "patch_size": 256}
+        write_features(feats / f"p{i}_s0.h5", np.ones((3, 4)), np.zeros((3, 2)), attrs)
+    cohort = read_label_table(label_csv(tmp_path, n_patients=6, slides=1))
+    with pytest.raises(MissingFeaturesError) as err:
+        attach_features(cohort, feats)
+    assert list(err.value.bad) == ["p5_s0"] and "--skip-bad" in str(err.value)
+    assert "made by encoder 'resnet50_trunc', the other files by 'uni_v1'" in err.value.bad["p5_s0"]
+    with caplog.at_level(logging.WARNING, logger="slidemil.data.cohort"):
+        kept = attach_features(cohort, feats, skip_bad=True)
+    assert len(kept.table) == 5
+    assert ("1 of 5 feature files (e.g. p4_s0.h5) were made with a resolution of 0.25 µm/px, the others with a "
+            "resolution of 0.5 µm/px") in caplog.text

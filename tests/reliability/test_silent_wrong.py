@@ -59,7 +59,9 @@ def test_resume_refuses_a_changed_label_table_or_changed_features(tmp_path):
     labels.to_csv(root / "labels.csv", index=False)
     first = sorted((root / "features").glob("*.h5"))[0]
     shutil.copy(first, tmp_path / "orig.h5")
-    write_features(first, np.random.default_rng(5).normal(size=(15, 16)).astype(np.float32), None, {"encoder": "x"})
+    # new content from the same encoder (another encoder's file is refused before the resume check, as bad)
+    write_features(first, np.random.default_rng(5).normal(size=(15, 16)).astype(np.float32), None,
+                   {"encoder": "synthetic"})
     res = _resume(root)
     assert res.exit_code == 1 and "feature files changed" in res.output and "Traceback" not in res.output
     assert not (root / "run" / "fold_1" / "done.json").exists()

@@ -17,7 +17,13 @@ import numpy as np
 import pandas as pd
 
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import check_feature_file, locate_features
+from slidemil.features.store import (
+    check_feature_file,
+    locate_features,
+    most_common_attrs,
+    read_attrs,
+    unlike_reference,
+)
 from slidemil.utils.io import SAFE_ID_RULE, delimiter, is_safe_id, read_csv_text, safe_child
 from slidemil.utils.memory import release_free_heap
 
@@ -299,6 +305,23 @@ def _natural_key(value: str):
         return (1, 0.0, value)
 
 
+def _check_provenance(paths: dict[str, str], bad: dict[str, str]) -> None:
+    """Files of another encoder than most (two encoders can share a dimension: UNI and CLAM's ResNet-50 are
+    both 1024-d) are unusable, moved from `paths` to `bad`; other differences (resolution, patch size, encoder
+    weights, stain normalisation) are warned about: they were silent."""
+    attrs = {sid: read_attrs(path) for sid, path in paths.items()}
+    encoders = Counter(str(a["encoder"]) for a in attrs.values() if a.get("encoder") is not None)
+    if len(encoders) > 1:
+        common = encoders.most_common(1)[0][0]
+        for sid, a in list(attrs.items()):
+            if a.get("encoder") is not None and str(a["encoder"]) != common:
+                bad[sid] = f"{paths.pop(sid)}: made by encoder {a['encoder']!r}, the other files by {common!r}"
+                del attrs[sid]
+    by_path = {Path(paths[sid]): a for sid, a in attrs.items()}
+    for line in unlike_reference(most_common_attrs(by_path), by_path, "the others"):
+        log.warning("%s", line)
+
+
 def _extension_hint(slide_id: str) -> str:
     """A hint for an id written with its file's extension (`X.svs`, `X.h5`): ids are names without it."""
     suffix = Path(slide_id).suffix
@@ -351,6 +374,7 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
         for sid, dim in dims.items():
             if dim != common:
                 bad[sid] = f"{paths.pop(sid)}: features are {dim}-d but the other files are {common}-d (another encoder?)"
+    _check_provenance(paths, bad)
     if (missing and not skip_missing) or (bad and not skip_bad):
         raise MissingFeaturesError(missing if not skip_missing else {}, bad if not skip_bad else {})
     excluded = {**missing, **bad}

@@ -70,6 +70,41 @@ def locate_features(feature_dir: str | os.PathLike, slide_ids) -> tuple[dict[str
     return {sid: files[name] for sid, name in found.items()}, problems
 
 
+# what must match between feature files for one model to read them alike, beyond the encoder and the
+# dimension: (attribute, how it reads, whether two values differ)
+_PROVENANCE = (("target_mpp", "a resolution of {} µm/px", lambda a, b: abs(float(a) / float(b) - 1) > 0.1),
+               ("patch_size", "{} px patches", lambda a, b: int(a) != int(b)),
+               ("encoder_sha256", "encoder weights of sha256 {:.12}", lambda a, b: str(a) != str(b)),
+               ("stain_norm", "stain normalisation {}", lambda a, b: str(a) != str(b)))
+
+
+def unlike_reference(reference: dict, attrs: dict[Path, dict], whose: str) -> list[str]:
+    """One line per way feature files differ from `reference` (a run's training features, or most of a
+    cohort's files): resolution, patch size, encoder weights, stain normalisation. A model still runs on
+    them, on inputs unlike those it learnt from (a 40x cohort extracted without --target-mpp is another
+    domain), so each difference is said; an attribute a side lacks (older or foreign files) is not compared."""
+    out = []
+    for key, reads, differs in _PROVENANCE:
+        if reference.get(key) is None:
+            continue
+        odd = [p for p, a in attrs.items() if a.get(key) is not None and differs(a[key], reference[key])]
+        if odd:
+            out.append(f"{len(odd)} of {len(attrs)} feature files (e.g. {Path(odd[0]).name}) were made with "
+                       f"{reads.format(attrs[odd[0]][key])}, {whose} with {reads.format(reference[key])}; a model "
+                       "reads them as inputs unlike the others: extract every slide the same way")
+    return out
+
+
+def most_common_attrs(attrs: dict[Path, dict]) -> dict:
+    """Each provenance attribute's most common value over the files (the reference of a cohort)."""
+    common = {}
+    for key, _, _ in _PROVENANCE:
+        values = [str(a[key]) for a in attrs.values() if a.get(key) is not None]
+        if values:
+            common[key] = max(set(values), key=values.count)
+    return common
+
+
 def _decode(value):
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
