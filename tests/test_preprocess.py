@@ -144,6 +144,38 @@ def test_hand_edited_geojson_is_used(processed, tmp_path):
     assert (coords[:, 0] >= x0 - 256).all() and (coords[:, 0] + 256 <= x0 + 600 + 256).all()
 
 
+def test_a_rerun_with_edited_contours_or_tissue_settings_redoes_what_follows(processed, tmp_path):
+    """The QuPath loop: preprocess, fix a slide's contours by hand, rerun with --tissue-geojson into the same
+    --out. The finished slide was "skipped", its edit ignored without a word; so were new tissue settings.
+    Each output now records what it was made from, and a rerun made otherwise redoes it and what follows."""
+    root, out = processed
+    single, copy = tmp_path / "one", tmp_path / "out"
+    single.mkdir()
+    shutil.copy(root / "slides" / "P000_S0.tif", single)
+    shutil.copytree(out, copy)
+    base = dict(slides=str(single), out=str(copy), quiet=True, patch_size=128)
+    run = lambda **kw: Pipeline(PreprocessConfig(**base, **kw)).run(slides_in(single)).loc[0, "status"]  # noqa: E731
+    assert run() == "skipped"
+    geo = json.loads((copy / "segmentation" / "P000_S0.geojson").read_text())
+    x0, y0 = np.asarray(geo["features"][0]["geometry"]["coordinates"][0]).min(0)
+    square = lambda side: [[[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side], [x0, y0]]]  # noqa: E731
+    geo["features"] = [dict(geo["features"][0], geometry={"type": "Polygon", "coordinates": square(500)})]
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "P000_S0.geojson").write_text(json.dumps(geo))
+    assert run(tissue_geojson=str(tmp_path / "edited")) == "done"
+    coords, _ = read_coords(copy / "patches" / "P000_S0.h5")
+    with h5py.File(copy / "features_handcrafted" / "P000_S0.h5") as fh:
+        np.testing.assert_array_equal(fh["coords"][()], coords)          # the features followed the patches
+    assert (coords[:, 0] >= x0 - 128).all() and (coords[:, 0] <= x0 + 500).all()
+    assert run(tissue_geojson=str(tmp_path / "edited")) == "skipped"
+    geo["features"][0]["geometry"]["coordinates"] = square(900)          # edited again
+    (tmp_path / "edited" / "P000_S0.geojson").write_text(json.dumps(geo))
+    assert run(tissue_geojson=str(tmp_path / "edited")) == "done"
+    assert len(read_coords(copy / "patches" / "P000_S0.h5")[0]) > len(coords)
+    assert run(median=9) == "done" and run(median=9) == "skipped"      # other tissue settings
+    assert run(median=9, min_tissue=0.9) == "done"                      # another tissue share per patch
+
+
 def test_extract_at_clam_and_trident_coordinates(slide_cohort, tmp_path):
     """Coordinates written by CLAM (patch_level + patch_size) and TRIDENT (<id>_patches.h5 with
     patch_size_level0) drive extraction directly, with the same footprint as ours."""

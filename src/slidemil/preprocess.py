@@ -10,6 +10,7 @@ Under torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th slide and wr
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import zlib
@@ -134,7 +135,16 @@ class Pipeline:
         if not tissue.mask.any():
             raise NoTissueError(f"{slide.path}: no tissue found (segmentation at {self.o.seg_mpp} µm/px); "
                                 "check the QC thumbnail, lower --min-saturation, or supply --tissue-geojson")
-        save_segmentation(target.parent, slide.slide_id, tissue, mask_to_geojson(tissue), self.o.tissue())
+        save_segmentation(target.parent, slide.slide_id, tissue, mask_to_geojson(tissue), self.o.tissue(),
+                          self.tissue_source(slide.slide_id))
+
+    def tissue_source(self, slide_id: str) -> dict:
+        """What a slide's tissue contours were made from, kept in its GeoJSON: a rerun whose source differs
+        (other tissue settings, a hand-edited GeoJSON, an edit of it) segments again, and what follows with it."""
+        if self.o.tissue_geojson:
+            src = Path(self.o.tissue_geojson) / f"{slide_id}.geojson"
+            return {"hand_edited": str(src), "sha256": sha256_file(src) if src.is_file() else ""}
+        return {"params": self.o.tissue().model_dump(mode="json")}
 
     def patch(self, slide: Slide) -> None:
         src = self.paths(slide.slide_id)["segment"]
@@ -149,7 +159,9 @@ class Pipeline:
                         "--target-mpp %.2g or coarser, or leave the slide out", slide.slide_id,
                         grid.attrs["level0_mpp"], grid.attrs["target_mpp"], 1 / grid.attrs["downsample"],
                         grid.attrs["level0_mpp"])
-        write_coords(self.paths(slide.slide_id)["patch"], grid, {"slide_path": str(slide.path)})
+        write_coords(self.paths(slide.slide_id)["patch"], grid, {"slide_path": str(slide.path),
+                                                                "min_tissue": self.o.min_tissue,
+                                                                "segmentation_sha256": sha256_file(src)})
 
     def encoder(self):
         if self._encoder is None:
@@ -231,19 +243,29 @@ class Pipeline:
         path = p[stage]
         if not path.is_file():
             return False
+        # each stage is complete when its output exists and was made from what this call would make it from
+        # (outputs of older versions lack the record and count as complete)
         if stage == "segment":   # a GeoJSON of an older run may lack its QC picture (written after it then)
-            return path.with_name(f"{slide_id}_qc.png").is_file()
+            try:
+                made_from = json.loads(path.read_text()).get("properties", {}).get("source")
+            except (OSError, ValueError):
+                return False
+            return (path.with_name(f"{slide_id}_qc.png").is_file()
+                    and made_from in (None, self.tissue_source(slide_id)))
         try:
+            if stage == "patch":
+                _, attrs = read_coords(path)
+                return (attrs.get("min_tissue", self.o.min_tissue) == self.o.min_tissue
+                        and attrs.get("segmentation_sha256") in (None, sha256_file(p["segment"])))
             with h5py.File(path, "r") as fh:
-                if stage == "patch":
-                    return "coords" in fh
+                made_at = np.asarray(fh["coords"][()]) if "coords" in fh else None
                 n = fh["features"].shape[0]
                 enc = fh.attrs.get("encoder")
                 stain = fh.attrs.get("stain_norm", "none")
                 sha = fh.attrs.get("encoder_sha256")      # other weights of the same encoder: redone, as stain
             coords, _ = read_coords(p["patch"])
-            return (n == len(coords) and enc == self.o.encoder and stain == self.o.stain_norm
-                    and sha in (None, self.weights_sha()))
+            same_grid = n == len(coords) and (made_at is None or np.array_equal(made_at.reshape(-1, 2), coords))
+            return same_grid and enc == self.o.encoder and stain == self.o.stain_norm and sha in (None, self.weights_sha())
         except Exception:
             return False
 
@@ -280,13 +302,16 @@ class Pipeline:
 
     def _process(self, path: Path, sid: str, stages, progress) -> str:
         """The missing stages of one slide (under its lock): "done", or "skipped" when all were complete."""
-        wanted = ("extract",) if self.o.coords_dir and "extract" in stages else stages
-        todo = [s for s in wanted if not self.is_done(sid, s)]
-        if not todo:
+        wanted = list(("extract",) if self.o.coords_dir and "extract" in stages else stages)
+        first = next((i for i, s in enumerate(wanted) if not self.is_done(sid, s)), None)
+        if first is None:
             return "skipped"
         slide = self.open(path)
         try:
-            for stage in todo:
+            for i, stage in enumerate(wanted[first:]):
+                # a stage after a redone one is judged again: made from the old output, it is redone too
+                if i > 0 and self.is_done(sid, stage):
+                    continue
                 self._stage = stage
                 if stage == "extract" and progress is not None:
                     n = len(read_coords(self.paths(sid)["patch"])[0])

@@ -169,11 +169,15 @@ def draw_qc(tissue: TissueMask, geo: dict, coords: np.ndarray | None = None, pat
     return im
 
 
-def save_segmentation(folder: Path, slide_id: str, tissue: TissueMask, geo: dict, params: TissueConfig) -> None:
+def save_segmentation(folder: Path, slide_id: str, tissue: TissueMask, geo: dict, params: TissueConfig,
+                      source: dict | None = None) -> None:
+    """`<id>.geojson` and its QC picture; `source` (what the contours were made from) is kept in the GeoJSON's
+    properties, so that a rerun made otherwise segments again."""
     from slidemil.utils.io import safe_child
 
     folder.mkdir(parents=True, exist_ok=True)
-    geo = dict(geo, properties={"slide_id": slide_id, "downsample": tissue.downsample, "params": params.model_dump(mode="json")})
+    geo = dict(geo, properties={"slide_id": slide_id, "downsample": tissue.downsample,
+                                "params": params.model_dump(mode="json"), "source": source})
     # the QC picture first: the GeoJSON marks the stage complete, so a stop between the two (a full disk)
     # leaves the slide to be segmented again
     with atomic_path(safe_child(folder, slide_id, "_qc.png")) as tmp:
