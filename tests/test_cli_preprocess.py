@@ -49,3 +49,22 @@ def test_cli_encoders_lists_registry():
         assert name in res.stdout
     # encoders released on GitHub showed "hf:None" as their weight source: now the release they come from
     assert "hf:None" not in res.stdout and "birkhoffkiki" in res.stdout
+
+
+def test_every_command_that_logs_takes_quiet():
+    """`--quiet` worked for train and preprocess but was "No such option" for heatmap, view, predict and
+    the rest: a pipeline script could not quiet its steps alike."""
+    import typer
+
+    def walk(group, prefix=()):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, prefix + (name,))
+            else:
+                yield prefix + (name,), cmd
+
+    root = typer.main.get_command(app)
+    for path, cmd in walk(root):
+        if path[-1] in ("models", "encoders", "doctor", "report") or path[0] == "weights":
+            continue                     # print a table or one result, log nothing
+        assert "--quiet" in {o for p in cmd.params for o in p.opts}, " ".join(path)

@@ -55,6 +55,9 @@ class _PrintableRecords(logging.Filter):
         return True
 
 
+QUIET = typer.Option(False, "--quiet", help="Warnings and errors only (no progress or info lines).")
+
+
 def _setup_logging(quiet: bool, logfile: Path | None = None) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -269,13 +272,14 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidem
              heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery "
                                                      "(default: RUN/heatmaps)."),
              eval_unit: Optional[str] = _opt(TrainConfig, "eval_unit"),
-             ibs_range: Optional[str] = _opt(TrainConfig, "ibs_range")):
+             ibs_range: Optional[str] = _opt(TrainConfig, "ibs_range"),
+             quiet: bool = QUIET):
     """Recompute metrics.json, plots/ and report.html from a run's out-of-fold predictions (--eval-unit and
     --ibs-range override the run's)."""
     from slidemil.rundir import RunDir
     from slidemil.tasks import evaluate_run, summary_line
 
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
         options = {k: v for k, v in (("eval_unit", eval_unit), ("ibs_range", ibs_range)) if v is not None}
@@ -305,13 +309,14 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             top_k: Optional[int] = _opt(HeatmapOptions, "top_k"),
             overlap: Optional[int] = _opt(HeatmapOptions, "overlap"),
             mpp: Optional[float] = _opt(HeatmapOptions, "mpp"),
-            allow_failures: Optional[bool] = _opt(HeatmapOptions, "allow_failures", "--allow-failures")):
+            allow_failures: Optional[bool] = _opt(HeatmapOptions, "allow_failures", "--allow-failures"),
+            quiet: bool = QUIET):
     """Paint the run's instance scores onto its slides: heatmap PNG, scores h5, top tiles, QuPath GeoJSON."""
     from slidemil.explain.heatmap import HeatmapRun
     from slidemil.rundir import RunDir
 
     given = _given(HeatmapOptions, locals())
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         opts = load_config(HeatmapOptions, None, given)
         target = out or RunDir(run).heatmaps_dir
@@ -334,14 +339,15 @@ def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil t
          alpha: Optional[float] = _opt(ViewerOptions, "alpha"),
          top_k: Optional[int] = _opt(ViewerOptions, "top_k"),
          mpp: Optional[float] = _opt(ViewerOptions, "mpp"),
-         allow_failures: Optional[bool] = _opt(ViewerOptions, "allow_failures", "--allow-failures")):
+         allow_failures: Optional[bool] = _opt(ViewerOptions, "allow_failures", "--allow-failures"),
+         quiet: bool = QUIET):
     """A static zoomable page (Deep Zoom tiles, heatmap overlay, top tiles) of the run's heatmapped slides:
     open RUN/viewer/index.html from disk, no server needed."""
     from slidemil.explain.viewer import SlideViewer
     from slidemil.rundir import RunDir
 
     given = _given(ViewerOptions, locals())
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         opts = load_config(ViewerOptions, None, given)
         rd = RunDir(run)
@@ -368,7 +374,8 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
             name: Optional[str] = typer.Option(None, help="Name of this cohort in the run report's External "
                                                "validation section (default: the folder of --labels)."),
-            force: bool = typer.Option(False, "--force", help="Write --out even inside a run folder or over an input.")):
+            force: bool = typer.Option(False, "--force", help="Write --out even inside a run folder or over an input."),
+            quiet: bool = QUIET):
     """Apply a run's fold ensemble to new features (the run's task decides the columns); with --labels,
     validate it on this cohort."""
     from slidemil.predict import check_output, external_name, record_external, validate_external
@@ -376,7 +383,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     from slidemil.tasks import summary_line
     from slidemil.utils.io import atomic_path, json_text
 
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         ids = _ids(slide_ids)
         if labels is not None and not labels.is_file():
@@ -575,13 +582,14 @@ def embed_slides(features: Path = typer.Option(..., help="Folder of patch featur
                  slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all files)."),
                  device: str = typer.Option("auto", help="auto | cpu | cuda."),
                  allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 when some slides failed "
-                                                     "(never when all did).")):
+                                                     "(never when all did)."),
+                 quiet: bool = QUIET):
     """One embedding per slide from its patch features. The output folder is a feature folder: `slidemil
     train --features OUT` trains on it, and the run's baseline is the linear (Cox) probe of the embedding."""
     from slidemil.features.slide_encoders import embed_slides as run_embed
     from slidemil.utils.device import resolve_device
 
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         table = run_embed(features, out, encoder, str(weights) if weights else None, _ids(slide_ids),
                           str(resolve_device(device)))
@@ -651,7 +659,8 @@ def histaug_fit(slides: Path = typer.Option(..., help="Folder of slides."),
                 depth: Optional[int] = _opt(FitSettings, "depth"),
                 heldout: Optional[float] = _opt(FitSettings, "heldout"),
                 device: Optional[str] = _opt(ExtractConfig, "device"),
-                seed: Optional[int] = _opt(FitSettings, "seed")):
+                seed: Optional[int] = _opt(FitSettings, "seed"),
+                quiet: bool = QUIET):
     """Fit HistAug's generator f(z, t) ~ E(T_t(patch)) on a cohort's patches (then train with
     `--strategy histaug --strategy-arg generator=OUT`)."""
     from slidemil.augment.fit import fit_from_slides
@@ -659,7 +668,7 @@ def histaug_fit(slides: Path = typer.Option(..., help="Folder of slides."),
 
     given = _given(FitSettings, locals())
     with _errors():
-        _setup_logging(False)
+        _setup_logging(quiet)
         settings = load_config(FitSettings, None, given)
         enc = load_config(ExtractConfig, None, {"encoder": encoder, "weights": weights, "device": device})
         report = fit_from_slides(slides, patches, out, enc.encoder, enc.weights, download, settings,
@@ -742,12 +751,13 @@ def benchmark(grid: Path = typer.Argument(..., help="Grid YAML: labels, features
                                           "folds, train {...}; see docs/benchmarking.md."),
               out: Path = typer.Option(..., help="Folder of the grid's cells, splits and leaderboard."),
               allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 when some cells failed "
-                                                  "(never when all did).")):
+                                                  "(never when all did)."),
+              quiet: bool = QUIET):
     """Run a grid of encoders x models x tasks x seeds on shared patient-grouped splits (resumable cell by cell;
     one cell per rank under torchrun), then the leaderboard with paired comparisons."""
     from slidemil.benchmark.run import run_benchmark
 
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         def say(i, n, name):
             console.print(f"cell {i + 1}/{n}: {name}")
@@ -786,13 +796,14 @@ def robustness(features: list[str] = typer.Option(..., help="Feature folder, as 
                bootstrap: Optional[int] = _opt(RobustnessSettings, "bootstrap"),
                balance: Optional[bool] = _opt(RobustnessSettings, "balance", "--balance/--no-balance"),
                draws: Optional[int] = _opt(RobustnessSettings, "draws"),
-               seed: Optional[int] = _opt(RobustnessSettings, "seed")):
+               seed: Optional[int] = _opt(RobustnessSettings, "seed"),
+               quiet: bool = QUIET):
     """Do the embeddings cluster by centre or by biology? Robustness index (de Jong et al. 2025), label and
     centre probes, a 2-D map."""
     from slidemil.robustness import run_robustness
 
     given = _given(RobustnessSettings, locals())
-    _setup_logging(False)
+    _setup_logging(quiet)
     with _errors():
         settings = load_config(RobustnessSettings, None, given)
         folders = _named_folders(features, "--features")
