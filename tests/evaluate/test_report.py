@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # trains models or runs the slide pipeline
@@ -14,3 +15,23 @@ def test_report_shows_heatmap_gallery_and_bands(demo_run):
     made = list((demo_run / "run" / "heatmaps").glob("*_heatmap.png"))          # 3 of 4 were shown before
     assert len(made) == 4 and all(p.name[:-len("_heatmap.png")] + ":" in html for p in made)
     assert "built_with:" in html and "gated: true" in html     # the model's arguments as built, defaults included
+
+
+def test_a_confusion_matrix_of_equal_counts_shows_its_numbers(tmp_path, monkeypatch):
+    """Equal counts in every cell (a model at chance on a balanced cohort) were drawn as an empty-looking
+    panel: the colour scale ran from the minimum to the maximum, all cells took the palest blue and the
+    numbers were white on it. Each cell's number must stand out from its cell's colour."""
+    from matplotlib.colors import to_rgb
+
+    from slidemil.evaluate import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    luminance = lambda rgb: float(np.dot(to_rgb(rgb), [0.299, 0.587, 0.114]))  # noqa: E731
+    for pred in ([0, 1, 0, 1], [0, 0, 1, 1], [1, 1, 0, 0]):        # equal counts, diagonal, anti-diagonal
+        plots.confusion_plot(np.array([0, 0, 1, 1]), np.array(pred), ["a", "b"], tmp_path / "cm.png")
+        ax = drawn[-1].axes[0]
+        image = ax.images[0]
+        for text in ax.texts:
+            cell = image.cmap(image.norm(int(text.get_text())))
+            assert abs(luminance(text.get_color()) - luminance(cell[:3])) > 0.5, (pred, text.get_text())
