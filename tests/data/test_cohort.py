@@ -123,6 +123,8 @@ def test_tcga_barcodes_find_features_named_as_the_gdc_names_slides(tmp_path, cap
                                                                         "00000001-38cf-40ea-8213-45c2b100ac01",
                                                                         "00000002-38cf-40ea-8213-45c2b100ac01"]
     assert paths[bar[3]].endswith(f"{bar[3]}.h5") and "3 slide id(s) matched" in caplog.text
+    # the two files no row could claim are said to be unused (a forgotten row, or a typo in an id)
+    assert "2 feature file(s) under" in caplog.text and "have no row in the label table" in caplog.text
 
 
 def test_a_file_named_after_another_id_is_that_ids_and_an_extension_is_hinted(tmp_path):

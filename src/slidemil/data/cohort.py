@@ -19,6 +19,7 @@ import pandas as pd
 from slidemil.errors import InputError, MissingFeaturesError
 from slidemil.features.store import (
     check_feature_file,
+    feature_files,
     locate_features,
     most_common_attrs,
     read_attrs,
@@ -357,6 +358,9 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
             missing[sid] = str(exc)
     located, ambiguous = locate_features(feature_dir, [s for s in ids if s not in missing])
     _say_prefix_matches(located)
+    if unused := sorted(set(feature_files(feature_dir).values()) - set(located.values())):
+        log.info("%d feature file(s) under %s have no row in the label table and are not used (e.g. %s)",
+                 len(unused), feature_dir, unused[0].name)
     for sid in ids:
         if sid in missing:
             continue
