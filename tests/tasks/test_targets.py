@@ -61,6 +61,16 @@ def test_rows_without_an_outcome_are_left_out_and_recorded_as_classification_doe
         task.read(table(tmp_path, ["a,p1,", "b,p2,"], header="slide_id,case_id,ki67"))
 
 
+def test_event_columns_as_tcga_and_cbioportal_write_them(tmp_path):
+    """TCGA's vital_status (Dead/Alive) and cBioPortal's OS_STATUS (1:DECEASED / 0:LIVING) were refused as
+    event indicators: a user had to recode the clinical export first."""
+    rows = ["a,p1,10,1:DECEASED", "b,p2,20,0:LIVING", "c,p3,5,Dead", "d,p4,7,alive", "e,p5,9,1:PROGRESSION"]
+    cohort = survival().read(table(tmp_path, rows))
+    assert cohort.table["event"].tolist() == [1, 0, 1, 0, 1]
+    with pytest.raises(InputError, match=r"row\(s\) 2 hold '2:other'"):
+        survival().read(table(tmp_path, ["a,p1,10,2:other", "b,p2,20,1"]))
+
+
 def test_renamed_columns_and_missing_ones(tmp_path):
     path = table(tmp_path, ["a,p1,3,1", "b,p2,4,0"], header="slide_id,case_id,os_months,dead")
     cohort = survival(time_col="os_months", event_col="dead").read(path)

@@ -36,7 +36,18 @@ from slidemil.tasks.base import TASKS, Task
 log = logging.getLogger(__name__)
 EPS = 1e-7
 COX_CURVE_POINTS = 20
-_EVENT_WORDS = {"1": True, "0": False, "1.0": True, "0.0": False, "true": True, "false": False}
+# the event indicator as clinical tables write it: 1/0, true/false, TCGA's vital_status (Dead/Alive), and
+# cBioPortal's coded status columns, whose leading digit is the event (OS_STATUS "1:DECEASED" / "0:LIVING",
+# PFS_STATUS "1:PROGRESSION" / "0:CENSORED")
+_EVENT_WORDS = {"1": True, "0": False, "1.0": True, "0.0": False, "true": True, "false": False,
+                "dead": True, "deceased": True, "alive": False, "living": False}
+
+
+def _event(value: str):
+    """True (event), False (censored) or None (not an event indicator) for one cell, lower-cased."""
+    if len(value) > 2 and value[0] in "01" and value[1] == ":":
+        return value[0] == "1"
+    return _EVENT_WORDS.get(value)
 
 
 def nll_survival_loss(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
@@ -113,12 +124,12 @@ class Survival(Task):
         # and listed in excluded.csv, as an unlabelled row of a classification table is
         table = drop_empty(drop_empty(table, "time", path, tcol), "event", path, ecol)
         time = numeric_column(raw, table, path, tcol, "follow-up times")
-        event = table["event"].str.lower().map(_EVENT_WORDS)
+        event = table["event"].str.lower().map(_event)
         if event.isna().any():
             bad = event.isna()
             shown = ", ".join(repr(v) for v in table.loc[bad, "event"].unique()[:5])
-            raise InputError(f"{path}: column {ecol!r} must be 1/true (event observed) or 0/false (censored); "
-                             f"row(s) {row_list(table.index[bad])} hold {shown}")
+            raise InputError(f"{path}: column {ecol!r} must be 1/true/dead (event observed) or 0/false/alive "
+                             f"(censored), or cBioPortal's 1:.../0:...; row(s) {row_list(table.index[bad])} hold {shown}")
         negative = time < 0
         if negative.any():
             raise InputError(f"{path}: column {tcol!r} has negative time(s) in row(s) {row_list(table.index[negative])}; "
