@@ -47,13 +47,14 @@ def test_rows_without_an_outcome_are_left_out_and_recorded_as_classification_doe
     """A survival row without a time or event, or a regression row without a target, stopped the run while an
     unlabelled classification row was left out: the same table (a clinical export with some outcomes not
     available) now trains every task, each left-out row warned and named with its reason in excluded.csv."""
-    rows = GOOD + ["s9,p9,,1", "s10,p10,12,"]
+    # and as clinical exports mark a missing number: GDC's '--, cBioPortal's [Not Available]
+    rows = GOOD + ["s9,p9,,1", "s10,p10,12,", "s11,p11,'--,1", "s12,p12,[Not Available],0", "s13,p13,4,NA"]
     with caplog.at_level("WARNING"):
         cohort = survival().read(table(tmp_path, rows))
-    assert "s9" not in set(cohort.table["slide_id"]) and "s10" not in set(cohort.table["slide_id"])
     assert len(cohort.table) == len(GOOD)
-    assert set(cohort.excluded) == {"s9", "s10"} and "row 7" in cohort.excluded["s9"]
-    assert "'time' is empty or NaN in row(s) 7" in caplog.text and "'event' is empty or NaN in row(s) 8" in caplog.text
+    assert set(cohort.excluded) == {"s9", "s10", "s11", "s12", "s13"} and "row 7" in cohort.excluded["s9"]
+    assert "'time' is empty or marked missing in row(s) 7, 9, 10" in caplog.text
+    assert "'event' is empty or marked missing in row(s) 8, 11" in caplog.text
     task = create_task(TaskConfig(task="regression", target_col="ki67"))
     cohort = task.read(table(tmp_path, ["a,p1,3", "b,p2,", "c,p3,5"], header="slide_id,case_id,ki67"))
     assert cohort.table["target"].tolist() == [3.0, 5.0] and list(cohort.excluded) == ["b"]

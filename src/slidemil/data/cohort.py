@@ -223,11 +223,20 @@ def parse_class_labels(raw: pd.DataFrame, table: pd.DataFrame, path: Path, label
     return Cohort(table.reset_index(drop=True), list(classes), str(path))
 
 
-def drop_empty(table: pd.DataFrame, col: str, path: Path, source_col: str) -> pd.DataFrame:
-    """Rows without a value in `col` are left out with a warning; none left is an error."""
+# how clinical exports mark a missing number (GDC "'--", cBioPortal and TCGA "[Not Available]", ...); only
+# numeric columns read them as missing: in a label column "NA" may be a class
+MISSING_NUMBERS = {"'--", "--", "na", "n/a", "nan", "[not available]", "[not applicable]", "[unknown]",
+                   "[not evaluated]", "[discrepancy]", "[completed]", "unknown", "not reported"}
+
+
+def drop_empty(table: pd.DataFrame, col: str, path: Path, source_col: str, numeric: bool = False) -> pd.DataFrame:
+    """Rows without a value in `col` (`numeric`: or with a clinical export's missing marker) are left out
+    with a warning; none left is an error."""
     empty = table[col].isna() | (table[col] == "")
+    if numeric:
+        empty |= table[col].astype(str).str.strip().str.lower().isin(MISSING_NUMBERS)
     if empty.any():
-        log.warning("%s: column %r is empty or NaN in row(s) %s; these slides are left out",
+        log.warning("%s: column %r is empty or marked missing in row(s) %s; these slides are left out",
                     path, source_col, row_list(table.index[empty]))
         table = table[~empty]
     if table.empty:

@@ -30,7 +30,7 @@ class Regression(Task):
         col = self.o.target_col
         table = table.copy()
         table["target"] = raw[col].str.strip()
-        table = drop_empty(table, "target", path, col)   # left out, warned, in excluded.csv (as classification)
+        table = drop_empty(table, "target", path, col, numeric=True)   # left out, warned, in excluded.csv (as classification)
         table["target"] = numeric_column(raw, table, path, col, "the regression target").astype(float)
         same_per_patient(table, ["target"], path, [col])
         if table["target"].nunique() < 2:

@@ -122,7 +122,7 @@ class Survival(Task):
         table["event"] = raw[ecol].str.strip()
         # a row without a follow-up time or event (a patient lost to the clinical table) is left out, warned
         # and listed in excluded.csv, as an unlabelled row of a classification table is
-        table = drop_empty(drop_empty(table, "time", path, tcol), "event", path, ecol)
+        table = drop_empty(drop_empty(table, "time", path, tcol, numeric=True), "event", path, ecol, numeric=True)
         time = numeric_column(raw, table, path, tcol, "follow-up times")
         event = table["event"].str.lower().map(_event)
         if event.isna().any():
