@@ -29,3 +29,26 @@ def test_every_command_and_flag_in_the_quickstart_exists():
         helptext = " ".join(res.output.split())
         for flag in (w for w in words if w.startswith("--")):
             assert flag in helptext, f"{flag} of `{line}` is not a flag of slidemil {' '.join(verb)}"
+
+
+def test_the_python_in_the_quickstart_runs(tmp_path, monkeypatch):
+    """The pandas lines that make a slide table from TCGA slide files and a patient-level clinical table:
+    run as written on files named as the GDC names them, they give a table `train` reads."""
+    from slidemil.data.cohort import read_label_table
+
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert blocks
+    (tmp_path / "slides").mkdir()
+    rows = ["#Patient Identifier\tSubtype", "#STRING\tSTRING", "PATIENT_ID\tSUBTYPE"]
+    for i in range(4):
+        case = f"TCGA-AB-{1000 + i}"
+        (tmp_path / "slides" / f"{case}-01Z-00-DX1.{i:08x}-uuid.svs").write_bytes(b"")
+        (tmp_path / "slides" / f"{case}-01A-01-TS1.{i:08x}-frozen.svs").write_bytes(b"")
+        rows.append(f"{case}\t{'LUAD' if i % 2 else 'LUSC'}")
+    (tmp_path / "clinical.tsv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, str(DOC), "exec"), {})
+    cohort = read_label_table(tmp_path / "labels.csv", label_col="SUBTYPE")
+    assert sorted(cohort.table["slide_id"]) == [f"TCGA-AB-{1000 + i}-01Z-00-DX1" for i in range(4)]
+    assert cohort.classes == ["LUAD", "LUSC"] and cohort.table["case_id"].nunique() == 4
