@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
 from conftest import SLIDE_SIZE, tissue_truth
@@ -50,3 +51,23 @@ def test_geojson_roundtrip_in_level0_pixels(slide_cohort):
         assert (ring[0] == ring[-1]).all()
     back = geojson_to_mask(geo, tissue.mask.shape, tissue.downsample)
     assert (back & tissue.mask).sum() / (back | tissue.mask).sum() > 0.97
+
+
+def test_hand_edited_contours_in_every_shape_qupath_exports(tmp_path):
+    """QuPath's GeoJSON export without "Export as FeatureCollection" is a JSON array of Features: it failed as
+    "AttributeError: 'list' object has no attribute 'get'"; a bare geometry gave an empty mask and "no tissue
+    found"; points or lines drawn by mistake the same. Every shape now gives the same mask, or one clear line."""
+    from slidemil.errors import InputError
+    from slidemil.slides.tissue import load_tissue_geojson
+
+    square = {"type": "Polygon", "coordinates": [[[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]]}
+    feature = {"type": "Feature", "geometry": square, "properties": {"objectType": "annotation"}}
+    shapes = [{"type": "FeatureCollection", "features": [feature]}, [feature], feature, square,
+              {"type": "MultiPolygon", "coordinates": [square["coordinates"]]}]
+    masks = [geojson_to_mask(geo, (64, 64), 4.0) for geo in shapes]
+    assert masks[0].sum() == 40 * 40
+    assert all((m == masks[0]).all() for m in masks)
+    points = tmp_path / "points.geojson"
+    points.write_text(json.dumps([{"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}}]))
+    with pytest.raises(InputError, match="holds no Polygon or MultiPolygon; draw the tissue as areas"):
+        load_tissue_geojson(points, None, 8.0)

@@ -128,15 +128,30 @@ def _ring(obj: np.ndarray, downsample: float) -> list[list[float]]:
     return ring
 
 
-def geojson_to_mask(geo: dict, shape: tuple[int, int], downsample: float) -> np.ndarray:
+def geojson_polygons(geo) -> list:
+    """The polygons (lists of rings, level-0 px) of a GeoJSON as QuPath, slidemil or other tools write it: a
+    FeatureCollection, a JSON array of Features (QuPath's export without "FeatureCollection"), one Feature, or
+    a bare Polygon / MultiPolygon geometry."""
+    if isinstance(geo, list):
+        features = geo
+    elif isinstance(geo, dict) and (geo.get("type") == "FeatureCollection" or "features" in geo):
+        features = geo.get("features") or []
+    elif isinstance(geo, dict) and geo.get("type") in ("Polygon", "MultiPolygon"):
+        features = [{"geometry": geo}]
+    else:
+        features = [geo]
+    polys = []
+    for feat in features:
+        geom = (feat.get("geometry") if isinstance(feat, dict) else None) or {}
+        polys += ([geom["coordinates"]] if geom.get("type") == "Polygon"
+                  else geom.get("coordinates", []) if geom.get("type") == "MultiPolygon" else [])
+    return polys
+
+
+def geojson_to_mask(geo, shape: tuple[int, int], downsample: float) -> np.ndarray:
     """Rasterise Polygon / MultiPolygon features (level-0 px) onto a grid of `shape` at `downsample`."""
     mask = np.zeros(shape, bool)
-    features = geo.get("features", [geo] if geo.get("type") == "Feature" else [])
-    for feat in features:
-        geom = feat.get("geometry") or {}
-        polys = ([geom["coordinates"]] if geom.get("type") == "Polygon"
-                 else geom.get("coordinates", []) if geom.get("type") == "MultiPolygon" else [])
-        for rings in polys:
+    for rings in geojson_polygons(geo):
             for i, ring in enumerate(rings):
                 pts = np.asarray(ring, float) / downsample - 0.5
                 rr, cc = draw.polygon(pts[:, 1], pts[:, 0], shape)
@@ -150,6 +165,9 @@ def load_tissue_geojson(path: str | os.PathLike, slide: Slide, seg_mpp: float) -
         geo = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not a readable GeoJSON file ({exc})") from exc
+    if not geojson_polygons(geo):
+        raise InputError(f"{path}: holds no Polygon or MultiPolygon; draw the tissue as areas (QuPath: brush, "
+                         "polygon or wand annotations), not points or lines")
     img, downsample = segmentation_image(slide, seg_mpp)
     return TissueMask(geojson_to_mask(geo, img.shape[:2], downsample), downsample, img)
 
