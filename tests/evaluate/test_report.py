@@ -35,3 +35,20 @@ def test_a_confusion_matrix_of_equal_counts_shows_its_numbers(tmp_path, monkeypa
         for text in ax.texts:
             cell = image.cmap(image.norm(int(text.get_text())))
             assert abs(luminance(text.get_color()) - luminance(cell[:3])) > 0.5, (pred, text.get_text())
+
+
+def test_the_configuration_block_shows_the_runs_own_task_options(trained):
+    """A classification report listed survival_loss, bins, time_col and regression_loss among its settings, as if
+    they had been used; config.yaml keeps every field, the report shows the task's own."""
+    from slidemil.rundir import RunDir
+    from slidemil.tasks.base import own_options
+    from slidemil.tasks.evaluation import render_report
+
+    _, run = trained
+    page = render_report(RunDir(run)).read_text()
+    block = page[page.index("Configuration"):]
+    assert "label_col:" in block and "model: abmil" in block
+    for other in ("survival_loss:", "time_col:", "bins:", "regression_loss:", "target_col:"):
+        assert other not in block, other
+    survival = own_options({"task": "survival", "time_col": "os", "label_col": "label", "lr": 1e-4})
+    assert survival == {"task": "survival", "time_col": "os", "lr": 1e-4}

@@ -86,6 +86,20 @@ class TaskConfig(BaseModel):
         return value
 
 
+# the options only some tasks read: a run's report shows those of its own task (config.yaml keeps them all)
+TASK_ONLY = {"label_col": ("classification", "ordinal"), "classes": ("classification", "ordinal"),
+             "class_weights": ("classification", "ordinal"), "time_col": ("survival",), "event_col": ("survival",),
+             "survival_loss": ("survival",), "bins": ("survival",), "alpha_surv": ("survival",),
+             "eval_times": ("survival",), "ibs_range": ("survival",), "target_col": ("regression",),
+             "regression_loss": ("regression",)}
+
+
+def own_options(cfg: dict) -> dict:
+    """A run's config without the options of the tasks it is not (a classification run's survival loss)."""
+    task = cfg.get("task", "classification")
+    return {k: v for k, v in cfg.items() if task in TASK_ONLY.get(k, (task,))}
+
+
 class Task:
     """Base of the registered tasks; see the module docstring for what each method is for."""
 

@@ -11,7 +11,7 @@ import pandas as pd
 from slidemil.errors import InputError
 from slidemil.evaluate.report import unit_note, write_report
 from slidemil.rundir import RunDir
-from slidemil.tasks.base import Task, create_task
+from slidemil.tasks.base import Task, create_task, own_options
 from slidemil.utils.io import read_csv_text, write_json
 
 
@@ -71,7 +71,7 @@ def render_report(run: RunDir, metrics: dict | None = None, heatmaps: str | Path
     plots = task.plots(preds, metrics, run.plots_dir)
     gallery = task.gallery(_per_slide(run, preds) if cfg.get("bag_unit") == "patient" else preds, meta,
                            Path(heatmaps) if heatmaps else run.heatmaps_dir)
-    return write_report(run, cfg, metrics, plots, gallery,
+    return write_report(run, own_options(cfg), metrics, plots, gallery,
                         task.report_notes(metrics) + protocol_notes(metrics, task) + defaults_note(run)
                         + tuning_notes(run) + site_notes(metrics), external_notes(run, task))
 
