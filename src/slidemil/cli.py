@@ -299,6 +299,8 @@ def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil
 def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
             slides: Path = typer.Option(..., help="Folder of the run's slides."),
             out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/heatmaps)."),
+            features: Optional[Path] = typer.Option(None, help="The run's feature folder, where it is now "
+                                                    "(default: where the run was trained on it)."),
             slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all of the run)."),
             fold: Optional[str] = _opt(HeatmapOptions, "fold"),
             score: Optional[str] = _opt(HeatmapOptions, "score"),
@@ -320,7 +322,7 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     with _errors():
         opts = load_config(HeatmapOptions, None, given)
         target = out or RunDir(run).heatmaps_dir
-        hm = HeatmapRun(run, slides, target, opts)
+        hm = HeatmapRun(run, slides, target, opts, features)
         ensure_writable(target)
         table = hm.make_all(_ids(slide_ids))
         _per_slide_summary(table, "heatmap", target, target / "heatmaps.csv", opts.allow_failures)

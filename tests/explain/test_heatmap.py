@@ -97,6 +97,25 @@ def test_missing_scores_and_no_tissue_are_reported(demo_run, tmp_path):
         HeatmapRun(run_dir, blank_dir, tmp_path / "hm2").make(sid)
 
 
+def test_a_run_whose_features_moved_is_painted_from_where_they_are(demo_run, tmp_path):
+    """A run trained on a cluster and painted on a laptop (or a project folder moved) failed slide by slide with
+    "no features ... extract them first": one line now says to pass --features, which paints alike."""
+    import shutil
+
+    from slidemil.errors import InputError
+
+    root, _ = demo_run
+    run_dir, cohort = root / "run", root / "cohort"
+    with pytest.raises(InputError, match=r"nowhere does not exist; pass --features"):
+        HeatmapRun(run_dir, cohort / "slides", tmp_path / "a", features=tmp_path / "nowhere")
+    moved = tmp_path / "moved"
+    shutil.copytree(cohort / "preprocessed" / "features_handcrafted", moved)
+    sid = next((run_dir / "heatmaps").glob("*_scores.h5")).name[:-len("_scores.h5")]
+    HeatmapRun(run_dir, cohort / "slides", tmp_path / "b", features=moved).make(sid)
+    with h5py.File(tmp_path / "b" / f"{sid}_scores.h5") as new, h5py.File(run_dir / "heatmaps" / f"{sid}_scores.h5") as old:
+        np.testing.assert_allclose(new["ensemble"][()], old["ensemble"][()], atol=1e-6)
+
+
 def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):
     """A `--bag-unit patient` run's predictions.csv names patients, so `heatmap` without --slide-ids found
     no slide to paint; its slides now come from splits.csv."""
@@ -108,6 +127,7 @@ def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
+    (tmp_path / "features").mkdir()
     run.write_config({"features": str(tmp_path / "features"), "labels": "l", "out": str(run.path)})
     splits = pd.DataFrame({"slide_id": ["A_1", "A_2", "B_1"], "case_id": ["A", "A", "B"], "fold": 0,
                            "role": ["test", "test", "train"]})

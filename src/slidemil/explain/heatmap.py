@@ -63,10 +63,15 @@ class HeatmapOptions(BaseModel):
 
 
 class HeatmapRun:
-    def __init__(self, run: str | Path, slides_dir: str | Path, out: str | Path, opts: HeatmapOptions | None = None):
+    def __init__(self, run: str | Path, slides_dir: str | Path, out: str | Path, opts: HeatmapOptions | None = None,
+                 features: str | Path | None = None):
         self.run, self.out, self.o = RunDir(run), Path(out), opts or HeatmapOptions()
         self.cfg = self.run.config()
-        self.features = Path(self.cfg["features"])
+        self.features = Path(features or self.cfg["features"])
+        if not self.features.is_dir():     # a run trained elsewhere, or its project moved since
+            whose = "" if features else " (the run was trained on it)"
+            raise InputError(f"the feature folder {self.features} does not exist{whose}; pass --features with the "
+                             "folder of the run's feature files where they are now")
         self.models = self.run.fold_models(fold=self.o.fold)
         self.task = model_task(self.models[0][1])
         self._encoder = None
