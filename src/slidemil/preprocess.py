@@ -235,7 +235,7 @@ class Pipeline:
                 was = ", ".join(f"--{k.replace('_', '-')} {attrs[k]:g}" for k in differ)
                 now = ", ".join(f"--{k.replace('_', '-')} {want[k]:g}" for k in differ)
                 raise InputError(f"{folder}: {path.name} and perhaps others were patched with {was}, this call asks "
-                                 f"{now}; a finished slide would keep its old patches beside the new ones'. Give "
+                                 f"{now}; a finished slide would keep its old patches beside the new ones. Give "
                                  f"another --out, or remove {folder} and the features made from it to patch again")
 
     def is_done(self, slide_id: str, stage: str) -> bool:

@@ -226,7 +226,7 @@ def parse_class_labels(raw: pd.DataFrame, table: pd.DataFrame, path: Path, label
 # how clinical exports mark a missing number (GDC "'--", cBioPortal and TCGA "[Not Available]", ...); only
 # numeric columns read them as missing: in a label column "NA" may be a class
 MISSING_NUMBERS = {"'--", "--", "na", "n/a", "nan", "[not available]", "[not applicable]", "[unknown]",
-                   "[not evaluated]", "[discrepancy]", "[completed]", "unknown", "not reported"}
+                   "[not evaluated]", "[discrepancy]", "unknown", "not reported"}
 
 
 def drop_empty(table: pd.DataFrame, col: str, path: Path, source_col: str, numeric: bool = False) -> pd.DataFrame:
