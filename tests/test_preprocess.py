@@ -168,8 +168,9 @@ def test_a_rerun_with_edited_contours_or_tissue_settings_redoes_what_follows(pro
         np.testing.assert_array_equal(fh["coords"][()], coords)          # the features followed the patches
     assert (coords[:, 0] >= x0 - 128).all() and (coords[:, 0] <= x0 + 500).all()
     assert run(tissue_geojson=str(tmp_path / "edited")) == "skipped"
-    geo["features"][0]["geometry"]["coordinates"] = square(900)          # edited again
-    (tmp_path / "edited" / "P000_S0.geojson").write_text(json.dumps(geo))
+    geo["features"][0]["geometry"]["coordinates"] = square(900)          # edited again, exported by a QuPath
+    (tmp_path / "edited" / "P000_S0.geojson").unlink()                  # script as an array of features, .json
+    (tmp_path / "edited" / "P000_S0.json").write_text(json.dumps(geo["features"]))
     assert run(tissue_geojson=str(tmp_path / "edited")) == "done"
     assert len(read_coords(copy / "patches" / "P000_S0.h5")[0]) > len(coords)
     assert run(median=9) == "done" and run(median=9) == "skipped"      # other tissue settings

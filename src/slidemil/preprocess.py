@@ -126,9 +126,9 @@ class Pipeline:
     def segment(self, slide: Slide) -> None:
         target = self.paths(slide.slide_id)["segment"]
         if self.o.tissue_geojson:
-            src = Path(self.o.tissue_geojson) / f"{slide.slide_id}.geojson"
+            src = self.hand_edited(slide.slide_id)
             if not src.is_file():
-                raise InputError(f"--tissue-geojson: no {src}")
+                raise InputError(f"--tissue-geojson: no {src} (nor .json)")
             tissue = load_tissue_geojson(src, slide, self.o.seg_mpp)
         else:
             tissue = segment_tissue(slide, self.o.tissue())
@@ -142,9 +142,15 @@ class Pipeline:
         """What a slide's tissue contours were made from, kept in its GeoJSON: a rerun whose source differs
         (other tissue settings, a hand-edited GeoJSON, an edit of it) segments again, and what follows with it."""
         if self.o.tissue_geojson:
-            src = Path(self.o.tissue_geojson) / f"{slide_id}.geojson"
+            src = self.hand_edited(slide_id)
             return {"hand_edited": str(src), "sha256": sha256_file(src) if src.is_file() else ""}
         return {"params": self.o.tissue().model_dump(mode="json")}
+
+    def hand_edited(self, slide_id: str) -> Path:
+        """`<dir>/<slide_id>.geojson`, or `.json` (as QuPath scripts often name their export)."""
+        folder = Path(self.o.tissue_geojson)
+        return next((p for p in (safe_child(folder, slide_id, ".geojson"), safe_child(folder, slide_id, ".json"))
+                     if p.is_file()), safe_child(folder, slide_id, ".geojson"))
 
     def patch(self, slide: Slide) -> None:
         src = self.paths(slide.slide_id)["segment"]
