@@ -114,6 +114,15 @@ def test_a_run_whose_features_moved_is_painted_from_where_they_are(demo_run, tmp
     HeatmapRun(run_dir, cohort / "slides", tmp_path / "b", features=moved).make(sid)
     with h5py.File(tmp_path / "b" / f"{sid}_scores.h5") as new, h5py.File(run_dir / "heatmaps" / f"{sid}_scores.h5") as old:
         np.testing.assert_allclose(new["ensemble"][()], old["ensemble"][()], atol=1e-6)
+    # an external cohort (slides and features the run never saw): its slides are painted by default (none were)
+    ext_slides, ext_feats = tmp_path / "ext_slides", tmp_path / "ext_feats"
+    ext_slides.mkdir()
+    ext_feats.mkdir()
+    shutil.copy(cohort / "slides" / f"{sid}.tif", ext_slides / "EXT1.tif")
+    shutil.copy(moved / f"{sid}.h5", ext_feats / "EXT1.h5")
+    hm = HeatmapRun(run_dir, ext_slides, tmp_path / "c", features=ext_feats)
+    assert hm.default_ids() == ["EXT1"]
+    assert (hm.make_all()["status"] == "done").all() and (tmp_path / "c" / "EXT1_heatmap.png").is_file()
 
 
 def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):

@@ -82,9 +82,10 @@ class HeatmapRun:
 
     def default_ids(self) -> list[str]:
         """The run's slides that are in the slide folder (a patient-bag run's predictions name patients, so
-        its slides come from splits.csv)."""
-        ids = self._run_ids() or sorted(self.slides)
-        return [s for s in ids if s in self.slides]
+        its slides come from splits.csv); every slide of the folder when it holds none of the run's (an
+        external cohort, painted with its own --features)."""
+        ids = [s for s in self._run_ids() if s in self.slides]
+        return ids or sorted(self.slides)      # none of the run's: another cohort's slides (with --features)
 
     def _run_ids(self) -> list[str]:
         """The slide ids the run scored: its predictions', or a patient-bag run's from splits.csv."""
