@@ -13,7 +13,13 @@ import pandas as pd
 from slidemil.data.bags import BagDataset
 from slidemil.data.cohort import read_table
 from slidemil.errors import InputError, MissingFeaturesError
-from slidemil.features.store import check_feature_file, locate_features, read_attrs, unlike_reference
+from slidemil.features.store import (
+    check_compatible,
+    check_feature_file,
+    locate_features,
+    read_attrs,
+    unlike_reference,
+)
 from slidemil.rundir import RunDir
 from slidemil.tasks import create_task, model_task, render_report, sample_caveats, site_metrics
 from slidemil.train.trainer import infer
@@ -22,19 +28,6 @@ from slidemil.utils.ids import match_ids
 from slidemil.utils.io import SAFE_ID_RULE, is_safe_id, read_csv_text
 
 log = logging.getLogger(__name__)
-
-
-def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
-    """The features must come from the encoder and dimension the model was trained on."""
-    dim = attrs.get("embedding_dim")
-    if dim is not None and int(dim) != int(meta["in_dim"]):
-        raise InputError(f"{path}: features are {dim}-d but the model was trained on {meta['in_dim']}-d "
-                         f"features ({meta.get('encoder', {}).get('encoder', 'unknown encoder')}); "
-                         "extract them with the run's encoder")
-    want, have = meta.get("encoder", {}).get("encoder"), attrs.get("encoder")
-    if want and have and str(want) != str(have):
-        raise InputError(f"{path}: features were made by encoder {have!r} but the model expects {want!r}; "
-                         "extract them with the run's encoder")
 
 
 def check_output(out: Path, run: str | Path, inputs: dict[str, Path | None], force: bool = False) -> None:

@@ -123,6 +123,14 @@ def test_a_run_whose_features_moved_is_painted_from_where_they_are(demo_run, tmp
     hm = HeatmapRun(run_dir, ext_slides, tmp_path / "c", features=ext_feats)
     assert hm.default_ids() == ["EXT1"]
     assert (hm.make_all()["status"] == "done").all() and (tmp_path / "c" / "EXT1_heatmap.png").is_file()
+    # features of another encoder are named as such, not a shape error from inside the model
+    from slidemil.features.store import read_features, write_features
+
+    bag = read_features(ext_feats / "EXT1.h5")
+    write_features(ext_feats / "EXT2.h5", bag.features[:, :16], bag.coords, {**bag.attrs, "encoder": "other"})
+    shutil.copy(ext_slides / "EXT1.tif", ext_slides / "EXT2.tif")
+    table = HeatmapRun(run_dir, ext_slides, tmp_path / "d", features=ext_feats).make_all(["EXT2"])
+    assert table.loc[0, "status"] == "failed" and "16-d but the model was trained on 32-d" in table.loc[0, "error"]
 
 
 def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):

@@ -24,7 +24,7 @@ from slidemil.explain.render import heatmap_figure, top_tiles_figure
 from slidemil.explain.scores import NoScoresError, ensemble_scores, is_distribution, scale_label
 from slidemil.features.encoders import create_encoder
 from slidemil.features.extract import embed_patches
-from slidemil.features.store import find_feature_file, read_features
+from slidemil.features.store import check_compatible, find_feature_file, read_features
 from slidemil.rundir import RunDir
 from slidemil.slides.patching import PatchConfig, make_grid
 from slidemil.slides.reader import open_slide, slide_files
@@ -100,6 +100,7 @@ class HeatmapRun:
             raise NoScoresError(f"{slide_id}: no features under {self.features}, so no scores to paint; "
                                 "extract them first")
         bag = read_features(path)
+        check_compatible(self.models[0][1], bag.attrs | {"embedding_dim": bag.dim}, path)   # another cohort's files
         if bag.coords is None:
             raise NoScoresError(f"{path}: has no coords (a CLAM .pt file?); heatmaps need patch coordinates")
         size0 = bag.attrs.get("patch_size_level0")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from slidemil import __version__
+from slidemil.errors import InputError
 from slidemil.utils.ids import match_ids
 from slidemil.utils.io import atomic_path, safe_child
 
@@ -68,6 +69,20 @@ def locate_features(feature_dir: str | os.PathLike, slide_ids) -> tuple[dict[str
     files = feature_files(feature_dir)
     found, problems = match_ids(slide_ids, files)
     return {sid: files[name] for sid, name in found.items()}, problems
+
+
+def check_compatible(meta: dict, attrs: dict, path: Path) -> None:
+    """The features must come from the encoder and dimension the model was trained on (`meta`: a fold's
+    model.json); InputError naming the file otherwise."""
+    dim = attrs.get("embedding_dim")
+    if dim is not None and int(dim) != int(meta["in_dim"]):
+        raise InputError(f"{path}: features are {dim}-d but the model was trained on {meta['in_dim']}-d "
+                         f"features ({meta.get('encoder', {}).get('encoder', 'unknown encoder')}); "
+                         "extract them with the run's encoder")
+    want, have = meta.get("encoder", {}).get("encoder"), attrs.get("encoder")
+    if want and have and str(want) != str(have):
+        raise InputError(f"{path}: features were made by encoder {have!r} but the model expects {want!r}; "
+                         "extract them with the run's encoder")
 
 
 # what must match between feature files for one model to read them alike, beyond the encoder and the
