@@ -143,7 +143,7 @@ class Pipeline:
         (other tissue settings, a hand-edited GeoJSON, an edit of it) segments again, and what follows with it."""
         if self.o.tissue_geojson:
             src = self.hand_edited(slide_id)
-            return {"hand_edited": str(src), "sha256": sha256_file(src) if src.is_file() else ""}
+            return {"hand_edited": src.name, "sha256": sha256_file(src) if src.is_file() else ""}   # a moved folder: same
         return {"params": self.o.tissue().model_dump(mode="json")}
 
     def hand_edited(self, slide_id: str) -> Path:
