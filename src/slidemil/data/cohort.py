@@ -365,9 +365,10 @@ def attach_features(cohort: Cohort, feature_dir: str | os.PathLike, skip_missing
             safe_child(feature_dir, sid)   # refuses ids such as "../x" that would reach outside the folder
         except ValueError as exc:
             missing[sid] = str(exc)
-    located, ambiguous = locate_features(feature_dir, [s for s in ids if s not in missing])
+    files = feature_files(feature_dir)
+    located, ambiguous = locate_features(feature_dir, [s for s in ids if s not in missing], files)
     _say_prefix_matches(located)
-    if unused := sorted(set(feature_files(feature_dir).values()) - set(located.values())):
+    if unused := sorted(set(files.values()) - set(located.values())):
         log.info("%d feature file(s) under %s have no row in the label table and are not used (e.g. %s)",
                  len(unused), feature_dir, unused[0].name)
     for sid in ids:

@@ -64,9 +64,11 @@ def feature_files(feature_dir: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
-def locate_features(feature_dir: str | os.PathLike, slide_ids) -> tuple[dict[str, Path], dict[str, str]]:
-    """({id: feature file}, {id: why it has none}) for many ids at once, with one listing of the folder."""
-    files = feature_files(feature_dir)
+def locate_features(feature_dir: str | os.PathLike, slide_ids,
+                    files: dict[str, Path] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+    """({id: feature file}, {id: why it has none}) for many ids at once, with one listing of the folder
+    (`files`, when the caller has it already)."""
+    files = feature_files(feature_dir) if files is None else files
     found, problems = match_ids(slide_ids, files)
     return {sid: files[name] for sid, name in found.items()}, problems
 
