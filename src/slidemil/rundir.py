@@ -129,6 +129,14 @@ class RunDir:
             return pd.DataFrame({"slide_id": [], "reason": []})
         return read_csv_text(self.excluded_path, dtype={"slide_id": str, "reason": str})
 
+    def test_folds(self) -> dict[str, int]:
+        """{slide_id: the fold that tested it} from splits.csv (empty without one)."""
+        if not self.splits_path.is_file():
+            return {}
+        df = read_csv_text(self.splits_path, dtype={"slide_id": str})
+        test = df[df["role"] == "test"]
+        return dict(zip(test["slide_id"], test["fold"].astype(int)))
+
     def test_ids(self, fold: int) -> set[str]:
         """The slides that fold `fold` reported on (never trained or validated on)."""
         df = read_csv_text(self.splits_path, dtype={"slide_id": str})

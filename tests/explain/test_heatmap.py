@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slidemil.explain.heatmap import HeatmapRun, NoScoresError
+from slidemil.explain.heatmap import HeatmapOptions, HeatmapRun, NoScoresError
 from slidemil.explain.paint import paint
 from slidemil.slides.synthetic import MASK_DOWNSAMPLE
 
@@ -39,7 +39,6 @@ def test_heatmap_mass_lies_on_the_tumour(demo_run):
 
 
 def test_overlap_grid_uses_the_runs_encoder(demo_run, tmp_path):
-    from slidemil.explain.heatmap import HeatmapOptions
 
     out, _ = demo_run
     run_dir, cohort = out / "run", out / "cohort"
@@ -161,3 +160,26 @@ def test_a_patient_bag_run_paints_its_slides_by_default(tmp_path):
         (slides / f"{name}.svs").write_bytes(b"")
     hm = HeatmapRun(run.path, slides, tmp_path / "out")
     assert hm.default_ids() == ["A_1", "A_2", "B_1"] and hm.slides["A_2"].name == "A_2.5e1c2a9f-uuid.svs"
+
+
+def test_a_slide_of_the_run_is_painted_by_the_fold_that_tested_it(demo_run):
+    """Heatmaps were the mean of every fold model, most of which had trained on the slide: in-sample scores,
+    and a title probability unlike the out-of-fold one the report captions it with. By default (`oof`) a slide
+    of the run is painted by its test fold's model, whose prediction is the one in predictions.csv."""
+    import pandas as pd
+
+    from slidemil.rundir import RunDir
+
+    root, _ = demo_run
+    run_dir, cohort = root / "run", root / "cohort"
+    oof = pd.read_csv(run_dir / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    test_fold = RunDir(run_dir).test_folds()
+    hm = HeatmapRun(run_dir, cohort / "slides", run_dir / "heatmaps")
+    for path in sorted((run_dir / "heatmaps").glob("*_scores.h5")):
+        sid = path.name[:-len("_scores.h5")]
+        with h5py.File(path) as fh:
+            assert list(fh.attrs["folds"]) == [test_fold[sid]]
+        prediction = hm.scores(sid)[5]
+        assert abs(prediction["prob_tumour"] - oof.loc[sid, "prob_tumour"]) < 1e-4
+    every = HeatmapRun(run_dir, cohort / "slides", run_dir / "heatmaps", HeatmapOptions(fold="all"))
+    assert len(every.models_for(sid)) == len(set(test_fold.values())) > 1

@@ -43,7 +43,9 @@ class HeatmapOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fold: str = Field("all", description="all (mean of the fold models) or a fold number.")
+    fold: str = Field("oof", description="oof (a slide of the run by the fold model it was tested on, any other "
+                                         "slide by the mean of the fold models), all (that mean for every "
+                                         "slide) or a fold number.")
     score: str = Field("attention", description="attention | logit | class:<name>.")
     normalise: Literal["percentile", "minmax", "absolute"] = Field(
         "percentile", description="percentile | minmax (within each slide: a slide's own top patches are red even "
@@ -72,7 +74,10 @@ class HeatmapRun:
             whose = "" if features else " (the run was trained on it)"
             raise InputError(f"the feature folder {self.features} does not exist{whose}; pass --features with the "
                              "folder of the run's feature files where they are now")
-        self.models = self.run.fold_models(fold=self.o.fold)
+        self.models = self.run.fold_models(fold="all" if self.o.fold == "oof" else self.o.fold)
+        # under oof a slide of the run is painted by the model of the fold it was tested on: the others trained
+        # on it (their scores and prediction are in-sample, unlike the predictions.csv it is captioned with)
+        self.test_fold = self.run.test_folds() if self.o.fold == "oof" else {}
         self.task = model_task(self.models[0][1])
         self._encoder = None
         self.classes = self.models[0][1]["classes"]   # empty for survival and regression
@@ -109,9 +114,16 @@ class HeatmapRun:
         coords, feats = bag.coords, bag.features
         if self.o.overlap:
             coords, feats = self._finer_grid(slide_id, bag.attrs)
-        per_fold, ensemble, logits = ensemble_scores(self.models, feats, self.o.score, self.classes, self.o.normalise)
-        prediction = self.task.ensemble([(m, lg[None]) for (_, m), lg in zip(self.models, logits)]).iloc[0]
+        models = self.models_for(slide_id)
+        per_fold, ensemble, logits = ensemble_scores(models, feats, self.o.score, self.classes, self.o.normalise)
+        prediction = self.task.ensemble([(m, lg[None]) for (_, m), lg in zip(models, logits)]).iloc[0]
         return coords, float(size0), bag.attrs, per_fold, ensemble, prediction
+
+    def models_for(self, slide_id: str) -> list:
+        """[(model, meta)] that paint `slide_id`: its test fold's under oof, else every loaded fold's."""
+        fold = self.test_fold.get(slide_id)
+        chosen = [(m, meta) for m, meta in self.models if int(meta["fold"]) == fold] if fold is not None else []
+        return chosen or self.models
 
     def _finer_grid(self, slide_id: str, attrs: dict):
         """Patches at the run's resolution and size with `overlap`, embedded by the run's encoder."""
@@ -149,18 +161,22 @@ class HeatmapRun:
                  "scores": safe_child(self.out, slide_id, "_scores.h5"),
                  "tiles": safe_child(self.out, slide_id, "_top_tiles.png"),
                  "geojson": safe_child(self.out, slide_id, ".geojson")}
-        self._figure(slide_id, tissue, field, shown, prediction, paths["heatmap"], is_distribution(per_fold[0]))
-        self._save_scores(paths["scores"], coords, per_fold, ensemble, size0)
+        models = self.models_for(slide_id)
+        self._figure(slide_id, tissue, field, shown, prediction, paths["heatmap"], is_distribution(per_fold[0]), models)
+        self._save_scores(paths["scores"], coords, per_fold, ensemble, size0, models)
         self._top_tiles(slide, coords, ensemble, attrs, paths["tiles"], slide_id)
         geo = heatmap_geojson(coords, size0, ensemble, per_fold.mean(0), field, shown, tissue, self.o.high_quantile)
         write_text(paths["geojson"], json.dumps(geo))
         slide.close()
         return {"slide_id": slide_id, **{k: str(v) for k, v in paths.items()}}
 
-    def _title(self, slide_id: str, prediction: pd.Series) -> str:
+    def _title(self, slide_id: str, prediction: pd.Series, models: list) -> str:
         """The slide's truth and the models' prediction: P(class) for classes, risk or value otherwise."""
         known = slide_id in self.preds.index
-        who = "mean of all fold models" if self.o.fold == "all" else f"fold {self.o.fold} model"
+        folds = [int(meta["fold"]) for _, meta in models]
+        who = ("mean of all fold models" if len(folds) > 1 else
+               f"fold {folds[0]} model, the slide's test fold" if self.test_fold.get(slide_id) == folds[0] else
+               f"fold {folds[0]} model")
         if self.classes:
             label = self.preds.loc[slide_id, "label"] if known and "label" in self.preds else "?"
             probs = np.array([prediction[f"prob_{c}"] for c in self.classes])
@@ -172,21 +188,21 @@ class HeatmapRun:
         extra = f" ({prediction['risk_group']})" if "risk_group" in prediction else ""
         return f"{slide_id}   {truth}   {shown} = {prediction[shown]:.2f}{extra} ({who})"
 
-    def _figure(self, slide_id, tissue, field, shown, prediction, path: Path, attention: bool) -> None:
-        model = self.models[0][0]
-        fig = heatmap_figure(tissue, field, shown, self._title(slide_id, prediction),
+    def _figure(self, slide_id, tissue, field, shown, prediction, path: Path, attention: bool, models: list) -> None:
+        model = models[0][0]
+        fig = heatmap_figure(tissue, field, shown, self._title(slide_id, prediction, models),
                              scale_label(self.o.score, self.o.normalise, attention),
                              self.o.cmap, self.o.alpha, note=model.scores_note)
         save_figure(fig, path, bbox_inches="tight")
 
-    def _save_scores(self, path, coords, per_fold, ensemble, size0) -> None:
+    def _save_scores(self, path, coords, per_fold, ensemble, size0, models: list) -> None:
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as fh:
                 fh.create_dataset("coords", data=coords)
                 fh.create_dataset("fold_scores", data=per_fold.astype(np.float32))
                 fh.create_dataset("ensemble", data=ensemble.astype(np.float32))
                 fh.attrs.update({"score": self.o.score, "normalise": self.o.normalise, "patch_size_level0": size0,
-                                 "folds": [int(m["fold"]) for _, m in self.models]})
+                                 "folds": [int(m["fold"]) for _, m in models]})
 
     def _top_tiles(self, slide, coords, ensemble, attrs, path, slide_id) -> None:
         title = f"{slide_id}: tiles at {attrs.get('target_mpp', '?')} µm/px by {self.o.score}"
