@@ -298,7 +298,8 @@ def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil
 @app.command()
 def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
             slides: Path = typer.Option(..., help="Folder of the run's slides."),
-            out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/heatmaps)."),
+            out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/heatmaps; another cohort's "
+                                               "slides: RUN/external/<slide folder>_heatmaps)."),
             features: Optional[Path] = typer.Option(None, help="The run's feature folder, where it is now "
                                                     "(default: where the run was trained on it)."),
             slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all of the run)."),
@@ -315,17 +316,15 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             quiet: bool = QUIET):
     """Paint the run's instance scores onto its slides: heatmap PNG, scores h5, top tiles, QuPath GeoJSON."""
     from slidemil.explain.heatmap import HeatmapRun
-    from slidemil.rundir import RunDir
 
     given = _given(HeatmapOptions, locals())
     _setup_logging(quiet)
     with _errors():
         opts = load_config(HeatmapOptions, None, given)
-        target = out or RunDir(run).heatmaps_dir
-        hm = HeatmapRun(run, slides, target, opts, features)
-        ensure_writable(target)
+        hm = HeatmapRun(run, slides, out, opts, features)
+        ensure_writable(hm.out)
         table = hm.make_all(_ids(slide_ids))
-        _per_slide_summary(table, "heatmap", target, target / "heatmaps.csv", opts.allow_failures)
+        _per_slide_summary(table, "heatmap", hm.out, hm.out / "heatmaps.csv", opts.allow_failures)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -67,6 +68,12 @@ class RunDir:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def external_heatmaps_dir(self, cohort: str) -> Path:
+        """external/<cohort>_heatmaps: heatmaps of another cohort's slides, kept apart from heatmaps/ (the
+        report's gallery of the cross-validated slides)."""
+        return safe_child(self.external_dir, re.sub(r"[^A-Za-z0-9._ -]", "_", cohort).strip(" .") or "cohort",
+                          "_heatmaps")
 
     def fold_dir(self, fold: int) -> Path:
         return self.path / f"fold_{int(fold)}"

@@ -121,6 +121,9 @@ def test_a_run_whose_features_moved_is_painted_from_where_they_are(demo_run, tmp
     shutil.copy(moved / f"{sid}.h5", ext_feats / "EXT1.h5")
     hm = HeatmapRun(run_dir, ext_slides, tmp_path / "c", features=ext_feats)
     assert hm.default_ids() == ["EXT1"]
+    # without --out they go apart from heatmaps/, the gallery of the cross-validated slides in the run's report
+    assert HeatmapRun(run_dir, ext_slides, features=ext_feats).out == run_dir / "external" / "ext_slides_heatmaps"
+    assert HeatmapRun(run_dir, cohort / "slides").out == run_dir / "heatmaps"
     assert (hm.make_all()["status"] == "done").all() and (tmp_path / "c" / "EXT1_heatmap.png").is_file()
     # features of another encoder are named as such, not a shape error from inside the model
     from slidemil.features.store import read_features, write_features

@@ -65,9 +65,9 @@ class HeatmapOptions(BaseModel):
 
 
 class HeatmapRun:
-    def __init__(self, run: str | Path, slides_dir: str | Path, out: str | Path, opts: HeatmapOptions | None = None,
-                 features: str | Path | None = None):
-        self.run, self.out, self.o = RunDir(run), Path(out), opts or HeatmapOptions()
+    def __init__(self, run: str | Path, slides_dir: str | Path, out: str | Path | None = None,
+                 opts: HeatmapOptions | None = None, features: str | Path | None = None):
+        self.run, self.o = RunDir(run), opts or HeatmapOptions()
         self.cfg = self.run.config()
         self.features = Path(features or self.cfg["features"])
         if not self.features.is_dir():     # a run trained elsewhere, or its project moved since
@@ -84,13 +84,18 @@ class HeatmapRun:
         self.preds = (self.run.predictions().set_index("slide_id") if self.run.predictions_path.exists()
                       else pd.DataFrame())
         self.slides = slide_files(slides_dir, self._run_ids())
+        # the run's slides to heatmaps/ (the report's gallery); another cohort's apart, in external/
+        self.out = Path(out) if out else (self.run.heatmaps_dir if self._painted_run_ids() else
+                                           self.run.external_heatmaps_dir(Path(slides_dir).resolve().name))
 
     def default_ids(self) -> list[str]:
         """The run's slides that are in the slide folder (a patient-bag run's predictions name patients, so
         its slides come from splits.csv); every slide of the folder when it holds none of the run's (an
         external cohort, painted with its own --features)."""
-        ids = [s for s in self._run_ids() if s in self.slides]
-        return ids or sorted(self.slides)      # none of the run's: another cohort's slides (with --features)
+        return self._painted_run_ids() or sorted(self.slides)   # none of the run's: another cohort's slides
+
+    def _painted_run_ids(self) -> list[str]:
+        return [s for s in self._run_ids() if s in self.slides]
 
     def _run_ids(self) -> list[str]:
         """The slide ids the run scored: its predictions', or a patient-bag run's from splits.csv."""
