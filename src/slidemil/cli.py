@@ -330,7 +330,8 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
 @app.command()
 def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil train` (with `slidemil heatmap` done)."),
          slides: Path = typer.Option(..., help="Folder of the run's slides."),
-         heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder (default: RUN/heatmaps)."),
+         heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder (default: RUN/heatmaps, or another "
+                                                 "cohort's RUN/external/<slide folder>_heatmaps)."),
          out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/viewer)."),
          slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: every heatmap)."),
          max_mpp: Optional[float] = _opt(ViewerOptions, "max_mpp"),
@@ -344,7 +345,7 @@ def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil t
          quiet: bool = QUIET):
     """A static zoomable page (Deep Zoom tiles, heatmap overlay, top tiles) of the run's heatmapped slides:
     open RUN/viewer/index.html from disk, no server needed."""
-    from slidemil.explain.viewer import SlideViewer
+    from slidemil.explain.viewer import SlideViewer, default_folders
     from slidemil.rundir import RunDir
 
     given = _given(ViewerOptions, locals())
@@ -353,8 +354,9 @@ def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil t
         opts = load_config(ViewerOptions, None, given)
         rd = RunDir(run)
         rd.config()                                   # a run folder, or one line saying it is not
-        target = out or rd.viewer_dir
-        viewer = SlideViewer(slides, heatmaps or rd.heatmaps_dir, target, opts)
+        painted, shown = default_folders(rd, slides)
+        target = out or shown
+        viewer = SlideViewer(slides, heatmaps or painted, target, opts)
         ensure_writable(target)
         table = viewer.make_all(_ids(slide_ids), title=f"slidemil viewer: {rd.name}")
         _per_slide_summary(table, "slide", target / "index.html", target / "viewer.csv", opts.allow_failures)

@@ -69,11 +69,11 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
-    def external_heatmaps_dir(self, cohort: str) -> Path:
-        """external/<cohort>_heatmaps: heatmaps of another cohort's slides, kept apart from heatmaps/ (the
-        report's gallery of the cross-validated slides)."""
+    def external_cohort_dir(self, cohort: str, what: str) -> Path:
+        """external/<cohort>_<what> (heatmaps, viewer) of another cohort's slides, kept apart from heatmaps/ and
+        viewer/ (the cross-validated slides, the report's gallery)."""
         return safe_child(self.external_dir, re.sub(r"[^A-Za-z0-9._ -]", "_", cohort).strip(" .") or "cohort",
-                          "_heatmaps")
+                          f"_{what}")
 
     def fold_dir(self, fold: int) -> Path:
         return self.path / f"fold_{int(fold)}"

@@ -142,3 +142,24 @@ def test_rerun_skips_finished_slides_and_a_run_without_heatmaps_is_one_line(view
                               "--heatmaps", str(tmp_path / "none"), "--out", str(tmp_path / "v")])
     assert res.exit_code == 1 and "no heatmap folder" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "v" / "index.html").exists()
+
+
+def test_an_external_cohorts_viewer_finds_its_heatmaps_and_keeps_apart(tmp_path):
+    """`heatmap` writes another cohort's slides to RUN/external/<slide folder>_heatmaps; `view` on that slide
+    folder looked in RUN/heatmaps (nothing there) and would have written over RUN/viewer."""
+    from slidemil.explain.viewer import default_folders
+    from slidemil.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    (run.heatmaps_dir).mkdir(parents=True)
+    (run.heatmaps_dir / "A_scores.h5").write_bytes(b"")
+    own, ext = tmp_path / "slides", tmp_path / "cohortB"
+    for folder, sid in ((own, "A"), (ext, "B")):
+        folder.mkdir()
+        (folder / f"{sid}.tif").write_bytes(b"")
+    assert default_folders(run, own) == (run.heatmaps_dir, run.viewer_dir)
+    assert default_folders(run, ext) == (run.heatmaps_dir, run.viewer_dir)     # not painted: as before
+    run.external_cohort_dir("cohortB", "heatmaps").mkdir(parents=True)
+    assert default_folders(run, ext) == (run.path / "external" / "cohortB_heatmaps",
+                                         run.path / "external" / "cohortB_viewer")
+    assert default_folders(run, own) == (run.heatmaps_dir, run.viewer_dir)

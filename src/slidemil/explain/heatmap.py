@@ -86,7 +86,7 @@ class HeatmapRun:
         self.slides = slide_files(slides_dir, self._run_ids())
         # the run's slides to heatmaps/ (the report's gallery); another cohort's apart, in external/
         self.out = Path(out) if out else (self.run.heatmaps_dir if self._painted_run_ids() else
-                                           self.run.external_heatmaps_dir(Path(slides_dir).resolve().name))
+                                           self.run.external_cohort_dir(Path(slides_dir).resolve().name, "heatmaps"))
 
     def default_ids(self) -> list[str]:
         """The run's slides that are in the slide folder (a patient-bag run's predictions name patients, so

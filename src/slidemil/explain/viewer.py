@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slidemil.errors import InputError
 from slidemil.explain.paint import paint
 from slidemil.explain.scores import is_distribution, scale_label
+from slidemil.rundir import RunDir
 from slidemil.slides.reader import open_slide, slide_files
 from slidemil.utils.io import atomic_path, safe_child, write_csv, write_text
 
@@ -64,6 +65,17 @@ def dzi_levels(width: int, height: int) -> list[tuple[int, int]]:
     """[(width, height)] of every Deep Zoom level, level 0 (1 x 1) first."""
     top = math.ceil(math.log2(max(width, height, 1)))
     return [(math.ceil(width / 2 ** (top - lv)), math.ceil(height / 2 ** (top - lv))) for lv in range(top + 1)]
+
+
+def default_folders(run: RunDir, slides_dir: str | Path) -> tuple[Path, Path]:
+    """(heatmaps, viewer) of `run` for the slides in `slides_dir`: heatmaps/ and viewer/, or, for another
+    cohort's slides that `heatmap` painted into external/<slide folder>_heatmaps, that folder and its viewer."""
+    cohort = Path(slides_dir).resolve().name
+    painted = run.external_cohort_dir(cohort, "heatmaps")
+    ids = slide_files(slides_dir)
+    if painted.is_dir() and not any((run.heatmaps_dir / f"{sid}_scores.h5").is_file() for sid in ids):
+        return painted, run.external_cohort_dir(cohort, "viewer")
+    return run.heatmaps_dir, run.viewer_dir
 
 
 class SlideViewer:
