@@ -215,16 +215,19 @@ def test_the_cache_budget_bounds_the_process_not_only_the_cache(tmp_path):
         write_features(tmp_path / "features" / f"s{i}.h5", x + (i % 2) * 0.3, None, {"encoder": "x"}, dtype="float16")
     pd.DataFrame({"slide_id": [f"s{i}" for i in range(12)], "label": ["a", "b"] * 6}).to_csv(
         tmp_path / "labels.csv", index=False)
-    everything = _peak_rss_child(tmp_path, 1.0)      # the whole cohort (123 MB) cached
-    bounded = _peak_rss_child(tmp_path, 0.04)
-    none = _peak_rss_child(tmp_path, 0)
+    # each peak is the lower of two runs: the noise of a peak (other processes, the allocator) only adds, and
+    # one run of `none` 50 MB high under a loaded CI made the cache look as if it held less than it does
+    peak = lambda gb: min(_peak_rss_child(tmp_path, gb) for _ in range(2))  # noqa: E731
+    everything = peak(1.0)      # the whole cohort (123 MB) cached
+    bounded = peak(0.04)
+    none = peak(0)
     assert bounded <= none + 40 + 35, (bounded, none)          # B = 40 MB, plus allocator noise
     assert everything >= none + 60, (everything, none)         # and the cache does hold memory when allowed
 
 
 def _peak_rss_child(root, cache_gb: float) -> float:
     """Peak RSS (MB) of one `slidemil train` child, read by the child itself at exit."""
-    out = root / f"run{cache_gb}"
+    out = root / f"run{cache_gb}_{len(list(root.glob('run*')))}"     # a fresh run folder for each call
     # VmHWM, the high-water mark of this process's own memory: getrusage's ru_maxrss carries the forking
     # parent's peak over into the child (a pytest-xdist worker's gigabytes), VmHWM starts afresh at exec
     code = ("import re, runpy, sys; sys.argv = ['slidemil'] + sys.argv[1:]\n"
