@@ -136,18 +136,23 @@ class RunDir:
             return pd.DataFrame({"slide_id": [], "reason": []})
         return read_csv_text(self.excluded_path, dtype={"slide_id": str, "reason": str})
 
-    def test_folds(self) -> dict[str, int]:
-        """{slide_id: the fold that tested it} from splits.csv (empty without one)."""
+    def test_rows(self) -> pd.DataFrame:
+        """The splits.csv rows of the slides each fold reported on (slide_id, fold, and case_id where the file has
+        it); empty without one."""
         if not self.splits_path.is_file():
-            return {}
-        df = read_csv_text(self.splits_path, dtype={"slide_id": str})
-        test = df[df["role"] == "test"]
+            return pd.DataFrame({"slide_id": [], "case_id": [], "fold": []})
+        df = read_csv_text(self.splits_path, dtype={"slide_id": str, "case_id": str})
+        return df[df["role"] == "test"].drop(columns="role").reset_index(drop=True)
+
+    def test_folds(self) -> dict[str, int]:
+        """{slide_id: the fold that tested it}."""
+        test = self.test_rows()
         return dict(zip(test["slide_id"], test["fold"].astype(int)))
 
     def test_ids(self, fold: int) -> set[str]:
         """The slides that fold `fold` reported on (never trained or validated on)."""
-        df = read_csv_text(self.splits_path, dtype={"slide_id": str})
-        return set(df.loc[(df["fold"] == fold) & (df["role"] == "test"), "slide_id"])
+        test = self.test_rows()
+        return set(test.loc[test["fold"] == fold, "slide_id"])
 
     def predictions(self) -> pd.DataFrame:
         """Pooled out-of-fold predictions; ids and labels as strings."""

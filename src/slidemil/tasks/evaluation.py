@@ -79,10 +79,10 @@ def render_report(run: RunDir, metrics: dict | None = None, heatmaps: str | Path
 def _per_slide(run: RunDir, preds: pd.DataFrame) -> pd.DataFrame:
     """A patient-bag run's predictions (one row per patient) repeated for each of the patient's test slides,
     so that the gallery captions every slide's heatmap with its patient's label and prediction."""
-    if not run.splits_path.is_file():
+    test = run.test_rows()
+    if test.empty or "case_id" not in test:
         return preds
-    splits = read_csv_text(run.splits_path, dtype={"slide_id": str, "case_id": str})
-    slides = splits.loc[splits["role"] == "test", ["slide_id", "case_id"]].drop_duplicates("slide_id")
+    slides = test[["slide_id", "case_id"]].drop_duplicates("slide_id")
     return slides.merge(preds.drop(columns="slide_id"), on="case_id", how="inner")
 
 
