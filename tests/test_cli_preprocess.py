@@ -41,6 +41,19 @@ def test_cli_segment_alone_and_errors(tmp_path):
     assert res.exit_code == 1 and "does not exist" in res.output
 
 
+def test_cli_segments_a_gdc_download_with_one_folder_per_slide(tmp_path):
+    make_slide_cohort(tmp_path / "c", n_patients=2, slides_per_patient=(1, 1), size=(1024, 1024), seed=1)
+    gdc = tmp_path / "gdc"
+    for i, slide in enumerate(sorted((tmp_path / "c" / "slides").glob("*.tif"))):
+        (gdc / f"uuid{i}" / "logs").mkdir(parents=True)
+        slide.rename(gdc / f"uuid{i}" / f"TCGA-AA-000{i}-01Z-00-DX1.uuid{i}.tif")
+    res = runner.invoke(app, ["segment", "--slides", str(gdc), "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 0 and "2 slide(s): 2 done" in res.stdout, res.output
+    assert (tmp_path / "o" / "segmentation" / "TCGA-AA-0001-01Z-00-DX1.uuid1.geojson").exists()
+    res = runner.invoke(app, ["segment", "--slides", str(tmp_path / "c"), "--out", str(tmp_path / "o2"), "--quiet"])
+    assert res.exit_code == 1 and "holds no slide files" in res.output and "subfolders" in res.output
+
+
 def test_cli_encoders_lists_registry():
     res = runner.invoke(app, ["encoders"])
     assert res.exit_code == 0

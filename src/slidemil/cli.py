@@ -297,7 +297,7 @@ def report(run: Path = typer.Argument(..., help="Run folder written by `slidemil
 
 @app.command()
 def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
-            slides: Path = typer.Option(..., help="Folder of the run's slides."),
+            slides: Path = typer.Option(..., help="Folder of the run's slides (subfolders searched too)."),
             out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/heatmaps; another cohort's "
                                                "slides: RUN/external/<slide folder>_heatmaps)."),
             features: Optional[Path] = typer.Option(None, help="The run's feature folder, where it is now "
@@ -329,7 +329,7 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
 
 @app.command()
 def view(run: Path = typer.Argument(..., help="Run folder written by `slidemil train` (with `slidemil heatmap` done)."),
-         slides: Path = typer.Option(..., help="Folder of the run's slides."),
+         slides: Path = typer.Option(..., help="Folder of the run's slides (subfolders searched too)."),
          heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder (default: RUN/heatmaps, or another "
                                                  "cohort's RUN/external/<slide folder>_heatmaps)."),
          out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/viewer)."),

@@ -51,7 +51,8 @@ class PreprocessConfig(TissueConfig, PatchConfig, ExtractConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    slides: str = Field(description="Folder of slides (.svs .tif .ndpi .mrxs ... .png).")
+    slides: str = Field(description="Folder of slides (.svs .tif .ndpi .mrxs ... .png), searched with its subfolders "
+                                    "(a gdc-client download's <uuid>/ folders).")
     out: str = Field(description="Output folder.")
     mpp: Optional[float] = Field(None, gt=0, description="Level-0 µm/px for slides whose metadata lacks it.")
     mpp_csv: Optional[str] = Field(None, description="CSV slide_id,mpp overriding the metadata.")
@@ -384,5 +385,5 @@ def _weights_sha(path: str | None) -> str:
 def slides_in(folder: str | Path) -> list[Path]:
     slides = list_slides(folder)
     if not slides:
-        raise InputError(f"{folder} holds no slide files ({', '.join(sorted({'.svs', '.tif', '.ndpi', '.mrxs'}))}, ...)")
+        raise InputError(f"{folder} holds no slide files (.mrxs, .ndpi, .svs, .tif, ...), in it or its subfolders")
     return shard(slides)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from slidemil.slides.reader import SlideReadError, open_slide, read_at, require_mpp
+from slidemil.errors import InputError
+from slidemil.slides.reader import SlideReadError, list_slides, open_slide, read_at, require_mpp, slide_files
 from slidemil.slides.synthetic import render_slide, write_pyramidal_tiff
 
 
@@ -64,3 +67,41 @@ def test_plain_png_and_flat_tiff_are_readable(tmp_path):
     flat = open_slide(tmp_path / "flat.tif")
     assert flat.mpp == pytest.approx(0.5) and flat.level_count == 1
     np.testing.assert_array_equal(flat.read_region(10, 20, 0, 40, 30), img[20:50, 10:50])
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_slides_in_subfolders_are_found_as_a_gdc_download_lays_them_out(tmp_path):
+    """gdc-client puts each slide in a folder named by its file UUID, beside a logs/ folder and an
+    annotations.txt: the slide folder itself held no slide, so preprocess said "holds no slide files"."""
+    a = _touch(tmp_path / "0b1c-uuid" / "TCGA-AA-0001-01Z-00-DX1.0b1c.svs")
+    _touch(tmp_path / "0b1c-uuid" / "logs" / "0b1c.parcel")
+    _touch(tmp_path / "0b1c-uuid" / "annotations.txt")
+    b = _touch(tmp_path / "9f2e-uuid" / "TCGA-AA-0002-01Z-00-DX1.9f2e.svs")
+    top = _touch(tmp_path / "local.ndpi")
+    _touch(tmp_path / "run" / "heatmaps" / "x.png")       # another tool's (or slidemil's) images: not slides
+    _touch(tmp_path / ".trash" / "old.svs")              # hidden folders are skipped
+    assert list_slides(tmp_path) == [top, a, b]
+    # ids stay the file stems, and a table's barcode finds its GDC file in a subfolder
+    found = slide_files(tmp_path, ["TCGA-AA-0002-01Z-00-DX1"])
+    assert found["TCGA-AA-0002-01Z-00-DX1"] == b and found["local"] == top
+
+
+def test_one_id_in_two_subfolders_is_refused_naming_both(tmp_path):
+    _touch(tmp_path / "batch1" / "S1.svs")
+    _touch(tmp_path / "batch2" / "S1.svs")
+    with pytest.raises(InputError) as err:
+        list_slides(tmp_path)
+    assert "batch1/S1.svs and batch2/S1.svs -> 'S1'" in str(err.value)
+
+
+def test_a_symlinked_folder_loop_is_walked_once(tmp_path):
+    a = _touch(tmp_path / "scans" / "A.svs")
+    os.symlink(tmp_path, tmp_path / "scans" / "back")   # scans/back -> the slide folder itself
+    linked = tmp_path / "more"
+    os.symlink(tmp_path / "scans", linked)              # the same slides under a second name: one id, one file
+    assert list_slides(tmp_path / "scans") == [a]

@@ -339,28 +339,45 @@ def slide_id_of(path: Path) -> str:
 
 
 def list_slides(folder: str | os.PathLike) -> list[Path]:
-    """Slide files in a folder (masks and thumbnails written beside synthetic slides are not slides)."""
+    """Slide files in a folder and its subfolders: a gdc-client download puts each slide in a folder named by
+    its file UUID (`<uuid>/<barcode>.<uuid>.svs`), and STAMP and Slideflow search nested folders too. Outputs
+    are named by slide id, so an id must be unique across the tree. PNG/JPEG count as slides only in the
+    folder itself (below it they are another tool's outputs or a scanner's companion images), and the masks
+    and thumbnails written beside synthetic slides never. Hidden folders are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"slide folder {folder} does not exist")
-    found = []
-    for p in sorted(folder.iterdir()):
-        name = p.name.lower()
-        if not p.is_file() or name.startswith("."):
+    found, visited = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in visited:    # a symlinked folder met twice (or a link loop)
+            dirs[:] = []
             continue
-        if p.suffix.lower() in IMAGE_SUFFIXES and ("_tissue" in name or "_tumour" in name or "_mask" in name):
-            continue
-        if p.suffix.lower() in SLIDE_SUFFIXES:
-            found.append(p)
+        visited.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        top = Path(root) == folder
+        found += [Path(root) / name for name in sorted(files) if _is_slide_name(name, top)]
     by_id: dict[str, list[str]] = {}
     for p in found:
-        by_id.setdefault(slide_id_of(p), []).append(p.name)
+        by_id.setdefault(slide_id_of(p), []).append(p.relative_to(folder).as_posix())
     clashes = {sid: names for sid, names in by_id.items() if len(names) > 1}
     if clashes:   # every output is named by the id: the second slide would be "complete" with the first's
         which = "; ".join(f"{' and '.join(names)} -> {sid!r}" for sid, names in sorted(clashes.items()))
         raise InputError(f"{folder}: slide files share an id ({which}); their outputs would be mixed. Keep one "
                          f"file per slide id: move or rename the others")
+    nested = sum(p.parent != folder for p in found)
+    if nested:
+        log.info("%s: %d slide files, %d of them in subfolders", folder, len(found), nested)
     return found
+
+
+def _is_slide_name(name: str, top: bool) -> bool:
+    lower = name.lower()
+    if lower.startswith("."):
+        return False
+    suffix = os.path.splitext(lower)[1]
+    if suffix in IMAGE_SUFFIXES:
+        return top and not ("_tissue" in lower or "_tumour" in lower or "_mask" in lower)
+    return suffix in SLIDE_SUFFIXES
 
 
 def slide_files(folder: str | os.PathLike, ids=()) -> dict[str, Path]:
