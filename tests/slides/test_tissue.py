@@ -71,3 +71,24 @@ def test_hand_edited_contours_in_every_shape_qupath_exports(tmp_path):
     points.write_text(json.dumps([{"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}}]))
     with pytest.raises(InputError, match="holds no Polygon or MultiPolygon; draw the tissue as areas"):
         load_tissue_geojson(points, None, 8.0)
+
+
+def test_a_slide_without_a_pyramid_is_segmented_in_bounded_reads(tmp_path, monkeypatch):
+    """A single-level slide (exported without a pyramid) was read whole for its thumbnail: a 24k x 24k one
+    peaked at 4.8 GB, a 100k x 80k one would be killed with the whole batch. Now it is read and shrunk in
+    blocks of at most MAX_READ_PIXELS, and the mask is the one a whole read gives."""
+    from slidemil.slides import reader
+
+    img, tissue_true, _ = render_slide(np.random.default_rng(3), SLIDE_SIZE)
+    path = write_pyramidal_tiff(tmp_path / "flat.tif", img, 0.5, downsamples=(1,))
+    whole = segment_tissue(open_slide(path))
+    slide = open_slide(path)
+    assert slide.level_count == 1
+    areas, read = [], slide.read_image
+    monkeypatch.setattr(slide, "read_image", lambda *a: areas.append(a[3] * a[4]) or read(*a))
+    monkeypatch.setattr(reader, "MAX_READ_PIXELS", 2**18)
+    blocks = segment_tissue(slide)
+    assert len(areas) > 4 and max(areas) <= 2**18 and sum(areas) == SLIDE_SIZE[0] * SLIDE_SIZE[1]
+    assert blocks.mask.shape == whole.mask.shape == tissue_true.shape
+    assert np.abs(blocks.thumbnail.astype(int) - whole.thumbnail).mean() < 2
+    assert (blocks.mask != whole.mask).mean() < 0.005

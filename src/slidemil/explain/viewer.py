@@ -34,7 +34,7 @@ from slidemil.errors import InputError
 from slidemil.explain.paint import paint
 from slidemil.explain.scores import is_distribution, scale_label
 from slidemil.rundir import RunDir
-from slidemil.slides.reader import open_slide, slide_files
+from slidemil.slides.reader import open_slide, read_scaled, slide_files
 from slidemil.utils.io import atomic_path, safe_child, write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ class SlideViewer:
                     lx, ly = int(x0 * per_px), int(y0 * per_px)
                     rw = max(1, min(math.ceil((x1 - x0) * per_px / ds), math.ceil((w0 - lx) / ds)))
                     rh = max(1, min(math.ceil((y1 - y0) * per_px / ds), math.ceil((h0 - ly) / ds)))
-                    image = slide.read_image(lx, ly, pyramid, rw, rh)
-                    image = image.resize((x1 - x0, y1 - y0), Image.BILINEAR, reducing_gap=2.0)
+                    image = read_scaled(slide, lx, ly, pyramid, rw, rh, x1 - x0, y1 - y0, reducing_gap=2.0)
                     image.convert("RGB").save(files / str(lv) / f"{col}_{row}.jpeg", quality=self.o.quality)
         dzi = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" '
                f'Format="jpeg" Overlap="{OVERLAP}" TileSize="{t}"><Size Width="{width}" Height="{height}"/></Image>\n')

@@ -70,10 +70,6 @@ class Slide:
         """The same region as a PIL image (the fast path when a resize follows)."""
         return Image.fromarray(self.read_region(x, y, level, width, height))
 
-    def read_level(self, level: int) -> np.ndarray:
-        w, h = self.level_dimensions[level]
-        return self.read_region(0, 0, level, w, h)
-
     def close(self) -> None:
         pass
 
@@ -323,6 +319,34 @@ def read_at(slide: Slide, x: int, y: int, size0: int, out_size: int) -> np.ndarr
         return slide.read_region(x, y, level, side, side)
     image = slide.read_image(x, y, level, side, side)
     return np.asarray(image.resize((out_size, out_size), Image.BILINEAR, reducing_gap=None if side < out_size else 2.0))
+
+
+# level pixels one read may hold (~200 MB as RGB): a slide without a pyramid is read for its thumbnail in
+# blocks of at most this, each shrunk before the next (a 24k x 24k single-level slide peaked at 4.8 GB)
+MAX_READ_PIXELS = 2**26
+
+
+def read_scaled(slide: Slide, x: int, y: int, level: int, width: int, height: int, out_w: int, out_h: int,
+                reducing_gap: float | None = None) -> Image.Image:
+    """The region at (x, y) level 0, `width` x `height` pixels of `level`, resized to `out_w` x `out_h`.
+    A region larger than MAX_READ_PIXELS is read and shrunk block by block, so memory stays bounded where
+    the pyramid has no level near the output's resolution (a single-level slide's thumbnail)."""
+    if width * height <= MAX_READ_PIXELS:
+        image = slide.read_image(x, y, level, width, height)
+        return image if image.size == (out_w, out_h) else image.resize((out_w, out_h), Image.BILINEAR,
+                                                                         reducing_gap=reducing_gap)
+    sx, sy, ds = width / out_w, height / out_h, slide.level_downsamples[level]
+    block = max(1, int((MAX_READ_PIXELS / (sx * sy)) ** 0.5))    # output pixels per block side
+    out = Image.new("RGB", (out_w, out_h), (255, 255, 255))
+    for r0 in range(0, out_h, block):
+        r1 = min(r0 + block, out_h)
+        ly0, ly1 = int(round(r0 * sy)), max(int(round(r0 * sy)) + 1, int(round(r1 * sy)))
+        for c0 in range(0, out_w, block):
+            c1 = min(c0 + block, out_w)
+            lx0, lx1 = int(round(c0 * sx)), max(int(round(c0 * sx)) + 1, int(round(c1 * sx)))
+            part = slide.read_image(int(x + lx0 * ds), int(y + ly0 * ds), level, lx1 - lx0, ly1 - ly0)
+            out.paste(part.resize((c1 - c0, r1 - r0), Image.BILINEAR, reducing_gap=reducing_gap), (c0, r0))
+    return out
 
 
 def require_mpp(slide: Slide) -> float:

@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 from skimage import color, draw, filters, measure, morphology
 
 from slidemil.errors import InputError
-from slidemil.slides.reader import Slide, require_mpp
+from slidemil.slides.reader import Slide, read_scaled, require_mpp
 from slidemil.utils.io import atomic_path, write_text
 
 
@@ -59,11 +59,9 @@ def segmentation_image(slide: Slide, seg_mpp: float) -> tuple[np.ndarray, float]
     mpp0 = require_mpp(slide)
     downsample = max(1.0, seg_mpp / mpp0)
     level = slide.best_level_for_downsample(downsample)
-    img = slide.read_level(level)
     w0, h0 = slide.dimensions
     w, h = max(1, int(round(w0 / downsample))), max(1, int(round(h0 / downsample)))
-    if img.shape[1] != w or img.shape[0] != h:
-        img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    img = np.array(read_scaled(slide, 0, 0, level, *slide.level_dimensions[level], w, h))
     return img, w0 / w
 
 
