@@ -374,7 +374,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
                                                   "trained on patient bags needs it to group the slides."),
             bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
             max_instances_infer: Optional[int] = _opt(TrainConfig, "max_instances_infer"),
-            device: str = typer.Option("auto", help="auto | cpu | cuda."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
             name: Optional[str] = typer.Option(None, help="Name of this cohort in the run report's External "
                                                "validation section (default: the folder of --labels)."),
             force: bool = typer.Option(False, "--force", help="Write --out even inside a run folder or over an input."),
@@ -583,7 +583,7 @@ def embed_slides(features: Path = typer.Option(..., help="Folder of patch featur
                  weights: Optional[Path] = typer.Option(None, help="The slide encoder's weights file (default: "
                                                         "$SLIDEMIL_WEIGHTS/<encoder>/<file>)."),
                  slide_ids: Optional[str] = typer.Option(None, help="Comma-separated slide ids (default: all files)."),
-                 device: str = typer.Option("auto", help="auto | cpu | cuda."),
+                 device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
                  allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 when some slides failed "
                                                      "(never when all did)."),
                  quiet: bool = QUIET):

@@ -42,7 +42,8 @@ def _gpu() -> Check:
         return Check("GPU", True, f"{torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.0f} GiB; "
                      f"torch {torch.__version__}, CUDA {torch.version.cuda}", required=False)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return Check("GPU", True, f"Apple MPS; torch {torch.__version__}", required=False)
+        return Check("GPU", False, f"Apple MPS visible to torch {torch.__version__}, but slidemil does not use it yet "
+                     "(no test runs there): training and extraction run on the CPU", required=False)
     return Check("GPU", False, f"none visible to torch {torch.__version__} (CPU only: training works, slower)",
                  "for NVIDIA GPUs install a CUDA build of torch (https://pytorch.org/get-started)", required=False)
 

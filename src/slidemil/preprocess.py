@@ -280,6 +280,7 @@ class Pipeline:
         """Run `stages` on every slide; returns the status table (also written to failures.csv). What
         concerns the whole batch (the encoder and its weights) is checked first and stops it at once."""
         if "extract" in stages and slide_paths:
+            resolve_device(self.o.device)
             self.encoder()
         if ("patch" in stages or "extract" in stages) and not self.o.coords_dir:
             self._check_patch_settings()

@@ -56,3 +56,23 @@ def test_heatmap_with_only_failed_slides_exits_1(demo_run, tmp_path):
                               "--slide-ids", "nope1,nope2", "--out", str(tmp_path / "h"), "--allow-failures"])
     assert res.exit_code == 1 and "every item failed" in res.output
     assert (tmp_path / "h" / "heatmaps.csv").exists()
+
+
+@pytest.mark.parametrize("device,says", [
+    ("gpu", "'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+    ("mps", "Apple GPUs are not supported yet"),
+    ("cuda:7", "cuda:7"),
+])
+def test_a_device_torch_cannot_use_is_one_line_before_anything_is_written(feature_cohort, slides, tmp_path, device,
+                                                                           says):
+    """`--device gpu` (a misspelling) and `--device mps` were tracebacks from inside torch, after train had
+    written config.yaml and splits.csv; extract failed every slide one by one."""
+    root, _ = feature_cohort
+    res = runner.invoke(app, ["train", "--features", str(root / "features"), "--labels", str(root / "labels.csv"),
+                              "--out", str(tmp_path / "run"), "--device", device, "--quiet"])
+    assert res.exit_code == 1 and says in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "run").exists()
+    res = runner.invoke(app, ["preprocess", "--slides", str(slides), "--out", str(tmp_path / "o"), "--quiet",
+                              "--device", device])
+    assert res.exit_code == 1 and says in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o" / "segmentation").exists()

@@ -29,7 +29,7 @@ class ExtractConfig(BaseModel):
     download: bool = Field(False, description="Fetch encoder weights from the hub (network).")
     batch_size: int = Field(64, ge=1, description="Tiles per batch.")
     num_workers: int = Field(0, ge=0, description="Tile-reading worker processes.")
-    device: str = Field("auto", description="auto | cpu | cuda.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     float16: bool = Field(False, description="Store features as float16.")
     stain_norm: Literal["none", "macenko", "reinhard"] = Field(
         "none", description="Stain normalisation of each tile before the encoder (torchstain): none | macenko | "

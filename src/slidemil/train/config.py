@@ -98,7 +98,7 @@ class TrainConfig(TaskConfig):
                              "all ranks train each fold together, each on its share of every step's bags, "
                              "gradients averaged (a step sees ranks x --batch-size bags).")
     # runtime (not part of the experiment's identity: may change on --resume)
-    device: str = Field("auto", description="auto | cpu | cuda.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     max_instances_infer: Optional[int] = Field(None, ge=1, description="Score bags larger than this chunk by chunk "
                                                                      "at validation and test (models that can: "

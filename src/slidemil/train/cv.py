@@ -184,6 +184,7 @@ def run_cv(cfg: TrainConfig, resume: bool = False, progress=None, on_start=None,
     if rank > 0:
         return _follow(cfg, progress, rank, world)
     run = _check_run_dir(cfg, resume)
+    resolve_device(cfg.device)
     task = create_task(cfg)
     cohort = load_cohort(cfg, task)
     if resume and run.has_config():

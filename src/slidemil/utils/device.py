@@ -8,12 +8,27 @@ from slidemil.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when torch sees a GPU, else CPU; an explicit `cuda` without one is an input error."""
+    """`auto` -> CUDA when torch sees a GPU, else CPU; `cpu`, `cuda` or `cuda:N` as asked. A device torch
+    cannot use here (no GPU, a GPU index past the last, a misspelling) is one input error, raised before a
+    run writes anything. Apple MPS is refused by name: no test of the suite runs there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name} was asked for, but torch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        raise InputError("--device mps: Apple GPUs are not supported yet (slidemil's tests run on CPU and CUDA); "
+                         "use --device cpu")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name}: slidemil runs on cpu or cuda")
+    return device
 
 
 def autocast(device: torch.device):
