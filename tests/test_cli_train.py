@@ -88,6 +88,10 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert "column 'slide_id' is missing" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["train", "--features", "f", "--labels", "l", "--out", "o", "--folds", "1"])
     assert res.exit_code == 1 and "folds" in res.output
+    # a negative seed was numpy's "Seed must be between 0 and 2**32 - 1" traceback after the run folder was made
+    res = runner.invoke(app, ["train", "--features", "f", "--labels", "l", "--out", str(tmp_path / "s"), "--seed", "-1"])
+    assert res.exit_code == 1 and "seed: Input should be greater than or equal to 0" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "s").exists()
 
 
 def test_cli_train_prints_progress_lines_when_not_on_a_terminal(feature_cohort, tmp_path):

@@ -268,7 +268,7 @@ def train(
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidemil train`."),
              bootstrap: Optional[int] = _opt(TrainConfig, "bootstrap"),
-             seed: int = typer.Option(0, help="Bootstrap seed."),
+             seed: int = typer.Option(0, min=0, max=2**31 - 1, help="Bootstrap seed."),
              heatmaps: Optional[Path] = typer.Option(None, help="Heatmap folder for the report's gallery "
                                                      "(default: RUN/heatmaps)."),
              eval_unit: Optional[str] = _opt(TrainConfig, "eval_unit"),

@@ -111,10 +111,26 @@ def read_cohorts(features: dict[str, str | Path], labels: str | Path, settings: 
     task = create_task({"task": "classification", "label_col": settings.label_col, "site_col": settings.site_col,
                         "slide_col": settings.slide_col, "case_col": settings.case_col})
     cohort = task.read(labels)
-    if cohort.table["site"].nunique() < 2:
-        raise InputError(f"{labels}: column {settings.site_col!r} names one centre; the robustness index compares "
-                         "two or more")
+    _check_design(cohort.table, labels, settings.site_col)
     return {name: attach_features(cohort, folder) for name, folder in features.items()}
+
+
+def _check_design(table, labels, site_col: str) -> None:
+    """The index compares neighbours of one class from other centres (SO) with neighbours of other classes
+    from the same centre (OS): it needs a centre holding two classes and a class seen at two centres. A
+    cohort without them (centre confounded with the class, or a centre column that names each patient)
+    gave an undefined index and a crash in the plot."""
+    if table["site"].nunique() < 2:
+        raise InputError(f"{labels}: column {site_col!r} names one centre; the robustness index compares two or more")
+    classes_per_centre = table.groupby("site")["label"].nunique()
+    centres_per_class = table.groupby("label")["site"].nunique()
+    if classes_per_centre.max() < 2 or centres_per_class.max() < 2:
+        what = ("names a centre per patient" if table.groupby("site")["case_id"].nunique().max() == 1
+                else "confounds centre and class: every centre holds one class" if classes_per_centre.max() < 2
+                else "has no class seen at two centres")
+        raise InputError(f"{labels}: column {site_col!r} {what}, so neighbours of another class from the same centre "
+                         "(or of the same class from another centre) cannot exist and the robustness index is "
+                         "undefined; it needs centres that each hold several classes")
 
 
 def run_robustness(features: dict[str, str | Path], labels: str | Path, out: str | Path,

@@ -106,6 +106,24 @@ def test_one_centre_is_an_input_error(shifted_and_clean, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("sites,says", [
+    ("patient", "names a centre per patient"),
+    ("label", "confounds centre and class"),
+])
+def test_a_centre_column_that_leaves_the_index_undefined_is_an_input_error(shifted_and_clean, tmp_path, sites, says):
+    """A site column naming each patient (or centres each holding one class) left the index undefined (no
+    neighbour of another class from the same centre) and crashed in the plot's log axis, after the output
+    folder was made."""
+    import pandas as pd
+
+    table = pd.read_csv(shifted_and_clean / "clean" / "labels.csv")
+    table["site"] = table["case_id"] if sites == "patient" else table["label"]
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match=says):
+        run_robustness({"x": shifted_and_clean / "clean" / "features"}, tmp_path / "t.csv", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_compares_folders_and_names_a_missing_one(shifted_and_clean, tmp_path):
     from conftest import runner
     from slidemil.cli import app

@@ -236,7 +236,7 @@ class FitSettings(BaseModel):
     depth: int = Field(16, ge=1, description="Cross-attention blocks (the paper: 16).")
     chunk_size: int = Field(4, ge=1, description="Embedding chunk size of the generator's tokens.")
     heldout: float = Field(0.2, gt=0, lt=1, description="Share of slides held out to measure the generator.")
-    seed: int = Field(0, description="Seed for sampling and initialisation.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for sampling and initialisation.")
 
 
 def collect_pairs(tiles: list[torch.Tensor], encoder, settings: FitSettings, device, generator) -> dict:

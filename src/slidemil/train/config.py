@@ -92,7 +92,7 @@ class TrainConfig(TaskConfig):
                                           "TPE), selected on the fold's inner validation split only; the test fold "
                                           "never takes part.")
     tune_trials: int = Field(20, ge=1, description="Trials per fold for --tune (the first is the configuration given).")
-    seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for splits, initialisation and sampling.")
     ddp: Literal["folds", "data"] = Field(
         "folds", description="Under torchrun: folds = each rank trains whole folds (results as one process); data = "
                              "all ranks train each fold together, each on its share of every step's bags, "
