@@ -141,3 +141,18 @@ def test_skip_missing_names_the_slides_it_leaves_out(trained, caplog):
         frame = predict(run, root / "features", slide_ids=[first, "nosuch"], device="cpu", skip_missing=True)
     assert list(frame["slide_id"]) == [first]
     assert "1 slide(s) left out of the predictions: nosuch (no feature file" in caplog.text
+
+
+def test_evaluate_and_predict_check_their_numeric_flags_as_train_does(trained, tmp_path):
+    """`evaluate --bootstrap -1` ran as if 0 (no CIs) and `predict --max-instances-infer 0` reached the model:
+    these verbs use the values without building a TrainConfig, so they went unchecked."""
+    from conftest import runner
+    from slidemil.cli import app
+
+    root, run = trained
+    res = runner.invoke(app, ["evaluate", str(run), "--bootstrap", "-1"])
+    assert res.exit_code == 1 and "--bootstrap -1: Input should be greater than or equal to 0" in res.output
+    res = runner.invoke(app, ["predict", str(run), "--features", str(root / "features"), "--out",
+                              str(tmp_path / "p.csv"), "--max-instances-infer", "0"])
+    assert res.exit_code == 1 and "--max-instances-infer 0: Input should be greater than or equal to 1" in res.output
+    assert not (tmp_path / "p.csv").exists()

@@ -7,7 +7,7 @@ import logging
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -168,6 +168,20 @@ def _opt(cls, name: str, *decls: str):
     return typer.Option(None, *decls, help=field_help(cls, name), show_default=False)
 
 
+def _setting(cls, name: str, value):
+    """A flag's value checked against the settings field it comes from (its default when unset), for verbs
+    that use it without building the settings: `evaluate --bootstrap -1` ran, as if 0."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if value is None:
+        return cls.model_fields[name].default
+    field = cls.model_fields[name]
+    try:
+        return TypeAdapter(Annotated[(field.annotation, *field.metadata)]).validate_python(value)
+    except ValidationError as exc:
+        raise InputError(f"--{name.replace('_', '-')} {value}: {exc.errors()[0]['msg']}") from None
+
+
 @app.command()
 def train(
     features: Optional[Path] = _opt(TrainConfig, "features"),
@@ -281,7 +295,7 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder written by `slidem
 
     _setup_logging(quiet)
     with _errors():
-        n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
+        n_boot = _setting(TrainConfig, "bootstrap", bootstrap)
         options = {k: v for k, v in (("eval_unit", eval_unit), ("ibs_range", ibs_range)) if v is not None}
         metrics = evaluate_run(run, n_boot=n_boot, seed=seed, heatmaps=heatmaps, options=options)
         out_console.print(f"{summary_line(metrics)}\nreport: {RunDir(run).report_path}")
@@ -389,6 +403,8 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     _setup_logging(quiet)
     with _errors():
         ids = _ids(slide_ids)
+        n_boot = _setting(TrainConfig, "bootstrap", bootstrap)
+        max_instances_infer = _setting(TrainConfig, "max_instances_infer", max_instances_infer)
         if labels is not None and not labels.is_file():
             raise InputError(f"--labels {labels} does not exist")
         check_output(out, run, {"--labels": labels, "--features": features}, force)
@@ -397,7 +413,6 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
         frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer, labels)
         metrics = None
         if labels is not None:
-            n_boot = TrainConfig.model_fields["bootstrap"].default if bootstrap is None else bootstrap
             metrics = validate_external(run, frame, labels, n_boot=n_boot)
         # both files under temporary names first, renamed together: a full disk leaves neither, not one alone
         with ExitStack() as both:
