@@ -535,9 +535,7 @@ def _stage_command(stages: tuple[str, ...], doc: str):
             cfg = load_config(PreprocessConfig, config, overrides)
             slide_paths = slides_in(cfg.slides)
             pipe = Pipeline(cfg)
-            if "extract" in stages:
-                pipe.encoder()          # weights and the stain target concern the whole batch: checked before
-                pipe.stain()            # anything is written
+            pipe.check(stages)          # what concerns the whole batch, before --out is made
             ensure_writable(cfg.out)
             _setup_logging(cfg.quiet, Path(cfg.out) / "preprocess.log")
             with _tile_progress(cfg.quiet) as progress:

@@ -276,14 +276,24 @@ class Pipeline:
         except Exception:
             return False
 
-    def run(self, slide_paths: list[Path], stages=STAGES, progress=None) -> pd.DataFrame:
-        """Run `stages` on every slide; returns the status table (also written to failures.csv). What
-        concerns the whole batch (the encoder and its weights) is checked first and stops it at once."""
-        if "extract" in stages and slide_paths:
+    def check(self, stages=STAGES) -> None:
+        """What concerns the whole batch, before anything is written (the CLI calls it before it makes --out):
+        the given folders exist, the device is usable, the encoder's weights and the stain target load, and
+        patches already in --out were made on this grid. A failure here would fail every slide alike."""
+        for flag, folder in (("--tissue-geojson", self.o.tissue_geojson), ("--coords-dir", self.o.coords_dir)):
+            if folder and not Path(folder).is_dir():
+                raise InputError(f"{flag} {folder}: no such folder")
+        if "extract" in stages:
             resolve_device(self.o.device)
             self.encoder()
+            self.stain()
         if ("patch" in stages or "extract" in stages) and not self.o.coords_dir:
             self._check_patch_settings()
+
+    def run(self, slide_paths: list[Path], stages=STAGES, progress=None) -> pd.DataFrame:
+        """Run `stages` on every slide; returns the status table (also written to failures.csv). What
+        concerns the whole batch is checked first (`check`) and stops it at once."""
+        self.check(stages)
         rows = []
         for path in slide_paths:
             sid = slide_id_of(path)

@@ -46,7 +46,7 @@ def test_unusable_encoder_weights_stop_the_batch_at_once(slides, tmp_path):
     res = runner.invoke(app, ["extract", "--slides", str(slides), "--out", str(tmp_path / "o"), "--quiet",
                               "--encoder", "resnet50_trunc", "--weights", str(weights)])
     assert res.exit_code == 1 and "w.pth: cannot be loaded as weights" in res.output
-    assert "Traceback" not in res.output and not (tmp_path / "o" / "segmentation").exists()
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -75,4 +75,17 @@ def test_a_device_torch_cannot_use_is_one_line_before_anything_is_written(featur
     res = runner.invoke(app, ["preprocess", "--slides", str(slides), "--out", str(tmp_path / "o"), "--quiet",
                               "--device", device])
     assert res.exit_code == 1 and says in res.output and "Traceback" not in res.output, res.output
-    assert not (tmp_path / "o" / "segmentation").exists()
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--overlap", "300"], "overlap 300 must be smaller than patch_size 256"),
+    (["--tissue-geojson", "nowhere"], "--tissue-geojson nowhere: no such folder"),
+    (["--coords-dir", "nowhere"], "--coords-dir nowhere: no such folder"),
+])
+def test_a_batch_wide_setting_is_refused_once_not_slide_by_slide(slides, tmp_path, flags, says):
+    """An overlap as large as the patch, or a --tissue-geojson / --coords-dir folder that does not exist,
+    failed every slide one by one (the same error in failures.csv for each) after writing the outputs."""
+    res = runner.invoke(app, ["preprocess", "--slides", str(slides), "--out", str(tmp_path / "o"), "--quiet", *flags])
+    assert res.exit_code == 1 and says in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()

@@ -14,7 +14,7 @@ from typing import Optional
 
 import h5py
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slidemil.slides.reader import Slide, require_mpp
 from slidemil.slides.tissue import TissueMask
@@ -32,6 +32,12 @@ class PatchConfig(BaseModel):
     patch_size: int = Field(256, ge=8, description="Patch side in px at the target resolution.")
     overlap: int = Field(0, ge=0, description="Overlap in px at the target resolution.")
     min_tissue: float = Field(0.25, ge=0, le=1, description="Keep patches with at least this tissue fraction.")
+
+    @model_validator(mode="after")
+    def _check_overlap(self):
+        if self.overlap >= self.patch_size:    # a batch-wide setting: refused at once, not slide by slide
+            raise ValueError(f"overlap {self.overlap} must be smaller than patch_size {self.patch_size}")
+        return self
 
     def resolved_mpp(self) -> float:
         if self.magnification:
