@@ -57,6 +57,7 @@ class RunDir:
     excluded_path = _child("excluded.csv")
     metrics_path = _child("metrics.json")
     report_path = _child("report.html")
+    methods_path = _child("methods.md")    # the methods and results paragraphs, written from what the run recorded
     plots_dir = _child("plots")
     attention_dir = _child("attention")
     heatmaps_dir = _child("heatmaps")

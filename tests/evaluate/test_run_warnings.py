@@ -25,3 +25,30 @@ def test_a_model_trailing_its_baseline_is_told_which_models_held(tmp_path):
     assert len(trailing) == 1 and "0.700 is below the reference baseline's 0.850" in trailing[0]
     assert "--model mean_pool or abmilx" in trailing[0] and "docs/protocol.md" in trailing[0]
     assert run_warnings(run, _metrics(0.84, 0.85), task) == []          # within 0.02: no warning
+
+
+def test_folds_that_rank_alike_on_different_scales_are_explained():
+    """Each fold ranks its test patients perfectly, but one fold's probabilities all sit above 0.5 and the
+    other's below: pooled, the ranking mixes the folds (and one fold classifies nothing right). The pooled
+    AUROC is then far below the folds' mean, and a reader comparing with papers that quote the fold mean
+    must be told why."""
+    import numpy as np
+    import pandas as pd
+
+    from slidemil.tasks.evaluation import pooled_below_folds
+
+    rows = []
+    for fold, low in ((0, 0.55), (1, 0.05)):              # fold 1's scores sit far below fold 0's
+        for i in range(10):
+            positive = i % 2 == 1
+            p = low + 0.2 * positive + 0.01 * i
+            rows.append({"slide_id": f"f{fold}s{i}", "case_id": f"f{fold}p{i}", "fold": fold,
+                         "label": "positive" if positive else "negative", "prob_negative": 1 - p,
+                         "prob_positive": p, "pred": "positive" if p > 0.5 else "negative"})
+    task = create_task(TaskConfig())
+    metrics = task.evaluate(pd.DataFrame(rows), None, {"classes": ["negative", "positive"]}, 50, 0)
+    assert metrics["fold_summary"]["auroc"]["mean"] == 1.0 and metrics["pooled"]["auroc"]["value"] < 0.85
+    said = pooled_below_folds(metrics, task)
+    assert len(said) == 1 and "below the mean of the folds' 1.000" in said[0] and "different scales" in said[0]
+    aligned = pd.DataFrame(rows).assign(prob_positive=lambda d: np.where(d["label"] == "positive", 0.8, 0.2))
+    assert pooled_below_folds(task.evaluate(aligned, None, {"classes": ["negative", "positive"]}, 50, 0), task) == []

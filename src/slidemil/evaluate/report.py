@@ -112,11 +112,19 @@ def unit_note(metrics: dict) -> str:
     return f"Metrics are per slide ({n} rows): a patient with several slides counts several times."
 
 
+def _methods_html(sections) -> str:
+    if not sections:
+        return ""
+    body = "".join(f"<p><b>{html.escape(title)}.</b> {html.escape(text)}</p>" for title, text in sections if text)
+    return ("<h2>Methods (draft)</h2><p class=note>Written from what this run recorded (also in methods.md): edit it "
+            f"into your paper; every setting and number is the run's.</p><div class=methods>{body}</div>")
+
+
 def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], gallery: list | None = None,
-                 notes: str = "", external: str = "") -> Path:
+                 notes: str = "", external: str = "", methods: list[tuple[str, str]] = ()) -> Path:
     """One HTML file with everything embedded: it opens from disk, e-mail or a browser with no server.
     `notes` is task-specific HTML (already escaped) shown under the metric table; `external` the External
-    validation section (HTML, already escaped)."""
+    validation section (HTML, already escaped); `methods` the draft methods paragraphs [(title, text)]."""
     names = list(metrics["pooled"])
     task = metrics.get("task", "classification")
     rows = "".join(
@@ -142,7 +150,8 @@ def write_report(run: RunDir, cfg: dict, metrics: dict, plots: dict[str, Path], 
         protocol=PROTOCOL.get(task, ""), task_notes=notes,
         version=html.escape(str(prov.get("version"))), torch=html.escape(str(prov.get("torch"))),
         resamples=metrics["bootstrap"]["resamples"], metric_rows=rows, plots="".join(img_tag(p) for p in plots.values()),
-        gallery=gallery_html, external=external, fold_header="".join(f"<th>{m}</th>" for m in names), fold_rows=fold_rows,
+        gallery=gallery_html, external=external, methods=_methods_html(methods),
+        fold_header="".join(f"<th>{m}</th>" for m in names), fold_rows=fold_rows,
         config=config_text, fingerprint=html.escape(str(prov.get("features_sha256", ""))[:16]),
         git=html.escape(str(prov.get("git_commit"))))
     write_text(run.report_path, body)

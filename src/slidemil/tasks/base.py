@@ -130,6 +130,8 @@ class Task:
     def parse(self, raw: pd.DataFrame, table: pd.DataFrame, path: Path) -> Cohort:
         raise NotImplementedError
 
+    strata_text: ClassVar[str] = "stratified by class"      # what `strata` balances, for the methods text
+
     def strata(self, table: pd.DataFrame, folds: int) -> np.ndarray:
         """An integer per row that the splits keep balanced across folds."""
         return table["y"].to_numpy()
@@ -144,6 +146,10 @@ class Task:
     def fit_state(self, train: pd.DataFrame) -> dict:
         """What the task learns from a fold's training rows (never its test rows); JSON-able."""
         return {}
+
+    def loss_text(self) -> str:
+        """The training loss as a methods section names it (with its paper)."""
+        raise NotImplementedError
 
     def loss(self, state: dict, targets: np.ndarray, device, n_outputs: int):
         """`loss(logits [B, K], target [B, ...]) -> scalar` for this fold."""

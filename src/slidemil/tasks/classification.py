@@ -34,6 +34,10 @@ class Classification(Task):
     def parse(self, raw, table, path: Path) -> Cohort:
         return parse_class_labels(raw, table, path, self.o.label_col, self.o.classes)
 
+    def loss_text(self) -> str:
+        return "cross-entropy" + (", each bag weighted n / (C n_c) by the inverse frequency of its class"
+                                  if self.o.class_weights == "balanced" else "")
+
     def loss(self, state, targets, device, n_outputs: int):
         """Cross-entropy, optionally weighted n / (C * n_c) ("balanced", as scikit-learn's `class_weight`).
 

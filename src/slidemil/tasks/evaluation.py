@@ -12,7 +12,8 @@ from slidemil.errors import InputError
 from slidemil.evaluate.report import unit_note, write_report
 from slidemil.rundir import RunDir
 from slidemil.tasks.base import Task, create_task, own_options
-from slidemil.utils.io import read_csv_text, write_json
+from slidemil.tasks.methods import methods_markdown, methods_sections
+from slidemil.utils.io import read_csv_text, write_json, write_text
 
 
 def run_task(run: RunDir, options: dict | None = None) -> tuple[Task, dict, dict]:
@@ -71,9 +72,11 @@ def render_report(run: RunDir, metrics: dict | None = None, heatmaps: str | Path
     plots = task.plots(preds, metrics, run.plots_dir)
     gallery = task.gallery(_per_slide(run, preds) if cfg.get("bag_unit") == "patient" else preds, meta,
                            Path(heatmaps) if heatmaps else run.heatmaps_dir)
+    methods = methods_sections(run, cfg, metrics, task)
+    write_text(run.methods_path, methods_markdown(methods))
     return write_report(run, own_options(cfg), metrics, plots, gallery,
                         task.report_notes(metrics) + protocol_notes(metrics, task) + defaults_note(run)
-                        + tuning_notes(run) + site_notes(metrics), external_notes(run, task))
+                        + tuning_notes(run) + site_notes(metrics), external_notes(run, task), methods)
 
 
 def _per_slide(run: RunDir, preds: pd.DataFrame) -> pd.DataFrame:
@@ -205,6 +208,7 @@ def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
                         f"(e.g. {first['slide_id']}: {first['reason']}); excluded.csv lists each with its reason")
     for fold in run.finished_folds():
         warnings += run.fold_meta(fold).get("warnings", [])
+    warnings += pooled_below_folds(metrics, task)
     head = task.metric_names[0]
     ours, ref = metrics["pooled"][head]["value"], metrics.get("baseline", {}).get("pooled", {}).get(head, {}).get("value")
     if ref is not None and ours is not None and ours < ref - 0.02:
@@ -214,6 +218,26 @@ def run_warnings(run: RunDir, metrics: dict, task: Task) -> list[str]:
                         f"mean_pool or abmilx held on every cohort family docs/protocol.md measured, which also "
                         f"lists what else to try (--tune, --standardize whiten)")
     return warnings
+
+
+POOLING_GAP = 0.1     # pooled headline this far below the folds' mean: the fold models' scores differ in scale
+
+
+def pooled_below_folds(metrics: dict, task: Task) -> list[str]:
+    """The pooled headline well below the mean of the folds' (0.80 pooled against 0.99 per fold on a run whose
+    folds each ranked their patients almost perfectly): each fold model ranks its own test patients, but
+    their scores sit on different scales, so one threshold or ranking across folds does worse. Papers that
+    report the fold mean would quote the higher number; the reader should know why the two differ."""
+    head = task.metric_names[0]
+    pooled, folds = metrics["pooled"][head]["value"], (metrics.get("fold_summary") or {}).get(head, {}).get("mean")
+    if pooled is None or folds is None or not folds - pooled > POOLING_GAP:
+        return []
+    return [f"the pooled {head} {pooled:.3f} is {folds - pooled:.2f} below the mean of the folds' {folds:.3f}: each fold "
+            f"model ranks its own test patients, but the folds' scores sit on different scales (see the per-fold "
+            f"table; a fold whose predictions all fall on one side of the threshold ranks without classifying), so "
+            f"they do worse pooled. The pooled value is what one of these models would face on new patients; train "
+            f"longer (--epochs) or check the calibration plot, and quote both if you compare with papers that report "
+            f"the fold mean"]
 
 
 def protocol_notes(metrics: dict, task: Task) -> str:

@@ -74,6 +74,9 @@ class Ordinal(Classification):
     def n_outputs(self, cohort) -> int:
         return len(cohort.classes) - 1
 
+    def loss_text(self) -> str:
+        return "the rank-consistent CORN loss (Shi, Cao & Raschka 2023)"
+
     def loss(self, state, targets, device, n_outputs):
         return lambda logits, target: corn_loss(logits, target.long())
 

@@ -38,6 +38,8 @@ class Regression(Task):
                              "there is nothing to regress")
         return Cohort(table.reset_index(drop=True), [], str(path), target_cols=("target",), label_cols=("target",))
 
+    strata_text = "stratified by target quantile"
+
     def strata(self, table, folds) -> np.ndarray:
         """Target quantiles per patient (fewer when a quantile would hold fewer patients than folds)."""
         patients = table.drop_duplicates("case_id")
@@ -55,6 +57,10 @@ class Regression(Task):
         y = train["target"].to_numpy(float)
         sd = float(y.std())
         return {"mean": float(y.mean()), "sd": sd if sd > 0 else 1.0}
+
+    def loss_text(self) -> str:
+        return (f"{'mean squared error' if self.o.regression_loss == 'mse' else 'the Huber loss'} on the target "
+                "standardised with each training fold's mean and SD")
 
     def loss(self, state, targets, device, n_outputs):
         fn = F.mse_loss if self.o.regression_loss == "mse" else F.huber_loss

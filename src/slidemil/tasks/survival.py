@@ -146,6 +146,8 @@ class Survival(Task):
         return Cohort(table.reset_index(drop=True), [], str(path), target_cols=("time", "event"),
                       label_cols=("time", "event"))
 
+    strata_text = "stratified by event and follow-up time quantile"
+
     def strata(self, table, folds) -> np.ndarray:
         """Event x time quantile, per patient; coarser (fewer time quantiles) until every stratum has at
         least `folds` patients, so each test fold holds events and a spread of times."""
@@ -192,6 +194,13 @@ class Survival(Task):
                                  f"time(s): too few for --bins {self.o.bins}; lower --bins")
             state["edges"] = [0.0, *map(float, inner), float(times.max())]
         return state
+
+    def loss_text(self) -> str:
+        if self.o.survival_loss == "cox":
+            return "the negative Cox partial log-likelihood (Breslow's handling of ties)"
+        weight = f", uncensored patients up-weighted by alpha = {self.o.alpha_surv:g}" if self.o.alpha_surv else ""
+        return (f"the discrete-time negative log-likelihood (Zadeh & Schmid 2020) over {self.o.bins} intervals cut "
+                f"at quantiles of each training fold's event times{weight}")
 
     def loss(self, state, targets, device, n_outputs):
         if state["loss"] == "cox":

@@ -238,5 +238,11 @@ class TrainConfig(TaskConfig):
                 out[f"{field}_args"] = json.loads(json.dumps(args, default=str))
         return out
 
+    def references(self) -> dict:
+        """The papers of the model, re-embedding and strategy this run uses, as the registries cite them
+        (config.yaml keeps them under `slidemil`, for the methods paragraph of `methods.md`)."""
+        return {field: registry.info(getattr(self, field)).paper for field, registry in _REGISTRIES.items()
+                if getattr(self, field) is not None}
+
 
 _REGISTRIES = {"model": MODELS, "reembed": REEMBEDDINGS, "strategy": STRATEGIES}

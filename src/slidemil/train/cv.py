@@ -24,7 +24,8 @@ from slidemil import __version__
 from slidemil.data.bags import BagCache, BagDataset, bag_units
 from slidemil.data.cohort import Cohort, attach_features
 from slidemil.data.splits import make_splits, read_splits
-from slidemil.errors import InputError
+from slidemil.errors import InputError, SlidemilError
+from slidemil.features.encoders import get_spec
 from slidemil.features.store import read_attrs, read_features
 from slidemil.models.build import SPEC_KEYS, build_model
 from slidemil.models.checkpoint import save_model
@@ -162,6 +163,17 @@ def _check_built_arguments(run: RunDir, cfg: TrainConfig, started_with: dict) ->
                          f"differently; pass {flags} to finish it as it started, or use a new --out")
 
 
+def _encoder_reference(cohort: Cohort) -> dict:
+    """{"encoder": its paper} when the features name a registered encoder (CLAM's or another tool's files
+    may name none)."""
+    name = encoder_meta(cohort).get("encoder")
+    try:
+        reference = get_spec(str(name)).reference if name else ""
+    except SlidemilError:
+        reference = ""
+    return {"encoder": reference} if reference else {}
+
+
 def encoder_meta(cohort: Cohort) -> dict:
     attrs = read_attrs(cohort.table["feature_path"].iloc[0])
     return {k: attrs[k] for k in ENCODER_ATTRS if k in attrs}
@@ -256,7 +268,8 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, cohort: Cohort, splits: pd.DataF
     run.write_excluded(cohort.excluded)
     config = cfg.model_dump()
     config = dict(sorted(config.items(), key=lambda kv: kv[0] not in ("features", "labels", "out")))  # inputs first
-    config["slidemil"] = provenance(cohort) | {"arguments": cfg.resolved_arguments()}
+    config["slidemil"] = provenance(cohort) | {"arguments": cfg.resolved_arguments(),
+                                               "references": cfg.references() | _encoder_reference(cohort)}
     if cfg.class_weights == "balanced":
         config["slidemil"]["class_weighting"] = CLASS_WEIGHTING
     run.write_config(config)

@@ -1,0 +1,67 @@
+"""`RUN/methods.md`: the methods and results paragraphs say what the run did and the report's numbers,
+and change when the run did something else (no sentence claims a selection or transform it did not use)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from slidemil.rundir import RunDir
+from slidemil.tasks import create_task
+from slidemil.tasks.methods import methods_markdown, methods_sections
+
+pytestmark = pytest.mark.slow  # reads a trained run
+
+
+def _run(trained):
+    run = RunDir(trained[1])
+    cfg = run.config()
+    return run, cfg, json.loads(run.metrics_path.read_text()), create_task(cfg)
+
+
+def test_methods_state_the_runs_settings_and_the_reports_numbers(trained):
+    run, cfg, metrics, _ = _run(trained)
+    text = run.methods_path.read_text()
+    preds = pd.read_csv(run.predictions_path, dtype={"case_id": str})
+    counts = preds.drop_duplicates("case_id")["label"].value_counts()
+    assert (f"{metrics['n_slides']} whole-slide images of {metrics['n_patients']} patients "
+            f"({counts['negative']} negative, {counts['positive']} positive)") in text
+    assert "the abmil aggregator (Ilse et al., ICML 2018" in text          # the paper, recorded at training
+    assert "learning rate 0.001" in text and "for at most 15 epochs" in text and "3-fold cross-validation" in text
+    epochs = sorted(run.fold_meta(k)["best_epoch"] for k in run.finished_folds())
+    assert (f"epochs {epochs[0]}-{epochs[-1]} were kept" if epochs[0] != epochs[-1]
+            else f"epoch {epochs[0]} in every fold") in text
+    for m in (metrics, metrics["baseline"]):
+        auroc = m["pooled"]["auroc"]
+        assert f"AUROC {auroc['value']:.3f} (95% CI {auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})" in text
+    assert f"{metrics['bootstrap']['resamples']} patient-level bootstrap resamples" in text
+    assert "Methods (draft)" in run.report_path.read_text()
+    assert json.loads(json.dumps(cfg["slidemil"]["references"]))["model"].startswith("Ilse et al.")
+
+
+@pytest.mark.parametrize("change,says,never", [
+    ({"select": "last"}, "The model of the last epoch was kept", "selected on an inner validation split"),
+    ({"val_fraction": 0.0}, "no epoch was selected on validation data", "inner validation split ("),
+    ({"monitor": "val_metric"}, "moving average of the validation AUROC", "validation loss"),
+    ({"tune": True, "tune_trials": 7}, "Optuna's TPE sampler (7 trials)", None),
+    ({"cv": "leave-site-out"}, "leave-site-out cross-validation (3 sites", "stratified by class"),
+    ({"bag_unit": "patient"}, "each patient's slides concatenated into one bag", "one bag per slide"),
+    ({"instance_dropout": 0.5, "batch_size": 4}, "50% of each training bag's instances dropped", "one bag per step"),
+    ({"class_weights": "balanced"}, "weighted n / (C n_c)", None),
+])
+def test_methods_follow_what_the_run_did(trained, change, says, never):
+    run, cfg, metrics, _ = _run(trained)
+    cfg = {**cfg, **change}
+    text = methods_markdown(methods_sections(run, cfg, metrics, create_task(cfg)))
+    assert says in text, text
+    assert never is None or never not in text, text
+
+
+def test_features_used_as_extracted_are_not_said_to_be_whitened(trained, monkeypatch):
+    run, cfg, metrics, task = _run(trained)
+    meta = run.fold_meta(0)
+    monkeypatch.setattr(RunDir, "fold_meta", lambda self, k: {**meta, "standardized": False})
+    text = methods_markdown(methods_sections(run, cfg, metrics, task))
+    assert "used as extracted" in text and "whitened" not in text
