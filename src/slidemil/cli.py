@@ -336,8 +336,9 @@ def heatmap(run: Path = typer.Argument(..., help="Run folder written by `slidemi
     with _errors():
         opts = load_config(HeatmapOptions, None, given)
         hm = HeatmapRun(run, slides, out, opts, features)
+        ids = hm.check(_ids(slide_ids))
         ensure_writable(hm.out)
-        table = hm.make_all(_ids(slide_ids))
+        table = hm.make_all(ids)
         _per_slide_summary(table, "heatmap", hm.out, hm.out / "heatmaps.csv", opts.allow_failures)
 
 

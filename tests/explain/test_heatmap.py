@@ -121,6 +121,11 @@ def test_a_run_whose_features_moved_is_painted_from_where_they_are(demo_run, tmp
     shutil.copy(moved / f"{sid}.h5", ext_feats / "EXT1.h5")
     hm = HeatmapRun(run_dir, ext_slides, tmp_path / "c", features=ext_feats)
     assert hm.default_ids() == ["EXT1"]
+    # painted from the run's own feature folder (no --features), the external slides all failed one by one with
+    # "no features ... extract them first": one line for the batch now, naming the encoder and --features
+    with pytest.raises(InputError, match=r"none of the 1 slide\(s\) to paint has features in .*--encoder handcrafted"):
+        HeatmapRun(run_dir, ext_slides, tmp_path / "x").check()
+    assert hm.check() == ["EXT1"]
     # without --out they go apart from heatmaps/, the gallery of the cross-validated slides in the run's report
     assert HeatmapRun(run_dir, ext_slides, features=ext_feats).out == run_dir / "external" / "ext_slides_heatmaps"
     assert HeatmapRun(run_dir, cohort / "slides").out == run_dir / "heatmaps"

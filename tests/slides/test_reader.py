@@ -91,6 +91,17 @@ def test_slides_in_subfolders_are_found_as_a_gdc_download_lays_them_out(tmp_path
     assert found["TCGA-AA-0002-01Z-00-DX1"] == b and found["local"] == top
 
 
+def test_masks_and_a_vms_scans_own_jpegs_are_not_slides(tmp_path):
+    """CAMELYON ships its annotations as `<id>_mask.tif` (picked up as slides once subfolders are searched), and
+    a Hamamatsu .vms keeps its image in JPEGs beside it (`S.jpg` clashed with `S.vms` as a second slide 'S')."""
+    slide = _touch(tmp_path / "training" / "tumor_001.tif")
+    _touch(tmp_path / "masks" / "tumor_001_mask.tif")
+    vms = _touch(tmp_path / "S.vms")
+    for name in ("S.jpg", "S(1,0).jpg", "S_map.jpg"):
+        _touch(tmp_path / name)
+    assert list_slides(tmp_path) == [vms, slide]
+
+
 def test_one_id_in_two_subfolders_is_refused_naming_both(tmp_path):
     _touch(tmp_path / "batch1" / "S1.svs")
     _touch(tmp_path / "batch2" / "S1.svs")

@@ -216,6 +216,17 @@ class HeatmapRun:
         save_figure(fig, path, bbox_inches="tight", dpi=100)
 
     # --- many slides -------------------------------------------------------------------------------
+    def check(self, slide_ids: list[str] | None = None) -> list[str]:
+        """The slides to paint, checked as a batch before anything is written: when none has a feature file
+        every slide would fail alike (another cohort's slides without --features), so that is one error."""
+        ids = slide_ids or self.default_ids()
+        if ids and not any(find_feature_file(self.features, sid) for sid in ids):
+            encoder = (self.models[0][1].get("encoder") or {}).get("encoder", "the run's encoder")
+            raise InputError(f"none of the {len(ids)} slide(s) to paint has features in {self.features}; extract "
+                             f"them with {encoder} (slidemil preprocess --slides ... --encoder {encoder} --out OUT) "
+                             f"and pass --features OUT/features_{encoder}")
+        return ids
+
     def make_all(self, slide_ids: list[str] | None = None) -> pd.DataFrame:
         rows = []
         for sid in slide_ids or self.default_ids():

@@ -366,8 +366,8 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
     """Slide files in a folder and its subfolders: a gdc-client download puts each slide in a folder named by
     its file UUID (`<uuid>/<barcode>.<uuid>.svs`), and STAMP and Slideflow search nested folders too. Outputs
     are named by slide id, so an id must be unique across the tree. PNG/JPEG count as slides only in the
-    folder itself (below it they are another tool's outputs or a scanner's companion images), and the masks
-    and thumbnails written beside synthetic slides never. Hidden folders are skipped."""
+    folder itself (below it they are another tool's outputs or a scanner's companion images), and masks never
+    (`_is_slide_name`). Hidden folders are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"slide folder {folder} does not exist")
@@ -378,8 +378,9 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
             continue
         visited.add(os.path.realpath(root))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        top = Path(root) == folder
-        found += [Path(root) / name for name in sorted(files) if _is_slide_name(name, top)]
+        # PNG/JPEG are slides only in the folder itself, and never beside a Hamamatsu .vms/.vmu (its tiles)
+        images = Path(root) == folder and not any(n.lower().endswith((".vms", ".vmu")) for n in files)
+        found += [Path(root) / name for name in sorted(files) if _is_slide_name(name, images)]
     by_id: dict[str, list[str]] = {}
     for p in found:
         by_id.setdefault(slide_id_of(p), []).append(p.relative_to(folder).as_posix())
@@ -394,13 +395,15 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
     return found
 
 
-def _is_slide_name(name: str, top: bool) -> bool:
+def _is_slide_name(name: str, images: bool) -> bool:
+    """A slide file by its name; PNG/JPEG only where `images` are slides. Masks (`<id>_mask.tif`, as
+    CAMELYON ships its annotations, and the `_tissue`/`_tumour` PNGs beside synthetic slides) never are."""
     lower = name.lower()
-    if lower.startswith("."):
+    stem, suffix = os.path.splitext(lower)
+    if lower.startswith(".") or stem.endswith("_mask"):
         return False
-    suffix = os.path.splitext(lower)[1]
     if suffix in IMAGE_SUFFIXES:
-        return top and not ("_tissue" in lower or "_tumour" in lower or "_mask" in lower)
+        return images and not any(word in lower for word in ("_tissue", "_tumour", "_mask"))
     return suffix in SLIDE_SUFFIXES
 
 

@@ -68,7 +68,7 @@ def _features(meta: dict, prov: dict) -> str:
     reference = (prov.get("references") or {}).get("encoder")
     text = f"Patch features were extracted with {name}" + (f" ({reference})" if reference else "")
     if enc.get("patch_size") and enc.get("target_mpp"):
-        text += f" from {enc['patch_size']} x {enc['patch_size']} px patches at {float(enc['target_mpp']):.3g} µm/px"
+        text += f" from {enc['patch_size']} x {enc['patch_size']} px patches at {_g(enc['target_mpp'])} µm/px"
     if str(enc.get("stain_norm", "none")) != "none":
         text += f" after {enc['stain_norm']} stain normalisation"
     return text + f" ({meta.get('in_dim')}-dimensional)."
@@ -92,12 +92,12 @@ def _model(cfg: dict, metas: list[dict], prov: dict, task: Task) -> str:
     step = "one bag per step" if bags == 1 else f"{bags} bags per step"
     if cfg.get("accum_steps", 1) > 1:
         step += f", gradients accumulated over {cfg['accum_steps']} steps"
-    text += (f"It was trained on {task.loss_text()} with AdamW (learning rate {cfg['lr']:g}, weight decay "
-             f"{cfg['weight_decay']:g}, {schedule}), {step}, for at most {cfg['epochs']} epochs")
-    extras = [f"{cfg['instance_dropout']:.0%} of each training bag's instances dropped at random"
+    text += (f"It was trained on {task.loss_text()} with AdamW (learning rate {_g(cfg['lr'])}, weight decay "
+             f"{_g(cfg['weight_decay'])}, {schedule}), {step}, for at most {cfg['epochs']} epochs")
+    extras = [f"{_pct(cfg['instance_dropout'])} of each training bag's instances dropped at random"
               if cfg.get("instance_dropout") else "", f"at most {cfg['max_instances']} instances sampled per bag"
               if cfg.get("max_instances") else "", "bags sampled class-balanced" if cfg.get("balanced_sampling") else "",
-              f"gradient norm clipped at {cfg['grad_clip']:g}" if cfg.get("grad_clip") else ""]
+              f"gradient norm clipped at {_g(cfg['grad_clip'])}" if cfg.get("grad_clip") else ""]
     extras = [e for e in extras if e]
     text += (" (" + "; ".join(extras) + ")" if extras else "") + ". "
     return text + _selection(cfg, metas, task)
@@ -116,10 +116,19 @@ def _selection(cfg: dict, metas: list[dict], task: Task) -> str:
         return text + f"The model of the last epoch was kept{chosen}; no epoch was selected on validation data."
     head = task.metric_names[0]     # what every task's val_metric is
     monitor = "loss" if cfg.get("monitor", "val_loss") == "val_loss" else METRIC_NAMES.get(head, head)
-    return text + (f"The epoch was selected on an inner validation split ({cfg['val_fraction']:.0%} of each training "
+    return text + (f"The epoch was selected on an inner validation split ({_pct(cfg['val_fraction'])} of each training "
                    f"fold's patients, grouped by patient): the best {cfg.get('smooth', 1)}-epoch moving average of the "
                    f"validation {monitor}, not before epoch {min(cfg.get('min_epochs', 0), cfg['epochs'])}, with early "
                    f"stopping after {cfg.get('patience')} epochs without improvement{chosen}.")
+
+
+def _g(value) -> str:
+    """A number as config.yaml holds it (an edited file may hold text: written as it is, not a crash)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _pct(value) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) else str(value)
 
 
 def _cite(paper: str | None, args: dict | None) -> str:
