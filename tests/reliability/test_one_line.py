@@ -97,6 +97,7 @@ def test_empty_site_cells_are_named_by_row(tmp_path):
     (["--model", "abmilx", "--model-arg", "n_heads=3"], "divisible by n_heads"),
     (["--reembed", "rrt", "--reembed-arg", "epeg_k=4"], "epeg_k must be odd"),
     (["--strategy", "mhim", "--strategy-arg", "mask_ratio=2"], "mask_ratio=2"),
+    (["--model-arg", "hidden_dim=-5"], "negative dimension"),      # torch's RuntimeError, was a traceback
 ])
 def test_an_argument_value_the_model_refuses_is_one_line_before_anything_is_written(small, tmp_path, flags, says):
     """Before, the model was first built in fold 0: a traceback, and a run folder a rerun called taken."""

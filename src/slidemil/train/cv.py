@@ -318,7 +318,7 @@ def _check_model_builds(cfg: TrainConfig, cohort: Cohort, task: Task) -> None:
     after the run folder exists."""
     try:
         _training_model(cfg, _in_dim(cohort), task.n_outputs(cohort))
-    except (ValueError, TypeError, AssertionError) as exc:
+    except (ValueError, TypeError, AssertionError, RuntimeError) as exc:    # torch: "negative dimension -5"
         given = " ".join(f"--{field.removesuffix('_args')}-arg {k}={v}" for field in ("model_args", "reembed_args",
                          "strategy_args") for k, v in getattr(cfg, field).items())
         parts = [f"--model {cfg.model}"] + [f"--{f} {getattr(cfg, f)}" for f in ("reembed", "strategy") if getattr(cfg, f)]
