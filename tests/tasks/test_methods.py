@@ -65,3 +65,13 @@ def test_features_used_as_extracted_are_not_said_to_be_whitened(trained, monkeyp
     monkeypatch.setattr(RunDir, "fold_meta", lambda self, k: {**meta, "standardized": False})
     text = methods_markdown(methods_sections(run, cfg, metrics, task))
     assert "used as extracted" in text and "whitened" not in text
+
+
+def test_an_external_validation_is_reported_with_its_own_numbers(trained, monkeypatch):
+    run, cfg, metrics, task = _run(trained)
+    ext = {"folds": 3, "metrics": {"n_patients": 40, "n_slides": 52,
+                                   "pooled": {"auroc": {"value": 0.81, "ci_low": 0.7, "ci_high": 0.9}}}}
+    monkeypatch.setattr(RunDir, "externals", lambda self: {"TCGA-LUAD": ext})
+    text = methods_markdown(methods_sections(run, cfg, metrics, task))
+    assert ("On the external cohort TCGA-LUAD (40 patients, 52 slides; used in neither training nor selection), "
+            "the mean of the 3 fold models reached AUROC 0.810 (95% CI 0.700-0.900).") in text

@@ -36,7 +36,7 @@ def methods_sections(run: RunDir, cfg: dict, metrics: dict, task: Task) -> list[
     return [("Data", _data(run, metrics)), ("Features", _features(metas[0], prov)),
             ("Model and training", _model(cfg, metas, prov, task)),
             ("Evaluation", _evaluation(cfg, metrics, task, len(folds))),
-            ("Results", _results(cfg, metrics, task)), ("Software", _software(prov)),
+            ("Results", _results(cfg, metrics, task, run.externals())), ("Software", _software(prov)),
             ("Caveats the run reported (address them; not text for the paper)", _caveats(metrics))]
 
 
@@ -157,7 +157,7 @@ def _evaluation(cfg: dict, metrics: dict, task: Task, n_folds: int) -> str:
     return text
 
 
-def _results(cfg: dict, metrics: dict, task: Task) -> str:
+def _results(cfg: dict, metrics: dict, task: Task, externals: dict) -> str:
     head = task.metric_names[0]
     spread = (metrics.get("fold_summary") or {}).get(head) or {}
     text = f"{cfg['model']} reached a pooled {task.summary(metrics)}"
@@ -165,7 +165,12 @@ def _results(cfg: dict, metrics: dict, task: Task) -> str:
         text += f" (per-fold mean {_fmt(spread['mean'])} ± {_fmt(spread.get('std'))} SD)"
     if metrics.get("baseline"):
         text += f", against {task.summary(metrics['baseline'])} for the reference baseline"
-    return text + "."
+    text += "."
+    for name, ext in externals.items():     # `slidemil predict --labels`: cohorts no fold saw
+        m = ext["metrics"]
+        text += (f" On the external cohort {name} ({m['n_patients']} patients, {m['n_slides']} slides; used in neither "
+                 f"training nor selection), the mean of the {ext['folds']} fold models reached {task.summary(m)}.")
+    return text
 
 
 def _caveats(metrics: dict) -> str:
