@@ -215,7 +215,7 @@ class Pipeline:
         feats = embed_batches(enc, self.tiles(device).batches(ds), device, progress)
         meta = {k: attrs[k] for k in ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp",
                                       "target_magnification", "level0_magnification", "overlap", "patch_level",
-                                      "downsample", "level0_width", "level0_height") if k in attrs}
+                                      "downsample", "level0_width", "level0_height", "min_tissue") if k in attrs}
         meta.update({"encoder": self.o.encoder, "encoder_weights": enc.weights or "none",
                      "encoder_sha256": self.weights_sha(), "slide_path": str(slide.path),
                      "name": slide.slide_id, "slidemil_version": __version__, "stain_norm": self.o.stain_norm})

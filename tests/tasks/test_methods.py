@@ -59,6 +59,18 @@ def test_methods_follow_what_the_run_did(trained, change, says, never):
     assert never is None or never not in text, text
 
 
+def test_the_patching_the_features_record_is_stated(trained, monkeypatch):
+    run, cfg, metrics, task = _run(trained)
+    meta = run.fold_meta(0)
+    enc = {"encoder": "uni_v1", "patch_size": 224, "target_mpp": 0.5, "overlap": 32, "min_tissue": 0.4,
+           "stain_norm": "macenko"}
+    monkeypatch.setattr(RunDir, "fold_meta", lambda self, k: {**meta, "encoder": enc})
+    prov = {**cfg["slidemil"], "references": {**cfg["slidemil"]["references"], "encoder": "Chen et al., Nat. Med. 2024"}}
+    text = methods_markdown(methods_sections(run, {**cfg, "slidemil": prov}, metrics, task))
+    assert ("extracted with uni_v1 (Chen et al., Nat. Med. 2024) from 224 x 224 px patches at 0.5 µm/px overlapping "
+            "by 32 px with at least 40% tissue after macenko stain normalisation") in text
+
+
 def test_features_used_as_extracted_are_not_said_to_be_whitened(trained, monkeypatch):
     run, cfg, metrics, task = _run(trained)
     meta = run.fold_meta(0)

@@ -69,6 +69,10 @@ def _features(meta: dict, prov: dict) -> str:
     text = f"Patch features were extracted with {name}" + (f" ({reference})" if reference else "")
     if enc.get("patch_size") and enc.get("target_mpp"):
         text += f" from {enc['patch_size']} x {enc['patch_size']} px patches at {_g(enc['target_mpp'])} µm/px"
+        if enc.get("overlap"):
+            text += f" overlapping by {enc['overlap']} px"
+        if enc.get("min_tissue") is not None:
+            text += f" with at least {_pct(enc['min_tissue'])} tissue"
     if str(enc.get("stain_norm", "none")) != "none":
         text += f" after {enc['stain_norm']} stain normalisation"
     return text + f" ({meta.get('in_dim')}-dimensional)."

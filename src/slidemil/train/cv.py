@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 # Feature-file attributes that describe how features were made; copied into model.json for predict.
 ENCODER_ATTRS = ("encoder", "encoder_weights", "encoder_sha256", "embedding_dim", "patch_size",
-                 "patch_size_level0", "target_mpp", "level0_mpp", "target_magnification", "overlap", "stain_norm")
+                 "patch_size_level0", "target_mpp", "level0_mpp", "target_magnification", "overlap", "stain_norm",
+                 "min_tissue")
 
 
 def load_cohort(cfg: TrainConfig, task: Task | None = None) -> Cohort:
