@@ -92,3 +92,21 @@ def test_a_slide_without_a_pyramid_is_segmented_in_bounded_reads(tmp_path, monke
     assert blocks.mask.shape == whole.mask.shape == tissue_true.shape
     assert np.abs(blocks.thumbnail.astype(int) - whole.thumbnail).mean() < 2
     assert (blocks.mask != whole.mask).mean() < 0.005
+
+
+def test_a_whole_slide_read_into_a_few_pixels_stays_bounded(tmp_path, monkeypatch):
+    """The viewer's coarsest Deep Zoom levels shrink a whole single-level slide into one tile: one output
+    pixel then spans more level pixels than a block may hold, and the read was the whole slide at once
+    (`view` peaked at 4.6 GB on a 24k x 24k slide). It is now shrunk in two steps, each block bounded."""
+    from slidemil.slides import reader
+
+    img, _, _ = render_slide(np.random.default_rng(4), SLIDE_SIZE)
+    slide = open_slide(write_pyramidal_tiff(tmp_path / "flat.tif", img, 0.5, downsamples=(1,)))
+    areas, read = [], slide.read_image
+    monkeypatch.setattr(slide, "read_image", lambda *a: areas.append(a[3] * a[4]) or read(*a))
+    monkeypatch.setattr(reader, "MAX_READ_PIXELS", 2**14)
+    w, h = slide.dimensions
+    small = np.asarray(reader.read_scaled(slide, 0, 0, 0, w, h, 4, 3), float)
+    assert small.shape == (3, 4, 3) and max(areas) <= 2**14
+    direct = np.asarray(Image.fromarray(img).resize((4, 3), Image.BILINEAR), float)
+    assert np.abs(small - direct).mean() < 8

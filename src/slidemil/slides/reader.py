@@ -12,6 +12,7 @@ rest of the way, which is how patches at a target mpp are read.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -336,7 +337,12 @@ def read_scaled(slide: Slide, x: int, y: int, level: int, width: int, height: in
         return image if image.size == (out_w, out_h) else image.resize((out_w, out_h), Image.BILINEAR,
                                                                          reducing_gap=reducing_gap)
     sx, sy, ds = width / out_w, height / out_h, slide.level_downsamples[level]
-    block = max(1, int((MAX_READ_PIXELS / (sx * sy)) ** 0.5))    # output pixels per block side
+    if sx * sy > MAX_READ_PIXELS / 16:    # one output pixel spans more than a block: shrink in two steps
+        f = (MAX_READ_PIXELS / 16) ** 0.5
+        mid = read_scaled(slide, x, y, level, width, height, max(out_w, math.ceil(width / f)),
+                          max(out_h, math.ceil(height / f)), reducing_gap)
+        return mid.resize((out_w, out_h), Image.BILINEAR, reducing_gap=reducing_gap)
+    block = max(1, int((MAX_READ_PIXELS / (sx * sy)) ** 0.5))    # output pixels per block side (>= 4)
     out = Image.new("RGB", (out_w, out_h), (255, 255, 255))
     for r0 in range(0, out_h, block):
         r1 = min(r0 + block, out_h)
