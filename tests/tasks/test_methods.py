@@ -26,8 +26,13 @@ def test_methods_state_the_runs_settings_and_the_reports_numbers(trained):
     text = run.methods_path.read_text()
     preds = pd.read_csv(run.predictions_path, dtype={"case_id": str})
     counts = preds.drop_duplicates("case_id")["label"].value_counts()
-    assert (f"{metrics['n_slides']} whole-slide images of {metrics['n_patients']} patients "
+    prov = cfg["slidemil"]
+    assert prov["n_slides"] > prov["n_patients"]               # some patients have two slides
+    assert (f"{prov['n_slides']} whole-slide images of {prov['n_patients']} patients "
             f"({counts['negative']} negative, {counts['positive']} positive)") in text
+    # a patient-bag run's metrics count a row per patient: the cohort's slides come from the run's record
+    per_patient = {**metrics, "n_slides": metrics["n_patients"]}
+    assert f"{prov['n_slides']} whole-slide images" in methods_markdown(methods_sections(run, cfg, per_patient, _run(trained)[3]))
     assert "the abmil aggregator (Ilse et al., ICML 2018" in text          # the paper, recorded at training
     assert "learning rate 0.001" in text and "for at most 15 epochs" in text and "3-fold cross-validation" in text
     epochs = sorted(run.fold_meta(k)["best_epoch"] for k in run.finished_folds())

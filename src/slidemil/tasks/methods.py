@@ -33,7 +33,7 @@ def methods_sections(run: RunDir, cfg: dict, metrics: dict, task: Task) -> list[
     prov = cfg.get("slidemil") or {}
     folds = run.finished_folds()
     metas = [run.fold_meta(k) for k in folds]
-    return [("Data", _data(run, metrics)), ("Features", _features(metas[0], prov)),
+    return [("Data", _data(run, metrics, prov)), ("Features", _features(metas[0], prov)),
             ("Model and training", _model(cfg, metas, prov, task)),
             ("Evaluation", _evaluation(cfg, metrics, task, len(folds))),
             ("Results", _results(cfg, metrics, task, run.externals())), ("Software", _software(prov)),
@@ -44,8 +44,10 @@ def methods_markdown(sections: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"**{title}.** {text}" for title, text in sections if text) + "\n"
 
 
-def _data(run: RunDir, metrics: dict) -> str:
-    text = f"The cohort comprised {metrics['n_slides']} whole-slide images of {metrics['n_patients']} patients"
+def _data(run: RunDir, metrics: dict, prov: dict) -> str:
+    # the cohort as trained (a patient-bag run's predictions, and so its metrics, have a row per patient)
+    slides, patients = prov.get("n_slides", metrics["n_slides"]), prov.get("n_patients", metrics["n_patients"])
+    text = f"The cohort comprised {slides} whole-slide images of {patients} patients"
     preds = run.predictions()
     if "label" in preds.columns:
         per_patient = preds.drop_duplicates(["case_id", "label"])["label"].astype(str).value_counts()
