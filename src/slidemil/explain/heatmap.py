@@ -220,9 +220,10 @@ class HeatmapRun:
         """The slides to paint, checked as a batch before anything is written: when none has a feature file
         every slide would fail alike (another cohort's slides without --features), so that is one error."""
         ids = slide_ids or self.default_ids()
-        if ids and not any(find_feature_file(self.features, sid) for sid in ids):
+        found = [sid for sid in ids if sid in self.slides]   # an id without a slide file fails on its own
+        if found and not any(find_feature_file(self.features, sid) for sid in found):
             encoder = (self.models[0][1].get("encoder") or {}).get("encoder", "the run's encoder")
-            raise InputError(f"none of the {len(ids)} slide(s) to paint has features in {self.features}; extract "
+            raise InputError(f"none of the {len(found)} slide(s) to paint has features in {self.features}; extract "
                              f"them with {encoder} (slidemil preprocess --slides ... --encoder {encoder} --out OUT) "
                              f"and pass --features OUT/features_{encoder}")
         return ids
