@@ -85,6 +85,19 @@ def test_slide_ids_cannot_escape_the_feature_folder(tmp_path):
     assert "cannot be used as a file name" in err.value.problems["../secret"]
 
 
+def test_file_names_as_scanners_and_copies_make_them_are_usable_ids(tmp_path):
+    """"HE (1)" (a second download or a copied file) and "S1+HE" were refused as slide ids; what would break a
+    path, a viewer URL, a glob or `--slide-ids a,b` still is."""
+    from slidemil.utils.io import is_safe_id
+
+    for good in ("HE (1)", "S12-3456 A1+HE", "case=7 @20x ~v2"):
+        assert is_safe_id(good), good
+    for bad in ("../x", "a/b", "a#b", "a%20", "a?b", "a,b", "a[1]", "a*", "a$b", "a'b", '"a"', ".hidden", "-x"):
+        assert not is_safe_id(bad), bad
+    cohort = read_label_table(write_text_file(tmp_path, "slide_id,label\nHE (1),0\nHE (2),1\nS1+HE,0\nS2+HE,1\n"))
+    assert list(cohort.table["slide_id"]) == ["HE (1)", "HE (2)", "S1+HE", "S2+HE"]
+
+
 def test_without_a_case_column_slides_are_patients_said_and_tcga_siblings_refused(tmp_path, caplog):
     """No case_id column made every slide its own patient without a word, so two slides of one patient could
     be trained on and tested on in one fold. Now the log says so, and slides whose TCGA barcodes name the same

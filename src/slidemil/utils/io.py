@@ -16,16 +16,18 @@ from pathlib import Path
 
 from slidemil.errors import InputError
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
+# a file name on every OS, a path in the viewer's URLs and a literal in a glob: no separators, '#', '%', '?',
+# quotes, '$', '*', brackets, or commas (`--slide-ids a,b` splits on them)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ()+=@~]*$")
 # A file name may have 255 bytes; an id becomes `.<id><suffix>.tmp-<pid>` while written (suffixes such as
 # `_heatmap_fold0.png` or `.geojson`, a pid of up to 7 digits): 200 leaves room for all of them
 MAX_ID_BYTES = 200
-SAFE_ID_RULE = ("letters, digits, '.', '_', '-' and spaces only, at most 200 characters (no path separators "
-                "or '..')")
+SAFE_ID_RULE = ("letters, digits, spaces and . _ - ( ) + = @ ~ only, starting with a letter or digit, at most "
+                "200 characters (no path separators, '..', commas, '#', '%', '?', quotes, '$', '*' or brackets)")
 
 
 def is_safe_id(name: str) -> bool:
-    """Whether an id can be a file name inside a folder: letters, digits, '.', '_', '-', spaces, no '..', and
+    """Whether an id can be a file name inside a folder (and a path in a viewer URL): SAFE_ID_RULE, and
     short enough that every file slidemil names after it (and its temporary name) fits the file system."""
     return (bool(name) and bool(_SAFE_ID.match(name)) and ".." not in name
             and len(name.encode("utf-8")) <= MAX_ID_BYTES)
