@@ -92,3 +92,13 @@ def test_an_external_validation_is_reported_with_its_own_numbers(trained, monkey
     text = methods_markdown(methods_sections(run, cfg, metrics, task))
     assert ("On the external cohort TCGA-LUAD (40 patients, 52 slides; used in neither training nor selection), "
             "the mean of the 3 fold models reached AUROC 0.810 (95% CI 0.700-0.900).") in text
+
+
+@pytest.mark.parametrize("ibs_range,says", [("follow-up", "the observed follow-up"),
+                                            ("0.1,0.9", "quantiles 0.1,0.9 of the event times")])
+def test_survival_methods_name_the_times_its_metrics_were_taken_at(ibs_range, says):
+    metrics = {"tau": 77.8, "eval_times": [17.3, 33.6, 60.8], "ibs_window": [7.5, 88.1], "ibs_range": ibs_range}
+    text = create_task({"task": "survival"}).methods_notes(metrics)
+    assert "truncated at t = 77.8" in text and "averaged over t = 17.3, 33.6, 60.8" in text
+    assert f"over t in [7.5, 88.1] ({says})" in text
+    assert create_task({"task": "classification"}).methods_notes(metrics) == ""

@@ -256,6 +256,10 @@ class Task:
     # what each number of the metric set means, for the report (HTML)
     glossary: ClassVar[str] = ""
 
+    def methods_notes(self, metrics: dict) -> str:
+        """What the methods paragraph must add about this task's metrics (times, windows), plain text."""
+        return ""
+
     def report_notes(self, metrics: dict) -> str:
         """Task-specific text for the report (HTML, escaped by the task): by default the glossary."""
         return f"<p class=note><b>What the numbers mean.</b> {self.glossary}</p>" if self.glossary else ""

@@ -158,6 +158,9 @@ def _evaluation(cfg: dict, metrics: dict, task: Task, n_folds: int) -> str:
             f"evaluation: epochs and checkpoints were chosen on training patients, {PROTOCOL.get(task.name, '')} "
             f"Metrics ({names}) were computed on the pooled out-of-fold predictions, {unit}, with 95% confidence "
             f"intervals from {metrics['bootstrap']['resamples']} patient-level bootstrap resamples.")
+    notes = task.methods_notes(metrics)
+    if notes:
+        text += f" {notes}"
     if metrics.get("baseline"):
         text += f" As a reference, a {metrics['baseline']['name']} was trained and scored on the same folds."
     return text

@@ -411,6 +411,16 @@ class Survival(Task):
             td_auc_plot(times, auc, paths["td_auc"], xlabel)
         return paths
 
+    def methods_notes(self, metrics) -> str:
+        window = metrics.get("ibs_window") or [float("nan")] * 2
+        chosen = metrics.get("ibs_range")
+        over = {"follow-up": "the observed follow-up", "event-iqr": "the inter-quartile range of event times"}.get(
+            chosen, f"quantiles {chosen} of the event times")
+        return (f"Uno's C was truncated at t = {_g(metrics.get('tau'))}, the time-dependent AUC (cumulative/dynamic) "
+                f"averaged over t = {', '.join(_g(t) for t in metrics.get('eval_times', []))}, and the integrated "
+                f"Brier score taken over t in [{_g(window[0])}, {_g(window[1])}] ({over}); each fold's test risks "
+                "were standardised by that fold's training predictions before pooling.")
+
     def report_notes(self, metrics) -> str:
         km = metrics.get("km", {})
         window = metrics.get("ibs_window") or [float("nan")] * 2
