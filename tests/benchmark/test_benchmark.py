@@ -106,7 +106,11 @@ def test_isolated_cell_external_cohort_sites_and_robustness(encoders, tmp_path):
     assert set(board["cohort"]) == {"cv", "cv:site0", "cv:site1", "other"}
     saved = json.loads((out / "robustness" / "robustness.json").read_text())
     assert set(saved["features"]) == {"strong"}
-    assert "Robustness to centre differences" in (out / "leaderboard.html").read_text()
+    page = (out / "leaderboard.html").read_text()
+    assert "Robustness to centre differences" in page
+    # the table's slide_ri is the paper's R = SO / OS, read against its chance level; the page described it as
+    # SO / (SO + OS) in [0, 1] with 1 = biology, so an R below parity (the centre dominates) read as robust
+    assert "R = SO / OS" in page and "RI = SO / (SO + OS)" not in page and "slide_ri_chance" in page
 
 
 def test_bad_grids_are_refused_before_anything_is_written(encoders, tmp_path):

@@ -181,9 +181,13 @@ def write_leaderboard(out: Path, cells, results, n_boot: int, robustness: dict |
                      f"alpha 0.05, {ranking.shape[1] - 3} task(s)); configurations closer than it are not "
                      f"distinguishable.</p>{img_tag(png)}" + _table(ranking))
     if robustness:
-        parts.append("<h2>Robustness to centre differences</h2><p class=note>RI = SO / (SO + OS) over k nearest "
-                     "neighbours (de Jong et al. 2025): 1 = neighbours follow biology, 0 = they follow the "
-                     "centre.</p>" + _table(pd.DataFrame(robustness["comparison"]))
+        parts.append("<h2>Robustness to centre differences</h2><p class=note>slide_ri and patch_ri are de Jong et "
+                     "al.'s (2025) index R = SO / OS over the k nearest neighbours (SO: same class, other centre; "
+                     "OS: other class, same centre), read against *_chance, what random embeddings score on the "
+                     "same samples (1 in a balanced two-class, two-centre cohort): above it neighbourhoods follow "
+                     "biology, below it the centre; slide_reading says which, or that the CI covers chance. "
+                     "slide_ri_normalized is PathoROB's R / (1 + R) = SO / (SO + OS). docs/benchmarking.md.</p>"
+                     + _table(pd.DataFrame(robustness["comparison"]))
                      + "".join(img_tag(out / "robustness" / r["plot"]) for r in robustness["features"].values()))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>slidemil benchmark</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
