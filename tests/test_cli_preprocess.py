@@ -54,6 +54,24 @@ def test_cli_segments_a_gdc_download_with_one_folder_per_slide(tmp_path):
     assert res.exit_code == 1 and "holds no slide files" in res.output and "subfolders" in res.output
 
 
+def test_cli_preprocesses_dicom_slides_one_folder_each(tmp_path):
+    """A folder per DICOM slide (level files inside): features named after the folders, read through OpenSlide."""
+    import numpy as np
+
+    from dicom_slides import write_dicom_slide
+    from slidemil.features.store import read_features
+    from slidemil.slides.synthetic import render_slide
+
+    for i, sid in enumerate(("CASE1-HE", "CASE2-HE")):
+        img, _, _ = render_slide(np.random.default_rng(i), (1024, 1024))
+        write_dicom_slide(tmp_path / "dicom" / sid, img, mpp=0.5)
+    res = runner.invoke(app, ["preprocess", "--slides", str(tmp_path / "dicom"), "--out", str(tmp_path / "o"),
+                              "--patch-size", "128", "--quiet"])
+    assert res.exit_code == 0 and "2 slide(s): 2 done" in res.stdout, res.output
+    bag = read_features(tmp_path / "o" / "features_handcrafted" / "CASE1-HE.h5")
+    assert len(bag.features) > 10 and bag.attrs["level0_mpp"] == 0.5
+
+
 def test_cli_encoders_lists_registry():
     res = runner.invoke(app, ["encoders"])
     assert res.exit_code == 0

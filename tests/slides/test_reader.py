@@ -116,3 +116,31 @@ def test_a_symlinked_folder_loop_is_walked_once(tmp_path):
     linked = tmp_path / "more"
     os.symlink(tmp_path / "scans", linked)              # the same slides under a second name: one id, one file
     assert list_slides(tmp_path / "scans") == [a]
+
+
+def test_a_dicom_slide_is_its_folder_of_level_files(tmp_path):
+    """A DICOM slide (as the Imaging Data Commons serves TCGA and others) is a folder of .dcm files, one per
+    pyramid level: each file was listed as a slide of its own, the same slide preprocessed once per level
+    under ids nobody's table names. Now the folder is one slide, named after the folder."""
+    from dicom_slides import write_dicom_slide
+
+    img, _, _ = render_slide(np.random.default_rng(8), (512, 768))
+    write_dicom_slide(tmp_path / "idc" / "S1", img, mpp=0.5, container="TCGA-AA-0001-01Z-00-DX1")
+    write_dicom_slide(tmp_path / "idc" / "S2", img[::-1].copy(), mpp=0.5)
+    found = slide_files(tmp_path / "idc")
+    assert sorted(found) == ["S1", "S2"]
+    slide = open_slide(found["S1"])
+    assert slide.slide_id == "S1" and slide.level_count == 2 and slide.mpp == pytest.approx(0.5)
+    assert slide.dimensions == (768, 512) and slide.backend == "openslide"
+    region = slide.read_region(0, 0, 0, 768, 512).astype(float)
+    assert np.abs(region - img).mean() < 6                                  # the JPEG frames are the slide
+
+
+def test_two_dicom_slides_in_one_folder_are_refused_naming_it(tmp_path):
+    from dicom_slides import write_dicom_slide
+
+    img, _, _ = render_slide(np.random.default_rng(8), (256, 256))
+    write_dicom_slide(tmp_path / "flat", img, downsamples=(1,), prefix="a_")
+    write_dicom_slide(tmp_path / "flat", img, downsamples=(1,), prefix="b_")
+    with pytest.raises(InputError, match=r"flat holds the DICOM files of 2 slides"):
+        list_slides(tmp_path)

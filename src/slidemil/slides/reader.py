@@ -44,11 +44,7 @@ class Slide:
 
     @property
     def slide_id(self) -> str:
-        name = self.path.name
-        for suffix in (".ome.tiff", ".ome.tif"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return self.path.stem
+        return slide_id_of(self.path)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -363,8 +359,12 @@ def require_mpp(slide: Slide) -> float:
 
 
 def slide_id_of(path: Path) -> str:
-    """A slide's id: its file name without the extension (`X.ome.tif` -> `X`)."""
+    """A slide's id: its file name without the extension (`X.ome.tif` -> `X`); a DICOM slide's, whose
+    pyramid levels are several `.dcm` files in one folder, is that folder's name."""
+    path = Path(path)
     name = path.name
+    if name.lower().endswith(".dcm"):
+        return path.parent.name
     return name.split(".ome.")[0] if name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
 
 
@@ -386,7 +386,11 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         # PNG/JPEG are slides only in the folder itself, and never beside a Hamamatsu .vms/.vmu (its tiles)
         images = Path(root) == folder and not any(n.lower().endswith((".vms", ".vmu")) for n in files)
-        found += [Path(root) / name for name in sorted(files) if _is_slide_name(name, images)]
+        names = [name for name in sorted(files) if _is_slide_name(name, images)]
+        found += [Path(root) / name for name in names if not name.lower().endswith(".dcm")]
+        dicom = [Path(root) / name for name in names if name.lower().endswith(".dcm")]
+        if dicom:
+            found.append(_dicom_slide(dicom))
     by_id: dict[str, list[str]] = {}
     for p in found:
         by_id.setdefault(slide_id_of(p), []).append(p.relative_to(folder).as_posix())
@@ -399,6 +403,27 @@ def list_slides(folder: str | os.PathLike) -> list[Path]:
     if nested:
         log.info("%s: %d slide files, %d of them in subfolders", folder, len(found), nested)
     return found
+
+
+def _dicom_slide(files: list[Path]) -> Path:
+    """The file that stands for the DICOM slide in this folder (OpenSlide opens the whole series from any
+    of its files: one per pyramid level, plus label and overview images). Files of two series in one folder
+    would be two slides under one id: refused. A file OpenSlide cannot open is left out, said in the log."""
+    import openslide
+
+    series: dict[str, Path] = {}
+    for path in files:
+        try:
+            with openslide.OpenSlide(str(path)) as slide:
+                uid = slide.properties.get("dicom.SeriesInstanceUID", str(path))
+        except openslide.OpenSlideError as exc:
+            log.warning("%s: left out, not a whole-slide image OpenSlide reads (%s)", path, exc)
+            continue
+        series.setdefault(uid, path)
+    if len(series) > 1:
+        raise InputError(f"{files[0].parent} holds the DICOM files of {len(series)} slides (series); a DICOM slide is "
+                         "one folder, named after its slide id: give each slide's files a folder of their own")
+    return next(iter(series.values()), files[0])
 
 
 def _is_slide_name(name: str, images: bool) -> bool:
