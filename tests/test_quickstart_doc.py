@@ -42,7 +42,9 @@ def test_the_python_in_the_quickstart_runs(tmp_path, monkeypatch):
     rows = ["#Patient Identifier\tSubtype", "#STRING\tSTRING", "PATIENT_ID\tSUBTYPE"]
     for i in range(4):
         case = f"TCGA-AB-{1000 + i}"
-        (tmp_path / "slides" / f"{case}-01Z-00-DX1.{i:08x}-uuid.svs").write_bytes(b"")
+        folder = tmp_path / "slides" / f"{i:08x}-uuid"                   # gdc-client: a folder per slide
+        folder.mkdir()
+        (folder / f"{case}-01Z-00-DX1.{i:08x}-uuid.svs").write_bytes(b"")
         (tmp_path / "slides" / f"{case}-01A-01-TS1.{i:08x}-frozen.svs").write_bytes(b"")
         rows.append(f"{case}\t{'LUAD' if i % 2 else 'LUSC'}")
     (tmp_path / "clinical.tsv").write_text("\n".join(rows) + "\n")
