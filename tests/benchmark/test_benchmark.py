@@ -86,6 +86,12 @@ def test_grid_resumes_after_a_kill_without_recomputing_a_cell(encoders, tmp_path
     assert np.allclose(ranking["mean_rank"], expected), ranking
     html = (out / "leaderboard.html").read_text()
     assert "Paired comparisons" in html and "data:image/png;base64," in html
+    # the comparison's methods paragraph states the grid's design and the leaderboard's own best number
+    methods = (out / "methods.md").read_text()
+    top = auroc.sort_values("value", ascending=False, kind="stable").iloc[0]
+    assert "8 cells (encoders: strong, weak; models: mean_pool, abmil; seeds: 0, 1" in methods
+    assert "20 resamples" in methods and "Holm-adjusted" in methods and "optimistic" in methods
+    assert f"pooled auroc {top['value']:.3f} (95% CI {top['ci_low']:.3f}-{top['ci_high']:.3f})" in methods
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/cell.json")}
     run_benchmark(grid, out)                                          # a complete grid recomputes nothing

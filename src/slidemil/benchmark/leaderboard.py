@@ -1,7 +1,8 @@
 """The benchmark's outputs from its finished cells: leaderboard.csv (one row per cell, cohort and
 metric), comparisons.csv (each cell against the task's best cell on the same units: paired patient
 bootstrap of the AUROC difference and DeLong's test, with Holm-adjusted p-values), ranking.csv/png
-(average ranks over tasks with the Nemenyi critical difference) and leaderboard.html.
+(average ranks over tasks with the Nemenyi critical difference), methods.md (the comparison's design and best
+cells as a methods section states them) and leaderboard.html.
 
 The AUROC of a comparison is the task's own (`classification_metrics` on the run's evaluation units, one
 row per patient by default), so the leaderboard and each run's metrics.json never disagree. The reference
@@ -149,6 +150,38 @@ def _table(frame: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def methods_text(cells, board: pd.DataFrame, comparisons: pd.DataFrame, n_boot: int, cd: float) -> str:
+    """`OUT/methods.md`: the comparison's design and its best cells as a methods section states them; each
+    cell's own training is its run folder's methods.md."""
+    done = {(c.task, c.encoder, c.model, c.seed) for c in cells} & set(
+        board[["task", "encoder", "model", "seed"]].itertuples(index=False, name=None))
+    listed = [c for c in cells if (c.task, c.encoder, c.model, c.seed) in done]
+
+    def names(attr):
+        return ", ".join(dict.fromkeys(str(getattr(c, attr)) for c in listed))
+
+    text = (f"**Benchmark.** {len(listed)} cells (encoders: {names('encoder')}; models: {names('model')}; seeds: "
+            f"{names('seed')}; tasks: {names('task')}) were trained on shared splits: one patient-grouped split "
+            "per task, made once from the first seed, so every cell of a task was scored on the same patients "
+            "(each cell's run folder holds its own methods.md).")
+    if len(comparisons):
+        text += (f" Each cell was compared with its task's best cell by pooled AUROC on the same evaluation units: "
+                 f"the paired patient-bootstrap difference ({n_boot} resamples) with its 95% CI, and DeLong's test for "
+                 "binary tasks, p-values Holm-adjusted within the task. The best cell was chosen on these same "
+                 "predictions, so differences from it are optimistic.")
+    if np.isfinite(cd):
+        text += (f" Configurations were ranked per task by the headline metric (mean over seeds); the Nemenyi "
+                 f"critical difference of the average ranks at alpha 0.05 is {cd:.2f}.")
+    best = []
+    for task, part in headline_rows(board[board["cohort"] == "cv"]).groupby("task", sort=False):
+        top = part.sort_values("value", ascending=False, kind="stable").iloc[0]
+        best.append(f"{task}: {top['encoder']} / {top['model']} (seed {top['seed']}), pooled {top['metric']} "
+                    f"{top['value']:.3f} (95% CI {top['ci_low']:.3f}-{top['ci_high']:.3f})")
+    if best:
+        text += "\n\n**Results.** The best cell per task: " + "; ".join(best) + "."
+    return text + "\n"
+
+
 def write_leaderboard(out: Path, cells, results, n_boot: int, robustness: dict | None = None) -> Path:
     board = collect(out, cells, results)
     write_csv(out / "leaderboard.csv", board)
@@ -156,6 +189,7 @@ def write_leaderboard(out: Path, cells, results, n_boot: int, robustness: dict |
     write_csv(out / "comparisons.csv", comparisons)
     ranking, cd = rank_configs(board)
     write_csv(out / "ranking.csv", ranking)
+    write_text(out / "methods.md", methods_text(cells, board, comparisons, n_boot, cd))
     parts = ["<h1>slidemil benchmark</h1>"]
     failed = [r for r in results if r.get("status") != "done"]
     if failed:
