@@ -77,6 +77,10 @@ def test_cli_train_config_file_and_flag_override(feature_cohort, tmp_path):
     res = runner.invoke(app, ["predict", str(out), "--features", str(root / "features"), "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "p.csv")) == len(list((root / "features").glob("*.h5")))
+    # the run's own config.yaml (as methods.md tells a reader) reruns it to the same predictions
+    res = runner.invoke(app, ["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "predictions.csv"), pd.read_csv(out / "predictions.csv"))
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):

@@ -43,6 +43,7 @@ def test_methods_state_the_runs_settings_and_the_reports_numbers(trained):
         assert f"AUROC {auroc['value']:.3f} (95% CI {auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})" in text
     assert f"{metrics['bootstrap']['resamples']} patient-level bootstrap resamples" in text
     assert "Methods (draft)" in run.report_path.read_text()
+    assert "slidemil train --config config.yaml --out NEW_FOLDER" in text
     assert json.loads(json.dumps(cfg["slidemil"]["references"]))["model"].startswith("Ilse et al.")
 
 

@@ -192,5 +192,6 @@ def _software(prov: dict) -> str:
     return (f"slidemil {prov.get('version')}" + (f" (git {str(commit)[:12]})" if commit else "")
             + f", PyTorch {prov.get('torch')}, Python {prov.get('python')}; label table sha256 "
             f"{str(prov.get('labels_sha256', ''))[:16]}, features sha256 {str(prov.get('features_sha256', ''))[:16]}"
-            " (config.yaml holds every setting).")
+            ". config.yaml holds every setting: `slidemil train --config config.yaml --out NEW_FOLDER` reruns the "
+            "experiment on the same data (the folds are seeded).")
 
