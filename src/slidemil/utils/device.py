@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from slidemil.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when torch sees a GPU, else CPU; `cpu`, `cuda` or `cuda:N` as asked. A device torch
-    cannot use here (no GPU, a GPU index past the last, a misspelling) is one input error, raised before a
-    run writes anything. Apple MPS is refused by name: no test of the suite runs there."""
+    """`auto` -> CUDA when torch sees a GPU, else CPU; `cpu`, `cuda` or `cuda:N` as asked. Under torchrun on a
+    machine with several GPUs, `auto` and `cuda` take the GPU of the rank's LOCAL_RANK (torchrun starts a
+    process per GPU: every rank took cuda:0), and a chosen GPU becomes the process's current device (Triton
+    kernels and CUDA streams launch there). A device torch cannot use here (no GPU, a GPU index past the
+    last, a misspelling) is one input error, raised before a run writes anything. Apple MPS is refused by
+    name: no test of the suite runs there."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -20,9 +25,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name} was asked for, but torch sees no CUDA device; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        count = torch.cuda.device_count()
+        if device.index is None and count > 1 and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % count)
+        if device.index is not None:
+            if device.index >= count:
+                raise InputError(f"--device {name}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            torch.cuda.set_device(device)
     elif device.type == "mps":
         raise InputError("--device mps: Apple GPUs are not supported yet (slidemil's tests run on CPU and CUDA); "
                          "use --device cpu")
