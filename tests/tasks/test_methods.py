@@ -56,6 +56,7 @@ def test_methods_state_the_runs_settings_and_the_reports_numbers(trained):
     ({"bag_unit": "patient"}, "each patient's slides concatenated into one bag", "one bag per slide"),
     ({"instance_dropout": 0.5, "batch_size": 4}, "50% of each training bag's instances dropped", "one bag per step"),
     ({"class_weights": "balanced"}, "weighted n / (C n_c)", None),
+    ({"min_epochs": 0, "smooth": 1}, "the best validation loss, with early stopping", "not before epoch"),
 ])
 def test_methods_follow_what_the_run_did(trained, change, says, never):
     run, cfg, metrics, _ = _run(trained)

@@ -122,10 +122,13 @@ def _selection(cfg: dict, metas: list[dict], task: Task) -> str:
         return text + f"The model of the last epoch was kept{chosen}; no epoch was selected on validation data."
     head = task.metric_names[0]     # what every task's val_metric is
     monitor = "loss" if cfg.get("monitor", "val_loss") == "val_loss" else METRIC_NAMES.get(head, head)
+    first = min(cfg.get("min_epochs", 0), cfg["epochs"])
+    smooth = cfg.get("smooth", 1)
     return text + (f"The epoch was selected on an inner validation split ({_pct(cfg['val_fraction'])} of each training "
-                   f"fold's patients, grouped by patient): the best {cfg.get('smooth', 1)}-epoch moving average of the "
-                   f"validation {monitor}, not before epoch {min(cfg.get('min_epochs', 0), cfg['epochs'])}, with early "
-                   f"stopping after {cfg.get('patience')} epochs without improvement{chosen}.")
+                   f"fold's patients, grouped by patient): the best "
+                   + (f"{smooth}-epoch moving average of the " if smooth > 1 else "")
+                   + f"validation {monitor}" + (f", not before epoch {first}" if first > 1 else "")
+                   + f", with early stopping after {cfg.get('patience')} epochs without improvement{chosen}.")
 
 
 def _g(value) -> str:
