@@ -106,6 +106,7 @@ class Pipeline:
         self._tiles = None
         self._stage = "open"                      # the stage a failing slide was in, for failures.csv
         self.failures: dict[str, tuple[str, str]] = {}
+        self._checked: tuple | None = None      # the stages `check` passed for (the CLI checks before run does)
 
     # ----- paths -------------------------------------------------------------------------------
     @property
@@ -280,6 +281,8 @@ class Pipeline:
         """What concerns the whole batch, before anything is written (the CLI calls it before it makes --out):
         the given folders exist, the device is usable, the encoder's weights and the stain target load, and
         patches already in --out were made on this grid. A failure here would fail every slide alike."""
+        if self._checked == tuple(stages):
+            return
         for flag, folder in (("--tissue-geojson", self.o.tissue_geojson), ("--coords-dir", self.o.coords_dir)):
             if folder and not Path(folder).is_dir():
                 raise InputError(f"{flag} {folder}: no such folder")
@@ -289,6 +292,7 @@ class Pipeline:
             self.stain()
         if ("patch" in stages or "extract" in stages) and not self.o.coords_dir:
             self._check_patch_settings()
+        self._checked = tuple(stages)
 
     def run(self, slide_paths: list[Path], stages=STAGES, progress=None) -> pd.DataFrame:
         """Run `stages` on every slide; returns the status table (also written to failures.csv). What

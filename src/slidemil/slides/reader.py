@@ -314,8 +314,8 @@ def read_at(slide: Slide, x: int, y: int, size0: int, out_size: int) -> np.ndarr
     side = max(1, int(round(size0 / ds)))
     if side == out_size:
         return slide.read_region(x, y, level, side, side)
-    image = slide.read_image(x, y, level, side, side)
-    return np.asarray(image.resize((out_size, out_size), Image.BILINEAR, reducing_gap=None if side < out_size else 2.0))
+    return np.asarray(read_scaled(slide, x, y, level, side, side, out_size, out_size,
+                                  reducing_gap=None if side < out_size else 2.0))
 
 
 # level pixels one read may hold (~200 MB as RGB): a slide without a pyramid is read for its thumbnail in
