@@ -410,7 +410,7 @@ def predict(run: Path = typer.Argument(..., help="Run folder written by `slidemi
             raise InputError(f"--labels {labels} does not exist")
         check_output(out, run, {"--labels": labels, "--features": features}, force)
         cohort_name = external_name(labels, name) if labels is not None else None
-        ensure_writable(out.parent)
+        ensure_writable(out.parent, create=False)   # made only once the inputs are known good
         frame = run_predict(run, features, ids, device, skip_missing, max_instances_infer, labels)
         metrics = None
         if labels is not None:

@@ -190,6 +190,22 @@ def test_a_benchmark_grid_with_nothing_to_run_exits_1(small, tmp_path, empty):
     assert res.exit_code == 1 and empty in res.output and "at least 1" in res.output
 
 
+def test_predict_with_a_missing_slide_makes_no_output_folder(small, tmp_path):
+    """Validate first, write second: the --out folder was made before the slide ids were checked."""
+    out = tmp_path / "new" / "deeper" / "p.csv"
+    res = runner.invoke(app, ["predict", str(small / "run"), "--features", str(small / "features"),
+                              "--out", str(out), "--slide-ids", "nope"])
+    assert res.exit_code == 1 and "nope" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    ok = runner.invoke(app, ["predict", str(small / "run"), "--features", str(small / "features"), "--out", str(out)])
+    assert ok.exit_code == 0 and out.is_file(), ok.output
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    bad = runner.invoke(app, ["predict", str(small / "run"), "--features", str(small / "features"),
+                              "--out", str(blocker / "sub" / "p.csv")])
+    assert bad.exit_code == 1 and "cannot write to" in bad.output and "Traceback" not in bad.output
+
+
 def test_an_unseen_class_in_external_labels_names_no_flag_predict_lacks(small, tmp_path):
     (tmp_path / "ext.csv").write_text((small / "labels.csv").read_text().replace("negative", "benign"))
     res = runner.invoke(app, ["predict", str(small / "run"), "--features", str(small / "features"),

@@ -6,6 +6,7 @@ crash never leaves a half-written file behind a name that a resume would trust.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -82,13 +83,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def ensure_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create `folder` if needed and prove a file can be written in it, before any work is done; an
-    InputError naming the folder otherwise."""
+def ensure_writable(folder: str | os.PathLike, flag: str = "--out", create: bool = True) -> Path:
+    """Prove a file can be written in `folder`, before any work is done; an InputError naming the folder
+    otherwise. `create=False` (for a verb that still validates its inputs after this check) leaves the
+    disk as it was: the probe goes into the nearest folder that exists, and nothing is made."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe_in = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+        if not probe_in.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory")
+        probe = probe_in / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
