@@ -91,3 +91,37 @@ def test_numpy_metrics_equal_scikit_learns_on_random_samples_with_ties_and_missi
             np.testing.assert_allclose(ours[name], value, rtol=1e-12, atol=1e-12, err_msg=f"{name}, trial {trial}")
             checked += 1
     assert checked == 1500
+
+
+def test_bootstrap_ci_is_the_95_percent_interval_and_paired_p_is_two_sided():
+    """The mean of 400 standard normal draws: its bootstrap 95% CI is +-1.96 standard errors (a 90% one,
+    the 5th-95th percentiles, would be +-1.645) and a difference 2 standard errors from 0 has a two-sided
+    p of ~0.046 (one-sided ~0.023)."""
+    from scipy import stats
+
+    from slidemil.evaluate.bootstrap import patient_bootstrap
+    from slidemil.evaluate.compare import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    se = x.std() / np.sqrt(len(x))
+    ci = patient_bootstrap(lambda i: {"mean": x[i].mean()}, np.arange(400), n_boot=4000, seed=1)["mean"]
+    assert (ci["ci_high"] - ci["ci_low"]) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.06)
+    shifted = x - x.mean() + 2 * se                        # a mean exactly 2 standard errors above 0
+    res = paired_bootstrap(lambda i: shifted[i].mean(), lambda i: 0.0, np.arange(400), n_boot=4000, seed=1)
+    assert res["p"] == pytest.approx(2 * stats.norm.sf(2), abs=0.015)
+
+
+def test_ordinal_kappa_is_quadratically_weighted():
+    """Cohen's kappa with weights (i - j)^2 / (K - 1)^2 (the grading literature's QWK), computed here from
+    its definition: observed against expected (outer product of the marginals) weighted disagreement."""
+    from slidemil.evaluate.regression import ordinal_metrics
+
+    y, pred, k = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3]), np.array([0, 1, 1, 3, 2, 0, 3, 2, 3]), 4
+    observed = np.zeros((k, k))
+    np.add.at(observed, (y, pred), 1)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    w = (np.subtract.outer(np.arange(k), np.arange(k)) ** 2) / (k - 1) ** 2
+    qwk = 1 - (w * observed).sum() / (w * expected).sum()
+    got = ordinal_metrics(y, pred, k)
+    assert got["qwk"] == pytest.approx(qwk, abs=1e-12) and got["mae"] == pytest.approx(np.abs(y - pred).mean())
