@@ -40,3 +40,8 @@ def test_patch_size_follows_physical_resolution(tmp_path):
         assert g.attrs["patch_size_level0"] == size0 and g.attrs["patch_level"] == level
         stride = size0 - round(params.overlap * size0 / params.patch_size)
         assert (g.coords % stride == 0).all()
+    # an Aperio GT450's 0.2527 µm/px: 256 px at 0.5 µm/px span 506.5 level-0 px, rounded to 507 (a floor would
+    # give 506, patches 0.2% smaller, at a resolution off by the same); no level is within 1% of 1.98x
+    odd = open_slide(write_pyramidal_tiff(tmp_path / "gt450.tif", img, mpp=0.2527, downsamples=(1, 2, 4)))
+    g = make_grid(odd, segment_tissue(odd), PatchConfig(target_mpp=0.5, patch_size=256))
+    assert g.attrs["patch_size_level0"] == 507 and g.attrs["patch_level"] == 0

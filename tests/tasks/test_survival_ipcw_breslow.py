@@ -132,3 +132,18 @@ def test_a_metric_undefined_on_a_fold_is_nan_with_its_reason():
     assert all(np.isnan(m["td_auc"]) for m in metrics["folds"].values())
     assert "fold 0 td_auc" in metrics["nan_reasons"] and "follow-up" in metrics["nan_reasons"]["fold 0 td_auc"]
     assert "td_auc" in task.report_notes(metrics) and "Why some values are n/a" in task.report_notes(metrics)
+
+
+def test_the_fold_ensemble_pools_risks_on_each_folds_training_scale():
+    """Cox risks are on an arbitrary scale per fold (a shift and spread the partial likelihood ignores): the
+    ensemble averages each fold's risk standardised by its own training risks, so a fold whose logits run
+    in the hundreds does not outvote one whose logits lie near 0. Patient A is above both folds' training
+    medians, patient B below both: A is high risk, B low, whatever the raw scales."""
+    task = create_task({"task": "survival", "survival_loss": "cox"})
+    meta = [{"fold": 0, "task_state": {"loss": "cox", "train_risk": {"median": 0.0, "std": 1.0}}},
+            {"fold": 1, "task_state": {"loss": "cox", "train_risk": {"median": 300.0, "std": 50.0}}}]
+    logits = [np.array([[1.0], [-1.0]]), np.array([[310.0], [200.0]])]       # A, B in each fold
+    frame = task.ensemble(list(zip(meta, logits)))
+    np.testing.assert_allclose(frame["risk"], [(1.0 + 0.2) / 2, (-1.0 - 2.0) / 2])
+    assert list(frame["risk_group"]) == ["high", "low"]
+    np.testing.assert_allclose(frame["fold1_risk"], [310.0, 200.0])             # each fold's own scale kept
