@@ -138,3 +138,67 @@ def test_cli_compares_folders_and_names_a_missing_one(shifted_and_clean, tmp_pat
                               str(root / "clean" / "labels.csv"), "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 1 and "nowhere" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "r2").exists()
+
+
+def _cells(per_cell, copies=1):
+    """2 classes x 2 centres, `per_cell` patients in each, `copies` samples per patient."""
+    patients = np.arange(4 * per_cell)
+    label, centre = patients % 2, (patients // 2) % 2
+    return np.repeat(label, copies), np.repeat(centre, copies), np.repeat(patients, copies)
+
+
+def test_a_samples_own_patient_is_never_its_neighbour():
+    """One patient per class x centre cell, four tiles each, embedded by class: every tile's nearest tiles
+    are its own patient's (same class, same centre: they count for nothing). Leaving the patient out, its
+    neighbours are the other centre's patient of its class: all SO, R = inf."""
+    label, centre, groups = _cells(1, copies=4)
+    rng = np.random.default_rng(0)
+    emb = np.eye(2)[label] + 0.05 * rng.normal(size=(4, 2))[groups] + 0.001 * rng.normal(size=(16, 2))
+    ri = robustness_index(emb, label, centre, groups, k=3, n_boot=0)
+    assert ri["value"] == np.inf and ri["fractions"]["SS"] == 0.0
+
+
+def test_chance_level_is_a_uniform_draw_from_the_other_patients_samples():
+    """Written out: each sample's chance of an SO (and an OS) neighbour drawn uniformly from the samples
+    of the other patients, summed over samples; patients of several samples and unequal cells."""
+    from slidemil.evaluate.robustness import chance_level
+
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 15, 60)
+    label = (groups % 2 + (rng.random(60) < 0.2)) % 2          # mostly one class per patient, not always
+    centre = (groups // 5) % 3
+    so = os_ = 0.0
+    for i in range(60):
+        other = groups != groups[i]
+        so += np.mean((label[other] == label[i]) & (centre[other] != centre[i]))
+        os_ += np.mean((label[other] != label[i]) & (centre[other] == centre[i]))
+    assert chance_level(label, centre, groups) == pytest.approx(so / os_, rel=1e-12)
+
+
+def test_balanced_draws_are_random_subsets_of_every_cell():
+    """Each draw holds the smallest cell's number of patients from every cell; different draws take
+    different patients, so over ten draws far more than that many patients of a big cell take part."""
+    from slidemil.evaluate.robustness import balanced_draws
+
+    label = np.r_[np.zeros(30), np.ones(4), np.zeros(4), np.ones(4)].astype(int)
+    centre = np.r_[np.zeros(34), np.ones(8)].astype(int)
+    groups = np.arange(42)
+    draws, note = balanced_draws(label, centre, groups, draws=10, seed=0)
+    assert len(draws) == 10 and "4 patient(s) per class x centre cell" in note
+    for rows in draws:
+        assert len(rows) == 16 and (np.bincount(label[rows] * 2 + centre[rows], minlength=4) == 4).all()
+    big = np.unique(np.concatenate([rows[(label[rows] == 0) & (centre[rows] == 0)] for rows in draws]))
+    assert len(big) >= 15
+
+
+def test_the_confidence_interval_resamples_patients():
+    """Ten identical tiles per patient carry one patient's evidence: the CI equals that of one tile per
+    patient (k scaled alike), where resampling tiles would make it ~3x narrower."""
+    label, centre, groups = _cells(8)
+    emb = np.eye(2)[label] * 0.6 + np.random.default_rng(1).normal(size=(32, 2))
+    one = robustness_index(emb, label, centre, groups, k=1, n_boot=400, seed=0)
+    l10, c10, g10 = _cells(8, copies=10)
+    ten = robustness_index(np.repeat(emb, 10, 0), l10, c10, g10, k=10, n_boot=400, seed=0)
+    assert ten["value"] == pytest.approx(one["value"])
+    assert one["ci_high"] > one["ci_low"]
+    assert (ten["ci_low"], ten["ci_high"]) == pytest.approx((one["ci_low"], one["ci_high"]))
