@@ -110,3 +110,31 @@ def test_a_whole_slide_read_into_a_few_pixels_stays_bounded(tmp_path, monkeypatc
     assert small.shape == (3, 4, 3) and max(areas) <= 2**14
     direct = np.asarray(Image.fromarray(img).resize((4, 3), Image.BILINEAR), float)
     assert np.abs(small - direct).mean() < 8
+
+
+def test_a_hole_in_tissue_stays_out_through_geojson():
+    """A ring of tissue around a lumen (or a region a pathologist cut out of an annotation in QuPath): the
+    hole is an inner ring of the polygon, and rasterised back it is not tissue."""
+    mask = np.zeros((60, 60), bool)
+    mask[10:50, 10:50] = True
+    mask[22:38, 22:38] = False                                          # the hole
+    geo = mask_to_geojson(type("T", (), {"mask": mask, "downsample": 8.0})())
+    rings = geo["features"][0]["geometry"]["coordinates"]
+    assert len(geo["features"]) == 1 and len(rings) == 2
+    back = geojson_to_mask(geo, mask.shape, 8.0)
+    assert not back[24:36, 24:36].any() and back[12:20, 12:48].all()
+    assert (back != mask).mean() < 0.02
+
+
+def test_a_blank_slide_has_no_tissue(tmp_path):
+    """Glass only, with a faint uneven tint (up to 6 grey levels, as an unevenly lit scan): Otsu's method
+    splits any histogram in two, so without its floor (`min_saturation`) a third of this slide became
+    "tissue" and was patched."""
+    rng = np.random.default_rng(0)
+    img = np.clip(235 + rng.normal(0, 3, (*SLIDE_SIZE, 3)), 0, 255)
+    ramp = np.linspace(0, 6, SLIDE_SIZE[1])[None, :]
+    img[..., 0] -= ramp
+    img[..., 1] -= ramp / 2
+    slide = open_slide(write_pyramidal_tiff(tmp_path / "blank.tif", np.clip(img, 0, 255).astype(np.uint8), 0.5))
+    assert segment_tissue(slide).mask.sum() == 0
+    assert segment_tissue(slide, TissueConfig(min_saturation=0)).mask.mean() > 0.2   # the floor is what holds
