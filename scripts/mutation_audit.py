@@ -211,6 +211,14 @@ MUTANTS = [
            '    keep = frac >= params.min_tissue',
            '    keep = frac > 0',
            ('tests/slides', 'tests/test_preprocess.py')),
+    Mutant('encoder std not applied', 'src/slidemil/features/encoders/registry.py',
+           '        return self.backbone((images - self.mean) / self.std)',
+           '        return self.backbone(images - self.mean)',
+           ('tests/features',)),
+    Mutant('hoptimus imagenet stats', 'src/slidemil/features/encoders/foundation.py',
+           'HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)',
+           'HOPTIMUS_MEAN, HOPTIMUS_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)',
+           ('tests/features',)),
 ]
 
 

@@ -214,3 +214,26 @@ def test_published_key_layout_loads(name):
         fit_state_dict(model, spec, published, "published")
         with pytest.raises(InputError, match="does not fit"):
             fit_state_dict(model, spec, {k: v for k, v in list(published.items())[:-3]}, "truncated")
+
+
+# each model card's preprocessing, typed in from the cards (not from the registry): a foundation model fed
+# other normalisation statistics still runs and gives worse features without an error
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CARD_NORMALISATION = {
+    **dict.fromkeys(["uni_v1", "uni_v2", "virchow", "virchow2", "gigapath", "phikon", "phikon_v2", "gpfm",
+                     "resnet50_trunc"], IMAGENET),
+    **dict.fromkeys(["hoptimus0", "hoptimus1"], ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))),
+    **dict.fromkeys(["lunit_vits16", "lunit_vits8"], ((0.70322989, 0.53606487, 0.66096631),
+                                                      (0.21716536, 0.26081574, 0.20723464))),
+    **dict.fromkeys(["kaiko_vits16", "kaiko_vits8", "kaiko_vitb16", "kaiko_vitb8", "kaiko_vitl14", "midnight"],
+                    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CARD_NORMALISATION))
+def test_input_normalisation_and_resolution_are_the_model_cards(name):
+    spec = get_spec(name)
+    mean, std = CARD_NORMALISATION[name]
+    assert spec.mean == pytest.approx(mean, abs=1e-8) and spec.std == pytest.approx(std, abs=1e-8)
+    assert spec.input_size == 224 and spec.mpp == 0.5            # every one of them: 224 px at 20x (0.5 µm/px)
+    assert set(CARD_NORMALISATION) == set(EXPECTED)
