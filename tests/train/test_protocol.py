@@ -114,6 +114,30 @@ def test_selection_never_before_min_epochs_and_select_last_trains_every_epoch():
     assert last.best_epoch == 6 and len(last.history) == 6                 # no selection, no early stop
 
 
+def test_the_best_epoch_by_the_monitored_value_is_selected_and_its_weights_returned():
+    """`--monitor val_metric` selects the epoch of the highest validation metric (not the lowest: a sign
+    mistake picks the worst epoch and still trains), and the model comes back with that epoch's weights:
+    its validation loss is the history's at the selected epoch, not the last epoch's."""
+    import torch.nn.functional as F
+
+    from slidemil.train.trainer import fit, infer
+
+    torch.manual_seed(0)
+    bags = planted_bags(24, seed=2, signal=0.8)                     # weak: the metric rises, then falls
+    model = models.create("mean_pool", 32, 2, hidden_dim=16)
+    val = bag_dataset(bags[12:])
+    cfg = fit_config(lr=3e-3, epochs=12, patience=12, min_epochs=0, smooth=1, monitor="val_metric")
+    res = fit(model, bag_dataset(bags[:12]), val, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    hist = res.history
+    assert res.best_epoch == int(hist["val_metric"].to_numpy().argmax()) + 1
+    assert hist["val_metric"].iloc[res.best_epoch - 1] > hist["val_metric"].min()       # a choice was made
+    assert res.best_epoch < len(hist)
+    logits = torch.from_numpy(infer(model, val, torch.device("cpu")).logits)
+    loss = F.cross_entropy(logits, torch.as_tensor(val.labels()).long()).item()
+    assert loss == pytest.approx(hist["val_loss"].iloc[res.best_epoch - 1], rel=1e-5)
+    assert loss != pytest.approx(hist["val_loss"].iloc[-1], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_run_standardises_unscaled_features_reports_baseline_and_small_validation(tmp_path):
     from conftest import run_config
