@@ -46,3 +46,27 @@ def test_normalisation():
     s = np.array([5.0, 1.0, 3.0, 100.0])
     assert np.allclose(normalise(s, "percentile"), [2 / 3, 0, 1 / 3, 1])
     assert np.allclose(normalise(s, "minmax"), (s - 1) / 99)
+
+
+def test_tied_scores_get_one_colour():
+    """max_pool's share and a saturated attention give many patches the same score: ranked in file order
+    they were painted as a ramp of colours, a structure the model never saw. Ties share their mean rank."""
+    scores = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 0.5])
+    ranks = normalise(scores)
+    assert len(set(ranks[:4])) == 1 and ranks[4] == 1.0 and ranks[:4].max() < ranks[5] < ranks[4]
+
+
+def test_the_negative_class_of_a_one_logit_model_is_painted_by_the_negated_logit():
+    """DSMIL and the max poolings keep one instance logit for two classes (evidence for the positive class):
+    `--score class:<negative>` must paint its opposite, or the map of the negative class is the positive's."""
+    import torch
+
+    from slidemil.explain.scores import select_scores
+    from slidemil.models.base import MILOutput
+
+    logit = torch.tensor([[[2.0, -1.0, 0.5]]])                          # [B, 1, N]
+    out = MILOutput(torch.tensor([[0.0, 1.0]]), None, {"instance_logits": logit})
+    pos = select_scores(out, "class:tumour", ["normal", "tumour"])
+    neg = select_scores(out, "class:normal", ["normal", "tumour"])
+    np.testing.assert_allclose(pos, [2.0, -1.0, 0.5])
+    np.testing.assert_allclose(neg, [-2.0, 1.0, -0.5])
