@@ -259,6 +259,22 @@ MUTANTS = [
            '        return (rankdata(scores, method="average") - 1) / max(1, scores.size - 1)',
            '        return (rankdata(scores, method="ordinal") - 1) / max(1, scores.size - 1)',
            ('tests/explain/test_paint.py',)),
+    Mutant('regression predict forgets mean', 'src/slidemil/tasks/regression.py',
+           '        return np.asarray(logits, float)[:, 0] * state["sd"] + state["mean"]',
+           '        return np.asarray(logits, float)[:, 0] * state["sd"]',
+           ('tests/tasks/test_ordinal_regression.py',)),
+    Mutant('regression ensemble first fold', 'src/slidemil/tasks/regression.py',
+           '        frame = pd.DataFrame({"pred": np.mean(per_fold, 0)})',
+           '        frame = pd.DataFrame({"pred": per_fold[0]})',
+           ('tests/tasks/test_ordinal_regression.py',)),
+    Mutant('survival strata ignore events', 'src/slidemil/tasks/survival.py',
+           '                strata = events * q + part',
+           '                strata = part',
+           ('tests/tasks', 'tests/data')),
+    Mutant('regression folds not stratified by target', 'src/slidemil/tasks/regression.py',
+           '        patients = table.drop_duplicates("case_id")\n        for q in (4, 3, 2, 1):',
+           '        patients = table.drop_duplicates("case_id")\n        for q in (1,):',
+           ('tests/tasks/test_ordinal_regression.py',)),
 ]
 
 

@@ -54,3 +54,34 @@ def test_an_ordinal_task_without_classes_names_the_grade_order_it_used(tmp_path,
     assert "high < intermediate < low" in caplog.text and "--classes" in caplog.text
     given = create_task(TaskConfig(task="ordinal", classes=["low", "intermediate", "high"])).read(path)
     assert given.classes == ["low", "intermediate", "high"]
+
+
+def test_regression_fold_ensemble_averages_predictions_in_target_units():
+    """Each fold predicts in its own training fold's units (mean, SD); the ensemble is the mean of those,
+    not of the standardised outputs, nor one fold's."""
+    task = create_task(TaskConfig(task="regression"))
+    folds = [({"fold": 0, "task_state": {"mean": 10.0, "sd": 2.0}}, np.array([[1.0], [0.0]])),
+             ({"fold": 1, "task_state": {"mean": 20.0, "sd": 4.0}}, np.array([[0.0], [-1.0]]))]
+    frame = task.ensemble(folds)
+    np.testing.assert_allclose(frame["fold0_pred"], [12.0, 10.0])
+    np.testing.assert_allclose(frame["fold1_pred"], [20.0, 16.0])
+    np.testing.assert_allclose(frame["pred"], [16.0, 13.0])
+
+
+def test_regression_folds_are_stratified_by_target_quantile():
+    """Every test fold gets low, middle and high targets (a fold of only high targets makes its r and R^2
+    meaningless): folds are balanced over target quartiles per patient."""
+    from slidemil.data.cohort import Cohort
+    from slidemil.data.splits import make_splits
+
+    task = create_task(TaskConfig(task="regression"))
+    patients = [f"P{i:02d}" for i in range(40)]
+    table = pd.DataFrame({"slide_id": [f"{p}_S0" for p in patients], "case_id": patients,
+                          "target": np.arange(40, dtype=float)})
+    strata = task.strata(table, 4)
+    assert sorted(np.bincount(strata)) == [10, 10, 10, 10]
+    assert (np.diff(strata) >= 0).all()                         # quartiles of the (sorted) targets
+    splits = make_splits(Cohort(table.assign(y=0), []), folds=4, val_fraction=0, strata=strata)
+    for _, rows in splits[splits["role"] == "test"].groupby("fold"):
+        quart = table.set_index("slide_id").loc[rows["slide_id"], "target"] // 10
+        assert sorted(quart.astype(int).unique()) == [0, 1, 2, 3]
