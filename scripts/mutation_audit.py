@@ -275,6 +275,18 @@ MUTANTS = [
            '        patients = table.drop_duplicates("case_id")\n        for q in (4, 3, 2, 1):',
            '        patients = table.drop_duplicates("case_id")\n        for q in (1,):',
            ('tests/tasks/test_ordinal_regression.py',)),
+    Mutant('leaderboard holm not applied', 'src/slidemil/benchmark/leaderboard.py',
+           '            for r, p in zip(task_rows, adjusted):\n                r[f"{key}_holm"] = p',
+           '            for r, p in zip(task_rows, adjusted):\n                r[f"{key}_holm"] = r[key]',
+           ('tests/benchmark/test_benchmark.py',)),
+    Mutant('leaderboard compares with the worst cell', 'src/slidemil/benchmark/leaderboard.py',
+           '        best = max(task_cells, key=lambda c: keyed[(c.encoder, c.model, c.seed)])',
+           '        best = min(task_cells, key=lambda c: keyed[(c.encoder, c.model, c.seed)])',
+           ('tests/benchmark/test_benchmark.py',)),
+    Mutant('leaderboard pairs unaligned rows', 'src/slidemil/benchmark/leaderboard.py',
+           '            pa = preds[c.name].loc[ref.index, cols].to_numpy(float)',
+           '            pa = preds[c.name].sort_index(ascending=False)[cols].to_numpy(float)',
+           ('tests/benchmark/test_benchmark.py',)),
 ]
 
 

@@ -78,6 +78,17 @@ def test_grid_resumes_after_a_kill_without_recomputing_a_cell(encoders, tmp_path
     comparisons = pd.read_csv(out / "comparisons.csv")
     assert len(comparisons) == 7 and comparisons["p_delong"].between(0, 1).all()
     assert (comparisons["diff"] <= 1e-12).all()                      # nobody beats the best cell
+    # each difference is of the two cells' own pooled AUROCs (the rows paired patient by patient), and the
+    # p-values are Holm-adjusted over the task's comparisons
+    value = {(r.encoder, r.model, r.seed): r.value for r in auroc.itertuples()}
+    best = max(value.values())
+    for r in comparisons.itertuples():
+        assert r.diff == pytest.approx(value[(r.encoder, r.model, r.seed)] - best, abs=1e-9)
+    from slidemil.evaluate.compare import holm
+    for key in ("p_bootstrap", "p_delong"):
+        np.testing.assert_allclose(comparisons[f"{key}_holm"], holm(comparisons[key]))
+        assert (comparisons[f"{key}_holm"] >= comparisons[key] - 1e-12).all()
+    assert (comparisons["p_delong_holm"] > comparisons["p_delong"]).any()
     ranking = pd.read_csv(out / "ranking.csv")
     # one task: each configuration's rank is that of its mean AUROC (ties share the average rank: 12 patients
     # of an 8-d cohort can give two models the same AUROC)
