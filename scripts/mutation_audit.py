@@ -2,7 +2,8 @@
 
 Each mutant is one plausible mistake in a place where a wrong number would go unseen (a leak, a metric's
 definition, an equation of a paper); the script applies it to the working tree, runs the tests that should
-notice, restores the file, and prints KILLED (a test failed) or SURVIVED (no test noticed: write one).
+notice, restores the file, and prints KILLED (a test failed), SURVIVED (no test noticed: write one) or BROKEN (an error, not
+a failed test: fix the mutant).
 Not part of CI (about 30 minutes on 2 cores for all of them); run it in a clone to keep working meanwhile
 (`git clone . /tmp/audit && python /tmp/audit/scripts/mutation_audit.py`: it imports the clone's `src`).
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -290,12 +292,13 @@ MUTANTS = [
 ]
 
 
-def run(mutant: Mutant) -> tuple[bool, str]:
-    """(killed, pytest's last line) for one mutant; the file is restored whatever happens."""
+def run(mutant: Mutant) -> tuple[str, str]:
+    """(KILLED | SURVIVED | BROKEN, pytest's last line) for one mutant; the file is restored whatever happens.
+    BROKEN: no test failed but pytest stopped on an error (a mutant that crashes is no evidence)."""
     path = ROOT / mutant.file
     original = path.read_text()
     if original.count(mutant.old) != 1:
-        return False, f"the code to mutate is not found once in {mutant.file}: update this mutant"
+        return "BROKEN", f"the code to mutate is not found once in {mutant.file}: update this mutant"
     path.write_text(original.replace(mutant.old, mutant.new))
     try:
         res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "2",
@@ -304,7 +307,10 @@ def run(mutant: Mutant) -> tuple[bool, str]:
     finally:
         path.write_text(original)
     lines = res.stdout.strip().splitlines() or res.stderr.strip().splitlines() or [""]
-    return res.returncode != 0, lines[-1]
+    if res.returncode == 0:
+        return "SURVIVED", lines[-1]
+    # a test that fails is the evidence; an error (import, collection, a crash in a fixture) is not
+    return ("KILLED" if re.search(r"\d+ failed", lines[-1]) else "BROKEN"), lines[-1]
 
 
 def main() -> None:
@@ -317,13 +323,13 @@ def main() -> None:
         for m in chosen:
             print(f"{m.name}\t{m.file}")
         return
-    survived = 0
+    killed = 0
     for m in chosen:
-        killed, last = run(m)
-        survived += not killed
-        print(f"{'KILLED  ' if killed else 'SURVIVED'} {m.name} | {last}", flush=True)
-    print(f"{len(chosen) - survived} of {len(chosen)} mutants killed")
-    sys.exit(1 if survived else 0)
+        verdict, last = run(m)
+        killed += verdict == "KILLED"
+        print(f"{verdict:8} {m.name} | {last}", flush=True)
+    print(f"{killed} of {len(chosen)} mutants killed")
+    sys.exit(0 if killed == len(chosen) else 1)
 
 
 if __name__ == "__main__":
