@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from conftest import SLIDE_SIZE, tissue_truth
 from slidemil.slides.reader import open_slide
 from slidemil.slides.synthetic import MASK_DOWNSAMPLE, render_slide, write_pyramidal_tiff
-from slidemil.slides.tissue import TissueConfig, geojson_to_mask, mask_to_geojson, segment_tissue
+from slidemil.slides.tissue import TissueConfig, TissueMask, geojson_to_mask, mask_to_geojson, segment_tissue
 
 
 def test_segmentation_recovers_tissue_mask(slide_cohort):
@@ -118,7 +118,7 @@ def test_a_hole_in_tissue_stays_out_through_geojson():
     mask = np.zeros((60, 60), bool)
     mask[10:50, 10:50] = True
     mask[22:38, 22:38] = False                                          # the hole
-    geo = mask_to_geojson(type("T", (), {"mask": mask, "downsample": 8.0})())
+    geo = mask_to_geojson(TissueMask(mask, 8.0, np.zeros((*mask.shape, 3), np.uint8)))
     rings = geo["features"][0]["geometry"]["coordinates"]
     assert len(geo["features"]) == 1 and len(rings) == 2
     back = geojson_to_mask(geo, mask.shape, 8.0)
