@@ -88,6 +88,23 @@ def test_verdict_logic():
     assert combine(["PASS", "WEAK"]) == "WEAK" and combine(["WEAK", "FAIL"]) == "WEAK"
 
 
+def test_standardisation_uses_the_training_instances_only():
+    """The notebook's protocol: mean and std of the training instances, applied to both splits. Test bags
+    shifted by +50 must come out shifted (a fit that includes them would pull them toward zero)."""
+    from slidemil.certify.run import standardise
+
+    rng = np.random.default_rng(0)
+    train = [rng.normal(2.0, 3.0, (int(rng.integers(5, 15)), 4)) for _ in range(40)]
+    test = [rng.normal(52.0, 3.0, (10, 4)) for _ in range(40)]
+    train_z, test_z = standardise(train, test)
+    inst = np.concatenate(train_z)
+    np.testing.assert_allclose(inst.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(inst.std(0), 1.0, atol=1e-5)
+    raw = np.concatenate(train)
+    np.testing.assert_allclose(test_z[0], (test[0] - raw.mean(0)) / (raw.std(0) + 1e-6))
+    assert np.concatenate(test_z).mean() > 10
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model,verdict", [("instance_max", "PASS"), ("evidence_attn", "PASS"), ("mean_pool", "FAIL")])
 def test_single_concept_poison_verdicts(model, verdict):

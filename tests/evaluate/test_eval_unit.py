@@ -56,10 +56,14 @@ def test_regression_and_ordinal_units_are_patients_too():
     m = create_task({"task": "regression"}).evaluate(reg, None, {"classes": []}, 0, 0)
     assert m["n_units"] == 3 and m["pooled"]["mae"]["value"] == pytest.approx(0.0)
     ordinal = pd.DataFrame({"case_id": ["a", "a", "b"], "slide_id": list("xyz"), "label": ["G1", "G1", "G2"],
-                            "prob_G1": [0.9, 0.2, 0.1], "prob_G2": [0.1, 0.8, 0.9], "pred": ["G1", "G2", "G2"],
+                            "prob_G1": [0.2, 0.9, 0.1], "prob_G2": [0.8, 0.1, 0.9], "pred": ["G2", "G1", "G2"],
                             "fold": 0})
     rows = create_task({"task": "ordinal"}).units(ordinal)
-    assert list(rows["pred"]) == ["G1", "G2"]                    # decided again on the patient's mean (0.55/0.45)
+    assert list(rows["pred"]) == ["G1", "G2"]          # decided again on the patient's mean (0.55/0.45), not slide x's
+    two = pd.DataFrame({"case_id": "p", "slide_id": ["s0", "s1"], "label": "pos", "prob_pos": [0.1, 0.95],
+                        "prob_neg": [0.9, 0.05], "pred": ["neg", "pos"], "fold": 0})
+    rows = create_task({"task": "classification"}).units(two)
+    assert rows["prob_pos"].item() == pytest.approx(0.525) and rows["pred"].item() == "pos"
 
 
 def test_leaderboard_auroc_is_the_tasks_auroc_on_a_three_class_sample_missing_a_class():

@@ -59,6 +59,27 @@ def test_rrt_epeg_convolves_the_attention_logits():
     assert not torch.allclose(with_pe, plain, atol=1e-4)
 
 
+def test_crmsa_is_the_papers_representatives_and_dispatch():
+    """CR-MSA (Tang et al. 2024, Sec. 3.3; official CrossRegionAttntion), written out per region from phi: logits
+    W = X phi [P, k]; representatives R = softmax_tokens(W)^T X; R' = self-attention across regions per
+    representative index; token p gets sum_k minmax_tokens(W)_pk softmax_k(W)_pk R'_k."""
+    from slidemil.models.rrt import CrossRegionMSA, region_grid, to_regions
+
+    torch.manual_seed(0)
+    layer = CrossRegionMSA(16, 4, 0.0, region_num=2, region_size=0, k=3, mlp=False).eval()
+    x = torch.randn(60, 16)                                   # 8 x 8 grid (4 zero rows), four 4 x 4 regions
+    side, r = region_grid(len(x), 2)
+    regions = to_regions(x, side, r)                          # [4, 16, 16]
+    with torch.no_grad():
+        w = regions @ layer.phi.weight.T                      # [regions, P, k]
+        reps = torch.stack([w[g].softmax(0).T @ regions[g] for g in range(4)])           # [regions, k, C]
+        reps = layer.attn(reps.transpose(0, 1)).transpose(0, 1)
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        weight = (w - lo) / (hi - lo + 1e-8) * w.softmax(-1)  # [regions, P, k]
+        expected = torch.einsum("gpk,gkc->gpc", weight, reps).reshape(2, 2, 4, 4, 16).permute(0, 2, 1, 3, 4)
+        torch.testing.assert_close(layer(x), expected.reshape(64, 16)[:60])
+
+
 def test_rrt_region_groups_bound_memory_without_changing_results(monkeypatch):
     import slidemil.models.rrt as rrt
 

@@ -77,3 +77,24 @@ def test_histaug_transforms_follow_the_official_factory():
     dot[:, 10, 10] = 1.0
     assert int((H._morph(dot, 1.0)[0] > 0).sum()) == 16           # a 4 x 4 dilation of one pixel
     assert H._morph(1 - dot, -1.0)[0].eq(0).sum() == 16
+
+
+def test_histaug_applies_the_transforms_in_their_sampled_order():
+    """`order[t]` is the position at which transform t is applied (the generator embeds it per transform):
+    gamma at position 0 and brightness at 1 is brightness(gamma(img)), the other way round gamma(brightness(img))."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from slidemil.augment import histaug as H
+
+    img = torch.rand(3, 16, 16) * 0.8 + 0.1
+    g, b = H.TRANSFORMS.index("gamma"), H.TRANSFORMS.index("brightness")
+    for first, second in ((g, b), (b, g)):
+        params = {name: torch.zeros(1) for name in H.TRANSFORMS}
+        params["gamma"], params["brightness"] = torch.tensor([0.4]), torch.tensor([0.3])
+        rest = [t for t in range(len(H.TRANSFORMS)) if t not in (first, second)]
+        order = torch.empty(len(H.TRANSFORMS), dtype=torch.long)
+        order[first], order[second] = 0, 1
+        order[rest] = torch.arange(2, len(H.TRANSFORMS)).flip(0)   # the others (not applied) in reverse
+        params["order"] = order[None]
+        expected = (TF.adjust_brightness(img ** 1.4, 1.3) if first == g else TF.adjust_brightness(img, 1.3) ** 1.4)
+        torch.testing.assert_close(H.apply_transforms(img, params, 0), expected.clamp(0, 1))
