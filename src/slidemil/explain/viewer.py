@@ -7,10 +7,8 @@ scored patches) and the top-scoring tiles. `index.html` + `viewer.js` (package d
 canvas) pan, zoom, fade the overlay and jump to a top tile; `slides.js` lists the slides (a script, not a
 JSON fetch, so the page works from file://).
 
-DZI levels (Deep Zoom spec): level L = ceil(log2(max(W, H))) is the full image, level l is
-ceil(W / 2^(L-l)) x ceil(H / 2^(L-l)); tiles are `tile_size` square plus `overlap` pixels on every side
-that has a neighbour. The full image is the slide at `max_mpp` (level-0 pixels / scale), so a 40x slide
-is not tiled at 0.25 µm/px unless asked: tiles grow 4x per halving of `max_mpp`.
+The full image is the slide at `max_mpp` (level-0 pixels / scale), so a 40x slide is not tiled at
+0.25 µm/px unless asked: tiles grow 4x per halving of `max_mpp`. The levels and tiles: `deepzoom`.
 """
 
 from __future__ import annotations
@@ -31,10 +29,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from slidemil.errors import InputError
+from slidemil.explain.deepzoom import OVERLAP, dzi_levels, write_tiles
 from slidemil.explain.paint import paint
 from slidemil.explain.scores import is_distribution, scale_label
 from slidemil.rundir import RunDir
-from slidemil.slides.reader import open_slide, read_scaled, slide_files
+from slidemil.slides.reader import open_slide, slide_files
 from slidemil.utils.io import atomic_path, safe_child, write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -56,18 +55,6 @@ class ViewerOptions(BaseModel):
     top_k: int = Field(8, ge=1, description="Top-scoring tiles listed beside the slide.")
     mpp: Optional[float] = Field(None, gt=0, description="Level-0 mpp when the slides lack it.")
     allow_failures: bool = Field(False, description="Exit 0 when some slides failed (never when all did).")
-
-
-OVERLAP = 1
-
-
-COARSE = 2048     # Deep Zoom levels up to this many pixels a side are cut from one image each
-
-
-def dzi_levels(width: int, height: int) -> list[tuple[int, int]]:
-    """[(width, height)] of every Deep Zoom level, level 0 (1 x 1) first."""
-    top = math.ceil(math.log2(max(width, height, 1)))
-    return [(math.ceil(width / 2 ** (top - lv)), math.ceil(height / 2 ** (top - lv))) for lv in range(top + 1)]
 
 
 def default_folders(run: RunDir, slides_dir: str | Path) -> tuple[Path, Path]:
@@ -141,49 +128,14 @@ class SlideViewer:
                 "cmap": self.o.cmap, "mpp": self.o.mpp}
 
     def _tiles(self, slide, slide_id: str, scale: float, width: int, height: int) -> None:
-        """Every level's tiles: the fine levels tile by tile, each read from the pyramid level nearest its
-        resolution; the coarse ones (up to COARSE px a side) cut from one image each, the finest of them read
-        once and every coarser one halved from the one above (a slide without a pyramid was read whole once
-        per coarse level, a dozen times). The .dzi last."""
-        t, levels = self.o.tile_size, dzi_levels(width, height)
+        """Every level's tiles (one pass over the slide, `deepzoom.write_tiles`), then the .dzi."""
+        t = self.o.tile_size
         files = safe_child(self.out, slide_id, "_files")
         shutil.rmtree(files, ignore_errors=True)
-        top = len(levels) - 1
-        w0, h0 = slide.dimensions
-        image = None
-        for lv in range(top, -1, -1):
-            lw, lh = levels[lv]
-            (files / str(lv)).mkdir(parents=True, exist_ok=True)
-            per_px = scale * 2 ** (top - lv)                 # level-0 pixels per pixel of this level
-            if max(lw, lh) <= COARSE:
-                if image is None:
-                    pyramid = slide.best_level_for_downsample(per_px)
-                    ds = slide.level_downsamples[pyramid]
-                    image = read_scaled(slide, 0, 0, pyramid, max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds)),
-                                        lw, lh, reducing_gap=2.0)
-                else:
-                    image = image.resize((lw, lh), Image.BILINEAR, reducing_gap=2.0)
-            for row in range(math.ceil(lh / t)):
-                for col in range(math.ceil(lw / t)):
-                    x0, y0 = max(col * t - OVERLAP, 0), max(row * t - OVERLAP, 0)
-                    x1, y1 = min((col + 1) * t + OVERLAP, lw), min((row + 1) * t + OVERLAP, lh)
-                    tile = (image.crop((x0, y0, x1, y1)) if image is not None
-                            else self._read_tile(slide, per_px, x0, y0, x1, y1))
-                    tile.convert("RGB").save(files / str(lv) / f"{col}_{row}.jpeg", quality=self.o.quality)
+        write_tiles(slide, files, scale, width, height, t, self.o.quality)
         dzi = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" '
                f'Format="jpeg" Overlap="{OVERLAP}" TileSize="{t}"><Size Width="{width}" Height="{height}"/></Image>\n')
         write_text(safe_child(self.out, slide_id, ".dzi"), dzi)
-
-    @staticmethod
-    def _read_tile(slide, per_px: float, x0: int, y0: int, x1: int, y1: int) -> Image.Image:
-        """The region of a fine level's tile, read from the pyramid level nearest its resolution."""
-        w0, h0 = slide.dimensions
-        pyramid = slide.best_level_for_downsample(per_px)
-        ds = slide.level_downsamples[pyramid]
-        lx, ly = int(x0 * per_px), int(y0 * per_px)
-        rw = max(1, min(math.ceil((x1 - x0) * per_px / ds), math.ceil((w0 - lx) / ds)))
-        rh = max(1, min(math.ceil((y1 - y0) * per_px / ds), math.ceil((h0 - ly) / ds)))
-        return read_scaled(slide, lx, ly, pyramid, rw, rh, x1 - x0, y1 - y0, reducing_gap=2.0)
 
     def _overlay(self, slide_id: str, coords, ensemble, size0: float, shape0: tuple[int, int]) -> None:
         """The scores as RGBA, one cell per half patch over the whole slide, transparent where no patch is."""
