@@ -164,6 +164,13 @@ def test_an_external_cohorts_viewer_finds_its_heatmaps_and_keeps_apart(tmp_path)
     assert default_folders(run, ext) == (run.path / "external" / "cohortB_heatmaps",
                                          run.path / "external" / "cohortB_viewer")
     assert default_folders(run, own) == (run.heatmaps_dir, run.viewer_dir)
+    # a TCGA download names its files <barcode>.<UUID>.svs while the run's ids are the barcodes: still its own
+    (run.heatmaps_dir / "TCGA-AA-0001_scores.h5").write_bytes(b"")
+    tcga = tmp_path / "tcga" / "0a1b"
+    tcga.mkdir(parents=True)
+    (tcga / "TCGA-AA-0001.0a1b2c3d-uuid.svs").write_bytes(b"")
+    run.external_cohort_dir("tcga", "heatmaps").mkdir(parents=True)
+    assert default_folders(run, tcga.parent) == (run.heatmaps_dir, run.viewer_dir)
 
 
 def test_a_slide_without_a_pyramid_is_decoded_once_for_all_levels(tmp_path, monkeypatch):

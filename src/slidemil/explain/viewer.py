@@ -62,10 +62,16 @@ def default_folders(run: RunDir, slides_dir: str | Path) -> tuple[Path, Path]:
     cohort's slides that `heatmap` painted into external/<slide folder>_heatmaps, that folder and its viewer."""
     cohort = Path(slides_dir).resolve().name
     painted = run.external_cohort_dir(cohort, "heatmaps")
-    ids = slide_files(slides_dir)
-    if painted.is_dir() and not any((run.heatmaps_dir / f"{sid}_scores.h5").is_file() for sid in ids):
-        return painted, run.external_cohort_dir(cohort, "viewer")
+    if painted.is_dir():     # both exist: the run's own heatmaps win if any is of a slide here (TCGA's
+        own = heatmap_ids(run.heatmaps_dir)                    # <id>.<UUID>.svs names matched too)
+        if not set(own) & set(slide_files(slides_dir, own)):
+            return painted, run.external_cohort_dir(cohort, "viewer")
     return run.heatmaps_dir, run.viewer_dir
+
+
+def heatmap_ids(folder: Path) -> list[str]:
+    """The slide ids with a heatmap (`<id>_scores.h5`) in `folder`."""
+    return sorted(p.name[: -len("_scores.h5")] for p in Path(folder).glob("*_scores.h5"))
 
 
 class SlideViewer:
@@ -80,7 +86,7 @@ class SlideViewer:
         self.slides = slide_files(slides_dir, self.default_ids())
 
     def default_ids(self) -> list[str]:
-        return sorted(p.name[: -len("_scores.h5")] for p in self.heatmaps.glob("*_scores.h5"))
+        return heatmap_ids(self.heatmaps)
 
     # --- one slide ---------------------------------------------------------------------------------
     def make(self, slide_id: str) -> dict:
