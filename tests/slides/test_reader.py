@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from slidemil.errors import InputError
@@ -55,8 +56,6 @@ def test_corrupt_file_names_itself(tmp_path):
 
 
 def test_plain_png_and_flat_tiff_are_readable(tmp_path):
-    import tifffile
-
     img, _, _ = render_slide(np.random.default_rng(6), (512, 768))
     Image.fromarray(img).save(tmp_path / "small.png")
     png = open_slide(tmp_path / "small.png", mpp=0.5)
@@ -73,6 +72,27 @@ def _touch(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
     return path
+
+
+@pytest.mark.parametrize("size,unit,expected", [(0.5, "µm", 0.5), (250, "nm", 0.25), (0.00025, "mm", 0.25),
+                                                (0.5, None, 0.5)])
+def test_ome_pixel_size_is_read_in_its_unit(tmp_path, size, unit, expected):
+    """OME-XML PhysicalSizeX in its PhysicalSizeXUnit (default µm): 250 nm is 0.25 µm/px, not 250."""
+    img = np.full((64, 96, 3), 200, np.uint8)
+    meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size}
+    if unit:
+        meta |= {"PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit}
+    tifffile.imwrite(tmp_path / "s.ome.tif", img, photometric="rgb", metadata=meta)
+    assert open_slide(tmp_path / "s.ome.tif", backend="tifffile").mpp == pytest.approx(expected)
+
+
+def test_tiff_resolution_tags_in_inches_and_centimetres(tmp_path):
+    """The resolution tags count pixels per inch (ResolutionUnit 2) or per centimetre (3): 0.5 µm/px is
+    50,800 px/inch and 20,000 px/cm."""
+    for res, unit in ((50800, "INCH"), (20000, "CENTIMETER")):
+        tifffile.imwrite(tmp_path / f"{unit}.tif", np.zeros((32, 32, 3), np.uint8), photometric="rgb",
+                         resolution=(res, res), resolutionunit=unit)
+        assert open_slide(tmp_path / f"{unit}.tif").mpp == pytest.approx(0.5), unit
 
 
 def test_slides_in_subfolders_are_found_as_a_gdc_download_lays_them_out(tmp_path):

@@ -170,8 +170,11 @@ class TiffReader(Slide):
 
             m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
             unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-            if m and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-                return float(m.group(1))
+            # OME's default unit is the micrometre; a file in nm (some converters write 250 for 0.25 µm) or
+            # mm is converted, not read as µm
+            factor = _OME_MICRONS.get(unit.group(1) if unit else "µm")
+            if m and factor and 0.05 < float(m.group(1)) * factor < 100:
+                return float(m.group(1)) * factor
         page = tif.pages[0]
         desc = page.description or ""
         if "MPP = " in desc:
@@ -219,6 +222,10 @@ class TiffReader(Slide):
 
     def close(self):
         self._tif.close()
+
+
+# micrometres per unit of OME's PhysicalSizeXUnit (the units a slide's pixel size is written in)
+_OME_MICRONS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
 
 
 def _read_tiled(page, fh, x, y, width, height, dims) -> np.ndarray:
