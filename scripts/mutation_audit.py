@@ -422,6 +422,14 @@ MUTANTS = [
            '        if not best or score > best["score"]:',
            '        if not best:',
            ('tests/train/test_tune.py',)),
+    Mutant('ome pixel size unit ignored', 'src/slidemil/slides/reader.py',
+           '            factor = _OME_MICRONS.get(unit.group(1) if unit else "µm")',
+           '            factor = 1.0',
+           ('tests/slides/test_reader.py',)),
+    Mutant('tiff inches read as centimetres', 'src/slidemil/slides/reader.py',
+           '                microns = 25400.0 if unit == 2 else 10000.0',
+           '                microns = 10000.0',
+           ('tests/slides/test_reader.py',)),
 ]
 
 
