@@ -430,6 +430,14 @@ MUTANTS = [
            '                microns = 25400.0 if unit == 2 else 10000.0',
            '                microns = 10000.0',
            ('tests/slides/test_reader.py',)),
+    Mutant('preserve-site folds grouped by patient', 'src/slidemil/data/splits.py',
+           '        outer_groups = _sites(table, "--preserve-site") if preserve_site else groups',
+           '        outer_groups = groups',
+           ('tests/data/test_splits.py', 'tests/train/test_sites.py')),
+    Mutant('per-site metrics on every site\'s rows', 'src/slidemil/tasks/evaluation.py',
+           '        part = part.drop(columns="fold", errors="ignore").reset_index(drop=True)',
+           '        part = preds.drop(columns="fold", errors="ignore").reset_index(drop=True)',
+           ('tests/train/test_sites.py', 'tests/evaluate')),
 ]
 
 
