@@ -438,6 +438,14 @@ MUTANTS = [
            '        part = part.drop(columns="fold", errors="ignore").reset_index(drop=True)',
            '        part = preds.drop(columns="fold", errors="ignore").reset_index(drop=True)',
            ('tests/train/test_sites.py', 'tests/evaluate')),
+    Mutant('trailing-baseline warning at 0.2', 'src/slidemil/tasks/evaluation.py',
+           '    if ref is not None and ours is not None and ours < ref - 0.02:',
+           '    if ref is not None and ours is not None and ours < ref - 0.2:',
+           ('tests/evaluate/test_run_warnings.py',)),
+    Mutant('pooled-below-folds warning reversed', 'src/slidemil/tasks/evaluation.py',
+           '    if pooled is None or folds is None or not folds - pooled > POOLING_GAP:',
+           '    if pooled is None or folds is None or not pooled - folds > POOLING_GAP:',
+           ('tests/evaluate/test_run_warnings.py',)),
 ]
 
 
