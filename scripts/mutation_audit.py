@@ -446,6 +446,14 @@ MUTANTS = [
            '    if pooled is None or folds is None or not folds - pooled > POOLING_GAP:',
            '    if pooled is None or folds is None or not pooled - folds > POOLING_GAP:',
            ('tests/evaluate/test_run_warnings.py',)),
+    Mutant('deep zoom tile rows lose their top overlap', 'src/slidemil/explain/deepzoom.py',
+           '            keep = (r + 1) * t - OVERLAP ',
+           '            keep = (r + 1) * t ',
+           ('tests/explain/test_viewer.py::test_a_slide_without_a_pyramid_is_decoded_once_for_all_levels',)),
+    Mutant('deep zoom levels subsampled, not averaged', 'src/slidemil/explain/deepzoom.py',
+           '        self.coarser.add(np.asarray(Image.fromarray(rows).reduce(2)))',
+           '        self.coarser.add(np.ascontiguousarray(rows[::2, ::2]))',
+           ('tests/explain/test_viewer.py::test_a_slide_without_a_pyramid_is_decoded_once_for_all_levels',)),
 ]
 
 
