@@ -62,8 +62,9 @@ def default_folders(run: RunDir, slides_dir: str | Path) -> tuple[Path, Path]:
     cohort's slides that `heatmap` painted into external/<slide folder>_heatmaps, that folder and its viewer."""
     cohort = Path(slides_dir).resolve().name
     painted = run.external_cohort_dir(cohort, "heatmaps")
-    if painted.is_dir():     # both exist: the run's own heatmaps win if any is of a slide here (TCGA's
-        own = heatmap_ids(run.heatmaps_dir)                    # <id>.<UUID>.svs names matched too)
+    if painted.is_dir():
+        # both exist: the run's own heatmaps win if one is of a slide here (TCGA's <id>.<UUID>.svs names too)
+        own = heatmap_ids(run.heatmaps_dir)
         if not set(own) & set(slide_files(slides_dir, own)):
             return painted, run.external_cohort_dir(cohort, "viewer")
     return run.heatmaps_dir, run.viewer_dir
