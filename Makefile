@@ -15,15 +15,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
-	touch $(STAMP)
+	echo "$(CURDIR)" > $(STAMP)
 
+# The stamp names the checkout the venv's editable install points at: a venv shared by two checkouts (VENV=...)
+# would otherwise run one checkout's tests against the other's code. Re-pointing it costs a few seconds.
 install: $(STAMP)
+	@grep -qxF "$(CURDIR)" $(STAMP) || { echo "$(VENV) pointed at $$(cat $(STAMP)); installing $(CURDIR)"; \
+		$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . && echo "$(CURDIR)" > $(STAMP); }
 
-demo: $(STAMP)
+demo: install
 	$(VENV)/bin/slidemil demo --out demo_run
 
 # The house rules: ruff clean, and imports only go down the layers of docs/architecture.md.
-lint: $(STAMP)
+lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 
@@ -34,7 +38,7 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: install
 	$(PY) benchmarks/train_speed.py
 
 clean:

@@ -18,6 +18,7 @@ from filelock import FileLock
 from PIL import Image
 from typer.testing import CliRunner
 
+import slidemil
 from slidemil.data.bags import BagDataset
 from slidemil.data.synthetic import make_bag, make_feature_cohort
 from slidemil.train.config import TrainConfig
@@ -25,6 +26,13 @@ from slidemil.train.config import TrainConfig
 # Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread, so the
 # workers share the cores instead of oversubscribing them.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
+
+# The tests must test this checkout: a venv shared with another checkout (VENV=...) imports that one's code
+# through its editable install, and every test would pass or fail on code that is not the one in front of you.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if Path(slidemil.__file__).resolve().parents[1] != _SRC:
+    raise pytest.UsageError(f"the tests import slidemil from {Path(slidemil.__file__).parent}, not from this checkout's "
+                            f"{_SRC}: run `make install` here (or `pip install --no-deps -e .`), or set PYTHONPATH={_SRC}")
 
 runner = CliRunner()
 SLIDE_SIZE = (1536, 2048)
