@@ -40,6 +40,27 @@ def test_prototype_update_equals_the_official_sequential_loop():
     torch.testing.assert_close(update_prototypes(protos, q, labels, 0.9), F.normalize(expected, dim=1))
 
 
+def test_confidence_momentum_and_key_network_follow_the_official_schedules():
+    """The label-confidence momentum goes linearly from 0.95 at the first epoch toward 0.8 (official
+    `conf_ema_m = epoch / epochs * (0.8 - 0.95) + 0.95`), and after each step the key network is the EMA
+    k <- 0.999 k + 0.001 q of the query network (MoCo)."""
+    model = models.create("ins", 8, 2)
+    model.n_epochs = 10
+    momenta = []
+    for epoch in (0, 5, 9):
+        model.epoch = epoch
+        momenta.append(model._conf_momentum)
+    assert momenta == pytest.approx([0.95, 0.875, 0.815])
+    key = model._new_key()
+    before = [p.detach().clone() for p in key.parameters()]
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(1.0)
+    model.step_end()
+    for k, k0, q in zip(key.parameters(), before, model.parameters()):
+        torch.testing.assert_close(k, 0.999 * k0 + 0.001 * q.detach())
+
+
 @pytest.mark.slow
 def test_ins_learns_the_task_and_its_instance_scores_find_the_witnesses():
     # 48 bags, 12 epochs at 1e-3 with a 1024-key queue: 7 s (bag AUROC 0.93, instance AUROC 0.93); the contract

@@ -42,6 +42,17 @@ def test_rho_curriculum_is_the_official_sigmoid_ramp():
     assert model.train().rho() < 0.11 and model.eval().rho() == 1.0
 
 
+def test_the_plan_is_divided_by_rho_so_the_prototypes_receive_a_unit_mass():
+    """Method step 5: the plan without its dummy column is divided by rho, so early in the curriculum (a tenth
+    of the mass transported) the prototype features F = Pi^T H keep the scale they have at rho = 1."""
+    torch.manual_seed(0)
+    model = M.create("otsurv", in_dim=12, n_outputs=1)
+    h = torch.randn(50, model.prototypes.weight.shape[1])
+    for rho in (0.1067, 0.5, 1.0):
+        plan = model.transport(h, rho)
+        assert abs(float(plan.sum()) - 1.0) < 1e-4, (rho, float(plan.sum()))
+
+
 def test_instance_contributions_add_up_to_the_logits():
     """z = sum_i alpha_i h_i + b 1: the logits are the sum of the per-patch contributions plus constants."""
     torch.manual_seed(0)
