@@ -223,3 +223,18 @@ def test_a_slide_scanned_coarser_than_the_target_is_warned_about(tmp_path, caplo
     assert "coarse: scanned at 0.5 µm/px, coarser than the target 0.25 µm/px" in caplog.text
     assert "upsampled 2.0x" in caplog.text and "--target-mpp 0.5" in caplog.text
     assert "fine:" not in caplog.text
+
+
+def test_torchrun_ranks_share_the_slides_out_without_overlap(tmp_path, monkeypatch):
+    """Under torchrun every rank takes every WORLD_SIZE-th slide: together the ranks cover each slide once, each
+    about the same number; outside torchrun one process takes them all."""
+    for i in range(11):
+        (tmp_path / f"S{i:02d}.svs").write_bytes(b"")
+    everything = slides_in(tmp_path)
+    taken = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        taken.append(slides_in(tmp_path))
+    assert sorted(p for part in taken for p in part) == sorted(everything) and len(everything) == 11
+    assert sorted(len(part) for part in taken) == [3, 4, 4]
