@@ -207,6 +207,40 @@ def test_extract_at_clam_and_trident_coordinates(slide_cohort, tmp_path):
     np.testing.assert_allclose(feats["clam"], feats["trident"], atol=1e-5)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_feature_row_is_the_tile_at_its_own_coordinates(slide_cohort, tmp_path, workers):
+    """Extraction in batches smaller than the slide's patch count (and from worker processes) writes row k from
+    the tile at coords[k]: every row equals the encoder applied to that one tile read alone."""
+    import torch
+
+    from slidemil.features.encoders import create_encoder
+    from slidemil.slides.reader import open_slide
+    from slidemil.slides.tiles import PatchDataset
+
+    sid = "P001_S0"
+    coords = np.array([[x, y] for y in (0, 512, 1024) for x in (0, 384, 768, 1152)], np.int64)   # 12 tiles
+    folder, single = tmp_path / "coords", tmp_path / "one"
+    folder.mkdir()
+    single.mkdir()
+    with h5py.File(folder / f"{sid}_patches.h5", "w") as fh:
+        fh.create_dataset("coords", data=coords).attrs.update(
+            {"patch_size": 256, "patch_size_level0": 384.0, "target_magnification": 10})
+    shutil.copy(slide_cohort / "slides" / f"{sid}.tif", single)
+    cfg = PreprocessConfig(slides=str(single), out=str(tmp_path / "out"), quiet=True, coords_dir=str(folder),
+                           batch_size=5, num_workers=workers)
+    assert Pipeline(cfg).run(slides_in(single)).loc[0, "status"] == "done"
+    with h5py.File(tmp_path / "out" / "features_handcrafted" / f"{sid}.h5") as fh:
+        np.testing.assert_array_equal(fh["coords"][()], coords)
+        feats = fh["features"][()]
+    encoder = create_encoder("handcrafted").eval()
+    tiles = PatchDataset(single / f"{sid}.tif", coords, 384, encoder.spec.input_size,
+                         mpp=open_slide(single / f"{sid}.tif").mpp)
+    with torch.no_grad():
+        alone = np.concatenate([encoder(tiles[i][None].float() / 255).numpy() for i in range(len(coords))])
+    assert len(np.unique(alone.round(3), axis=0)) >= 6                 # tiles that differ, so an order shows
+    np.testing.assert_allclose(feats, alone, atol=1e-4)
+
+
 def test_a_slide_scanned_coarser_than_the_target_is_warned_about(tmp_path, caplog):
     """A 20x scan (0.5 µm/px) in a cohort patched at 40x (0.25) had its patches upsampled 2x without a word,
     so the encoder saw interpolated pixels unlike the other slides'. The log now names the slide, the factor

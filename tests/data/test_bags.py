@@ -92,3 +92,22 @@ def test_run_cache_on_a_cpu_run(tmp_path):
     assert BagCache.for_run(0, cpu).budget == 0
     with pytest.raises(InputError, match="--cache-device cpu or auto"):
         BagCache.for_run(None, cpu, "cuda")
+
+
+@pytest.mark.parametrize(("subsample", "n"), [({}, 70), ({"max_instances": 25}, 25), ({"instance_dropout": 0.5}, 35)])
+def test_each_instance_keeps_its_own_coordinates(tmp_path, subsample, n):
+    """Heatmaps, spatial models and the attention files place instance k at coords[k]: a patient's bag joins its
+    slides' rows and coordinates in the same order, and a subsampled bag keeps the coordinates of the rows it
+    keeps. Here every feature row holds its own (x, y), so any misalignment shows."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for s, rows in enumerate((40, 30)):
+        coords = np.stack([rng.integers(0, 10_000, rows), np.full(rows, s * 100_000)], 1)
+        path = tmp_path / f"p0_s{s}.h5"
+        write_features(path, coords.astype(np.float32), coords, {"encoder": "x"}, dtype="float32")
+        paths.append(str(path))
+    ds = BagDataset([("p0", paths, 1)], **subsample)
+    for _ in range(3):                                         # a fresh draw at every access
+        bag = ds[0]
+        assert len(bag.x) == n
+        torch.testing.assert_close(bag.x, bag.coords.float())
