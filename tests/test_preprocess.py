@@ -233,8 +233,9 @@ def test_each_feature_row_is_the_tile_at_its_own_coordinates(slide_cohort, tmp_p
         np.testing.assert_array_equal(fh["coords"][()], coords)
         feats = fh["features"][()]
     encoder = create_encoder("handcrafted").eval()
-    tiles = PatchDataset(single / f"{sid}.tif", coords, 384, encoder.spec.input_size,
-                         mpp=open_slide(single / f"{sid}.tif").mpp)
+    with open_slide(single / f"{sid}.tif") as slide:
+        mpp = slide.mpp
+    tiles = PatchDataset(single / f"{sid}.tif", coords, 384, encoder.spec.input_size, mpp=mpp)
     with torch.no_grad():
         alone = np.concatenate([encoder(tiles[i][None].float() / 255).numpy() for i in range(len(coords))])
     assert len(np.unique(alone.round(3), axis=0)) >= 6                 # tiles that differ, so an order shows
